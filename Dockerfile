@@ -1,0 +1,18 @@
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY relay ./relay
+COPY config ./config
+RUN pip install . && useradd --system --uid 10001 --home-dir /app relay \
+    && mkdir -p /app/data && chown relay /app/data
+
+USER relay
+VOLUME ["/app/data"]
+EXPOSE 8080
+ENV RELAY_SERVER__HOST=0.0.0.0 RELAY_LOG__FORMAT=json
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+    CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2).status != 200)"
+ENTRYPOINT ["relay"]
+CMD ["serve", "--config", "config/relay.toml"]

@@ -1,0 +1,138 @@
+"""The aiohttp application factory: routes, the error envelope and the store's lifetime."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from relay import auth
+from relay.appkeys import METRICS, SETTINGS, STORE
+from relay.config import Settings
+from relay.errors import ApiError, error_response, json_response
+from relay.ingest import IngestContext, Source, make_ingest_handler
+from relay.metrics import Metrics
+from relay.read_api import list_events
+from relay.store import Store, StoreUnavailable, open_store
+
+log = structlog.get_logger("relay.http")
+
+_STATUS_CODES = {
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    413: "PAYLOAD_TOO_LARGE",
+}
+
+
+def create_app(
+    settings: Settings,
+    *,
+    store: Store | None = None,
+    clock: Callable[[], float] = time.time,
+    on_bootstrap_key: Callable[[auth.NewKey], None] | None = None,
+) -> web.Application:
+    """Build the relay; the store is opened on start-up and closed on clean-up."""
+    app = web.Application(
+        middlewares=[_envelope_middleware(settings.log.requests)],
+        client_max_size=settings.server.max_body_bytes,
+    )
+    app[SETTINGS] = settings
+    app[STORE] = store if store is not None else open_store(settings.store)
+    app[METRICS] = Metrics()
+    app.cleanup_ctx.append(_store_lifetime(on_bootstrap_key))
+
+    sources = {s.id: Source.from_settings(s) for s in settings.sources}
+    ingest_ctx = IngestContext(sources, app[STORE], app[METRICS], settings.server.max_body_bytes)
+    app.router.add_post("/v1/ingest/{source_id}", make_ingest_handler(ingest_ctx, clock))
+    app.router.add_get("/v1/events", _scoped(auth.READ, list_events))
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+def _store_lifetime(
+    on_bootstrap_key: Callable[[auth.NewKey], None] | None,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        store = app[STORE]
+        await store.open()
+        if app[SETTINGS].auth.enabled:
+            new_key = await auth.bootstrap_key(store)
+            if new_key is not None:
+                log.info("auth.bootstrap_key_created", key_id=new_key.key.id)
+                if on_bootstrap_key is not None:
+                    on_bootstrap_key(new_key)
+        yield
+        await store.close()
+
+    return lifetime
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _scoped(scope: str, handler: Handler) -> Handler:
+    """Require an API key with `scope` (unless auth is disabled) before `handler` runs."""
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        app = request.app
+        if app[SETTINGS].auth.enabled:
+            await auth.authorize(app[STORE], request, scope)
+        return await handler(request)
+
+    return guarded
+
+
+def _envelope_middleware(log_requests: bool) -> Callable[..., Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        request_id = request.headers.get("X-Request-Id") or secrets.token_hex(8)
+        try:
+            response = await handler(request)
+        except ApiError as exc:
+            response = exc.response()
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            code = _STATUS_CODES.get(exc.status, "HTTP_ERROR")
+            allow = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+            response = error_response(exc.status, code, exc.reason, allow)
+        except Exception:
+            log.exception("request.failed", request_id=request_id, path=request.path)
+            response = error_response(500, "INTERNAL", "an internal error occurred")
+        response.headers["X-Request-Id"] = request_id
+        if log_requests:
+            log.info(
+                "request",
+                request_id=request_id,
+                method=request.method,
+                path=request.path,
+                status=response.status,
+                ms=round((time.perf_counter() - started) * 1000, 2),
+            )
+        return response
+
+    return envelope
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    try:
+        await request.app[STORE].check_writable()
+    except StoreUnavailable as exc:
+        return error_response(503, "STORE_UNAVAILABLE", str(exc), {"Retry-After": "5"})
+    return json_response({"status": "ready"})
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,68 @@
+"""API keys: random bearer tokens stored as SHA-256 hashes, each with a set of scopes."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from relay.errors import ApiError
+from relay.store import ApiKey, Store
+from relay.timefmt import format_time, utcnow
+
+READ = "agent:read"
+WRITE = "agent:write"
+SCOPES = (READ, WRITE)
+KEY_PREFIX = "rk_"
+
+
+@dataclass(frozen=True, slots=True)
+class NewKey:
+    key: ApiKey
+    secret: str
+
+
+def hash_key(secret: str) -> str:
+    # Keys carry 256 random bits, so a fast hash is as strong as a slow one here.
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+async def create_key(store: Store, name: str, scopes: tuple[str, ...]) -> NewKey:
+    unknown = set(scopes) - set(SCOPES)
+    if unknown or not scopes:
+        raise ValueError(f"scopes must be chosen from {', '.join(SCOPES)}")
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(
+        id="key_" + secrets.token_hex(6),
+        name=name,
+        scopes=tuple(sorted(set(scopes))),
+        created_at=format_time(utcnow()),
+    )
+    await store.add_api_key(key, hash_key(secret))
+    return NewKey(key, secret)
+
+
+async def bootstrap_key(store: Store) -> NewKey | None:
+    """Create an admin key when the store has none at all (first start)."""
+    if await store.list_api_keys():
+        return None
+    return await create_key(store, "bootstrap admin", SCOPES)
+
+
+def presented_key(request: web.Request) -> str | None:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.query.get("access_token") or None
+
+
+async def authorize(store: Store, request: web.Request, scope: str) -> ApiKey:
+    secret = presented_key(request)
+    key = await store.find_api_key(hash_key(secret)) if secret else None
+    if key is None or key.revoked_at is not None:
+        raise ApiError(401, "UNAUTHORIZED", "a valid API key is required (Authorization: Bearer)")
+    if scope not in key.scopes:
+        raise ApiError(403, "FORBIDDEN", f"this API key lacks the {scope} scope")
+    return key

@@ -1,0 +1,244 @@
+"""The `relay` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from relay import __version__, auth
+from relay.config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings
+from relay.store import Store, open_store
+from relay.timefmt import format_time, utcnow
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 2
+    result: int = _run(args.run(settings, args))
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relay", description="Webhook and event-ingestion relay for AI-agent platforms."
+    )
+    parser.add_argument("--version", action="version", version=f"relay {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    serve = _command(commands, "serve", "Run the relay server.", _serve)
+    serve.add_argument("--host", help="listen address (overrides server.host)")
+    serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
+
+    _command(commands, "migrate", "Apply pending store migrations and exit.", _migrate)
+
+    keys = commands.add_parser("keys", help="Manage API keys.", description="Manage API keys.")
+    key_commands = keys.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    create = _command(
+        key_commands, "create", "Create an API key; the key is the last line.", _keys_create
+    )
+    create.add_argument(
+        "--scope",
+        action="append",
+        choices=auth.SCOPES,
+        required=True,
+        help="a scope for the key (repeat for several)",
+    )
+    create.add_argument("--name", default="cli", help="a label for the key")
+    _command(key_commands, "list", "List API keys (never their secrets).", _keys_list)
+    revoke = _command(key_commands, "revoke", "Revoke an API key by id.", _keys_revoke)
+    revoke.add_argument("key_id", help="the key's id (key_...)")
+
+    send = _command(commands, "send", "Sign and send events to a running relay.", _send)
+    what = send.add_mutually_exclusive_group(required=True)
+    what.add_argument("file", nargs="?", type=Path, help="a JSON file: one event or a list")
+    what.add_argument("--demo", action="store_true", help="generate a demo session lifecycle")
+    send.add_argument("--sessions", type=int, default=3, help="sessions in the demo (3)")
+    send.add_argument("--source", help="source id to send to (default: the first configured)")
+    send.add_argument("--url", help="relay base URL (default: from server.host/port)")
+    send.add_argument("--delay", type=float, default=None, help="seconds between events")
+    return parser
+
+
+def _command(
+    commands: Any, name: str, help_text: str, run: Callable[..., Any]
+) -> argparse.ArgumentParser:
+    sub: argparse.ArgumentParser = commands.add_parser(name, help=help_text, description=help_text)
+    sub.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help=f"TOML config file (default: $RELAY_CONFIG, else {DEFAULT_CONFIG_PATH} if present)",
+    )
+    sub.set_defaults(run=run)
+    return sub
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    path: Path | str | None = args.config or os.environ.get("RELAY_CONFIG")
+    if path is None and DEFAULT_CONFIG_PATH.exists():
+        path = DEFAULT_CONFIG_PATH
+    settings = load_settings(path)
+    host, port = getattr(args, "host", None), getattr(args, "port", None)
+    if host is None and port is None:
+        return settings
+    server = settings.server.model_copy(
+        update={
+            "host": host or settings.server.host,
+            "port": settings.server.port if port is None else port,
+        }
+    )
+    return settings.model_copy(update={"server": server})
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+# -- serve -----------------------------------------------------------------------------------
+
+
+async def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    from relay.app import create_app
+    from relay.logs import configure_logging
+
+    configure_logging(settings.log)
+
+    def show_key(new_key: auth.NewKey) -> None:
+        print(
+            "\nFirst start: created an admin API key (scopes agent:read agent:write).\n"
+            "It is shown only this once; keep it:\n\n"
+            f"    {new_key.secret}\n",
+            flush=True,
+        )
+
+    app = create_app(settings, on_bootstrap_key=show_key)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=settings.server.shutdown_timeout_seconds,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.server.host, settings.server.port, backlog=1024)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    base = _base_url(runner.addresses[0]) if runner.addresses else site.name
+    print(
+        f"relay {__version__} listening on {base}\n"
+        f"  store: {settings.store.url}\n"
+        f"  try:   relay send --demo --url {base}   (from a checkout: .venv/bin/relay ...)\n"
+        f"  stop:  Ctrl-C",
+        flush=True,
+    )
+    await stop.wait()
+    print("relay: shutting down", flush=True)
+    await runner.cleanup()
+    return 0
+
+
+def _base_url(address: Any) -> str:
+    host, port = address[0], address[1]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+# -- store commands ------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _opened(settings: Settings) -> Any:
+    store: Store = open_store(settings.store)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    store = open_store(settings.store)
+    applied = await store.migrate()
+    await store.close()
+    print(f"applied migrations: {applied}" if applied else "the store is up to date")
+    return 0
+
+
+async def _keys_create(settings: Settings, args: argparse.Namespace) -> int:
+    async with _opened(settings) as store:
+        new_key = await auth.create_key(store, args.name, tuple(args.scope))
+    print(f"created {new_key.key.id} ({' '.join(new_key.key.scopes)}); the key:")
+    print(new_key.secret)
+    return 0
+
+
+async def _keys_list(settings: Settings, args: argparse.Namespace) -> int:
+    async with _opened(settings) as store:
+        keys = await store.list_api_keys()
+    for key in keys:
+        state = f"revoked {key.revoked_at}" if key.revoked_at else "active"
+        print(f"{key.id}  {' '.join(key.scopes):<24} {state:<34} {key.name}")
+    if not keys:
+        print("no API keys")
+    return 0
+
+
+async def _keys_revoke(settings: Settings, args: argparse.Namespace) -> int:
+    async with _opened(settings) as store:
+        revoked = await store.revoke_api_key(args.key_id, format_time(utcnow()))
+    if not revoked:
+        print(f"relay: no active key {args.key_id}", file=sys.stderr)
+        return 1
+    print(f"revoked {args.key_id}")
+    return 0
+
+
+# -- send ------------------------------------------------------------------------------------
+
+
+async def _send(settings: Settings, args: argparse.Namespace) -> int:
+    from relay.send import demo_lifecycle, send_events
+
+    sources = {s.id: s for s in settings.sources}
+    source_id = args.source or next(iter(sources), None)
+    if source_id not in sources:
+        print(f"relay: no source {source_id!r} in the configuration", file=sys.stderr)
+        return 2
+    if args.demo:
+        events = demo_lifecycle(args.sessions)
+        delay = 0.25 if args.delay is None else args.delay
+    else:
+        loaded = orjson.loads(args.file.read_bytes())
+        events = loaded if isinstance(loaded, list) else [loaded]
+        delay = args.delay or 0.0
+    url = args.url or _base_url((settings.server.host, settings.server.port))
+    answers = await send_events(url, sources[source_id], events, delay)
+    failed = 0
+    for event, (status, answer) in zip(events, answers, strict=True):
+        failed += status >= 300
+        print(f"{status}  {event.get('type', '?'):<28} {orjson.dumps(answer).decode()}")
+    return 1 if failed else 0

@@ -1,0 +1,181 @@
+"""Configuration: a TOML file, overridden by `RELAY_`-prefixed environment variables.
+
+Nested settings are reached with a double underscore (`RELAY_SERVER__PORT=9000`); lists
+and tables may be given as JSON (`RELAY_SOURCES='[...]'`). Any secret may be written as
+`env:VAR_NAME` to read it from the environment at start-up.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_CONFIG_PATH = Path("config/relay.toml")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be loaded; the message says which key and why."""
+
+
+def resolve_secret(value: str) -> str:
+    """Return the value of an `env:VAR` reference, or the value itself."""
+    if not value.startswith("env:"):
+        return value
+    name = value.removeprefix("env:")
+    try:
+        return os.environ[name]
+    except KeyError:
+        raise ValueError(f"environment variable {name!r} is not set") from None
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VerifyScheme(StrEnum):
+    STANDARD_WEBHOOKS = "standard-webhooks"
+    HMAC_SHA256 = "hmac-sha256"
+    BEARER = "bearer"
+    NONE = "none"
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(1024 * 1024, gt=0)
+    shutdown_timeout_seconds: float = Field(10.0, ge=0)
+
+
+class StoreSettings(_Section):
+    url: str = "sqlite:///data/relay.db"
+    synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "NORMAL"
+    batch_max: int = Field(1024, ge=1)
+    auto_migrate: bool = True
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        if not url.startswith("sqlite://"):
+            raise ValueError("only sqlite:///PATH store URLs are supported in this version")
+        return url
+
+
+class AuthSettings(_Section):
+    enabled: bool = True
+
+
+class SourceSettings(_Section):
+    id: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    provider: Literal["casedev", "generic"] = "generic"
+    verify: VerifyScheme = VerifyScheme.STANDARD_WEBHOOKS
+    header_prefix: str = "webhook-"
+    secrets: tuple[str, ...] = ()
+    tolerance_seconds: int = Field(300, ge=1)
+    signature_header: str = "X-Signature"
+    signature_prefix: str = "sha256="
+    timestamp_header: str | None = None
+
+    @field_validator("secrets")
+    @classmethod
+    def _resolve_secrets(cls, secrets: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(resolve_secret(s) for s in secrets)
+
+    @model_validator(mode="after")
+    def _secrets_fit_scheme(self) -> SourceSettings:
+        if self.verify is VerifyScheme.NONE:
+            return self
+        if not self.secrets:
+            raise ValueError(f"verify = {self.verify.value!r} needs at least one secret")
+        if self.verify is VerifyScheme.STANDARD_WEBHOOKS:
+            from relay.verify import parse_standard_secret
+
+            for secret in self.secrets:
+                parse_standard_secret(secret)
+        return self
+
+
+class DeliverySettings(_Section):
+    timeout_seconds: float = Field(15.0, gt=0)
+    retry_schedule_seconds: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
+    allow_private_networks: bool = False
+
+
+class AlertSettings(_Section):
+    turn_stall_seconds: float = Field(600.0, gt=0)
+    ready_timeout_seconds: float = Field(120.0, gt=0)
+
+
+class LogSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+    requests: bool = True
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="RELAY_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    server: ServerSettings = ServerSettings()
+    store: StoreSettings = StoreSettings()
+    auth: AuthSettings = AuthSettings()
+    sources: tuple[SourceSettings, ...] = ()
+    delivery: DeliverySettings = DeliverySettings()
+    alerts: AlertSettings = AlertSettings()
+    log: LogSettings = LogSettings()
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_source_ids(cls, sources: tuple[SourceSettings, ...]) -> tuple[SourceSettings, ...]:
+        seen: set[str] = set()
+        for source in sources:
+            if source.id in seen:
+                raise ValueError(f"source id {source.id!r} is configured twice")
+            seen.add(source.id)
+        return sources
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's values arrive as init arguments; the environment overrides them.
+        return env_settings, init_settings
+
+
+def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
+    """Load settings from a TOML file (optional), the environment and explicit overrides."""
+    if path is None and "RELAY_CONFIG" in os.environ:
+        path = os.environ["RELAY_CONFIG"]
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    data.update(overrides)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, path)) from None
+
+
+def describe_validation_error(exc: ValidationError, path: Path | str | None) -> str:
+    where = f"config file {path}" if path else "configuration"
+    lines = [f"invalid {where}:"]
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        lines.append(f"  {key}: {error['msg']}")
+    return "\n".join(lines)

@@ -1,0 +1,107 @@
+"""`POST /v1/ingest/{source_id}`: verify, parse, normalise, store, then answer."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import orjson
+import structlog
+from aiohttp import web
+
+from relay.config import SourceSettings
+from relay.errors import ApiError
+from relay.metrics import Metrics
+from relay.normalize import NORMALISERS, InvalidEvent, Normaliser
+from relay.store import IngestRecord, Store, StoreUnavailable
+from relay.verify import VerificationError, Verifier, verify_signature
+
+log = structlog.get_logger("relay.ingest")
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """A configured source, ready to verify and normalise its requests."""
+
+    id: str
+    verifier: Verifier
+    normalise: Normaliser
+
+    @classmethod
+    def from_settings(cls, settings: SourceSettings) -> Source:
+        return cls(settings.id, Verifier.from_settings(settings), NORMALISERS[settings.provider])
+
+
+@dataclass(frozen=True, slots=True)
+class IngestContext:
+    sources: Mapping[str, Source]
+    store: Store
+    metrics: Metrics
+    max_body_bytes: int
+
+
+async def ingest_event(
+    ctx: IngestContext, source_id: str, request: web.Request, now: float
+) -> web.Response:
+    source = ctx.sources.get(source_id)
+    if source is None:
+        raise ApiError(404, "UNKNOWN_SOURCE", f"no source is configured with id {source_id!r}")
+    body = await _read_body(request, ctx.max_body_bytes)
+    try:
+        verify_signature(source.verifier, body, request.headers, now)
+    except VerificationError as exc:
+        raise ApiError(401, exc.code, exc.message) from None
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "INVALID_JSON", "the body is not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise ApiError(400, "INVALID_JSON", "the body must be a JSON object")
+    received_at = datetime.fromtimestamp(now, UTC)
+    try:
+        event = source.normalise(source.id, payload, received_at)
+    except InvalidEvent as exc:
+        raise ApiError(400, "INVALID_EVENT", str(exc)) from None
+    try:
+        result = await ctx.store.ingest(IngestRecord(event, body, received_at))
+    except StoreUnavailable as exc:
+        raise ApiError(503, "STORE_UNAVAILABLE", str(exc), {"Retry-After": "5"}) from None
+    answer = {"id": event.id, "seq": result.seq, "duplicate": result.duplicate}
+    return web.Response(
+        status=200 if result.duplicate else 202,
+        body=orjson.dumps(answer),
+        content_type="application/json",
+    )
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    too_large = ApiError(413, "PAYLOAD_TOO_LARGE", f"the body is larger than {limit} bytes")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large from None
+
+
+def make_ingest_handler(ctx: IngestContext, clock: Callable[[], float]) -> web.Handler:
+    metrics = ctx.metrics
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        source_id = request.match_info["source_id"]
+        label = source_id if source_id in ctx.sources else "(unknown)"
+        try:
+            response = await ingest_event(ctx, source_id, request, clock())
+        except ApiError as exc:
+            metrics.ingest_total.labels(label, exc.code).inc()
+            log.warning("ingest.rejected", source=source_id, code=exc.code, reason=exc.message)
+            raise
+        outcome = "duplicate" if response.status == 200 else "stored"
+        metrics.ingest_total.labels(label, outcome).inc()
+        metrics.ingest_seconds.labels(label).observe(time.perf_counter() - started)
+        return response
+
+    return handle

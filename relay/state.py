@@ -1,0 +1,518 @@
+"""Derived session and turn state: a pure fold over canonical events, with no I/O."""
+
+# Theory of operation
+# -------------------
+#
+# A session is *ready* when the newest `agent.worker.ready` is at least as new (by
+# `occurred_at`) as the newest runtime event (`agent.runtime.reused` / `.started`) and
+# as the newest `agent.scope.activated`; it is *provisioning* otherwise, from its first
+# event on. A turn is `running` once started; a terminal event (`completed`, `failed`)
+# wins over anything else, and between two terminals the newer wins, a tie in
+# `occurred_at` goes to `failed`, then the larger (event id, source). A `conflict` is
+# not terminal: the newer of the newest conflict and the newest start decides (a tie
+# goes to `conflict`), so a turn id retried after a conflict can run again.
+#
+# Nothing here depends on arrival order. Each event only ever joins into `Facts`:
+# every fact is "the newest (or oldest) event of a kind", chosen by a total order on
+# (occurred_at, event id, source), or a min / max of timestamps. Such joins are
+# commutative, associative and idempotent, so any permutation of the same events,
+# with any duplicates, gives equal facts. The public `SessionState` / `TurnState` are
+# pure projections of the facts; only their `version` counters (bumped by one when a
+# projection changes) and the emitted `Change`s reflect the order events arrived in.
+#
+# Where SPEC is silent: `runtime_reused` describes the newest runtime event;
+# `worker_ready` means a worker-ready at least as new as the newest runtime event;
+# `scope_activated` means one was ever seen; `ready_at` is the earliest worker-ready
+# and `time_to_ready_ms` runs from `created_at` to it (floored at 0). A turn's usage is
+# that of its newest event carrying usage; conflict details are shown only while the
+# turn is in `conflict`. `active_turn_id` is the running turn started last (ties: the
+# larger turn id); `last_turn` is the turn with the newest event (same tie rule).
+# Turn events without a turn id, unknown types and events without a session id change
+# nothing. Changes are emitted on status transitions only; a snapshot update without
+# one (e.g. a late `started` filling in `started_at` of a completed turn) bumps the
+# versions but emits no change.
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any, overload
+
+from relay.events import Event, EventType, TurnError, Usage
+
+_RUNTIME = {EventType.RUNTIME_REUSED, EventType.RUNTIME_STARTED}
+_TERMINAL = {EventType.TURN_COMPLETED, EventType.TURN_FAILED}
+_TURN = {EventType.TURN_STARTED, EventType.TURN_CONFLICT, *_TERMINAL}
+_KNOWN = set(EventType)
+_MS = timedelta(milliseconds=1)
+
+
+class Readiness(StrEnum):
+    PROVISIONING = "provisioning"
+    READY = "ready"
+
+
+class TurnStatus(StrEnum):
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CONFLICT = "conflict"
+
+
+class SessionTurnStatus(StrEnum):
+    IDLE = "idle"
+    RUNNING = "running"
+
+
+class ChangeType(StrEnum):
+    SESSION_CREATED = "session.created"
+    SESSION_PROVISIONING = "session.provisioning"
+    SESSION_READY = "session.ready"
+    TURN_STARTED = "turn.started"
+    TURN_COMPLETED = "turn.completed"
+    TURN_FAILED = "turn.failed"
+    TURN_CONFLICT = "turn.conflict"
+    TURN_STALLED = "turn.stalled"
+    SESSION_READY_TIMEOUT = "session.ready_timeout"
+
+
+_TURN_CHANGE = {
+    TurnStatus.RUNNING: ChangeType.TURN_STARTED,
+    TurnStatus.COMPLETED: ChangeType.TURN_COMPLETED,
+    TurnStatus.FAILED: ChangeType.TURN_FAILED,
+    TurnStatus.CONFLICT: ChangeType.TURN_CONFLICT,
+}
+
+
+def format_time(value: datetime) -> str:
+    """RFC 3339 in UTC with millisecond precision and a `Z` suffix."""
+    value = _utc(value)
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _key(event: Event) -> tuple[datetime, str, str]:
+    return (event.occurred_at, event.id, event.source)
+
+
+def _terminal_key(event: Event) -> tuple[datetime, bool, str, str]:
+    return (event.occurred_at, event.type == EventType.TURN_FAILED, event.id, event.source)
+
+
+def _newest(
+    old: Event | None, new: Event, when: bool, key: Callable[[Event], Any] = _key
+) -> Event | None:
+    return new if when and (old is None or key(new) > key(old)) else old
+
+
+def _oldest(old: Event | None, new: Event, when: bool) -> Event | None:
+    return new if when and (old is None or _key(new) < _key(old)) else old
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return format_time(value)
+    if isinstance(value, StrEnum):
+        return str(value)
+    if hasattr(value, "__dataclass_fields__"):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in fields(value)}
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class TurnFacts:
+    """What is known about one turn: the deciding event of each kind."""
+
+    started: Event | None = None
+    conflict: Event | None = None
+    terminal: Event | None = None
+    usage: Event | None = None
+
+    def merge(self, event: Event) -> TurnFacts:
+        kind = event.type
+        return TurnFacts(
+            started=_newest(self.started, event, kind == EventType.TURN_STARTED),
+            conflict=_newest(self.conflict, event, kind == EventType.TURN_CONFLICT),
+            terminal=_newest(self.terminal, event, kind in _TERMINAL, _terminal_key),
+            usage=_newest(self.usage, event, event.usage is not None),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What is known about one session; merging an event is a join (see the top)."""
+
+    session_id: str
+    first_event_at: datetime
+    last_event_at: datetime
+    created: Event | None = None
+    runtime: Event | None = None
+    scope: Event | None = None
+    first_ready: Event | None = None
+    last_ready: Event | None = None
+    turns: Mapping[str, TurnFacts] = field(default_factory=dict)
+
+    def merge(self, event: Event) -> Facts:
+        kind, turns = event.type, self.turns
+        if kind in _TURN and event.turn_id is not None:
+            turn = turns.get(event.turn_id, TurnFacts()).merge(event)
+            turns = {**turns, event.turn_id: turn}
+        ready = kind == EventType.WORKER_READY
+        return replace(
+            self,
+            first_event_at=min(self.first_event_at, event.occurred_at),
+            last_event_at=max(self.last_event_at, event.occurred_at),
+            created=_oldest(self.created, event, kind == EventType.SESSION_CREATED),
+            runtime=_newest(self.runtime, event, kind in _RUNTIME),
+            scope=_newest(self.scope, event, kind == EventType.SCOPE_ACTIVATED),
+            first_ready=_oldest(self.first_ready, event, ready),
+            last_ready=_newest(self.last_ready, event, ready),
+            turns=turns,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TurnState:
+    session_id: str
+    turn_id: str
+    status: TurnStatus
+    started_at: datetime | None
+    ended_at: datetime | None
+    duration_ms: int | None
+    usage: Usage | None
+    error: TurnError | None
+    active_turn_id: str | None
+    retry_after_seconds: float | None
+    updated_at: datetime
+    version: int
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = _jsonable(self)
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class TurnCounts:
+    turns: int = 0
+    completed: int = 0
+    failed: int = 0
+    conflicts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SessionState:
+    session_id: str
+    readiness: Readiness
+    runtime_reused: bool | None
+    scope_activated: bool
+    worker_ready: bool
+    created_at: datetime
+    ready_at: datetime | None
+    time_to_ready_ms: int | None
+    turn_status: SessionTurnStatus
+    active_turn_id: str | None
+    last_turn: TurnState | None
+    counts: TurnCounts
+    usage: Usage
+    first_event_at: datetime
+    last_event_at: datetime
+    version: int
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = _jsonable(self)
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One state change, ready to be appended to the change log (which assigns its id)."""
+
+    type: ChangeType
+    session_id: str
+    turn_id: str | None
+    occurred_at: datetime
+    session: SessionState
+    turn: TurnState | None
+    cause: Event
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": str(self.type),
+            "occurred_at": format_time(self.occurred_at),
+            "session_id": self.session_id,
+            "turn_id": self.turn_id,
+            "session": self.session.to_dict(),
+            "turn": None if self.turn is None else self.turn.to_dict(),
+            "cause": {
+                "event_id": self.cause.id,
+                "source": self.cause.source,
+                "type": self.cause.type,
+            },
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """When an alert of `type` becomes due, if the state has not moved on by then."""
+
+    type: ChangeType
+    session_id: str
+    turn_id: str | None
+    at: datetime
+
+
+def _project_turn(session_id: str, turn_id: str, facts: TurnFacts, version: int) -> TurnState:
+    started, conflict, terminal = facts.started, facts.conflict, facts.terminal
+    if terminal is not None:
+        failed = terminal.type == EventType.TURN_FAILED
+        status = TurnStatus.FAILED if failed else TurnStatus.COMPLETED
+    elif conflict is not None and (started is None or conflict.occurred_at >= started.occurred_at):
+        status = TurnStatus.CONFLICT
+    else:
+        status = TurnStatus.RUNNING
+    started_at = None if started is None else started.occurred_at
+    ended_at = None if terminal is None else terminal.occurred_at
+    duration = None
+    if started_at is not None and ended_at is not None:
+        duration = max(0, (ended_at - started_at) // _MS)
+    shown = conflict if status == TurnStatus.CONFLICT else None
+    events = [e for e in (started, conflict, terminal, facts.usage) if e is not None]
+    return TurnState(
+        session_id=session_id,
+        turn_id=turn_id,
+        status=status,
+        started_at=started_at,
+        ended_at=ended_at,
+        duration_ms=duration,
+        usage=None if facts.usage is None else facts.usage.usage,
+        error=terminal.error if terminal is not None and status == TurnStatus.FAILED else None,
+        active_turn_id=None if shown is None else shown.active_turn_id,
+        retry_after_seconds=None if shown is None else shown.retry_after_seconds,
+        updated_at=max(e.occurred_at for e in events),
+        version=version,
+    )
+
+
+def _project_session(facts: Facts, turns: Mapping[str, TurnState], version: int) -> SessionState:
+    last_ready = None if facts.last_ready is None else facts.last_ready.occurred_at
+    newer_than_ready = [
+        e.occurred_at
+        for e in (facts.runtime, facts.scope)
+        if e is not None and (last_ready is None or e.occurred_at > last_ready)
+    ]
+    created_at = facts.first_event_at if facts.created is None else facts.created.occurred_at
+    ready_at = None if facts.first_ready is None else facts.first_ready.occurred_at
+    runtime_at = None if facts.runtime is None else facts.runtime.occurred_at
+    running = [t for t in turns.values() if t.status == TurnStatus.RUNNING]
+    active = max(running, key=lambda t: (t.started_at or t.updated_at, t.turn_id), default=None)
+    statuses = [t.status for t in turns.values()]
+    return SessionState(
+        session_id=facts.session_id,
+        readiness=(
+            Readiness.READY
+            if last_ready is not None and not newer_than_ready
+            else Readiness.PROVISIONING
+        ),
+        runtime_reused=(
+            None if facts.runtime is None else facts.runtime.type == EventType.RUNTIME_REUSED
+        ),
+        scope_activated=facts.scope is not None,
+        worker_ready=last_ready is not None and (runtime_at is None or runtime_at <= last_ready),
+        created_at=created_at,
+        ready_at=ready_at,
+        time_to_ready_ms=None if ready_at is None else max(0, (ready_at - created_at) // _MS),
+        turn_status=SessionTurnStatus.RUNNING if running else SessionTurnStatus.IDLE,
+        active_turn_id=None if active is None else active.turn_id,
+        last_turn=max(turns.values(), key=lambda t: (t.updated_at, t.turn_id), default=None),
+        counts=TurnCounts(
+            turns=len(statuses),
+            completed=statuses.count(TurnStatus.COMPLETED),
+            failed=statuses.count(TurnStatus.FAILED),
+            conflicts=statuses.count(TurnStatus.CONFLICT),
+        ),
+        usage=_sum_usage(t.usage for t in turns.values() if t.usage is not None),
+        first_event_at=facts.first_event_at,
+        last_event_at=facts.last_event_at,
+        version=version,
+    )
+
+
+def _sum_usage(usages: Iterable[Usage]) -> Usage:
+    total = Usage()
+    for u in usages:
+        total = Usage(**{f.name: getattr(total, f.name) + getattr(u, f.name) for f in fields(u)})
+    return total
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """A session's facts with their derived snapshots and version counters."""
+
+    facts: Facts
+    session: SessionState
+    turns: Mapping[str, TurnState]
+
+    @property
+    def session_id(self) -> str:
+        return self.facts.session_id
+
+    def to_json(self) -> dict[str, Any]:
+        f = self.facts
+        return {
+            "format": 1,
+            "session_id": f.session_id,
+            "version": self.session.version,
+            "first_event_at": f.first_event_at.isoformat(),
+            "last_event_at": f.last_event_at.isoformat(),
+            **{k: _event_to_json(getattr(f, k)) for k in _SESSION_SLOTS},
+            "turns": {
+                turn_id: {
+                    "version": self.turns[turn_id].version,
+                    **{k: _event_to_json(getattr(t, k)) for k in _TURN_SLOTS},
+                }
+                for turn_id, t in f.turns.items()
+            },
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SessionRecord:
+        sid = data["session_id"]
+        facts = Facts(
+            session_id=sid,
+            first_event_at=datetime.fromisoformat(data["first_event_at"]),
+            last_event_at=datetime.fromisoformat(data["last_event_at"]),
+            **{k: _event_from_json(data[k], sid) for k in _SESSION_SLOTS},
+            turns={
+                turn_id: TurnFacts(**{k: _event_from_json(t[k], sid) for k in _TURN_SLOTS})
+                for turn_id, t in data["turns"].items()
+            },
+        )
+        turns = {
+            turn_id: _project_turn(sid, turn_id, t, data["turns"][turn_id]["version"])
+            for turn_id, t in facts.turns.items()
+        }
+        return cls(facts, _project_session(facts, turns, data["version"]), turns)
+
+
+_SESSION_SLOTS = ("created", "runtime", "scope", "first_ready", "last_ready")
+_TURN_SLOTS = ("started", "conflict", "terminal", "usage")
+_EVENT_FIELDS = ("source", "id", "type", "turn_id", "active_turn_id", "retry_after_seconds")
+
+
+def _event_to_json(event: Event | None) -> dict[str, Any] | None:
+    if event is None:
+        return None
+    data = {f.name: getattr(event, f.name) for f in fields(event) if f.name in _EVENT_FIELDS}
+    data["occurred_at"] = event.occurred_at.isoformat()
+    data["usage"] = None if event.usage is None else asdict(event.usage)
+    data["error"] = None if event.error is None else asdict(event.error)
+    return data
+
+
+def _event_from_json(data: Mapping[str, Any] | None, session_id: str) -> Event | None:
+    if data is None:
+        return None
+    usage, error = data["usage"], data["error"]
+    return Event(
+        **{name: data[name] for name in _EVENT_FIELDS},
+        session_id=session_id,
+        occurred_at=datetime.fromisoformat(data["occurred_at"]),
+        usage=None if usage is None else Usage(**usage),
+        error=None if error is None else TurnError(**error),
+    )
+
+
+def affects_state(event: Event) -> bool:
+    """Whether `apply` would look at this event at all."""
+    if event.session_id is None or event.type not in _KNOWN:
+        return False
+    return event.type not in _TURN or event.turn_id is not None
+
+
+@overload
+def apply(record: SessionRecord, event: Event) -> tuple[SessionRecord, list[Change]]: ...
+@overload
+def apply(record: None, event: Event) -> tuple[SessionRecord | None, list[Change]]: ...
+def apply(record: SessionRecord | None, event: Event) -> tuple[SessionRecord | None, list[Change]]:
+    """Join `event` into the session's record; return the new record and its changes."""
+    if not affects_state(event):
+        return record, []
+    session_id = event.session_id
+    assert session_id is not None
+    if record is not None and record.session_id != session_id:
+        raise ValueError(f"event {event.id} is for session {session_id}, not {record.session_id}")
+    event = replace(event, data=None, occurred_at=_utc(event.occurred_at))
+    if record is None:
+        facts = Facts(session_id, event.occurred_at, event.occurred_at).merge(event)
+    else:
+        facts = record.facts.merge(event)
+        if facts == record.facts:
+            return record, []
+    turns = {} if record is None else dict(record.turns)
+    old_turn = None
+    if event.turn_id is not None and event.turn_id in facts.turns:
+        old_turn = turns.get(event.turn_id)
+        turn = _project_turn(
+            facts.session_id,
+            event.turn_id,
+            facts.turns[event.turn_id],
+            0 if old_turn is None else old_turn.version,
+        )
+        turns[event.turn_id] = turn if turn == old_turn else replace(turn, version=turn.version + 1)
+    old = None if record is None else record.session
+    session = _project_session(facts, turns, 0 if old is None else old.version)
+    if session != old:
+        session = replace(session, version=session.version + 1)
+
+    def change(kind: ChangeType, turn: TurnState | None = None) -> Change:
+        turn_id = None if turn is None else turn.turn_id
+        return Change(kind, facts.session_id, turn_id, event.occurred_at, session, turn, event)
+
+    changes = []
+    if old is None:
+        changes.append(change(ChangeType.SESSION_CREATED))
+    if session.readiness == Readiness.READY and (old is None or old.readiness != Readiness.READY):
+        changes.append(change(ChangeType.SESSION_READY))
+    if session.readiness == Readiness.PROVISIONING and old and old.readiness == Readiness.READY:
+        changes.append(change(ChangeType.SESSION_PROVISIONING))
+    new_turn = turns.get(event.turn_id) if event.turn_id is not None else None
+    if new_turn is not None and (old_turn is None or old_turn.status != new_turn.status):
+        changes.append(change(_TURN_CHANGE[new_turn.status], new_turn))
+    return SessionRecord(facts, session, turns), changes
+
+
+def derive_session(events: Iterable[Event]) -> SessionRecord | None:
+    """Fold one session's events into its record; None if none of them affects state."""
+    record: SessionRecord | None = None
+    for event in events:
+        record, _ = apply(record, event)
+    return record
+
+
+def alert_deadlines(
+    record: SessionRecord, turn_stall_seconds: float, ready_timeout_seconds: float
+) -> list[Deadline]:
+    """Due times (by event time) of `turn.stalled` and `session.ready_timeout` alerts."""
+    deadlines = []
+    facts, session = record.facts, record.session
+    if session.readiness == Readiness.PROVISIONING:
+        last_ready = None if facts.last_ready is None else facts.last_ready.occurred_at
+        since = session.created_at
+        if last_ready is not None:
+            since = min(
+                e.occurred_at
+                for e in (facts.runtime, facts.scope)
+                if e is not None and e.occurred_at > last_ready
+            )
+        at = since + timedelta(seconds=ready_timeout_seconds)
+        deadlines.append(Deadline(ChangeType.SESSION_READY_TIMEOUT, session.session_id, None, at))
+    for turn in record.turns.values():
+        if turn.status == TurnStatus.RUNNING and turn.started_at is not None:
+            at = turn.started_at + timedelta(seconds=turn_stall_seconds)
+            deadlines.append(Deadline(ChangeType.TURN_STALLED, turn.session_id, turn.turn_id, at))
+    return deadlines

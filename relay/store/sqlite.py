@@ -1,0 +1,269 @@
+"""The embedded store: one SQLite file in WAL mode.
+
+Writes go through one writer: concurrent ingests queue up while a batch is being
+committed and are then written together in a single transaction (group commit). Each
+request is answered only after the commit of its batch. The writer owns a stdlib
+`sqlite3` connection on one dedicated thread, so a whole batch costs one thread hop
+rather than one per statement; reads use a separate aiosqlite connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from relay.config import StoreSettings
+from relay.store import ApiKey, IngestRecord, IngestResult, StoredEvent, StoreUnavailable
+from relay.timefmt import format_time, utcnow
+
+T = TypeVar("T")
+
+_INSERT_EVENT = """
+INSERT INTO events (source, event_id, type, session_id, turn_id, occurred_at, received_at, payload)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (source, event_id) DO NOTHING
+RETURNING seq
+"""
+_FIND_EVENT = "SELECT seq FROM events WHERE source = ? AND event_id = ?"
+_EVENT_COLUMNS = (
+    "seq, source, event_id, type, session_id, turn_id, occurred_at, received_at, payload"
+)
+
+_Pending = tuple[IngestRecord, "asyncio.Future[IngestResult]"]
+
+
+def sqlite_path(url: str) -> Path:
+    """`sqlite:///relative/path.db` or `sqlite:////absolute/path.db`."""
+    return Path(url.removeprefix("sqlite://").removeprefix("/"))
+
+
+def migrations() -> list[tuple[int, str]]:
+    """The packaged migrations as (version, SQL), in order."""
+    found = []
+    for entry in resources.files("relay.store").joinpath("migrations").iterdir():
+        match = re.match(r"(\d+)_.*\.sql$", entry.name)
+        if match:
+            found.append((int(match.group(1)), entry.read_text()))
+    return sorted(found)
+
+
+class SQLiteStore:
+    def __init__(self, settings: StoreSettings) -> None:
+        self._settings = settings
+        self._path = sqlite_path(settings.url)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-sqlite-writer")
+        self._writer: sqlite3.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._pending: deque[_Pending] = deque()
+        self._wakeup = asyncio.Event()
+        self._writer_task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    async def open(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = await self._in_writer(self._connect_writer)
+        if self._settings.auto_migrate:
+            await self.migrate()
+        self._reader = await aiosqlite.connect(self._path)
+        await self._reader.execute("PRAGMA busy_timeout = 5000")
+        self._writer_task = asyncio.create_task(self._write_loop(), name="relay-sqlite-writer")
+
+    async def close(self) -> None:
+        self._closing = True
+        self._wakeup.set()
+        if self._writer_task is not None:
+            await self._writer_task
+        if self._reader is not None:
+            await self._reader.close()
+        if self._writer is not None:
+            await self._in_writer(self._writer.close)
+        self._executor.shutdown(wait=True)
+
+    def _connect_writer(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {self._settings.synchronous}")
+        conn.execute("PRAGMA busy_timeout = 5000")
+        return conn
+
+    async def _in_writer(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def migrate(self) -> list[int]:
+        if self._writer is None:
+            self._writer = await self._in_writer(self._connect_writer)
+        return await self._in_writer(_migrate, self._writer)
+
+    # -- ingest: group commit ----------------------------------------------------------
+
+    async def ingest(self, record: IngestRecord) -> IngestResult:
+        if self._closing or self._writer_task is None or self._writer_task.done():
+            raise StoreUnavailable("the store is closed")
+        future: asyncio.Future[IngestResult] = asyncio.get_running_loop().create_future()
+        self._pending.append((record, future))
+        self._wakeup.set()
+        return await future
+
+    async def _write_loop(self) -> None:
+        assert self._writer is not None
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                count = min(len(self._pending), self._settings.batch_max)
+                batch = [self._pending.popleft() for _ in range(count)]
+                try:
+                    results = await self._in_writer(_write_batch, self._writer, batch)
+                except sqlite3.Error as exc:
+                    error = StoreUnavailable(f"the store cannot write: {exc}")
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(error)
+                    continue
+                for (_, future), result in zip(batch, results, strict=True):
+                    if not future.done():
+                        future.set_result(result)
+            if self._closing:
+                return
+
+    async def check_writable(self) -> None:
+        if self._closing or self._writer is None:
+            raise StoreUnavailable("the store is closed")
+        try:
+            await self._in_writer(_probe_write, self._writer)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"the store cannot write: {exc}") from exc
+
+    # -- reads ---------------------------------------------------------------------------
+
+    async def list_events(self, after: int, limit: int) -> list[StoredEvent]:
+        rows = await self._read(
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after, limit),
+        )
+        return [StoredEvent(*row) for row in rows]
+
+    async def _read(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        if self._reader is None:
+            raise StoreUnavailable("the store is not open")
+        async with self._reader.execute(sql, params) as cursor:
+            return list(await cursor.fetchall())
+
+    # -- API keys --------------------------------------------------------------------------
+
+    async def add_api_key(self, key: ApiKey, key_hash: str) -> None:
+        await self._write(
+            "INSERT INTO api_keys (id, name, key_hash, scopes, created_at) VALUES (?, ?, ?, ?, ?)",
+            (key.id, key.name, key_hash, " ".join(key.scopes), key.created_at),
+        )
+
+    async def list_api_keys(self) -> list[ApiKey]:
+        rows = await self._read(
+            "SELECT id, name, scopes, created_at, revoked_at FROM api_keys ORDER BY created_at",
+            (),
+        )
+        return [_api_key(row) for row in rows]
+
+    async def revoke_api_key(self, key_id: str, revoked_at: str) -> bool:
+        changed = await self._write(
+            "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+            (revoked_at, key_id),
+        )
+        return changed > 0
+
+    async def find_api_key(self, key_hash: str) -> ApiKey | None:
+        rows = await self._read(
+            "SELECT id, name, scopes, created_at, revoked_at FROM api_keys WHERE key_hash = ?",
+            (key_hash,),
+        )
+        return _api_key(rows[0]) if rows else None
+
+    async def _write(self, sql: str, params: tuple[Any, ...]) -> int:
+        if self._writer is None:
+            raise StoreUnavailable("the store is not open")
+        return await self._in_writer(_execute_write, self._writer, sql, params)
+
+
+def _api_key(row: Any) -> ApiKey:
+    key_id, name, scopes, created_at, revoked_at = row
+    return ApiKey(key_id, name, tuple(scopes.split()), created_at, revoked_at)
+
+
+# -- functions run on the writer thread -----------------------------------------------------
+
+
+def _write_batch(conn: sqlite3.Connection, batch: list[_Pending]) -> list[IngestResult]:
+    results = []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for record, _ in batch:
+            event = record.event
+            row = conn.execute(
+                _INSERT_EVENT,
+                (
+                    event.source,
+                    event.id,
+                    event.type,
+                    event.session_id,
+                    event.turn_id,
+                    format_time(event.occurred_at),
+                    format_time(record.received_at),
+                    record.body,
+                ),
+            ).fetchone()
+            if row is not None:
+                results.append(IngestResult(seq=row[0], duplicate=False))
+            else:
+                (seq,) = conn.execute(_FIND_EVENT, (event.source, event.id)).fetchone()
+                results.append(IngestResult(seq=seq, duplicate=True))
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return results
+
+
+def _execute_write(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> int:
+    return conn.execute(sql, params).rowcount
+
+
+def _probe_write(conn: sqlite3.Connection) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("ROLLBACK")
+
+
+def _migrate(conn: sqlite3.Connection) -> list[int]:
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY,"
+        " applied_at TEXT NOT NULL)"
+    )
+    done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+    applied = []
+    for version, sql in migrations():
+        if version in done:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in sql.split(";\n"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                (version, format_time(utcnow())),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        applied.append(version)
+    return applied
