@@ -56,6 +56,7 @@ class StoreSettings(_Section):
     url: str = "sqlite:///data/relay.db"
     synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "NORMAL"
     batch_max: int = Field(1024, ge=1)
+    busy_timeout_ms: int = Field(5000, ge=0)
     auto_migrate: bool = True
 
     @field_validator("url")

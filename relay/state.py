@@ -101,7 +101,7 @@ def _key(event: Event) -> tuple[datetime, str, str]:
 
 
 def _terminal_key(event: Event) -> tuple[datetime, bool, str, str]:
-    return (event.occurred_at, event.type == EventType.TURN_FAILED, event.id, event.source)
+    return (event.occurred_at, event.type != EventType.TURN_FAILED, event.id, event.source)
 
 
 def _newest(

@@ -74,7 +74,7 @@ class SQLiteStore:
         if self._settings.auto_migrate:
             await self.migrate()
         self._reader = await aiosqlite.connect(self._path)
-        await self._reader.execute("PRAGMA busy_timeout = 5000")
+        await self._reader.execute(f"PRAGMA busy_timeout = {int(self._settings.busy_timeout_ms)}")
         self._writer_task = asyncio.create_task(self._write_loop(), name="relay-sqlite-writer")
 
     async def close(self) -> None:
@@ -92,7 +92,7 @@ class SQLiteStore:
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(f"PRAGMA synchronous = {self._settings.synchronous}")
-        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute(f"PRAGMA busy_timeout = {int(self._settings.busy_timeout_ms)}")
         return conn
 
     async def _in_writer(self, fn: Callable[..., T], *args: Any) -> T:

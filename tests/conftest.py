@@ -1,0 +1,131 @@
+"""Shared fixtures: a relay on a real SQLite file, served on loopback."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from relay.app import create_app
+from relay.auth import NewKey
+from relay.config import Settings
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "casedev"
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+SECOND_SECRET = "whsec_" + base64.b64encode(b"a second secret for rotation!!").decode()
+ED25519_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+ED25519_PUBLIC = (
+    "whpk_"
+    + base64.b64encode(
+        ED25519_KEY.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    ).decode()
+)
+HMAC_SECRET = "hmac-shared-secret"
+BEARER_TOKEN = "motus-callback-token"
+
+
+def fixture_events() -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = json.loads((FIXTURES / "session_lifecycle.json").read_text())
+    return events
+
+
+def source_table() -> list[dict[str, Any]]:
+    return [
+        {
+            "id": "casedev",
+            "provider": "casedev",
+            "verify": "standard-webhooks",
+            "secrets": [SECRET, SECOND_SECRET, ED25519_PUBLIC],
+        },
+        {
+            "id": "svix",
+            "provider": "casedev",
+            "verify": "standard-webhooks",
+            "header_prefix": "svix-",
+            "secrets": [SECRET],
+        },
+        {
+            "id": "github",
+            "provider": "generic",
+            "verify": "hmac-sha256",
+            "signature_header": "X-Hub-Signature-256",
+            "secrets": [HMAC_SECRET],
+        },
+        {
+            "id": "vault",
+            "provider": "casedev",
+            "verify": "hmac-sha256",
+            "signature_header": "X-Case-Signature",
+            "signature_prefix": "",
+            "timestamp_header": "X-Case-Timestamp",
+            "secrets": [HMAC_SECRET],
+        },
+        {"id": "motus", "provider": "generic", "verify": "bearer", "secrets": [BEARER_TOKEN]},
+        {"id": "open", "provider": "generic", "verify": "none"},
+    ]
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    data: dict[str, Any] = {
+        "store": {"url": f"sqlite:///{tmp_path}/relay.db"},
+        "sources": source_table(),
+        "log": {"requests": False},
+    }
+    data.update(overrides)
+    return Settings(**data)
+
+
+class Relay:
+    """A running relay under test: its HTTP client and the admin key made at start-up."""
+
+    def __init__(self, client: TestClient[web.Request, web.Application], key: str) -> None:
+        self.client = client
+        self.key = key
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+    async def events(self) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        after = 0
+        while True:
+            resp = await self.client.get(
+                "/v1/events", params={"after": after, "limit": 1000}, headers=self.auth
+            )
+            assert resp.status == 200
+            page = await resp.json()
+            items.extend(page["items"])
+            if page["next_after"] is None:
+                return items
+            after = page["next_after"]
+
+
+RelayFactory = Callable[..., Awaitable[Relay]]
+
+
+@pytest.fixture
+async def start_relay(
+    tmp_path: Path, aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]]
+) -> AsyncIterator[RelayFactory]:
+    async def start(**overrides: Any) -> Relay:
+        keys: list[NewKey] = []
+        settings = make_settings(tmp_path, **overrides)
+        app = create_app(settings, on_bootstrap_key=keys.append)
+        client = await aiohttp_client(app)
+        return Relay(client, keys[0].secret if keys else "")
+
+    yield start
+
+
+@pytest.fixture
+async def relay(start_relay: RelayFactory) -> Relay:
+    return await start_relay()
