@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -86,7 +86,9 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         raise too_large from None
 
 
-def make_ingest_handler(ctx: IngestContext, clock: Callable[[], float]) -> web.Handler:
+def make_ingest_handler(
+    ctx: IngestContext, clock: Callable[[], float]
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     metrics = ctx.metrics
 
     async def handle(request: web.Request) -> web.StreamResponse:

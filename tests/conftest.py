@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +115,7 @@ RelayFactory = Callable[..., Awaitable[Relay]]
 @pytest.fixture
 async def start_relay(
     tmp_path: Path, aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]]
-) -> AsyncIterator[RelayFactory]:
+) -> RelayFactory:
     async def start(**overrides: Any) -> Relay:
         keys: list[NewKey] = []
         settings = make_settings(tmp_path, **overrides)
@@ -123,7 +123,7 @@ async def start_relay(
         client = await aiohttp_client(app)
         return Relay(client, keys[0].secret if keys else "")
 
-    yield start
+    return start
 
 
 @pytest.fixture

@@ -45,7 +45,8 @@ async def test_fixture_events_are_stored_with_increasing_seq(relay: Relay) -> No
         assert answer["id"] == event["id"]
         assert answer["duplicate"] is False
         seqs.append(answer["seq"])
-    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert seqs == sorted(seqs)
+    assert len(set(seqs)) == len(seqs)
     stored = await relay.events()
     assert [e["id"] for e in stored] == [e["id"] for e in fixture_events()]
     assert stored[0]["session_id"] == "chat_01JD7Q8M2X"
@@ -148,7 +149,7 @@ async def test_duplicate_is_answered_200_with_the_original_seq(relay: Relay) -> 
     body = orjson.dumps(fixture_events()[0])
     first = await post(relay, body, signed(body))
     again = await post(relay, body, signed(body))
-    assert first[0] == 202 and again[0] == 200
+    assert (first[0], again[0]) == (202, 200)
     assert again[1] == {**first[1], "duplicate": True}
     assert len(await relay.events()) == 1
 

@@ -60,7 +60,7 @@ class SQLiteStore:
     def __init__(self, settings: StoreSettings) -> None:
         self._settings = settings
         self._path = sqlite_path(settings.url)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-sqlite-writer")
+        self._executor = _writer_thread()
         self._writer: sqlite3.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._pending: deque[_Pending] = deque()
@@ -69,6 +69,9 @@ class SQLiteStore:
         self._closing = False
 
     async def open(self) -> None:
+        if self._writer is not None and self._writer_task is not None:
+            return
+        self._closing = False
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = await self._in_writer(self._connect_writer)
         if self._settings.auto_migrate:
@@ -82,11 +85,15 @@ class SQLiteStore:
         self._wakeup.set()
         if self._writer_task is not None:
             await self._writer_task
+            self._writer_task = None
         if self._reader is not None:
             await self._reader.close()
+            self._reader = None
         if self._writer is not None:
             await self._in_writer(self._writer.close)
+            self._writer = None
         self._executor.shutdown(wait=True)
+        self._executor = _writer_thread()
 
     def _connect_writer(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
@@ -191,6 +198,10 @@ class SQLiteStore:
         if self._writer is None:
             raise StoreUnavailable("the store is not open")
         return await self._in_writer(_execute_write, self._writer, sql, params)
+
+
+def _writer_thread() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-sqlite-writer")
 
 
 def _api_key(row: Any) -> ApiKey:

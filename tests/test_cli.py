@@ -1,0 +1,69 @@
+"""The `relay` command line: keys, migrate, help."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def relay(config: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=check,
+    )
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "relay.toml"
+    path.write_text(f'[store]\nurl = "sqlite:///{tmp_path}/cli.db"\n')
+    return path
+
+
+def test_migrate_applies_once(config: Path) -> None:
+    """`relay migrate` applies the migrations, then reports the store up to date."""
+    assert "applied migrations: [1]" in relay(config, "migrate").stdout
+    assert "up to date" in relay(config, "migrate").stdout
+
+
+def test_keys_create_list_revoke(config: Path) -> None:
+    """A created key is listed without its secret, and revoking it marks it revoked."""
+    created = relay(config, "keys", "create", "--scope", "agent:read", "--name", "dash").stdout
+    secret = created.strip().splitlines()[-1]
+    assert secret.startswith("rk_")
+    key_id = created.split()[1]
+    listing = relay(config, "keys", "list").stdout
+    assert key_id in listing
+    assert "dash" in listing
+    assert secret not in listing
+    assert f"revoked {key_id}" in relay(config, "keys", "revoke", key_id).stdout
+    assert "revoked 20" in relay(config, "keys", "list").stdout
+    again = relay(config, "keys", "revoke", key_id, check=False)
+    assert again.returncode == 1
+
+
+def test_keys_create_rejects_unknown_scope(config: Path) -> None:
+    """An unknown scope is refused by the argument parser."""
+    done = relay(config, "keys", "create", "--scope", "agent:admin", check=False)
+    assert done.returncode == 2
+    assert "invalid choice" in done.stderr
+
+
+@pytest.mark.parametrize("command", [[], ["serve"], ["keys", "create"], ["send"], ["migrate"]])
+def test_help_describes_every_command(command: list[str]) -> None:
+    """`--help` of the CLI and each subcommand exits 0 and describes it."""
+    done = subprocess.run(
+        [sys.executable, "-m", "relay", *command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert "usage: relay" in done.stdout
+    assert "--config" in done.stdout or not command

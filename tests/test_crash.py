@@ -1,0 +1,186 @@
+"""Crash safety: `relay serve` SIGKILLed under load loses no acknowledged event."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from relay.sign import sign_standard
+from tests.conftest import SECRET
+
+EVENTS = 2000
+CLIENTS = 32
+KILL_AFTER = 700
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def write_config(tmp_path: Path, port: int) -> Path:
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f"""
+[server]
+port = {port}
+[store]
+url = "sqlite:///{tmp_path}/crash.db"
+[log]
+requests = false
+level = "warning"
+[[sources]]
+id = "casedev"
+provider = "casedev"
+secrets = ["{SECRET}"]
+"""
+    )
+    return config
+
+
+class RelayProcess:
+    def __init__(self, config: Path, port: int) -> None:
+        self.config = config
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: asyncio.subprocess.Process | None = None
+
+    def cli(self, *args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "relay", *args, "--config", str(self.config)],
+            capture_output=True,
+            check=True,
+            timeout=60,
+        )
+        return done.stdout.decode()
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "relay", "serve", "--config", str(self.config)),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        async with aiohttp.ClientSession() as http:
+            while time.monotonic() < deadline:
+                try:
+                    async with http.get(self.url + "/healthz") as resp:
+                        if resp.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+        raise RuntimeError("relay did not start within 30 s")
+
+    async def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(self.proc.wait(), timeout=10)
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            await asyncio.wait_for(self.proc.wait(), timeout=20)
+
+
+@pytest.fixture
+async def relay_process(tmp_path: Path) -> AsyncIterator[RelayProcess]:
+    port = free_port()
+    process = RelayProcess(write_config(tmp_path, port), port)
+    yield process
+    await process.stop()
+
+
+def event(number: int) -> bytes:
+    return orjson.dumps(
+        {
+            "id": f"evt_crash_{number:05d}",
+            "type": "agent.chat.turn.started",
+            "occurred_at": "2026-11-20T09:00:00.000Z",
+            "data": {"chatId": f"chat_{number % 50}", "turnId": f"turn_{number}"},
+        }
+    )
+
+
+async def send_all(url: str, numbers: list[int], acked: set[str], killed: asyncio.Event) -> None:
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for number in numbers:
+        queue.put_nowait(number)
+
+    async def client(http: aiohttp.ClientSession) -> None:
+        while not queue.empty():
+            number = queue.get_nowait()
+            body = event(number)
+            ts = int(time.time())
+            headers = {
+                "webhook-id": f"msg_{number}",
+                "webhook-timestamp": str(ts),
+                "webhook-signature": sign_standard(SECRET, f"msg_{number}", ts, body),
+            }
+            try:
+                async with http.post(f"{url}/v1/ingest/casedev", data=body, headers=headers) as r:
+                    answer: dict[str, Any] = await r.json()
+                    if r.status in (200, 202):
+                        acked.add(answer["id"])
+                        if len(acked) >= KILL_AFTER:
+                            killed.set()
+            except (aiohttp.ClientError, TimeoutError):
+                continue
+
+    timeout = aiohttp.ClientTimeout(total=10)
+    connector = aiohttp.TCPConnector(limit=CLIENTS)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
+        await asyncio.gather(*(client(http) for _ in range(CLIENTS)))
+
+
+async def stored_ids(url: str, key: str) -> list[str]:
+    ids: list[str] = []
+    after = 0
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
+        while True:
+            params = {"after": after, "limit": 1000}
+            async with http.get(f"{url}/v1/events", params=params) as resp:
+                page = await resp.json()
+            ids.extend(item["id"] for item in page["items"])
+            if page["next_after"] is None:
+                return ids
+            after = page["next_after"]
+
+
+async def test_sigkill_under_load_loses_no_acknowledged_event(relay_process: RelayProcess) -> None:
+    """Every event answered 2xx before a SIGKILL is stored after restart, none twice."""
+    key = relay_process.cli("keys", "create", "--scope", "agent:read").strip().splitlines()[-1]
+    await relay_process.start()
+    acked: set[str] = set()
+    killed = asyncio.Event()
+    sending = asyncio.create_task(send_all(relay_process.url, list(range(EVENTS)), acked, killed))
+    await asyncio.wait_for(killed.wait(), timeout=60)
+    await relay_process.kill()
+    acked_before_kill = set(acked)
+    await asyncio.wait_for(sending, timeout=60)
+    assert len(acked_before_kill) >= KILL_AFTER
+    assert len(acked_before_kill) < EVENTS, "the kill came after every event was sent"
+
+    await relay_process.start()
+    after_restart = await stored_ids(relay_process.url, key)
+    assert len(after_restart) == len(set(after_restart)), "an event is stored twice"
+    assert acked <= set(after_restart), f"lost: {sorted(acked - set(after_restart))[:5]}"
+
+    # The senders retry what was not acknowledged: in the end every event is there once.
+    missing = [n for n in range(EVENTS) if f"evt_crash_{n:05d}" not in set(after_restart)]
+    retried: set[str] = set()
+    await send_all(relay_process.url, missing, retried, asyncio.Event())
+    final = await stored_ids(relay_process.url, key)
+    assert sorted(final) == sorted(f"evt_crash_{n:05d}" for n in range(EVENTS))

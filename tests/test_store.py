@@ -1,0 +1,83 @@
+"""The store contract, run against every backend."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from relay.config import StoreSettings
+from relay.events import Event
+from relay.store import ApiKey, IngestRecord, Store, StoreUnavailable, open_store
+
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+
+
+def record(event_id: str, source: str = "s") -> IngestRecord:
+    event = Event(
+        source=source, id=event_id, type="agent.worker.ready", occurred_at=NOW, session_id="c"
+    )
+    return IngestRecord(event, b'{"id": "%s"}' % event_id.encode(), NOW)
+
+
+@pytest.fixture(params=["sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    backend = open_store(StoreSettings(url=f"sqlite:///{tmp_path}/contract.db"))
+    await backend.open()
+    yield backend
+    await backend.close()
+
+
+class TestStoreContract:
+    async def test_ingest_assigns_increasing_seq(self, store: Store) -> None:
+        """New events get increasing seqs and are listed in seq order."""
+        results = [await store.ingest(record(f"e{i}")) for i in range(5)]
+        assert [r.duplicate for r in results] == [False] * 5
+        assert [r.seq for r in results] == sorted(r.seq for r in results)
+        listed = await store.list_events(0, 100)
+        assert [e.id for e in listed] == [f"e{i}" for i in range(5)]
+        assert listed[0].payload == b'{"id": "e0"}'
+        assert listed[0].occurred_at == "2026-11-22T12:00:00.000Z"
+
+    async def test_duplicates_keep_the_first_seq(self, store: Store) -> None:
+        """A repeated (source, id) is a duplicate with the original seq, even in one batch."""
+        first = await store.ingest(record("e1"))
+        results = await asyncio.gather(*(store.ingest(record("e1")) for _ in range(20)))
+        assert {r.seq for r in results} == {first.seq}
+        assert all(r.duplicate for r in results)
+        other_source = await store.ingest(record("e1", source="t"))
+        assert not other_source.duplicate
+        assert len(await store.list_events(0, 100)) == 2
+
+    async def test_paging_by_seq(self, store: Store) -> None:
+        """list_events(after, limit) pages through the log without gaps or repeats."""
+        await asyncio.gather(*(store.ingest(record(f"e{i:02d}")) for i in range(25)))
+        seen, after = [], 0
+        while page := await store.list_events(after, 10):
+            seen.extend(e.id for e in page)
+            after = page[-1].seq
+        assert sorted(seen) == [f"e{i:02d}" for i in range(25)]
+        assert len(seen) == 25
+
+    async def test_api_keys(self, store: Store) -> None:
+        """Keys are found by hash, listed, and revoked once."""
+        key = ApiKey("key_1", "k", ("agent:read",), "2026-11-22T12:00:00.000Z")
+        await store.add_api_key(key, "hash1")
+        assert await store.find_api_key("hash1") == key
+        assert await store.find_api_key("other") is None
+        assert await store.revoke_api_key("key_1", "2026-11-22T13:00:00.000Z")
+        assert not await store.revoke_api_key("key_1", "2026-11-22T14:00:00.000Z")
+        listed = await store.list_api_keys()
+        assert listed[0].revoked_at == "2026-11-22T13:00:00.000Z"
+
+    async def test_closed_store_refuses_writes(self, store: Store) -> None:
+        """After close, ingest raises StoreUnavailable instead of hanging."""
+        await store.ingest(record("e1"))
+        await store.close()
+        with pytest.raises(StoreUnavailable):
+            await store.ingest(record("e2"))
+        await store.open()
+        assert [e.id for e in await store.list_events(0, 10)] == ["e1"]
