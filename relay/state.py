@@ -41,6 +41,7 @@ from enum import StrEnum
 from typing import Any, overload
 
 from relay.events import Event, EventType, TurnError, Usage
+from relay.timefmt import format_time
 
 _RUNTIME = {EventType.RUNTIME_REUSED, EventType.RUNTIME_STARTED}
 _TERMINAL = {EventType.TURN_COMPLETED, EventType.TURN_FAILED}
@@ -86,12 +87,6 @@ _TURN_CHANGE = {
 }
 
 
-def format_time(value: datetime) -> str:
-    """RFC 3339 in UTC with millisecond precision and a `Z` suffix."""
-    value = _utc(value)
-    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
-
-
 def _utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
@@ -101,7 +96,7 @@ def _key(event: Event) -> tuple[datetime, str, str]:
 
 
 def _terminal_key(event: Event) -> tuple[datetime, bool, str, str]:
-    return (event.occurred_at, event.type != EventType.TURN_FAILED, event.id, event.source)
+    return (event.occurred_at, event.type == EventType.TURN_FAILED, event.id, event.source)
 
 
 def _newest(
@@ -112,6 +107,10 @@ def _newest(
 
 def _oldest(old: Event | None, new: Event, when: bool) -> Event | None:
     return new if when and (old is None or _key(new) < _key(old)) else old
+
+
+def _after(event: Event, moment: datetime | None) -> bool:
+    return moment is None or event.occurred_at > moment
 
 
 def _jsonable(value: Any) -> Any:
@@ -241,6 +240,7 @@ class Change:
     cause: Event
 
     def to_dict(self) -> dict[str, Any]:
+        cause = {"event_id": self.cause.id, "source": self.cause.source, "type": self.cause.type}
         return {
             "type": str(self.type),
             "occurred_at": format_time(self.occurred_at),
@@ -248,11 +248,7 @@ class Change:
             "turn_id": self.turn_id,
             "session": self.session.to_dict(),
             "turn": None if self.turn is None else self.turn.to_dict(),
-            "cause": {
-                "event_id": self.cause.id,
-                "source": self.cause.source,
-                "type": self.cause.type,
-            },
+            "cause": cause,
         }
 
 
@@ -300,11 +296,10 @@ def _project_turn(session_id: str, turn_id: str, facts: TurnFacts, version: int)
 
 def _project_session(facts: Facts, turns: Mapping[str, TurnState], version: int) -> SessionState:
     last_ready = None if facts.last_ready is None else facts.last_ready.occurred_at
-    newer_than_ready = [
-        e.occurred_at
-        for e in (facts.runtime, facts.scope)
-        if e is not None and (last_ready is None or e.occurred_at > last_ready)
+    after_ready = [
+        e for e in (facts.runtime, facts.scope) if e is not None and _after(e, last_ready)
     ]
+    ready = last_ready is not None and not after_ready
     created_at = facts.first_event_at if facts.created is None else facts.created.occurred_at
     ready_at = None if facts.first_ready is None else facts.first_ready.occurred_at
     runtime_at = None if facts.runtime is None else facts.runtime.occurred_at
@@ -313,11 +308,7 @@ def _project_session(facts: Facts, turns: Mapping[str, TurnState], version: int)
     statuses = [t.status for t in turns.values()]
     return SessionState(
         session_id=facts.session_id,
-        readiness=(
-            Readiness.READY
-            if last_ready is not None and not newer_than_ready
-            else Readiness.PROVISIONING
-        ),
+        readiness=Readiness.READY if ready else Readiness.PROVISIONING,
         runtime_reused=(
             None if facts.runtime is None else facts.runtime.type == EventType.RUNTIME_REUSED
         ),
@@ -381,6 +372,8 @@ class SessionRecord:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> SessionRecord:
+        if data.get("format") != 1:
+            raise ValueError(f"unknown session record format {data.get('format')!r}")
         sid = data["session_id"]
         facts = Facts(
             session_id=sid,
@@ -439,7 +432,10 @@ def apply(record: SessionRecord, event: Event) -> tuple[SessionRecord, list[Chan
 @overload
 def apply(record: None, event: Event) -> tuple[SessionRecord | None, list[Change]]: ...
 def apply(record: SessionRecord | None, event: Event) -> tuple[SessionRecord | None, list[Change]]:
-    """Join `event` into the session's record; return the new record and its changes."""
+    """Join `event` into the session's record; return the new record and its changes.
+
+    The record comes back as the same object when the event changes nothing.
+    """
     if not affects_state(event):
         return record, []
     session_id = event.session_id
@@ -505,9 +501,7 @@ def alert_deadlines(
         since = session.created_at
         if last_ready is not None:
             since = min(
-                e.occurred_at
-                for e in (facts.runtime, facts.scope)
-                if e is not None and e.occurred_at > last_ready
+                e.occurred_at for e in (facts.runtime, facts.scope) if e and _after(e, last_ready)
             )
         at = since + timedelta(seconds=ready_timeout_seconds)
         deadlines.append(Deadline(ChangeType.SESSION_READY_TIMEOUT, session.session_id, None, at))

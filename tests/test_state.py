@@ -26,8 +26,6 @@ from relay.state import (
 )
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "casedev"
-if not FIXTURES.is_dir():
-    FIXTURES = Path("/work/shared/fixtures/casedev")
 RAW = json.loads((FIXTURES / "session_lifecycle.json").read_text())
 EXPECTED = json.loads((FIXTURES / "session_lifecycle.expected.json").read_text())
 SESSION = "chat_01JD7Q8M2X"
@@ -434,6 +432,7 @@ def reference(session_id: str, events: list[Event]) -> dict[str, Any] | None:
         with_usage = [e for e in mine if e.usage is not None]
         usage = last({e.type for e in with_usage}, with_usage)
         started = starts[-1] if starts else None
+        shown = conflict if status == "conflict" else None
         turns[tid] = {
             "session_id": session_id,
             "turn_id": tid,
@@ -443,12 +442,8 @@ def reference(session_id: str, events: list[Event]) -> dict[str, Any] | None:
             "duration_ms": ms(end.occurred_at - started) if end and started else None,
             "usage": usage and usage.usage,
             "error": end.error if end and status == "failed" else None,
-            "active_turn_id": conflict.active_turn_id
-            if status == "conflict" and conflict
-            else None,
-            "retry_after_seconds": conflict.retry_after_seconds
-            if status == "conflict" and conflict
-            else None,
+            "active_turn_id": shown and shown.active_turn_id,
+            "retry_after_seconds": shown and shown.retry_after_seconds,
             "updated_at": max(e.occurred_at for e in mine),
         }
     running = [t for t in turns.values() if t["status"] == "running"]
@@ -481,14 +476,7 @@ def reference(session_id: str, events: list[Event]) -> dict[str, Any] | None:
                 "conflicts": counts.count("conflict"),
             },
             "usage": {
-                name: sum(getattr(u, name) for u in usages)
-                for name in (
-                    "input_tokens",
-                    "output_tokens",
-                    "reasoning_tokens",
-                    "total_tokens",
-                    "cost_micros",
-                )
+                f.name: sum(getattr(u, f.name) for u in usages) for f in dataclasses.fields(Usage)
             },
             "first_event_at": iso(min(e.occurred_at for e in known)),
             "last_event_at": iso(max(e.occurred_at for e in known)),
