@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -89,10 +90,14 @@ def _scoped(scope: str, handler: Handler) -> Handler:
 
 
 def _envelope_middleware(log_requests: bool) -> Callable[..., Awaitable[web.StreamResponse]]:
+    # Request ids: a random per-process prefix and a counter (unique, and cheap to make).
+    prefix = secrets.token_hex(4)
+    counter = itertools.count(1)
+
     @web.middleware
     async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
-        request_id = request.headers.get("X-Request-Id") or secrets.token_hex(8)
+        request_id = request.headers.get("X-Request-Id") or f"{prefix}-{next(counter):x}"
         try:
             response = await handler(request)
         except ApiError as exc:

@@ -20,6 +20,8 @@ from relay.verify import VerificationError, Verifier, verify_signature
 
 log = structlog.get_logger("relay.ingest")
 
+UNKNOWN_SOURCE_LABEL = "(unknown)"
+
 
 @dataclass(frozen=True, slots=True)
 class Source:
@@ -89,21 +91,24 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
 def make_ingest_handler(
     ctx: IngestContext, clock: Callable[[], float]
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    metrics = ctx.metrics
+    total, seconds = ctx.metrics.ingest_total, ctx.metrics.ingest_seconds
+    labels = [*ctx.sources, UNKNOWN_SOURCE_LABEL]
+    stored = {source: total.labels(source, "stored") for source in labels}
+    duplicate = {source: total.labels(source, "duplicate") for source in labels}
+    latency = {source: seconds.labels(source) for source in labels}
 
     async def handle(request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         source_id = request.match_info["source_id"]
-        label = source_id if source_id in ctx.sources else "(unknown)"
+        label = source_id if source_id in ctx.sources else UNKNOWN_SOURCE_LABEL
         try:
             response = await ingest_event(ctx, source_id, request, clock())
         except ApiError as exc:
-            metrics.ingest_total.labels(label, exc.code).inc()
+            total.labels(label, exc.code).inc()
             log.warning("ingest.rejected", source=source_id, code=exc.code, reason=exc.message)
             raise
-        outcome = "duplicate" if response.status == 200 else "stored"
-        metrics.ingest_total.labels(label, outcome).inc()
-        metrics.ingest_seconds.labels(label).observe(time.perf_counter() - started)
+        (duplicate if response.status == 200 else stored)[label].inc()
+        latency[label].observe(time.perf_counter() - started)
         return response
 
     return handle

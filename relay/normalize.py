@@ -28,7 +28,7 @@ def normalise_casedev(source: str, body: Mapping[str, Any], received_at: datetim
     data = body.get("data")
     if data is None:
         data = {}
-    elif not isinstance(data, Mapping):
+    elif type(data) is not dict:
         raise InvalidEvent("data", "must be an object")
     return Event(
         source=source,
@@ -60,6 +60,8 @@ NORMALISERS: Mapping[str, Normaliser] = MappingProxyType(
 
 def _required_id(body: Mapping[str, Any], field: str) -> str:
     value = body.get(field)
+    if type(value) is str and 0 < len(value) <= MAX_ID_LENGTH:
+        return value
     if value is None or value == "":
         raise InvalidEvent(field, "is required")
     if not isinstance(value, str) or len(value) > MAX_ID_LENGTH:
@@ -72,6 +74,8 @@ def _optional_id(body: Mapping[str, Any], *fields: str) -> str | None:
         value = body.get(field)
         if value is None or value == "":
             continue
+        if type(value) is str and len(value) <= MAX_ID_LENGTH:
+            return value
         if isinstance(value, int) and not isinstance(value, bool):
             return str(value)
         if not isinstance(value, str) or len(value) > MAX_ID_LENGTH:
@@ -122,7 +126,7 @@ def _count(usage: Mapping[str, Any], *fields: str) -> int | None:
 def _usage(usage: Any) -> Usage | None:
     if usage is None:
         return None
-    if not isinstance(usage, Mapping):
+    if type(usage) is not dict:
         raise InvalidEvent("usage", "must be an object")
     input_tokens = _count(usage, "inputTokens", "input_tokens", "prompt_tokens") or 0
     output_tokens = _count(usage, "outputTokens", "output_tokens", "completion_tokens") or 0
@@ -141,7 +145,7 @@ def _error(error: Any) -> TurnError | None:
         return None
     if isinstance(error, str):
         return TurnError(message=error)
-    if isinstance(error, Mapping):
+    if type(error) is dict:
         message, code = error.get("message"), error.get("code")
         return TurnError(
             message=str(message) if message is not None else "",

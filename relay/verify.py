@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -115,7 +114,7 @@ def _verify_standard(
             f"headers {prefix}id, {prefix}timestamp and {prefix}signature are required",
         )
     signed = b"%s.%s.%s" % (_header_bytes(msg_id), _header_bytes(timestamp), body)
-    digests = [hmac.new(key, signed, hashlib.sha256).digest() for key in verifier.hmac_keys]
+    digests = [hmac.digest(key, signed, "sha256") for key in verifier.hmac_keys]
     if not _any_standard_signature_matches(signatures, signed, digests, verifier.public_keys):
         raise VerificationError(INVALID_SIGNATURE, "no signature matches a configured secret")
     _check_timestamp(timestamp, now, verifier.tolerance_seconds)
@@ -158,7 +157,7 @@ def _verify_hmac(verifier: Verifier, body: bytes, headers: Mapping[str, str], no
         candidate = bytes.fromhex(header.strip().removeprefix(verifier.signature_prefix))
     except ValueError:
         candidate = b""
-    digests = (hmac.new(key, signed, hashlib.sha256).digest() for key in verifier.hmac_keys)
+    digests = (hmac.digest(key, signed, "sha256") for key in verifier.hmac_keys)
     if not any(hmac.compare_digest(candidate, digest) for digest in digests):
         raise VerificationError(INVALID_SIGNATURE, "no signature matches a configured secret")
     if timestamp:

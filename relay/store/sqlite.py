@@ -27,13 +27,16 @@ from relay.timefmt import format_time, utcnow
 
 T = TypeVar("T")
 
-_INSERT_EVENT = """
-INSERT INTO events (source, event_id, type, session_id, turn_id, occurred_at, received_at, payload)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (source, event_id) DO NOTHING
-RETURNING seq
-"""
-_FIND_EVENT = "SELECT seq FROM events WHERE source = ? AND event_id = ?"
+_INSERT_EVENTS = (
+    "INSERT INTO events"
+    " (seq, source, event_id, type, session_id, turn_id, occurred_at, received_at, payload)"
+    " VALUES "
+)
+_EVENT_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
+# One multi-row statement per chunk: each sqlite3 call releases and re-takes the GIL, and
+# re-taking it from a busy event loop is what costs, so a batch makes as few calls as it can.
+_INSERT_CHUNK = 512
+_LOOKUP_CHUNK = 512
 _EVENT_COLUMNS = (
     "seq, source, event_id, type, session_id, turn_id, occurred_at, received_at, payload"
 )
@@ -213,35 +216,62 @@ def _api_key(row: Any) -> ApiKey:
 
 
 def _write_batch(conn: sqlite3.Connection, batch: list[_Pending]) -> list[IngestResult]:
-    results = []
+    """Insert a batch in one transaction; seqs are assigned here under the write lock."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        for record, _ in batch:
-            event = record.event
-            row = conn.execute(
-                _INSERT_EVENT,
-                (
-                    event.source,
-                    event.id,
-                    event.type,
-                    event.session_id,
-                    event.turn_id,
-                    format_time(event.occurred_at),
-                    format_time(record.received_at),
-                    record.body,
-                ),
-            ).fetchone()
-            if row is not None:
-                results.append(IngestResult(seq=row[0], duplicate=False))
-            else:
-                (seq,) = conn.execute(_FIND_EVENT, (event.source, event.id)).fetchone()
+        (last_seq,) = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()
+        keys = [(record.event.source, record.event.id) for record, _ in batch]
+        seqs = _existing_seqs(conn, keys)
+        results = []
+        rows: list[Any] = []
+        for (record, _), key in zip(batch, keys, strict=True):
+            seq = seqs.get(key)
+            if seq is not None:
                 results.append(IngestResult(seq=seq, duplicate=True))
+                continue
+            last_seq += 1
+            seqs[key] = last_seq
+            results.append(IngestResult(seq=last_seq, duplicate=False))
+            event = record.event
+            rows += (
+                last_seq,
+                event.source,
+                event.id,
+                event.type,
+                event.session_id,
+                event.turn_id,
+                format_time(event.occurred_at),
+                format_time(record.received_at),
+                record.body,
+            )
+        width = 9
+        for start in range(0, len(rows), _INSERT_CHUNK * width):
+            chunk = rows[start : start + _INSERT_CHUNK * width]
+            conn.execute(_INSERT_EVENTS + ",".join([_EVENT_ROW] * (len(chunk) // width)), chunk)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
     return results
+
+
+def _existing_seqs(
+    conn: sqlite3.Connection, keys: list[tuple[str, str]]
+) -> dict[tuple[str, str], int]:
+    """Seqs of the events among `keys` that are already stored (usually none)."""
+    by_source: dict[str, list[str]] = {}
+    for source, event_id in keys:
+        by_source.setdefault(source, []).append(event_id)
+    found: dict[tuple[str, str], int] = {}
+    for source, ids in by_source.items():
+        for start in range(0, len(ids), _LOOKUP_CHUNK):
+            chunk = ids[start : start + _LOOKUP_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            sql = f"SELECT event_id, seq FROM events WHERE source = ? AND event_id IN ({marks})"
+            for event_id, seq in conn.execute(sql, [source, *chunk]):
+                found[(source, event_id)] = seq
+    return found
 
 
 def _execute_write(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> int:
