@@ -8,7 +8,6 @@ default). Prints requests/s, p50/p99 latency and the ratio relay / bare. Needs `
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import socket
 import sqlite3
@@ -123,28 +122,33 @@ def parse_wrk(name: str, out: str) -> Result:
     )
 
 
-def measure(
-    name: str,
-    command: list[str],
-    env: dict[str, str],
-    port: int,
-    requests_file: Path,
-    args: argparse.Namespace,
-    cwd: Path,
-) -> Result:
-    proc = subprocess.Popen(
-        command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url)
-        run_wrk(url, requests_file, 0, args.warmup, args)
-        result = run_wrk(url, requests_file, args.warmup_requests, args.duration, args)
-        result.name = name
-        return result
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+class Server:
+    """A server under test, started once and measured in several rounds."""
+
+    def __init__(self, name: str, command: list[str], port: int, cwd: Path, db: Path | None):
+        self.name, self.port, self.db = name, port, db
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(
+            command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        self.rounds: list[Result] = []
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+    def median(self) -> Result:
+        def mid(values: list[float]) -> float:
+            return sorted(values)[len(values) // 2]
+
+        return Result(
+            self.name,
+            mid([r.rps for r in self.rounds]),
+            mid([r.p50_ms for r in self.rounds]),
+            mid([r.p99_ms for r in self.rounds]),
+            sum(r.non_2xx for r in self.rounds),
+            sum(r.requests for r in self.rounds),
+        )
 
 
 def relay_config(work: Path, port: int, log_requests: bool) -> Path:
@@ -170,53 +174,72 @@ tolerance_seconds = 3600
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--duration", type=float, default=10)
-    parser.add_argument("--warmup", type=float, default=2)
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per server")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per round")
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--requests", type=int, default=300_000)
-    parser.add_argument("--warmup-requests", type=int, default=60_000)
+    parser.add_argument("--per-round", type=int, default=40_000, help="unique requests per round")
     parser.add_argument(
-        "--no-request-log", action="store_true", help="also run the relay without per-request logs"
+        "--no-request-log",
+        action="store_true",
+        help="also run a relay without per-request log lines",
     )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
         work = Path(tmp)
         requests_file = work / "requests.tsv"
-        print(f"signing {args.requests} unique requests ...", flush=True)
-        write_requests(requests_file, args.requests)
-        env = {**os.environ}
-        results = []
+        total = args.per_round * (args.rounds + 1)
+        print(f"signing {total} unique requests ...", flush=True)
+        write_requests(requests_file, total)
 
         port = free_port()
         bare = [sys.executable, str(HERE / "bare_server.py"), str(port)]
-        results.append(measure("bare aiohttp", bare, env, port, requests_file, args, work))
-
-        variants = [("relay", True)] + (
-            [("relay (no request log)", False)] if args.no_request_log else []
-        )
+        servers = [Server("bare aiohttp", bare, port, work, None)]
+        variants = [("relay", True)]
+        if args.no_request_log:
+            variants.append(("relay (no request log)", False))
         for name, log_requests in variants:
             port = free_port()
             config = relay_config(work, port, log_requests)
-            relay = [sys.executable, "-m", "relay", "serve", "--config", str(config)]
-            result = measure(name, relay, env, port, requests_file, args, work)
-            stored = (
-                sqlite3.connect(work / f"bench-{port}.db")
-                .execute("SELECT count(*) FROM events")
-                .fetchone()[0]
-            )
-            result.name += f" [{stored} stored]"
-            results.append(result)
+            command = [sys.executable, "-m", "relay", "serve", "--config", str(config)]
+            servers.append(Server(name, command, port, work, work / f"bench-{port}.db"))
+        try:
+            for server in servers:
+                wait_healthy(server.url)
+                run_wrk(server.url, requests_file, 0, args.warmup, args)
+            for round_number in range(1, args.rounds + 1):
+                start = args.per_round * round_number
+                for server in servers:
+                    server.rounds.append(
+                        run_wrk(server.url, requests_file, start, args.duration, args)
+                    )
+                figures = "  ".join(f"{s.name}: {s.rounds[-1].rps:.0f}/s" for s in servers)
+                print(f"round {round_number}: {figures}", flush=True)
+        finally:
+            for server in servers:
+                server.stop()
+        stored = {
+            s.name: sqlite3.connect(s.db).execute("SELECT count(*) FROM events").fetchone()[0]
+            for s in servers
+            if s.db is not None
+        }
 
+    results = [s.median() for s in servers]
     base = results[0]
-    print(f"\nwrk -t{args.threads} -c{args.connections} -d{args.duration}s, unique signed events\n")
-    print(f"{'server':<40} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'ratio':>6}")
+    print(
+        f"\nwrk -t{args.threads} -c{args.connections}, {args.rounds} alternating rounds of"
+        f" {args.duration} s, unique signed events; medians\n"
+    )
+    print(f"{'server':<26} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'ratio':>6}")
     for r in results:
-        figures = f"{r.rps:>9.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} {r.non_2xx:>8}"
-        print(f"{r.name:<40} {figures} {r.rps / base.rps:>6.2f}")
-    relay_result = results[1]
-    ok = relay_result.rps / base.rps >= 0.6 and relay_result.p99_ms <= 25
+        figures = f"{r.rps:>8.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} {r.non_2xx:>8}"
+        print(f"{r.name:<26} {figures} {r.rps / base.rps:>6.2f}")
+    for name, count in stored.items():
+        print(f"{name}: {count} events stored")
+    relay = results[1]
+    ok = relay.rps / base.rps >= 0.6 and relay.p99_ms <= 25
     print(f"\ntarget ratio >= 0.60 and p99 <= 25 ms: {'met' if ok else 'NOT met'}")
 
 

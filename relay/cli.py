@@ -122,7 +122,7 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 
 async def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from relay.app import create_app
-    from relay.logs import configure_logging
+    from relay.logs import configure_logging, flush_logs
 
     configure_logging(settings.log)
 
@@ -156,10 +156,21 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
         f"  stop:  Ctrl-C",
         flush=True,
     )
+    flusher = asyncio.create_task(_flush_logs_periodically())
     await stop.wait()
     print("relay: shutting down", flush=True)
     await runner.cleanup()
+    flusher.cancel()
+    flush_logs()
     return 0
+
+
+async def _flush_logs_periodically(interval: float = 0.25) -> None:
+    from relay.logs import flush_logs
+
+    while True:
+        await asyncio.sleep(interval)
+        flush_logs()
 
 
 def _base_url(address: Any) -> str:

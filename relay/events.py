@@ -42,12 +42,14 @@ class TurnError:
     code: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Event:
-    """One provider event after normalisation.
+    """One provider event after normalisation; treat it as immutable.
 
     `occurred_at` is when the provider says it happened (timezone-aware UTC);
     the provider-specific fields the state machine needs are lifted out of `data`.
+    Not `frozen`: a frozen dataclass's __init__ costs several times more, and one
+    Event is built for every ingest request.
     """
 
     source: str

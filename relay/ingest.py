@@ -21,6 +21,7 @@ from relay.verify import VerificationError, Verifier, verify_signature
 log = structlog.get_logger("relay.ingest")
 
 UNKNOWN_SOURCE_LABEL = "(unknown)"
+_JSON = {"Content-Type": "application/json"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,31 +72,28 @@ async def ingest_event(
     except StoreUnavailable as exc:
         raise ApiError(503, "STORE_UNAVAILABLE", str(exc), {"Retry-After": "5"}) from None
     answer = {"id": event.id, "seq": result.seq, "duplicate": result.duplicate}
-    return web.Response(
-        status=200 if result.duplicate else 202,
-        body=orjson.dumps(answer),
-        content_type="application/json",
-    )
+    status = 200 if result.duplicate else 202
+    return web.Response(status=status, body=orjson.dumps(answer), headers=_JSON)
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
-    too_large = ApiError(413, "PAYLOAD_TOO_LARGE", f"the body is larger than {limit} bytes")
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
+    length = request.content_length
+    if length is not None and length > limit:
+        raise _too_large(limit)
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise too_large from None
+        raise _too_large(limit) from None
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, "PAYLOAD_TOO_LARGE", f"the body is larger than {limit} bytes")
 
 
 def make_ingest_handler(
     ctx: IngestContext, clock: Callable[[], float]
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    total, seconds = ctx.metrics.ingest_total, ctx.metrics.ingest_seconds
-    labels = [*ctx.sources, UNKNOWN_SOURCE_LABEL]
-    stored = {source: total.labels(source, "stored") for source in labels}
-    duplicate = {source: total.labels(source, "duplicate") for source in labels}
-    latency = {source: seconds.labels(source) for source in labels}
+    record = ctx.metrics.ingest.record
 
     async def handle(request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -104,11 +102,11 @@ def make_ingest_handler(
         try:
             response = await ingest_event(ctx, source_id, request, clock())
         except ApiError as exc:
-            total.labels(label, exc.code).inc()
+            record(label, exc.code)
             log.warning("ingest.rejected", source=source_id, code=exc.code, reason=exc.message)
             raise
-        (duplicate if response.status == 200 else stored)[label].inc()
-        latency[label].observe(time.perf_counter() - started)
+        outcome = "duplicate" if response.status == 200 else "stored"
+        record(label, outcome, time.perf_counter() - started)
         return response
 
     return handle

@@ -2,22 +2,66 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from bisect import bisect_left
+from collections import defaultdict
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class IngestStats(Collector):
+    """Ingest counters and latency histogram, cheap enough to update on every request.
+
+    Updated only from the event loop, so it needs no locks (prometheus-client's own
+    metric types take one per update, and walk the buckets in Python).
+    """
+
+    def __init__(self) -> None:
+        self.outcomes: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self._buckets: defaultdict[str, list[int]] = defaultdict(
+            lambda: [0] * (len(LATENCY_BUCKETS) + 1)
+        )
+        self._sums: defaultdict[str, float] = defaultdict(float)
+
+    def record(self, source: str, outcome: str, seconds: float | None = None) -> None:
+        self.outcomes[(source, outcome)] += 1
+        if seconds is not None:
+            self._buckets[source][bisect_left(LATENCY_BUCKETS, seconds)] += 1
+            self._sums[source] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        total = CounterMetricFamily(
+            "relay_ingest",
+            "Ingest requests by source and outcome (stored, duplicate or an error code).",
+            labels=["source", "outcome"],
+        )
+        for (source, outcome), count in sorted(self.outcomes.items()):
+            total.add_metric([source, outcome], count)
+        yield total
+        latency = HistogramMetricFamily(
+            "relay_ingest_duration_seconds",
+            "Time from request to answer for accepted ingest requests.",
+            labels=["source"],
+        )
+        for source, counts in sorted(self._buckets.items()):
+            cumulative, running = [], 0
+            for bound, count in zip((*LATENCY_BUCKETS, float("inf")), counts, strict=True):
+                running += count
+                cumulative.append((_bound(bound), running))
+            latency.add_metric([source], cumulative, sum_value=self._sums[source])
+        yield latency
+
+
+def _bound(value: float) -> str:
+    return "+Inf" if value == float("inf") else repr(value)
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.ingest_total = Counter(
-            "relay_ingest",
-            "Ingest requests by source and outcome (stored, duplicate or an error code).",
-            ["source", "outcome"],
-            registry=self.registry,
-        )
-        self.ingest_seconds = Histogram(
-            "relay_ingest_duration_seconds",
-            "Time from request to answer for ingest requests.",
-            ["source"],
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-            registry=self.registry,
-        )
+        self.ingest = IngestStats()
+        self.registry.register(self.ingest)

@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeGuard
 
 from relay.events import Event, TurnError, Usage
 
@@ -24,26 +24,53 @@ class InvalidEvent(Exception):
 
 
 def normalise_casedev(source: str, body: Mapping[str, Any], received_at: datetime) -> Event:
-    """Case.dev's envelope `{id, type, occurred_at, data: {...camelCase...}}`."""
-    data = body.get("data")
+    """Case.dev's envelope `{id, type, occurred_at, data: {...camelCase...}}`.
+
+    Runs once per ingest request, so the common shape (string ids under their first
+    alias) is checked inline and anything else falls back to the general helpers.
+    """
+    get = body.get
+    data = get("data")
     if data is None:
         data = {}
     elif type(data) is not dict:
         raise InvalidEvent("data", "must be an object")
+    dget = data.get
+    event_id, event_type = get("id"), get("type")
+    if not _is_id(event_id):
+        event_id = _required_id(body, "id")
+    if not _is_id(event_type):
+        event_type = _required_id(body, "type")
+    session_id = dget("chatId")
+    if not _is_id(session_id):
+        session_id = _optional_id(data, "chatId", "sessionId", "session_id", "chat_id")
+        session_id = session_id or _optional_id(body, "session_id")
+    turn_id = dget("turnId")
+    if not _is_id(turn_id):
+        turn_id = _optional_id(data, "turnId", "turn_id")
+    usage, error = dget("usage"), dget("error")
+    active_turn_id = retry_after = None
+    if "activeTurnId" in data or "active_turn_id" in data:
+        active_turn_id = _optional_id(data, "activeTurnId", "active_turn_id")
+    if "retryAfter" in data or "retry_after" in data or "retry_after_seconds" in data:
+        retry_after = _number(data, "retryAfter", "retry_after", "retry_after_seconds")
     return Event(
-        source=source,
-        id=_required_id(body, "id"),
-        type=_required_id(body, "type"),
-        occurred_at=_timestamp(body, received_at),
-        session_id=_optional_id(data, "chatId", "sessionId", "session_id", "chat_id")
-        or _optional_id(body, "session_id"),
-        turn_id=_optional_id(data, "turnId", "turn_id"),
-        data=data,
-        usage=_usage(data.get("usage")),
-        error=_error(data.get("error")),
-        active_turn_id=_optional_id(data, "activeTurnId", "active_turn_id"),
-        retry_after_seconds=_number(data, "retryAfter", "retry_after", "retry_after_seconds"),
+        source,
+        event_id,
+        event_type,
+        _timestamp(body, received_at),
+        session_id,
+        turn_id,
+        data,
+        None if usage is None else _usage(usage),
+        None if error is None else _error(error),
+        active_turn_id,
+        retry_after,
     )
+
+
+def _is_id(value: object) -> TypeGuard[str]:
+    return type(value) is str and 0 < len(value) <= MAX_ID_LENGTH
 
 
 def normalise_generic(source: str, body: Mapping[str, Any], received_at: datetime) -> Event:
@@ -85,6 +112,12 @@ def _optional_id(body: Mapping[str, Any], *fields: str) -> str | None:
 
 
 def _timestamp(body: Mapping[str, Any], received_at: datetime) -> datetime:
+    value = body.get("occurred_at")
+    if type(value) is str and value.endswith("Z"):
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            pass
     for field in ("occurred_at", "created_at", "timestamp"):
         value = body.get(field)
         if value is None:
@@ -112,15 +145,13 @@ def _number(body: Mapping[str, Any], *fields: str) -> float | None:
     return None
 
 
-def _count(usage: Mapping[str, Any], *fields: str) -> int | None:
-    for field in fields:
-        value = usage.get(field)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise InvalidEvent(f"usage.{field}", "must be a non-negative integer")
-        return value
-    return None
+_USAGE_ALIASES = (
+    ("input_tokens", ("inputTokens", "input_tokens", "prompt_tokens")),
+    ("output_tokens", ("outputTokens", "output_tokens", "completion_tokens")),
+    ("reasoning_tokens", ("reasoningTokens", "reasoning_tokens")),
+    ("total_tokens", ("totalTokens", "total_tokens")),
+    ("cost_micros", ("costMicros", "cost_micros")),
+)
 
 
 def _usage(usage: Any) -> Usage | None:
@@ -128,16 +159,19 @@ def _usage(usage: Any) -> Usage | None:
         return None
     if type(usage) is not dict:
         raise InvalidEvent("usage", "must be an object")
-    input_tokens = _count(usage, "inputTokens", "input_tokens", "prompt_tokens") or 0
-    output_tokens = _count(usage, "outputTokens", "output_tokens", "completion_tokens") or 0
-    total = _count(usage, "totalTokens", "total_tokens")
-    return Usage(
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        reasoning_tokens=_count(usage, "reasoningTokens", "reasoning_tokens") or 0,
-        total_tokens=total if total is not None else input_tokens + output_tokens,
-        cost_micros=_count(usage, "costMicros", "cost_micros") or 0,
-    )
+    counts: dict[str, int] = {}
+    for name, aliases in _USAGE_ALIASES:
+        for alias in aliases:
+            value = usage.get(alias)
+            if value is None:
+                continue
+            if type(value) is not int or value < 0:
+                raise InvalidEvent(f"usage.{alias}", "must be a non-negative integer")
+            counts[name] = value
+            break
+    if "total_tokens" not in counts:
+        counts["total_tokens"] = counts.get("input_tokens", 0) + counts.get("output_tokens", 0)
+    return Usage(**counts)
 
 
 def _error(error: Any) -> TurnError | None:

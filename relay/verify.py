@@ -6,7 +6,6 @@ the error code of the ingest contract, otherwise. It never parses the body.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hmac
 from collections.abc import Mapping
@@ -16,6 +15,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from relay.config import SourceSettings, VerifyScheme
+from relay.sign import HmacSha256
 
 MISSING_SIGNATURE = "MISSING_SIGNATURE"
 INVALID_SIGNATURE = "INVALID_SIGNATURE"
@@ -37,17 +37,18 @@ class Verifier:
 
     scheme: VerifyScheme
     header_prefix: str = "webhook-"
-    hmac_keys: tuple[bytes, ...] = ()
+    hmac_keys: tuple[HmacSha256, ...] = ()
     public_keys: tuple[Ed25519PublicKey, ...] = ()
     tokens: tuple[bytes, ...] = ()
     tolerance_seconds: int = 300
     signature_header: str = "X-Signature"
     signature_prefix: str = "sha256="
     timestamp_header: str | None = None
+    standard_headers: tuple[str, ...] = ("webhook-id", "webhook-timestamp", "webhook-signature")
 
     @classmethod
     def from_settings(cls, source: SourceSettings) -> Verifier:
-        hmac_keys: list[bytes] = []
+        hmac_keys: list[HmacSha256] = []
         public_keys: list[Ed25519PublicKey] = []
         if source.verify is VerifyScheme.STANDARD_WEBHOOKS:
             for secret in source.secrets:
@@ -55,9 +56,9 @@ class Verifier:
                 if isinstance(key, Ed25519PublicKey):
                     public_keys.append(key)
                 else:
-                    hmac_keys.append(key)
+                    hmac_keys.append(HmacSha256(key))
         elif source.verify is VerifyScheme.HMAC_SHA256:
-            hmac_keys = [s.encode() for s in source.secrets]
+            hmac_keys = [HmacSha256(s.encode()) for s in source.secrets]
         return cls(
             scheme=source.verify,
             header_prefix=source.header_prefix,
@@ -70,6 +71,9 @@ class Verifier:
             signature_header=source.signature_header,
             signature_prefix=source.signature_prefix,
             timestamp_header=source.timestamp_header,
+            standard_headers=tuple(
+                source.header_prefix + name for name in ("id", "timestamp", "signature")
+            ),
         )
 
 
@@ -104,17 +108,17 @@ def verify_signature(
 def _verify_standard(
     verifier: Verifier, body: bytes, headers: Mapping[str, str], now: float
 ) -> None:
-    prefix = verifier.header_prefix
-    msg_id = headers.get(prefix + "id")
-    timestamp = headers.get(prefix + "timestamp")
-    signatures = headers.get(prefix + "signature")
+    id_header, timestamp_header, signature_header = verifier.standard_headers
+    msg_id = headers.get(id_header)
+    timestamp = headers.get(timestamp_header)
+    signatures = headers.get(signature_header)
     if not (msg_id and timestamp and signatures):
         raise VerificationError(
             MISSING_SIGNATURE,
-            f"headers {prefix}id, {prefix}timestamp and {prefix}signature are required",
+            f"headers {id_header}, {timestamp_header} and {signature_header} are required",
         )
     signed = b"%s.%s.%s" % (_header_bytes(msg_id), _header_bytes(timestamp), body)
-    digests = [hmac.digest(key, signed, "sha256") for key in verifier.hmac_keys]
+    digests = [key.digest(signed) for key in verifier.hmac_keys]
     if not _any_standard_signature_matches(signatures, signed, digests, verifier.public_keys):
         raise VerificationError(INVALID_SIGNATURE, "no signature matches a configured secret")
     _check_timestamp(timestamp, now, verifier.tolerance_seconds)
@@ -132,8 +136,9 @@ def _any_standard_signature_matches(
         if candidate is None:
             continue
         if version == "v1":
-            if any(hmac.compare_digest(candidate, digest) for digest in digests):
-                return True
+            for digest in digests:
+                if hmac.compare_digest(candidate, digest):
+                    return True
         elif version == "v1a" and len(candidate) == 64:
             for key in public_keys:
                 try:
@@ -157,7 +162,7 @@ def _verify_hmac(verifier: Verifier, body: bytes, headers: Mapping[str, str], no
         candidate = bytes.fromhex(header.strip().removeprefix(verifier.signature_prefix))
     except ValueError:
         candidate = b""
-    digests = (hmac.digest(key, signed, "sha256") for key in verifier.hmac_keys)
+    digests = (key.digest(signed) for key in verifier.hmac_keys)
     if not any(hmac.compare_digest(candidate, digest) for digest in digests):
         raise VerificationError(INVALID_SIGNATURE, "no signature matches a configured secret")
     if timestamp:
@@ -197,6 +202,6 @@ def _header_bytes(value: str) -> bytes:
 
 def _b64decode(text: str) -> bytes | None:
     try:
-        return base64.b64decode(text, validate=True)
+        return binascii.a2b_base64(text, strict_mode=True)
     except (binascii.Error, ValueError):
         return None

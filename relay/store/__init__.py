@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from relay.config import StoreSettings
 from relay.events import Event
@@ -14,15 +14,13 @@ class StoreUnavailable(Exception):
     """The store cannot take a write right now; the client should retry."""
 
 
-@dataclass(frozen=True, slots=True)
-class IngestRecord:
+class IngestRecord(NamedTuple):
     event: Event
     body: bytes
     received_at: datetime
 
 
-@dataclass(frozen=True, slots=True)
-class IngestResult:
+class IngestResult(NamedTuple):
     seq: int
     duplicate: bool
 

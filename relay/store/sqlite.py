@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
+import structlog
 
 from relay.config import StoreSettings
 from relay.store import ApiKey, IngestRecord, IngestResult, StoredEvent, StoreUnavailable
 from relay.timefmt import format_time, utcnow
 
 T = TypeVar("T")
+log = structlog.get_logger("relay.store")
 
 _INSERT_EVENTS = (
     "INSERT INTO events"
@@ -65,6 +67,7 @@ class SQLiteStore:
         self._path = sqlite_path(settings.url)
         self._executor = _writer_thread()
         self._writer: sqlite3.Connection | None = None
+        self._batch_writer: _BatchWriter | None = None
         self._reader: aiosqlite.Connection | None = None
         self._pending: deque[_Pending] = deque()
         self._wakeup = asyncio.Event()
@@ -79,6 +82,7 @@ class SQLiteStore:
         self._writer = await self._in_writer(self._connect_writer)
         if self._settings.auto_migrate:
             await self.migrate()
+        self._batch_writer = _BatchWriter(self._writer)
         self._reader = await aiosqlite.connect(self._path)
         await self._reader.execute(f"PRAGMA busy_timeout = {int(self._settings.busy_timeout_ms)}")
         self._writer_task = asyncio.create_task(self._write_loop(), name="relay-sqlite-writer")
@@ -124,7 +128,8 @@ class SQLiteStore:
         return await future
 
     async def _write_loop(self) -> None:
-        assert self._writer is not None
+        writer = self._batch_writer
+        assert writer is not None
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
@@ -132,8 +137,10 @@ class SQLiteStore:
                 count = min(len(self._pending), self._settings.batch_max)
                 batch = [self._pending.popleft() for _ in range(count)]
                 try:
-                    results = await self._in_writer(_write_batch, self._writer, batch)
-                except sqlite3.Error as exc:
+                    results = await self._in_writer(writer.write, batch)
+                except Exception as exc:
+                    if not isinstance(exc, sqlite3.Error):
+                        log.exception("store.batch_failed")
                     error = StoreUnavailable(f"the store cannot write: {exc}")
                     for _, future in batch:
                         if not future.done():
@@ -215,51 +222,89 @@ def _api_key(row: Any) -> ApiKey:
 # -- functions run on the writer thread -----------------------------------------------------
 
 
-def _write_batch(conn: sqlite3.Connection, batch: list[_Pending]) -> list[IngestResult]:
-    """Insert a batch in one transaction; seqs are assigned here under the write lock."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        (last_seq,) = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()
-        keys = [(record.event.source, record.event.id) for record, _ in batch]
-        seqs = _existing_seqs(conn, keys)
-        results = []
-        rows: list[Any] = []
-        for (record, _), key in zip(batch, keys, strict=True):
-            seq = seqs.get(key)
-            if seq is not None:
-                results.append(IngestResult(seq=seq, duplicate=True))
-                continue
-            last_seq += 1
-            seqs[key] = last_seq
-            results.append(IngestResult(seq=last_seq, duplicate=False))
-            event = record.event
-            rows += (
-                last_seq,
-                event.source,
-                event.id,
-                event.type,
-                event.session_id,
-                event.turn_id,
-                format_time(event.occurred_at),
-                format_time(record.received_at),
-                record.body,
-            )
-        width = 9
-        for start in range(0, len(rows), _INSERT_CHUNK * width):
-            chunk = rows[start : start + _INSERT_CHUNK * width]
-            conn.execute(_INSERT_EVENTS + ",".join([_EVENT_ROW] * (len(chunk) // width)), chunk)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    return results
+class _BatchWriter:
+    """Writes batches of events; runs only on the writer thread.
+
+    The common batch holds only new events: it is one multi-row INSERT with seqs counted
+    on from the last one written. When fewer rows land than were sent (an event already
+    stored, or another process wrote meanwhile), the batch is rolled back and written
+    again after looking up which events exist.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.last_seq: int | None = None
+
+    def write(self, batch: list[_Pending]) -> list[IngestResult]:
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if self.last_seq is None:
+                self.last_seq = _max_seq(conn)
+            results, rows, last = _plan(batch, {}, self.last_seq)
+            before = conn.total_changes
+            _insert(conn, rows)
+            if conn.total_changes - before != len(rows) // _ROW_WIDTH:
+                conn.execute("ROLLBACK")
+                conn.execute("BEGIN IMMEDIATE")
+                keys = [(record.event.source, record.event.id) for record, _ in batch]
+                results, rows, last = _plan(batch, _existing_seqs(conn, keys), _max_seq(conn))
+                _insert(conn, rows)
+            conn.execute("COMMIT")
+        except BaseException:
+            self.last_seq = None
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        self.last_seq = last
+        return results
+
+
+_ROW_WIDTH = 9
+
+
+def _plan(
+    batch: list[_Pending], seqs: dict[tuple[str, str], int], last_seq: int
+) -> tuple[list[IngestResult], list[Any], int]:
+    """Assign seqs: known events (and repeats within the batch) keep theirs."""
+    results = []
+    rows: list[Any] = []
+    for record, _ in batch:
+        event = record.event
+        key = (event.source, event.id)
+        seq = seqs.get(key)
+        if seq is not None:
+            results.append(IngestResult(seq, True))
+            continue
+        last_seq += 1
+        seqs[key] = last_seq
+        results.append(IngestResult(last_seq, False))
+        rows += (
+            last_seq,
+            event.source,
+            event.id,
+            event.type,
+            event.session_id,
+            event.turn_id,
+            format_time(event.occurred_at),
+            format_time(record.received_at),
+            record.body,
+        )
+    return results, rows, last_seq
+
+
+def _insert(conn: sqlite3.Connection, rows: list[Any]) -> None:
+    step = _INSERT_CHUNK * _ROW_WIDTH
+    for start in range(0, len(rows), step):
+        chunk = rows[start : start + step]
+        values = ",".join([_EVENT_ROW] * (len(chunk) // _ROW_WIDTH))
+        conn.execute(_INSERT_EVENTS + values + " ON CONFLICT DO NOTHING", chunk)
 
 
 def _existing_seqs(
     conn: sqlite3.Connection, keys: list[tuple[str, str]]
 ) -> dict[tuple[str, str], int]:
-    """Seqs of the events among `keys` that are already stored (usually none)."""
+    """Seqs of the events among `keys` that are already stored."""
     by_source: dict[str, list[str]] = {}
     for source, event_id in keys:
         by_source.setdefault(source, []).append(event_id)
@@ -272,6 +317,11 @@ def _existing_seqs(
             for event_id, seq in conn.execute(sql, [source, *chunk]):
                 found[(source, event_id)] = seq
     return found
+
+
+def _max_seq(conn: sqlite3.Connection) -> int:
+    (seq,) = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()
+    return int(seq)
 
 
 def _execute_write(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> int:
