@@ -16,6 +16,7 @@ from relay.appkeys import METRICS, SETTINGS, STORE
 from relay.config import Settings
 from relay.errors import ApiError, error_response, json_response
 from relay.ingest import IngestContext, Source, make_ingest_handler
+from relay.logs import request_line_writer
 from relay.metrics import Metrics
 from relay.read_api import list_events
 from relay.store import Store, StoreUnavailable, open_store
@@ -93,6 +94,7 @@ def _envelope_middleware(log_requests: bool) -> Callable[..., Awaitable[web.Stre
     # Request ids: a random per-process prefix and a counter (unique, and cheap to make).
     prefix = secrets.token_hex(4)
     counter = itertools.count(1)
+    write_line = request_line_writer()
 
     @web.middleware
     async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -113,8 +115,7 @@ def _envelope_middleware(log_requests: bool) -> Callable[..., Awaitable[web.Stre
             response = error_response(500, "INTERNAL", "an internal error occurred")
         response.headers["X-Request-Id"] = request_id
         if log_requests:
-            log.info(
-                "request",
+            write_line(
                 request_id=request_id,
                 method=request.method,
                 path=request.path,
