@@ -18,7 +18,7 @@ from relay.app import create_app
 from relay.auth import NewKey
 from relay.config import Settings
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "casedev"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "casedev"
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 SECOND_SECRET = "whsec_" + base64.b64encode(b"a second secret for rotation!!").decode()
 ED25519_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))

@@ -68,3 +68,27 @@ async def test_unknown_route_and_method_use_the_envelope(relay: Relay) -> None:
     resp = await relay.client.get("/v1/ingest/casedev")
     assert (resp.status, (await resp.json())["error"]["code"]) == (405, "METHOD_NOT_ALLOWED")
     assert "POST" in resp.headers["Allow"]
+
+
+async def test_metrics_count_ingest_outcomes(relay: Relay) -> None:
+    """/metrics parses and its ingest counters move with stored, duplicate and bad requests."""
+    import orjson
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.conftest import fixture_events
+    from tests.test_ingest import signed
+
+    body = orjson.dumps(fixture_events()[0])
+    for headers in (signed(body), signed(body), {}):
+        await relay.client.post("/v1/ingest/casedev", data=body, headers=headers)
+    text = await (await relay.client.get("/metrics")).text()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("relay_ingest_total", (("outcome", "stored"), ("source", "casedev")))] == 1
+    assert samples[("relay_ingest_total", (("outcome", "duplicate"), ("source", "casedev")))] == 1
+    key = ("relay_ingest_total", (("outcome", "MISSING_SIGNATURE"), ("source", "casedev")))
+    assert samples[key] == 1
+    assert samples[("relay_ingest_duration_seconds_count", (("source", "casedev"),))] == 2

@@ -184,3 +184,22 @@ async def test_sigkill_under_load_loses_no_acknowledged_event(relay_process: Rel
     await send_all(relay_process.url, missing, retried, asyncio.Event())
     final = await stored_ids(relay_process.url, key)
     assert sorted(final) == sorted(f"evt_crash_{n:05d}" for n in range(EVENTS))
+
+
+async def test_sigterm_under_load_shuts_down_cleanly(relay_process: RelayProcess) -> None:
+    """SIGTERM mid-load: the relay exits 0 and every acknowledged event is stored."""
+    key = relay_process.cli("keys", "create", "--scope", "agent:read").strip().splitlines()[-1]
+    await relay_process.start()
+    acked: set[str] = set()
+    stopping = asyncio.Event()
+    sending = asyncio.create_task(send_all(relay_process.url, list(range(EVENTS)), acked, stopping))
+    await asyncio.wait_for(stopping.wait(), timeout=60)
+    assert relay_process.proc is not None
+    relay_process.proc.terminate()
+    assert await asyncio.wait_for(relay_process.proc.wait(), timeout=30) == 0
+    await asyncio.wait_for(sending, timeout=60)
+
+    await relay_process.start()
+    stored = await stored_ids(relay_process.url, key)
+    assert acked <= set(stored)
+    assert len(stored) == len(set(stored))

@@ -25,7 +25,7 @@ from relay.state import (
     derive_session,
 )
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "casedev"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "casedev"
 RAW = json.loads((FIXTURES / "session_lifecycle.json").read_text())
 EXPECTED = json.loads((FIXTURES / "session_lifecycle.expected.json").read_text())
 SESSION = "chat_01JD7Q8M2X"

@@ -81,3 +81,47 @@ class TestStoreContract:
             await store.ingest(record("e2"))
         await store.open()
         assert [e.id for e in await store.list_events(0, 10)] == ["e1"]
+
+
+async def test_batch_with_stored_repeated_and_new_events(tmp_path: Path) -> None:
+    """One batch mixing new, already-stored and repeated events gets consistent seqs."""
+    store = open_store(StoreSettings(url=f"sqlite:///{tmp_path}/mixed.db"))
+    await store.open()
+    try:
+        first = await store.ingest(record("old"))
+        ids = ["new1", "old", "new1", "new2", "old"]
+        results = await asyncio.gather(*(store.ingest(record(i)) for i in ids))
+        seqs = {i: r.seq for i, r in zip(ids, results, strict=True)}
+        assert seqs["old"] == first.seq
+        assert [r.duplicate for r in results] == [False, True, True, False, True]
+        assert len({seqs["new1"], seqs["new2"], seqs["old"]}) == 3
+        listed = await store.list_events(0, 100)
+        assert [(e.id, e.seq) for e in listed] == sorted(
+            [("old", seqs["old"]), ("new1", seqs["new1"]), ("new2", seqs["new2"])],
+            key=lambda pair: pair[1],
+        )
+    finally:
+        await store.close()
+
+
+async def test_rows_written_by_another_connection_are_respected(tmp_path: Path) -> None:
+    """When another writer adds events meanwhile, new seqs continue after its rows."""
+    import sqlite3
+
+    store = open_store(StoreSettings(url=f"sqlite:///{tmp_path}/shared.db"))
+    await store.open()
+    try:
+        await store.ingest(record("a"))
+        other = sqlite3.connect(tmp_path / "shared.db", isolation_level=None)
+        other.execute(
+            "INSERT INTO events (seq, source, event_id, type, occurred_at, received_at, payload)"
+            " VALUES (2, 's', 'b', 't', 'x', 'x', x'7b7d')"
+        )
+        other.close()
+        result = await store.ingest(record("c"))
+        again = await store.ingest(record("b"))
+        assert (result.seq, result.duplicate) == (3, False)
+        assert (again.seq, again.duplicate) == (2, True)
+        assert [e.id for e in await store.list_events(0, 10)] == ["a", "b", "c"]
+    finally:
+        await store.close()
