@@ -2,24 +2,38 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import orjson
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from relay import auth
-from relay.appkeys import METRICS, SETTINGS, STORE
+from relay.appkeys import HUB, METRICS, SETTINGS, STORE
 from relay.config import Settings
 from relay.errors import ApiError, error_response, json_response
+from relay.events import Event
+from relay.hub import Hub, InProcessHub
 from relay.ingest import IngestContext, Source, make_ingest_handler
 from relay.logs import request_line_writer
 from relay.metrics import Metrics
-from relay.read_api import list_events
-from relay.store import Store, StoreUnavailable, open_store
+from relay.normalize import NORMALISERS, normalise_casedev
+from relay.read_api import (
+    get_session,
+    list_changes,
+    list_events,
+    list_session_events,
+    list_sessions,
+    list_turns,
+)
+from relay.store import EventDecoder, Store, StoreUnavailable, open_store
+from relay.timefmt import parse_time
 
 log = structlog.get_logger("relay.http")
 
@@ -34,6 +48,7 @@ def create_app(
     settings: Settings,
     *,
     store: Store | None = None,
+    hub: Hub | None = None,
     clock: Callable[[], float] = time.time,
     on_bootstrap_key: Callable[[auth.NewKey], None] | None = None,
 ) -> web.Application:
@@ -43,14 +58,28 @@ def create_app(
         client_max_size=settings.server.max_body_bytes,
     )
     app[SETTINGS] = settings
-    app[STORE] = store if store is not None else open_store(settings.store)
+    if store is None:
+        store = open_store(settings.store, event_decoder(settings), settings.alerts)
+    app[STORE] = store
+    app[HUB] = hub if hub is not None else InProcessHub()
     app[METRICS] = Metrics()
+    store.add_commit_listener(app[HUB].publish)
     app.cleanup_ctx.append(_store_lifetime(on_bootstrap_key))
+    app.cleanup_ctx.append(_alert_loop(clock))
 
     sources = {s.id: Source.from_settings(s) for s in settings.sources}
     ingest_ctx = IngestContext(sources, app[STORE], app[METRICS], settings.server.max_body_bytes)
     app.router.add_post("/v1/ingest/{source_id}", make_ingest_handler(ingest_ctx, clock))
-    app.router.add_get("/v1/events", _scoped(auth.READ, list_events))
+    read = {
+        "/v1/events": list_events,
+        "/v1/changes": list_changes,
+        "/v1/sessions": list_sessions,
+        "/v1/sessions/{session_id}": get_session,
+        "/v1/sessions/{session_id}/turns": list_turns,
+        "/v1/sessions/{session_id}/events": list_session_events,
+    }
+    for path, handler in read.items():
+        app.router.add_get(path, _scoped(auth.READ, handler))
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
@@ -71,6 +100,40 @@ def _store_lifetime(
                     on_bootstrap_key(new_key)
         yield
         await store.close()
+
+    return lifetime
+
+
+def event_decoder(settings: Settings) -> EventDecoder:
+    """Turns a stored event back into an Event with its source's normaliser."""
+    normalisers = {source.id: NORMALISERS[source.provider] for source in settings.sources}
+
+    def decode(source: str, payload: bytes, received_at: str) -> Event:
+        normalise = normalisers.get(source, normalise_casedev)
+        return normalise(source, orjson.loads(payload), parse_time(received_at))
+
+    return decode
+
+
+def _alert_loop(
+    clock: Callable[[], float],
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        interval = app[SETTINGS].alerts.check_interval_seconds
+
+        async def run() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                try:
+                    await app[STORE].fire_due_alerts(clock())
+                except Exception:
+                    log.exception("alerts.check_failed")
+
+        task = asyncio.create_task(run(), name="relay-alerts")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     return lifetime
 

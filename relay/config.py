@@ -110,6 +110,7 @@ class DeliverySettings(_Section):
 class AlertSettings(_Section):
     turn_stall_seconds: float = Field(600.0, gt=0)
     ready_timeout_seconds: float = Field(120.0, gt=0)
+    check_interval_seconds: float = Field(1.0, gt=0)
 
 
 class LogSettings(_Section):

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
-from relay.config import StoreSettings
+from relay.config import AlertSettings, StoreSettings
 from relay.events import Event
+
+if TYPE_CHECKING:
+    from relay.changes import Commit, StoredChange
 
 
 class StoreUnavailable(Exception):
@@ -47,6 +51,33 @@ class ApiKey:
     revoked_at: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class SessionRow:
+    session_id: str
+    version: int
+    snapshot: bytes  # SessionState as JSON
+    activity_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionQuery:
+    """One page of sessions, newest activity first, as of event `as_of_seq`.
+
+    Paging stays exact while data changes: order and membership are those at
+    `as_of_seq`; `after` is the (activity seq, session id) of the last item seen.
+    """
+
+    as_of_seq: int
+    after: tuple[int, str] | None = None
+    limit: int = 50
+    readiness: str | None = None
+    turn_status: str | None = None
+
+
+# Rebuilds an Event from a stored row: (source, raw payload, received_at RFC 3339).
+EventDecoder = Callable[[str, bytes, str], Event]
+
+
 class Store(Protocol):
     async def open(self) -> None:
         """Connect, and apply pending migrations when the settings ask for it."""
@@ -75,12 +106,56 @@ class Store(Protocol):
     async def find_api_key(self, key_hash: str) -> ApiKey | None:
         """The key with this hash, revoked or not."""
 
+    def add_commit_listener(self, listener: Callable[[Commit], None]) -> None:
+        """Call `listener` (on the event loop) with what each commit produced."""
 
-def open_store(settings: StoreSettings) -> Store:
-    """Build (not yet open) the backend named by the URL's scheme."""
+    async def fire_due_alerts(self, now: float) -> int:
+        """Record alerts due by `now` as changes; return how many fired."""
+
+    async def get_session(self, session_id: str) -> SessionRow | None: ...
+
+    async def list_sessions(self, query: SessionQuery) -> list[SessionRow]: ...
+
+    async def last_seq(self) -> int: ...
+
+    async def list_turns(self, session_id: str, after: int, limit: int) -> list[tuple[int, bytes]]:
+        """(cursor, TurnState JSON) pairs in the order turns were first seen."""
+
+    async def list_session_events(
+        self, session_id: str, after: int, limit: int
+    ) -> list[StoredEvent]: ...
+
+    async def list_changes(
+        self, after: int, limit: int, types: tuple[str, ...] = ()
+    ) -> list[StoredChange]:
+        """Changes with `id > after`, oldest first, of the given types (globs) if any."""
+
+    async def check_derived_state(self) -> list[str]:
+        """Replay every stored event; list where stored state or changes differ."""
+
+
+def open_store(
+    settings: StoreSettings,
+    decode: EventDecoder | None = None,
+    alerts: AlertSettings | None = None,
+) -> Store:
+    """Build (not yet open) the backend named by the URL's scheme.
+
+    `decode` turns a stored event back into an Event (by default with the casedev
+    normaliser, which accepts canonical events too); `alerts` sets the thresholds.
+    """
     scheme = settings.url.partition("://")[0]
     if scheme == "sqlite":
         from relay.store.sqlite import SQLiteStore
 
-        return SQLiteStore(settings)
+        return SQLiteStore(settings, decode or default_decoder, alerts or AlertSettings())
     raise ValueError(f"no store backend for URL scheme {scheme!r}")
+
+
+def default_decoder(source: str, payload: bytes, received_at: str) -> Event:
+    import orjson
+
+    from relay.normalize import normalise_casedev
+    from relay.timefmt import parse_time
+
+    return normalise_casedev(source, orjson.loads(payload), parse_time(received_at))

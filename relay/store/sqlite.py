@@ -22,28 +22,44 @@ from typing import Any, TypeVar
 import aiosqlite
 import structlog
 
-from relay.config import StoreSettings
-from relay.store import ApiKey, IngestRecord, IngestResult, StoredEvent, StoreUnavailable
+from relay.changes import Commit, StoredChange
+from relay.config import AlertSettings, StoreSettings
+from relay.store import (
+    ApiKey,
+    EventDecoder,
+    IngestRecord,
+    IngestResult,
+    SessionQuery,
+    SessionRow,
+    StoredEvent,
+    StoreUnavailable,
+)
+from relay.store.sqlite_writer import BatchWriter
 from relay.timefmt import format_time, utcnow
 
 T = TypeVar("T")
 log = structlog.get_logger("relay.store")
 
-_INSERT_EVENTS = (
-    "INSERT INTO events"
-    " (seq, source, event_id, type, session_id, turn_id, occurred_at, received_at, payload)"
-    " VALUES "
-)
-_EVENT_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
-# One multi-row statement per chunk: each sqlite3 call releases and re-takes the GIL, and
-# re-taking it from a busy event loop is what costs, so a batch makes as few calls as it can.
-_INSERT_CHUNK = 512
-_LOOKUP_CHUNK = 512
 _EVENT_COLUMNS = (
     "seq, source, event_id, type, session_id, turn_id, occurred_at, received_at, payload"
 )
 
 _Pending = tuple[IngestRecord, "asyncio.Future[IngestResult]"]
+_SESSION_PAGE = """
+SELECT session_id, version, snapshot, act FROM (
+    SELECT s.session_id, s.version, s.snapshot, CASE
+        WHEN s.activity_seq <= :as_of THEN s.activity_seq
+        ELSE (SELECT max(e.seq) FROM events e WHERE e.session_id = s.session_id AND e.seq <= :as_of)
+    END AS act
+    FROM sessions s
+    WHERE (:readiness IS NULL OR s.readiness = :readiness)
+      AND (:turn_status IS NULL OR s.turn_status = :turn_status)
+)
+WHERE act IS NOT NULL AND (:after_act IS NULL OR act < :after_act
+    OR (act = :after_act AND session_id < :after_id))
+ORDER BY act DESC, session_id DESC
+LIMIT :limit
+"""
 
 
 def sqlite_path(url: str) -> Path:
@@ -62,12 +78,17 @@ def migrations() -> list[tuple[int, str]]:
 
 
 class SQLiteStore:
-    def __init__(self, settings: StoreSettings) -> None:
+    def __init__(
+        self, settings: StoreSettings, decode: EventDecoder, alerts: AlertSettings
+    ) -> None:
         self._settings = settings
+        self._decode = decode
+        self._alerts = alerts
+        self._listeners: list[Callable[[Commit], None]] = []
         self._path = sqlite_path(settings.url)
         self._executor = _writer_thread()
         self._writer: sqlite3.Connection | None = None
-        self._batch_writer: _BatchWriter | None = None
+        self._batch_writer: BatchWriter | None = None
         self._reader: aiosqlite.Connection | None = None
         self._pending: deque[_Pending] = deque()
         self._wakeup = asyncio.Event()
@@ -82,7 +103,12 @@ class SQLiteStore:
         self._writer = await self._in_writer(self._connect_writer)
         if self._settings.auto_migrate:
             await self.migrate()
-        self._batch_writer = _BatchWriter(self._writer)
+        self._batch_writer = BatchWriter(
+            self._writer,
+            self._decode,
+            self._alerts.turn_stall_seconds,
+            self._alerts.ready_timeout_seconds,
+        )
         self._reader = await aiosqlite.connect(self._path)
         await self._reader.execute(f"PRAGMA busy_timeout = {int(self._settings.busy_timeout_ms)}")
         self._writer_task = asyncio.create_task(self._write_loop(), name="relay-sqlite-writer")
@@ -137,7 +163,7 @@ class SQLiteStore:
                 count = min(len(self._pending), self._settings.batch_max)
                 batch = [self._pending.popleft() for _ in range(count)]
                 try:
-                    results = await self._in_writer(writer.write, batch)
+                    results, commit = await self._in_writer(writer.write, batch)
                 except Exception as exc:
                     if not isinstance(exc, sqlite3.Error):
                         log.exception("store.batch_failed")
@@ -149,8 +175,34 @@ class SQLiteStore:
                 for (_, future), result in zip(batch, results, strict=True):
                     if not future.done():
                         future.set_result(result)
+                self._publish(commit)
             if self._closing:
                 return
+
+    def add_commit_listener(self, listener: Callable[[Commit], None]) -> None:
+        self._listeners.append(listener)
+
+    def _publish(self, commit: Commit) -> None:
+        if not (commit.changes or commit.sessions):
+            return
+        for listener in self._listeners:
+            try:
+                listener(commit)
+            except Exception:
+                log.exception("store.listener_failed")
+
+    async def fire_due_alerts(self, now: float) -> int:
+        if self._closing or self._batch_writer is None:
+            return 0
+        commit = await self._in_writer(self._batch_writer.fire_due_alerts, now)
+        self._publish(commit)
+        return len(commit.changes)
+
+    async def check_derived_state(self) -> list[str]:
+        from relay.store.rebuild import check_derived_state
+
+        assert self._writer is not None
+        return await self._in_writer(check_derived_state, self._writer, self._decode)
 
     async def check_writable(self) -> None:
         if self._closing or self._writer is None:
@@ -169,7 +221,63 @@ class SQLiteStore:
         )
         return [StoredEvent(*row) for row in rows]
 
-    async def _read(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+    async def last_seq(self) -> int:
+        rows = await self._read("SELECT coalesce(max(seq), 0) FROM events", ())
+        return int(rows[0][0])
+
+    async def get_session(self, session_id: str) -> SessionRow | None:
+        rows = await self._read(
+            "SELECT session_id, version, snapshot, activity_seq FROM sessions WHERE session_id = ?",
+            (session_id,),
+        )
+        return SessionRow(*rows[0]) if rows else None
+
+    async def list_sessions(self, query: SessionQuery) -> list[SessionRow]:
+        after_act, after_id = query.after or (None, None)
+        rows = await self._read(
+            _SESSION_PAGE,
+            {
+                "as_of": query.as_of_seq,
+                "readiness": query.readiness,
+                "turn_status": query.turn_status,
+                "after_act": after_act,
+                "after_id": after_id,
+                "limit": query.limit,
+            },
+        )
+        return [SessionRow(sid, version, snapshot, act) for sid, version, snapshot, act in rows]
+
+    async def list_turns(self, session_id: str, after: int, limit: int) -> list[tuple[int, bytes]]:
+        rows = await self._read(
+            "SELECT rowid, snapshot FROM turns WHERE session_id = ? AND rowid > ?"
+            " ORDER BY rowid LIMIT ?",
+            (session_id, after, limit),
+        )
+        return [(rowid, snapshot) for rowid, snapshot in rows]
+
+    async def list_session_events(
+        self, session_id: str, after: int, limit: int
+    ) -> list[StoredEvent]:
+        rows = await self._read(
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE session_id = ? AND seq > ?"
+            " ORDER BY seq LIMIT ?",
+            (session_id, after, limit),
+        )
+        return [StoredEvent(*row) for row in rows]
+
+    async def list_changes(
+        self, after: int, limit: int, types: tuple[str, ...] = ()
+    ) -> list[StoredChange]:
+        where = " OR ".join(["type GLOB ?"] * len(types))
+        rows = await self._read(
+            "SELECT id, type, session_id, turn_id, body FROM changes WHERE id > ?"
+            + (f" AND ({where})" if where else "")
+            + " ORDER BY id LIMIT ?",
+            (after, *types, limit),
+        )
+        return [StoredChange(*row) for row in rows]
+
+    async def _read(self, sql: str, params: Any) -> list[Any]:
         if self._reader is None:
             raise StoreUnavailable("the store is not open")
         async with self._reader.execute(sql, params) as cursor:
@@ -220,108 +328,6 @@ def _api_key(row: Any) -> ApiKey:
 
 
 # -- functions run on the writer thread -----------------------------------------------------
-
-
-class _BatchWriter:
-    """Writes batches of events; runs only on the writer thread.
-
-    The common batch holds only new events: it is one multi-row INSERT with seqs counted
-    on from the last one written. When fewer rows land than were sent (an event already
-    stored, or another process wrote meanwhile), the batch is rolled back and written
-    again after looking up which events exist.
-    """
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
-        self.last_seq: int | None = None
-
-    def write(self, batch: list[_Pending]) -> list[IngestResult]:
-        conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            if self.last_seq is None:
-                self.last_seq = _max_seq(conn)
-            results, rows, last = _plan(batch, {}, self.last_seq)
-            before = conn.total_changes
-            _insert(conn, rows)
-            if conn.total_changes - before != len(rows) // _ROW_WIDTH:
-                conn.execute("ROLLBACK")
-                conn.execute("BEGIN IMMEDIATE")
-                keys = [(record.event.source, record.event.id) for record, _ in batch]
-                results, rows, last = _plan(batch, _existing_seqs(conn, keys), _max_seq(conn))
-                _insert(conn, rows)
-            conn.execute("COMMIT")
-        except BaseException:
-            self.last_seq = None
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        self.last_seq = last
-        return results
-
-
-_ROW_WIDTH = 9
-
-
-def _plan(
-    batch: list[_Pending], seqs: dict[tuple[str, str], int], last_seq: int
-) -> tuple[list[IngestResult], list[Any], int]:
-    """Assign seqs: known events (and repeats within the batch) keep theirs."""
-    results = []
-    rows: list[Any] = []
-    for record, _ in batch:
-        event = record.event
-        key = (event.source, event.id)
-        seq = seqs.get(key)
-        if seq is not None:
-            results.append(IngestResult(seq, True))
-            continue
-        last_seq += 1
-        seqs[key] = last_seq
-        results.append(IngestResult(last_seq, False))
-        rows += (
-            last_seq,
-            event.source,
-            event.id,
-            event.type,
-            event.session_id,
-            event.turn_id,
-            format_time(event.occurred_at),
-            format_time(record.received_at),
-            record.body,
-        )
-    return results, rows, last_seq
-
-
-def _insert(conn: sqlite3.Connection, rows: list[Any]) -> None:
-    step = _INSERT_CHUNK * _ROW_WIDTH
-    for start in range(0, len(rows), step):
-        chunk = rows[start : start + step]
-        values = ",".join([_EVENT_ROW] * (len(chunk) // _ROW_WIDTH))
-        conn.execute(_INSERT_EVENTS + values + " ON CONFLICT DO NOTHING", chunk)
-
-
-def _existing_seqs(
-    conn: sqlite3.Connection, keys: list[tuple[str, str]]
-) -> dict[tuple[str, str], int]:
-    """Seqs of the events among `keys` that are already stored."""
-    by_source: dict[str, list[str]] = {}
-    for source, event_id in keys:
-        by_source.setdefault(source, []).append(event_id)
-    found: dict[tuple[str, str], int] = {}
-    for source, ids in by_source.items():
-        for start in range(0, len(ids), _LOOKUP_CHUNK):
-            chunk = ids[start : start + _LOOKUP_CHUNK]
-            marks = ",".join("?" * len(chunk))
-            sql = f"SELECT event_id, seq FROM events WHERE source = ? AND event_id IN ({marks})"
-            for event_id, seq in conn.execute(sql, [source, *chunk]):
-                found[(source, event_id)] = seq
-    return found
-
-
-def _max_seq(conn: sqlite3.Connection) -> int:
-    (seq,) = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()
-    return int(seq)
 
 
 def _execute_write(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> int:

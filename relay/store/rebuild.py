@@ -1,0 +1,78 @@
+"""Replays the stored events to check the derived state kept beside them.
+
+Events were applied in seq order when they were stored, so replaying them in that order
+must give exactly the stored change log (types, sessions, turns, snapshots) and the
+stored session and turn snapshots, versions included.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import orjson
+
+from relay.state import SessionRecord, apply
+from relay.store import EventDecoder
+
+MAX_REPORTED = 20
+
+
+def check_derived_state(conn: sqlite3.Connection, decode: EventDecoder) -> list[str]:
+    problems: list[str] = []
+    records: dict[str, SessionRecord] = {}
+    stored = _stored_changes(conn)
+    for seq, source, payload, received_at in conn.execute(
+        "SELECT seq, source, payload, received_at FROM events ORDER BY seq"
+    ).fetchall():
+        event = decode(source, payload, received_at)
+        session_id = event.session_id
+        old = records.get(session_id) if session_id is not None else None
+        new, changes = apply(old, event)
+        if new is not None and session_id is not None:
+            records[session_id] = new
+        expected = [_comparable(change.to_dict()) for change in changes]
+        found = stored.pop(seq, [])
+        if expected != found:
+            problems.append(
+                f"event seq {seq}: changes {[c['type'] for c in found]}"
+                f" stored, {[c['type'] for c in expected]} replayed"
+            )
+    problems += [f"change for event seq {seq} has no event" for seq in stored]
+    problems += _compare_snapshots(conn, records)
+    return problems[:MAX_REPORTED]
+
+
+def _stored_changes(conn: sqlite3.Connection) -> dict[int, list[dict[str, Any]]]:
+    by_event: dict[int, list[dict[str, Any]]] = {}
+    rows = conn.execute(
+        "SELECT event_seq, body FROM changes WHERE event_seq IS NOT NULL ORDER BY id"
+    )
+    for event_seq, body in rows:
+        by_event.setdefault(event_seq, []).append(_comparable(orjson.loads(body)))
+    return by_event
+
+
+def _comparable(change: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in change.items() if key != "id"}
+
+
+def _compare_snapshots(conn: sqlite3.Connection, records: dict[str, SessionRecord]) -> list[str]:
+    problems = []
+    sessions = dict(conn.execute("SELECT session_id, snapshot FROM sessions").fetchall())
+    turns = {
+        (sid, tid): snapshot
+        for sid, tid, snapshot in conn.execute("SELECT session_id, turn_id, snapshot FROM turns")
+    }
+    for session_id, record in records.items():
+        expected = record.session.to_dict()
+        got = sessions.pop(session_id, None)
+        if got is None or orjson.loads(got) != expected:
+            problems.append(f"session {session_id}: stored state differs from a rebuild")
+        for turn_id, turn in record.turns.items():
+            got = turns.pop((session_id, turn_id), None)
+            if got is None or orjson.loads(got) != turn.to_dict():
+                problems.append(f"turn {session_id}/{turn_id}: stored state differs")
+    problems += [f"session {sid} is stored but no event derives it" for sid in sessions]
+    problems += [f"turn {sid}/{tid} is stored but no event derives it" for sid, tid in turns]
+    return problems
