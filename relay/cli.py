@@ -48,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
 
     _command(commands, "migrate", "Apply pending store migrations and exit.", _migrate)
+    _command(
+        commands,
+        "check-state",
+        "Replay every stored event and compare with the stored state and change log.",
+        _check_state,
+    )
 
     keys = commands.add_parser("keys", help="Manage API keys.", description="Manage API keys.")
     key_commands = keys.add_subparsers(title="commands", metavar="COMMAND", required=True)
@@ -197,6 +203,21 @@ async def _migrate(settings: Settings, args: argparse.Namespace) -> int:
     await store.close()
     print(f"applied migrations: {applied}" if applied else "the store is up to date")
     return 0
+
+
+async def _check_state(settings: Settings, args: argparse.Namespace) -> int:
+    from relay.app import event_decoder
+
+    store = open_store(settings.store, event_decoder(settings), settings.alerts)
+    await store.open()
+    try:
+        problems = await store.check_derived_state()
+    finally:
+        await store.close()
+    for problem in problems:
+        print(problem)
+    print("derived state and change log match the events" if not problems else "MISMATCH")
+    return 1 if problems else 0
 
 
 async def _keys_create(settings: Settings, args: argparse.Namespace) -> int:

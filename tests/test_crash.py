@@ -103,13 +103,27 @@ async def relay_process(tmp_path: Path) -> AsyncIterator[RelayProcess]:
     await process.stop()
 
 
+LIFECYCLE = (
+    "agent.chat.session.created",
+    "agent.runtime.reused",
+    "agent.worker.ready",
+    "agent.chat.turn.started",
+    "agent.chat.turn.completed",
+)
+
+
 def event(number: int) -> bytes:
+    """Events of 50 sessions, so that the crash also cuts through state derivation."""
     return orjson.dumps(
         {
             "id": f"evt_crash_{number:05d}",
-            "type": "agent.chat.turn.started",
-            "occurred_at": "2026-11-20T09:00:00.000Z",
-            "data": {"chatId": f"chat_{number % 50}", "turnId": f"turn_{number}"},
+            "type": LIFECYCLE[number % len(LIFECYCLE)],
+            "occurred_at": f"2026-11-20T09:{number // 60 % 60:02d}:{number % 60:02d}.000Z",
+            "data": {
+                "chatId": f"chat_{number % 50}",
+                "turnId": f"turn_{number // 10}",
+                "usage": {"inputTokens": 10, "outputTokens": 5},
+            },
         }
     )
 
@@ -184,6 +198,11 @@ async def test_sigkill_under_load_loses_no_acknowledged_event(relay_process: Rel
     await send_all(relay_process.url, missing, retried, asyncio.Event())
     final = await stored_ids(relay_process.url, key)
     assert sorted(final) == sorted(f"evt_crash_{n:05d}" for n in range(EVENTS))
+
+    # Every stored event has its changes, and the state equals a replay of the events.
+    await relay_process.stop()
+    report = relay_process.cli("check-state")
+    assert "match the events" in report
 
 
 async def test_sigterm_under_load_shuts_down_cleanly(relay_process: RelayProcess) -> None:

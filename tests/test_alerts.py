@@ -1,0 +1,136 @@
+"""Alerts: `turn.stalled` and `session.ready_timeout`, from deadlines kept in the store."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from relay.app import create_app, event_decoder
+from relay.appkeys import STORE
+from relay.config import AlertSettings
+from relay.store import open_store
+from tests.conftest import Relay, RelayFactory, make_settings
+from tests.test_read_api import get, ingest
+
+
+def now_event(n: str, kind: str, session: str, turn: str | None = None) -> dict[str, Any]:
+    data: dict[str, Any] = {"chatId": session}
+    if turn:
+        data["turnId"] = turn
+    return {
+        "id": f"evt_{n}",
+        "type": kind,
+        "occurred_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "data": data,
+    }
+
+
+async def changes(relay: Relay, kind: str) -> list[dict[str, Any]]:
+    return [c for c in (await get(relay, "/v1/changes"))["items"] if c["type"] == kind]
+
+
+async def test_alerts_fire_once_by_the_clock_given(start_relay: RelayFactory) -> None:
+    """With a fake clock: a stalled turn and an unready session alert once each."""
+    relay = await start_relay(
+        alerts={
+            "turn_stall_seconds": 600,
+            "ready_timeout_seconds": 120,
+            "check_interval_seconds": 3600,
+        }
+    )
+    store = relay.client.app[STORE]
+    await ingest(relay, now_event("1", "agent.chat.session.created", "chat_a"))
+    await ingest(relay, now_event("2", "agent.chat.turn.started", "chat_a", "turn_1"))
+    start = time.time()
+    assert await store.fire_due_alerts(start + 60) == 0
+    assert await store.fire_due_alerts(start + 130) == 1
+    assert [c["session_id"] for c in await changes(relay, "session.ready_timeout")] == ["chat_a"]
+    assert await store.fire_due_alerts(start + 610) == 1
+    stalled = await changes(relay, "turn.stalled")
+    assert [(c["session_id"], c["turn_id"]) for c in stalled] == [("chat_a", "turn_1")]
+    assert stalled[0]["turn"]["status"] == "running"
+    assert stalled[0]["cause"] is None
+    assert await store.fire_due_alerts(start + 5000) == 0
+
+
+async def test_later_events_clear_pending_alerts(start_relay: RelayFactory) -> None:
+    """A worker-ready and a completed turn clear their alerts before they are due."""
+    relay = await start_relay(alerts={"check_interval_seconds": 3600})
+    store = relay.client.app[STORE]
+    await ingest(relay, now_event("1", "agent.chat.session.created", "chat_b"))
+    await ingest(relay, now_event("2", "agent.chat.turn.started", "chat_b", "turn_1"))
+    await ingest(relay, now_event("3", "agent.worker.ready", "chat_b"))
+    await ingest(relay, now_event("4", "agent.chat.turn.completed", "chat_b", "turn_1"))
+    assert await store.fire_due_alerts(time.time() + 100_000) == 0
+    assert await changes(relay, "turn.stalled") == []
+
+
+async def test_alerts_fire_in_real_time_and_after_a_restart(tmp_path: Path) -> None:
+    """End to end with short thresholds: alerts fire on time, and also after a restart."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    alerts = {
+        "turn_stall_seconds": 0.6,
+        "ready_timeout_seconds": 1.5,
+        "check_interval_seconds": 0.1,
+    }
+    settings = make_settings(tmp_path, alerts=alerts, auth={"enabled": False})
+
+    client = TestClient(TestServer(create_app(settings)))
+    await client.start_server()
+    relay = Relay(client, "")
+    await ingest(relay, now_event("1", "agent.chat.session.created", "chat_c"))
+    await ingest(relay, now_event("2", "agent.chat.turn.started", "chat_c", "turn_1"))
+    deadline = time.monotonic() + 5
+    while not await changes(relay, "turn.stalled") and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert len(await changes(relay, "turn.stalled")) == 1
+    assert await changes(relay, "session.ready_timeout") == []
+    await client.close()  # the relay stops before the session's deadline
+
+    client = TestClient(TestServer(create_app(settings)))
+    await client.start_server()
+    relay = Relay(client, "")
+    try:
+        deadline = time.monotonic() + 5
+        while not await changes(relay, "session.ready_timeout") and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert len(await changes(relay, "session.ready_timeout")) == 1
+        await asyncio.sleep(0.5)
+        assert len(await changes(relay, "turn.stalled")) == 1
+    finally:
+        await client.close()
+
+
+async def test_deadlines_survive_in_the_store_file(tmp_path: Path) -> None:
+    """A fresh store on the same file fires the alerts the old one scheduled."""
+    settings = make_settings(tmp_path)
+    store = open_store(
+        settings.store, event_decoder(settings), AlertSettings(ready_timeout_seconds=5)
+    )
+    await store.open()
+    from relay.events import Event
+    from relay.store import IngestRecord
+
+    now = datetime.now(UTC)
+    created = Event("casedev", "evt_x", "agent.chat.session.created", now, "chat_d")
+    body = orjson.dumps({"id": "evt_x", "type": created.type, "data": {"chatId": "chat_d"}})
+    await store.ingest(IngestRecord(created, body, now))
+    await store.close()
+
+    again = open_store(
+        settings.store, event_decoder(settings), AlertSettings(ready_timeout_seconds=5)
+    )
+    await again.open()
+    try:
+        assert await again.fire_due_alerts(now.timestamp() + 4) == 0
+        assert await again.fire_due_alerts(now.timestamp() + 6) == 1
+        fired = await again.list_changes(0, 10, ("session.ready_timeout",))
+        assert [c.session_id for c in fired] == ["chat_d"]
+    finally:
+        await again.close()
