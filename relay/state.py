@@ -35,10 +35,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, overload
+from typing import Any, TypeVar, overload
 
 from relay.events import Event, EventType, TurnError, Usage
 from relay.timefmt import format_time
@@ -48,6 +48,7 @@ _TERMINAL = {EventType.TURN_COMPLETED, EventType.TURN_FAILED}
 _TURN = {EventType.TURN_STARTED, EventType.TURN_CONFLICT, *_TERMINAL}
 _KNOWN = set(EventType)
 _MS = timedelta(milliseconds=1)
+_Snapshot = TypeVar("_Snapshot", "TurnState", "SessionState")
 
 
 class Readiness(StrEnum):
@@ -113,16 +114,6 @@ def _after(event: Event, moment: datetime | None) -> bool:
     return moment is None or event.occurred_at > moment
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return format_time(value)
-    if isinstance(value, StrEnum):
-        return str(value)
-    if hasattr(value, "__dataclass_fields__"):
-        return {f.name: _jsonable(getattr(value, f.name)) for f in fields(value)}
-    return value
-
-
 @dataclass(frozen=True, slots=True)
 class TurnFacts:
     """What is known about one turn: the deciding event of each kind."""
@@ -162,8 +153,8 @@ class Facts:
             turn = turns.get(event.turn_id, TurnFacts()).merge(event)
             turns = {**turns, event.turn_id: turn}
         ready = kind == EventType.WORKER_READY
-        return replace(
-            self,
+        return Facts(
+            session_id=self.session_id,
             first_event_at=min(self.first_event_at, event.occurred_at),
             last_event_at=max(self.last_event_at, event.occurred_at),
             created=_oldest(self.created, event, kind == EventType.SESSION_CREATED),
@@ -191,8 +182,22 @@ class TurnState:
     version: int
 
     def to_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = _jsonable(self)
-        return data
+        return {
+            "session_id": self.session_id,
+            "turn_id": self.turn_id,
+            "status": self.status.value,
+            "started_at": _time(self.started_at),
+            "ended_at": _time(self.ended_at),
+            "duration_ms": self.duration_ms,
+            "usage": _usage_dict(self.usage),
+            "error": None
+            if self.error is None
+            else {"message": self.error.message, "code": self.error.code},
+            "active_turn_id": self.active_turn_id,
+            "retry_after_seconds": self.retry_after_seconds,
+            "updated_at": format_time(self.updated_at),
+            "version": self.version,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,8 +228,50 @@ class SessionState:
     version: int
 
     def to_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = _jsonable(self)
-        return data
+        counts = self.counts
+        return {
+            "session_id": self.session_id,
+            "readiness": self.readiness.value,
+            "runtime_reused": self.runtime_reused,
+            "scope_activated": self.scope_activated,
+            "worker_ready": self.worker_ready,
+            "created_at": format_time(self.created_at),
+            "ready_at": _time(self.ready_at),
+            "time_to_ready_ms": self.time_to_ready_ms,
+            "turn_status": self.turn_status.value,
+            "active_turn_id": self.active_turn_id,
+            "last_turn": None if self.last_turn is None else self.last_turn.to_dict(),
+            "counts": {
+                "turns": counts.turns,
+                "completed": counts.completed,
+                "failed": counts.failed,
+                "conflicts": counts.conflicts,
+            },
+            "usage": _usage_dict(self.usage),
+            "first_event_at": format_time(self.first_event_at),
+            "last_event_at": format_time(self.last_event_at),
+            "version": self.version,
+        }
+
+
+def _time(moment: datetime | None) -> str | None:
+    return None if moment is None else format_time(moment)
+
+
+def _error_dict(error: TurnError | None) -> dict[str, str | None] | None:
+    return None if error is None else {"message": error.message, "code": error.code}
+
+
+def _usage_dict(usage: Usage | None) -> dict[str, int] | None:
+    if usage is None:
+        return None
+    return {
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "reasoning_tokens": usage.reasoning_tokens,
+        "total_tokens": usage.total_tokens,
+        "cost_micros": usage.cost_micros,
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,14 +286,15 @@ class Change:
     turn: TurnState | None
     cause: Event
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, session: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The change as JSON-ready data; `session` may pass in the session's dict."""
         cause = {"event_id": self.cause.id, "source": self.cause.source, "type": self.cause.type}
         return {
             "type": str(self.type),
             "occurred_at": format_time(self.occurred_at),
             "session_id": self.session_id,
             "turn_id": self.turn_id,
-            "session": self.session.to_dict(),
+            "session": self.session.to_dict() if session is None else session,
             "turn": None if self.turn is None else self.turn.to_dict(),
             "cause": cause,
         }
@@ -334,10 +382,14 @@ def _project_session(facts: Facts, turns: Mapping[str, TurnState], version: int)
 
 
 def _sum_usage(usages: Iterable[Usage]) -> Usage:
-    total = Usage()
+    input_tokens = output_tokens = reasoning_tokens = total_tokens = cost_micros = 0
     for u in usages:
-        total = Usage(**{f.name: getattr(total, f.name) + getattr(u, f.name) for f in fields(u)})
-    return total
+        input_tokens += u.input_tokens
+        output_tokens += u.output_tokens
+        reasoning_tokens += u.reasoning_tokens
+        total_tokens += u.total_tokens
+        cost_micros += u.cost_micros
+    return Usage(input_tokens, output_tokens, reasoning_tokens, total_tokens, cost_micros)
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,6 +472,16 @@ def _event_from_json(data: Mapping[str, Any] | None, session_id: str) -> Event |
     )
 
 
+def _bumped(snapshot: _Snapshot) -> _Snapshot:
+    """The same snapshot with its version (the last field) one higher.
+
+    Built positionally: `dataclasses.replace` costs several times more, once per event.
+    """
+    values = [getattr(snapshot, name) for name in snapshot.__slots__]
+    values[-1] += 1
+    return type(snapshot)(*values)
+
+
 def affects_state(event: Event) -> bool:
     """Whether `apply` would look at this event at all."""
     if event.session_id is None or event.type not in _KNOWN:
@@ -442,7 +504,19 @@ def apply(record: SessionRecord | None, event: Event) -> tuple[SessionRecord | N
     assert session_id is not None
     if record is not None and record.session_id != session_id:
         raise ValueError(f"event {event.id} is for session {session_id}, not {record.session_id}")
-    event = replace(event, data=None, occurred_at=_utc(event.occurred_at))
+    event = Event(
+        event.source,
+        event.id,
+        event.type,
+        _utc(event.occurred_at),
+        event.session_id,
+        event.turn_id,
+        None,
+        event.usage,
+        event.error,
+        event.active_turn_id,
+        event.retry_after_seconds,
+    )
     if record is None:
         facts = Facts(session_id, event.occurred_at, event.occurred_at).merge(event)
     else:
@@ -459,11 +533,11 @@ def apply(record: SessionRecord | None, event: Event) -> tuple[SessionRecord | N
             facts.turns[event.turn_id],
             0 if old_turn is None else old_turn.version,
         )
-        turns[event.turn_id] = turn if turn == old_turn else replace(turn, version=turn.version + 1)
+        turns[event.turn_id] = turn if turn == old_turn else _bumped(turn)
     old = None if record is None else record.session
     session = _project_session(facts, turns, 0 if old is None else old.version)
     if session != old:
-        session = replace(session, version=session.version + 1)
+        session = _bumped(session)
 
     def change(kind: ChangeType, turn: TurnState | None = None) -> Change:
         turn_id = None if turn is None else turn.turn_id

@@ -122,8 +122,10 @@ class BatchWriter:
             turn = new.turns.get(turn_id) if turn_id is not None else None
             if turn is not None and (old is None or turn is not old.turns.get(turn_id or "")):
                 turns[(session_id, turn.turn_id)] = turn
-            for change in caused:
-                changes.append(self._change(change.to_dict(), result.seq, change_rows))
+            if caused:
+                session = new.session.to_dict()
+                for change in caused:
+                    changes.append(self._change(change.to_dict(session), result.seq, change_rows))
         if not touched:
             return touched, Commit()
         _insert_rows(self.conn, _INSERT_CHANGES, 6, change_rows)
