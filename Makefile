@@ -3,7 +3,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= config/relay.toml
 
-.PHONY: run test lint typecheck install dev clean bench-ingest
+.PHONY: run test lint typecheck install dev clean bench-ingest bench-longpoll
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,10 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 bench-ingest: dev
-	$(BIN)/python bench/ingest.py
+	$(BIN)/python -m bench.ingest --no-request-log
+
+bench-longpoll: dev
+	$(BIN)/python -m bench.longpoll
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache
