@@ -32,6 +32,7 @@ from relay.read_api import (
     list_sessions,
     list_turns,
 )
+from relay.sse import stream_changes
 from relay.store import EventDecoder, Store, StoreUnavailable, open_store
 from relay.timefmt import parse_time
 
@@ -77,9 +78,12 @@ def create_app(
         "/v1/sessions/{session_id}": get_session,
         "/v1/sessions/{session_id}/turns": list_turns,
         "/v1/sessions/{session_id}/events": list_session_events,
+        "/v1/stream": stream_changes,
+        "/v1/sessions/{session_id}/stream": stream_changes,
     }
     for path, handler in read.items():
         app.router.add_get(path, _scoped(auth.READ, handler))
+    app.on_shutdown.append(_close_streams)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
@@ -188,6 +192,11 @@ def _envelope_middleware(log_requests: bool) -> Callable[..., Awaitable[web.Stre
         return response
 
     return envelope
+
+
+async def _close_streams(app: web.Application) -> None:
+    """On shutdown, end every SSE stream cleanly (clients resume with Last-Event-ID)."""
+    app[HUB].close()
 
 
 async def _healthz(request: web.Request) -> web.Response:

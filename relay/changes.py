@@ -17,7 +17,16 @@ class StoredChange:
     type: str
     session_id: str
     turn_id: str | None
-    body: bytes  # the change object as JSON, exactly as subscribers receive it
+    body: bytes  # the change object as JSON (one line), exactly as subscribers receive it
+    frame: bytes = b""  # the same as one Server-Sent Events frame
+
+    @classmethod
+    def of(
+        cls, change_id: int, change_type: str, session_id: str, turn_id: str | None, body: bytes
+    ) -> StoredChange:
+        """A change with its SSE frame encoded once, for every subscriber to share."""
+        frame = b"id: %d\nevent: %s\ndata: %s\n\n" % (change_id, change_type.encode(), body)
+        return cls(change_id, change_type, session_id, turn_id, body, frame)
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,19 +38,11 @@ class Commit:
 
 
 @lru_cache(maxsize=256)
-def _pattern(globs: tuple[str, ...]) -> re.Pattern[str]:
-    return re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs))
+def glob_pattern(globs: tuple[str, ...]) -> re.Pattern[str]:
+    """One regular expression matching any of the exact names or globs (`turn.*`)."""
+    return re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs or DEFAULT_TYPES))
 
 
-def type_filter(globs: Iterable[str]) -> re.Pattern[str]:
-    """A matcher for change types: exact names or globs (`turn.*`, `*`).
-
-    A bare `*` does not match `raw.*` types, which must be asked for by name or glob.
-    """
-    return _pattern(tuple(globs) or DEFAULT_TYPES)
-
-
-def type_matches(pattern: re.Pattern[str], change_type: str) -> bool:
-    if change_type.startswith("raw.") and pattern.pattern == _pattern(DEFAULT_TYPES).pattern:
-        return False
-    return pattern.fullmatch(change_type) is not None
+def split_list(values: Iterable[str]) -> tuple[str, ...]:
+    """Query values that may repeat and may hold comma-separated lists."""
+    return tuple(part for value in values for part in value.split(",") if part)

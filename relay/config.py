@@ -113,6 +113,12 @@ class AlertSettings(_Section):
     check_interval_seconds: float = Field(1.0, gt=0)
 
 
+class SSESettings(_Section):
+    heartbeat_seconds: float = Field(15.0, gt=0)
+    retry_ms: int = Field(3000, ge=0)
+    buffer_changes: int = Field(1000, ge=1)
+
+
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
@@ -130,6 +136,7 @@ class Settings(BaseSettings):
     sources: tuple[SourceSettings, ...] = ()
     delivery: DeliverySettings = DeliverySettings()
     alerts: AlertSettings = AlertSettings()
+    sse: SSESettings = SSESettings()
     log: LogSettings = LogSettings()
 
     @field_validator("sources")

@@ -8,12 +8,12 @@ interface across relay instances. The ingest path only publishes; long-poll read
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
-from collections.abc import Iterator
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
 
-from relay.changes import Commit
+from relay.changes import Commit, StoredChange
 
 
 class SessionWatch(Protocol):
@@ -21,8 +21,31 @@ class SessionWatch(Protocol):
         """Wait until the session changes (True) or `seconds` pass (False)."""
 
 
+class Subscription(Protocol):
+    overflowed: bool
+    closed: bool
+
+    async def next(self, seconds: float) -> list[StoredChange]:
+        """The changes buffered since the last call; [] after `seconds` without any."""
+
+
 class Hub(Protocol):
     def publish(self, commit: Commit) -> None: ...
+
+    def subscribe(
+        self,
+        accepts: Callable[[StoredChange], bool],
+        limit: int,
+        on_overflow: Callable[[], None],
+    ) -> AbstractContextManager[Subscription]:
+        """Receive every published change `accepts`, buffering at most `limit`.
+
+        When the buffer is full the subscription is marked `overflowed`, gets nothing
+        more, and `on_overflow` is called (to close the subscriber's connection).
+        """
+
+    def close(self) -> None:
+        """Mark every subscription closed (shutdown)."""
 
     def watch_session(self, session_id: str) -> AbstractContextManager[SessionWatch]:
         """A watch to open *before* reading the session, so no change falls between."""
@@ -41,14 +64,84 @@ class _Watch:
         return True
 
 
+class _Subscription:
+    def __init__(
+        self,
+        accepts: Callable[[StoredChange], bool],
+        limit: int,
+        on_overflow: Callable[[], None],
+    ) -> None:
+        self._accepts = accepts
+        self._limit = limit
+        self._on_overflow = on_overflow
+        self._queue: deque[StoredChange] = deque()
+        self._ready = asyncio.Event()
+        self.overflowed = False
+        self.closed = False
+
+    def offer(self, change: StoredChange) -> None:
+        if self.overflowed or self.closed or not self._accepts(change):
+            return
+        if len(self._queue) >= self._limit:
+            self.overflowed = True
+            self._queue.clear()
+            self._ready.set()
+            self._on_overflow()
+            return
+        self._queue.append(change)
+        self._ready.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self._ready.set()
+
+    async def next(self, seconds: float) -> list[StoredChange]:
+        if not self._queue and not (self.closed or self.overflowed):
+            try:
+                await asyncio.wait_for(self._ready.wait(), seconds)
+            except TimeoutError:
+                return []
+        self._ready.clear()
+        changes = list(self._queue)
+        self._queue.clear()
+        return changes
+
+
 class InProcessHub:
     def __init__(self) -> None:
         self._watches: defaultdict[str, set[_Watch]] = defaultdict(set)
+        self._subscriptions: set[_Subscription] = set()
 
     def publish(self, commit: Commit) -> None:
         for session_id in commit.sessions:
             for watch in self._watches.get(session_id, ()):
                 watch.changed.set()
+        if commit.changes:
+            for subscription in list(self._subscriptions):
+                for change in commit.changes:
+                    subscription.offer(change)
+
+    @contextmanager
+    def subscribe(
+        self,
+        accepts: Callable[[StoredChange], bool],
+        limit: int,
+        on_overflow: Callable[[], None],
+    ) -> Iterator[_Subscription]:
+        subscription = _Subscription(accepts, limit, on_overflow)
+        self._subscriptions.add(subscription)
+        try:
+            yield subscription
+        finally:
+            self._subscriptions.discard(subscription)
+
+    def close(self) -> None:
+        for subscription in self._subscriptions:
+            subscription.close()
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscriptions)
 
     @contextmanager
     def watch_session(self, session_id: str) -> Iterator[_Watch]:

@@ -11,6 +11,7 @@ import orjson
 from aiohttp import web
 
 from relay.appkeys import HUB, STORE
+from relay.changes import split_list
 from relay.errors import ApiError, json_response
 from relay.store import SessionQuery, StoredEvent
 
@@ -181,7 +182,7 @@ async def list_changes(request: web.Request) -> web.Response:
     """`GET /v1/changes?after=&limit=&type=`: the change log, oldest first."""
     after = int_param(request, "after", 0, 0, 2**62)
     limit = _limit(request)
-    types = tuple(t for value in request.query.getall("type", []) for t in value.split(",") if t)
+    types = split_list(request.query.getall("type", []))
     changes = await request.app[STORE].list_changes(after, limit, types)
     next_after = changes[-1].id if len(changes) == limit else None
     items = [orjson.Fragment(change.body) for change in changes]

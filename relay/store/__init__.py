@@ -118,6 +118,8 @@ class Store(Protocol):
 
     async def last_seq(self) -> int: ...
 
+    async def last_change_id(self) -> int: ...
+
     async def list_turns(self, session_id: str, after: int, limit: int) -> list[tuple[int, bytes]]:
         """(cursor, TurnState JSON) pairs in the order turns were first seen."""
 

@@ -225,6 +225,10 @@ class SQLiteStore:
         rows = await self._read("SELECT coalesce(max(seq), 0) FROM events", ())
         return int(rows[0][0])
 
+    async def last_change_id(self) -> int:
+        rows = await self._read("SELECT coalesce(max(id), 0) FROM changes", ())
+        return int(rows[0][0])
+
     async def get_session(self, session_id: str) -> SessionRow | None:
         rows = await self._read(
             "SELECT session_id, version, snapshot, activity_seq FROM sessions WHERE session_id = ?",
@@ -275,7 +279,7 @@ class SQLiteStore:
             + " ORDER BY id LIMIT ?",
             (after, *types, limit),
         )
-        return [StoredChange(*row) for row in rows]
+        return [StoredChange.of(*row) for row in rows]
 
     async def _read(self, sql: str, params: Any) -> list[Any]:
         if self._reader is None:

@@ -138,7 +138,7 @@ class BatchWriter:
         """Give a change its id and encoding once; its row goes into `rows`."""
         self.last_change += 1
         encoded = orjson.dumps({"id": self.last_change, **body})
-        stored = StoredChange(
+        stored = StoredChange.of(
             self.last_change, body["type"], body["session_id"], body["turn_id"], encoded
         )
         rows += (stored.id, stored.type, stored.session_id, stored.turn_id, event_seq, encoded)

@@ -1,0 +1,117 @@
+"""Server-Sent Events: `GET /v1/stream` and `GET /v1/sessions/{id}/stream`.
+
+A stream subscribes to the hub *before* it replays the change log from the client's
+last event id, and drops live changes it has already sent, so the replay and the live
+part meet with no gap and no repeat. Frames are encoded once per change and shared by
+every subscriber. A subscriber that does not keep up overflows its bounded buffer and
+is disconnected; it resumes with `Last-Event-ID`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+from aiohttp import web
+
+from relay.appkeys import HUB, SETTINGS, STORE
+from relay.changes import StoredChange, glob_pattern, split_list
+from relay.errors import ApiError
+
+REPLAY_PAGE = 500
+HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache, no-transform",
+    "X-Accel-Buffering": "no",
+}
+
+
+class StreamFilter:
+    """Which changes a stream wants: session ids and types, as exact names or globs."""
+
+    def __init__(
+        self, sessions: tuple[str, ...], types: tuple[str, ...], session: str | None = None
+    ) -> None:
+        self._session = session
+        self._sessions: re.Pattern[str] | None = glob_pattern(sessions) if sessions else None
+        self._types = glob_pattern(types)
+
+    def __call__(self, change: StoredChange) -> bool:
+        if self._session is not None and change.session_id != self._session:
+            return False
+        if self._sessions is not None and not self._sessions.fullmatch(change.session_id):
+            return False
+        return self._types.fullmatch(change.type) is not None
+
+
+def _last_event_id(request: web.Request) -> int | None:
+    raw = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ApiError(400, "INVALID_PARAMETER", "Last-Event-ID must be a change id (an integer)")
+    return value
+
+
+async def stream_changes(request: web.Request) -> web.StreamResponse:
+    session_id = request.match_info.get("session_id")
+    if session_id and await request.app[STORE].get_session(session_id) is None:
+        raise ApiError(404, "NOT_FOUND", f"no session {session_id!r}")
+    accepts = StreamFilter(
+        split_list(request.query.getall("session_id", [])),
+        split_list(request.query.getall("type", [])),
+        session_id,
+    )
+    last_id = _last_event_id(request)
+    settings = request.app[SETTINGS].sse
+    response = web.StreamResponse(headers=HEADERS)
+
+    def disconnect() -> None:
+        if request.transport is not None:
+            request.transport.close()
+
+    with request.app[HUB].subscribe(accepts, settings.buffer_changes, disconnect) as subscription:
+        await response.prepare(request)
+        await response.write(b"retry: %d\n\n" % settings.retry_ms)
+        sent = await _replay(request, response, accepts, last_id)
+        while not (subscription.closed or subscription.overflowed):
+            changes = await subscription.next(settings.heartbeat_seconds)
+            if not changes:
+                if not (subscription.closed or subscription.overflowed):
+                    await response.write(b": heartbeat\n\n")
+                continue
+            frames = [change.frame for change in changes if change.id > sent]
+            if frames:
+                sent = changes[-1].id
+                await response.write(b"".join(frames))
+        if subscription.closed:
+            await response.write_eof()
+    return response
+
+
+async def _replay(
+    request: web.Request, response: web.StreamResponse, accepts: StreamFilter, last_id: int | None
+) -> int:
+    """Send the stored changes after `last_id`; return the id the live part continues from."""
+    store = request.app[STORE]
+    if last_id is None:
+        return await store.last_change_id()
+    after = last_id
+    oldest = await store.list_changes(0, 1)
+    if oldest and last_id < oldest[0].id - 1:
+        reset = b'event: stream.reset\ndata: {"oldest_id": %d}\n\n' % oldest[0].id
+        await response.write(reset)
+    while True:
+        page = await store.list_changes(after, REPLAY_PAGE)
+        frames = [change.frame for change in page if accepts(change)]
+        if frames:
+            await response.write(b"".join(frames))
+        if page:
+            after = page[-1].id
+        if len(page) < REPLAY_PAGE:
+            return after
+        await asyncio.sleep(0)

@@ -1,0 +1,186 @@
+"""Server-Sent Events: real SSE clients, resume without gap or repeat, slow consumers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from aiohttp import ClientPayloadError, ClientResponse
+from httpx_sse import aconnect_sse
+
+from tests.conftest import Relay, RelayFactory, fixture_events
+from tests.test_read_api import get, ingest
+
+LIFECYCLE_TYPES = [
+    "session.created",
+    "session.ready",
+    "turn.started",
+    "turn.completed",
+    "turn.started",
+    "turn.conflict",
+    "turn.failed",
+]
+
+
+async def frames(resp: ClientResponse) -> AsyncIterator[dict[str, str]]:
+    """Parse an SSE stream read with aiohttp's client into frames (comments included)."""
+    frame: dict[str, str] = {}
+    async for raw in resp.content:
+        line = raw.decode().rstrip("\n")
+        if not line:
+            if frame:
+                yield frame
+            frame = {}
+        elif line.startswith(":"):
+            yield {"comment": line[1:].strip()}
+        else:
+            field, _, value = line.partition(": ")
+            frame[field] = value
+
+
+async def read_changes(resp: ClientResponse, count: int) -> list[dict[str, str]]:
+    got: list[dict[str, str]] = []
+    async for frame in frames(resp):
+        if "id" in frame:
+            got.append(frame)
+            if len(got) == count:
+                break
+    return got
+
+
+async def test_httpx_sse_client_receives_the_lifecycle_in_order(relay: Relay) -> None:
+    """The httpx-sse client library receives every change of the fixture, in id order."""
+    url = str(relay.client.make_url("/v1/stream"))
+    received: list[Any] = []
+    async with (
+        httpx.AsyncClient(headers=relay.auth, timeout=10) as http,
+        aconnect_sse(http, "GET", url) as source,
+    ):
+        assert source.response.headers["content-type"].startswith("text/event-stream")
+        assert source.response.headers["cache-control"] == "no-cache, no-transform"
+        assert source.response.headers["x-accel-buffering"] == "no"
+        for event in fixture_events():
+            await ingest(relay, event)
+        retry = None
+        async for sse in source.aiter_sse():
+            retry = retry or sse.retry
+            if sse.data:
+                received.append(sse)
+            if len(received) == len(LIFECYCLE_TYPES):
+                break
+    assert [sse.event for sse in received] == LIFECYCLE_TYPES
+    ids = [int(sse.id) for sse in received]
+    assert ids == sorted(ids)
+    assert retry == 3000
+    assert orjson.loads(received[3].data)["turn"]["status"] == "completed"
+
+
+async def test_resume_replays_the_rest_exactly_once(relay: Relay) -> None:
+    """Reconnecting with Last-Event-ID (or ?last_event_id=) gets every later change once."""
+    for event in fixture_events():
+        await ingest(relay, event)
+    changes = (await get(relay, "/v1/changes"))["items"]
+    resume_from = changes[2]["id"]
+    headers = {**relay.auth, "Last-Event-ID": str(resume_from)}
+    async with relay.client.get("/v1/stream", headers=headers) as resp:
+        got = await read_changes(resp, len(changes) - 3)
+    assert [int(f["id"]) for f in got] == [c["id"] for c in changes[3:]]
+    params = {"last_event_id": str(changes[-2]["id"]), "access_token": relay.key}
+    async with relay.client.get("/v1/stream", params=params) as resp:
+        got = await read_changes(resp, 1)
+        await ingest(relay, {**fixture_events()[3], "id": "evt_again", "data": {"chatId": "c2"}})
+        got += await read_changes(resp, 2)
+    assert [f["event"] for f in got] == ["turn.failed", "session.created", "session.ready"]
+
+
+async def test_replay_and_live_meet_without_gap_or_repeat(relay: Relay) -> None:
+    """Changes made while a resumed stream replays arrive once, after the replayed ones."""
+    events = fixture_events()
+    for event in events[:4]:
+        await ingest(relay, event)
+    headers = {**relay.auth, "Last-Event-ID": "0"}
+    async with relay.client.get("/v1/stream", headers=headers) as resp:
+        rest = asyncio.gather(*(ingest(relay, event) for event in events[4:]))
+        got = await read_changes(resp, len(LIFECYCLE_TYPES))
+        await rest
+    ids = [int(f["id"]) for f in got]
+    assert ids == list(range(1, len(LIFECYCLE_TYPES) + 1))
+
+
+async def test_filters_by_type_and_session(relay: Relay) -> None:
+    """type and session_id filters (exact or glob) select what a stream carries."""
+    for event in fixture_events():
+        await ingest(relay, event)
+    await ingest(relay, {**fixture_events()[0], "id": "evt_other", "data": {"chatId": "other"}})
+    params = {"type": "turn.c*,session.ready", "last_event_id": "0"}
+    async with relay.client.get("/v1/stream", params=params, headers=relay.auth) as resp:
+        got = await read_changes(resp, 3)
+    assert [f["event"] for f in got] == ["session.ready", "turn.completed", "turn.conflict"]
+    path = "/v1/sessions/other/stream"
+    async with relay.client.get(path, params={"last_event_id": "0"}, headers=relay.auth) as resp:
+        got = await read_changes(resp, 1)
+    assert orjson.loads(got[0]["data"])["session_id"] == "other"
+    resp = await relay.client.get("/v1/sessions/missing/stream", headers=relay.auth)
+    assert resp.status == 404
+
+
+async def test_heartbeats_keep_an_idle_stream_alive(start_relay: RelayFactory) -> None:
+    """An idle stream gets `:` comment heartbeats at the configured interval."""
+    relay = await start_relay(sse={"heartbeat_seconds": 0.2})
+    async with relay.client.get("/v1/stream", headers=relay.auth) as resp:
+        seen = []
+        async for frame in frames(resp):
+            seen.append(frame)
+            if frame.get("comment") == "heartbeat":
+                break
+    assert {"retry": "3000"} in seen
+
+
+async def test_overflowing_subscriber_is_disconnected_and_can_resume(
+    start_relay: RelayFactory,
+) -> None:
+    """A burst beyond the buffer closes the stream; resuming from its last id loses nothing."""
+    relay = await start_relay(sse={"buffer_changes": 3})
+    async with relay.client.get("/v1/stream", headers=relay.auth) as resp:
+        burst = [
+            {**fixture_events()[0], "id": f"evt_burst_{n}", "data": {"chatId": f"chat_{n}"}}
+            for n in range(20)
+        ]
+        await asyncio.gather(*(ingest(relay, event) for event in burst))
+        got: list[dict[str, str]] = []
+        with pytest.raises(ClientPayloadError):  # the relay dropped the connection
+            async for frame in frames(resp):
+                if "id" in frame:
+                    got.append(frame)
+    assert len(got) < 20  # the stream ended early instead of buffering without bound
+    last = got[-1]["id"] if got else "0"
+    params = {"last_event_id": last}
+    async with relay.client.get("/v1/stream", params=params, headers=relay.auth) as resp:
+        rest = await read_changes(resp, 20 - len(got))
+    ids = [int(f["id"]) for f in got + rest]
+    assert ids == list(range(1, 21))
+
+
+async def test_bad_stream_requests(relay: Relay) -> None:
+    """No key is 401; a non-numeric Last-Event-ID is 400 INVALID_PARAMETER."""
+    assert (await relay.client.get("/v1/stream")).status == 401
+    resp = await relay.client.get("/v1/stream", headers={**relay.auth, "Last-Event-ID": "abc"})
+    assert resp.status == 400
+    assert (await resp.json())["error"]["code"] == "INVALID_PARAMETER"
+
+
+@pytest.mark.parametrize("path", ["/v1/stream"])
+async def test_shutdown_ends_streams_cleanly(start_relay: RelayFactory, path: str) -> None:
+    """When the relay shuts down, open streams end (EOF), so clients reconnect."""
+    relay = await start_relay()
+    resp = await relay.client.get(path, headers=relay.auth)
+    first = await resp.content.readline()
+    assert first == b"retry: 3000\n"
+    closing = asyncio.create_task(relay.client.server.close())
+    rest = await asyncio.wait_for(resp.content.read(), timeout=10)
+    assert rest == b"\n"
+    await closing
