@@ -52,6 +52,12 @@ async def read_changes(resp: ClientResponse, count: int) -> list[dict[str, str]]
     return got
 
 
+async def collect_changes(resp: ClientResponse, into: list[dict[str, str]]) -> None:
+    async for frame in frames(resp):
+        if "id" in frame:
+            into.append(frame)
+
+
 async def test_httpx_sse_client_receives_the_lifecycle_in_order(relay: Relay) -> None:
     """The httpx-sse client library receives every change of the fixture, in id order."""
     url = str(relay.client.make_url("/v1/stream"))
@@ -153,9 +159,7 @@ async def test_overflowing_subscriber_is_disconnected_and_can_resume(
         await asyncio.gather(*(ingest(relay, event) for event in burst))
         got: list[dict[str, str]] = []
         with pytest.raises(ClientPayloadError):  # the relay dropped the connection
-            async for frame in frames(resp):
-                if "id" in frame:
-                    got.append(frame)
+            await collect_changes(resp, got)
     assert len(got) < 20  # the stream ended early instead of buffering without bound
     last = got[-1]["id"] if got else "0"
     params = {"last_event_id": last}
