@@ -72,6 +72,15 @@ def _parser() -> argparse.ArgumentParser:
     revoke = _command(key_commands, "revoke", "Revoke an API key by id.", _keys_revoke)
     revoke.add_argument("key_id", help="the key's id (key_...)")
 
+    follow = _command(commands, "tail", "Follow the change stream (SSE) in the terminal.", _tail)
+    follow.add_argument("--url", help="relay base URL (default: from server.host/port)")
+    follow.add_argument("--key", help="API key with agent:read (default: $RELAY_API_KEY)")
+    follow.add_argument("--type", action="append", default=[], help="change type or glob")
+    follow.add_argument("--session", action="append", default=[], help="session id or glob")
+    follow.add_argument("--from", dest="last_id", type=int, help="resume after this change id")
+    follow.add_argument("--count", type=int, help="stop after this many changes")
+    follow.add_argument("--json", action="store_true", help="print each change as JSON")
+
     send = _command(commands, "send", "Sign and send events to a running relay.", _send)
     what = send.add_mutually_exclusive_group(required=True)
     what.add_argument("file", nargs="?", type=Path, help="a JSON file: one event or a list")
@@ -247,6 +256,14 @@ async def _keys_revoke(settings: Settings, args: argparse.Namespace) -> int:
         return 1
     print(f"revoked {args.key_id}")
     return 0
+
+
+async def _tail(settings: Settings, args: argparse.Namespace) -> int:
+    from relay.tail import tail
+
+    url = args.url or _base_url((settings.server.host, settings.server.port))
+    key = args.key or os.environ.get("RELAY_API_KEY")
+    return await tail(url, key, args.type, args.session, args.last_id, args.count, raw=args.json)
 
 
 # -- send ------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -188,3 +189,24 @@ async def test_shutdown_ends_streams_cleanly(start_relay: RelayFactory, path: st
     rest = await asyncio.wait_for(resp.content.read(), timeout=10)
     assert rest == b"\n"
     await closing
+
+
+async def test_relay_tail_prints_readable_lines_and_resumes(relay: Relay) -> None:
+    """`relay tail` shows one line per change and, given --from, resumes after that id."""
+    for event in fixture_events():
+        await ingest(relay, event)
+    url = str(relay.client.make_url("/")).rstrip("/")
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "relay", "tail"),
+        *("--url", url, "--key", relay.key, "--from", "4", "--count", "3", "--type", "turn.*"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+    assert proc.returncode == 0, err
+    lines = out.decode().splitlines()
+    assert len(lines) == 3
+    assert "turn.started" in lines[0]
+    assert "turn=turn_002" in lines[0]
+    assert "status=conflict" in lines[1]
+    assert "error='vault search timed out'" in lines[2]

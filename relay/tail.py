@@ -1,0 +1,87 @@
+"""`relay tail`: follow the change stream in a terminal, resuming after disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable
+from typing import Any, TextIO
+
+import aiohttp
+import orjson
+
+
+def describe(change: dict[str, Any]) -> str:
+    """One readable line per change."""
+    session = change.get("session") or {}
+    turn = change.get("turn") or {}
+    parts = [
+        f"#{change['id']:<6}",
+        change["occurred_at"],
+        f"{change['type']:<22}",
+        change["session_id"],
+    ]
+    if change.get("turn_id"):
+        parts.append(f"turn={change['turn_id']}")
+    if turn.get("status"):
+        parts.append(f"status={turn['status']}")
+    if change["type"].startswith("session."):
+        parts.append(f"readiness={session.get('readiness')}")
+    if turn.get("error"):
+        parts.append(f"error={turn['error'].get('message')!r}")
+    return "  ".join(str(part) for part in parts)
+
+
+async def tail(
+    url: str,
+    key: str | None,
+    types: list[str],
+    sessions: list[str],
+    last_id: int | None,
+    count: int | None,
+    out: TextIO = sys.stdout,
+    raw: bool = False,
+    retry_seconds: float = 1.0,
+    on_connect: Callable[[], None] | None = None,
+) -> int:
+    """Print changes until `count` were shown (or forever), reconnecting with the last id."""
+    shown = 0
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    params = [("type", t) for t in types] + [("session_id", s) for s in sessions]
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+    async with aiohttp.ClientSession(headers=headers, timeout=timeout) as http:
+        while count is None or shown < count:
+            query = params + ([("last_event_id", str(last_id))] if last_id is not None else [])
+            try:
+                async with http.get(f"{url.rstrip('/')}/v1/stream", params=query) as resp:
+                    if resp.status != 200:
+                        error = (await resp.json()).get("error", {})
+                        print(f"relay tail: {resp.status} {error.get('message')}", file=sys.stderr)
+                        return 1
+                    if on_connect is not None:
+                        on_connect()
+                    async for data, change_id in _frames(resp):
+                        last_id = change_id
+                        change = orjson.loads(data)
+                        print(data.decode() if raw else describe(change), file=out, flush=True)
+                        shown += 1
+                        if count is not None and shown >= count:
+                            return 0
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                print(f"relay tail: disconnected ({exc}); resuming", file=sys.stderr)
+            await asyncio.sleep(retry_seconds)
+    return 0
+
+
+async def _frames(resp: aiohttp.ClientResponse) -> Any:
+    change_id, data = None, b""
+    async for line in resp.content:
+        line = line.rstrip(b"\n")
+        if not line:
+            if change_id is not None and data:
+                yield data, change_id
+            change_id, data = None, b""
+        elif line.startswith(b"id: "):
+            change_id = int(line[4:])
+        elif line.startswith(b"data: "):
+            data = line[6:]
