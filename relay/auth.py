@@ -26,7 +26,7 @@ class NewKey:
 
 def hash_key(secret: str) -> str:
     # Keys carry 256 random bits, so a fast hash is as strong as a slow one here.
-    return hashlib.sha256(secret.encode()).hexdigest()
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 async def create_key(store: Store, name: str, scopes: tuple[str, ...]) -> NewKey:

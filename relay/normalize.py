@@ -11,6 +11,8 @@ from typing import Any, TypeGuard
 from relay.events import Event, TurnError, Usage
 
 MAX_ID_LENGTH = 256
+MAX_COUNT = 10**12  # tokens or micro-dollars in one usage field; sums stay far below 2**63
+MAX_SECONDS = 10**7
 
 Normaliser = Callable[[str, Mapping[str, Any], datetime], Event]
 
@@ -112,12 +114,16 @@ def _optional_id(body: Mapping[str, Any], *fields: str) -> str | None:
 
 
 def _timestamp(body: Mapping[str, Any], received_at: datetime) -> datetime:
+    """When the event happened, to the millisecond (the precision the store keeps)."""
     value = body.get("occurred_at")
     if type(value) is str and value.endswith("Z"):
         try:
-            return datetime.fromisoformat(value)
+            parsed = datetime.fromisoformat(value)
         except ValueError:
             pass
+        else:
+            if _EARLIEST <= parsed <= _LATEST:
+                return _to_ms(parsed)
     for field in ("occurred_at", "created_at", "timestamp"):
         value = body.get(field)
         if value is None:
@@ -130,8 +136,23 @@ def _timestamp(body: Mapping[str, Any], received_at: datetime) -> datetime:
             raise InvalidEvent(field, "must be an RFC 3339 timestamp") from None
         if parsed.tzinfo is None:
             raise InvalidEvent(field, "must carry a time zone (e.g. a trailing Z)")
-        return parsed.astimezone(UTC)
-    return received_at
+        out_of_range = InvalidEvent(field, "must lie between the years 1971 and 2999")
+        try:
+            parsed = parsed.astimezone(UTC)
+        except OverflowError:
+            raise out_of_range from None
+        if not _EARLIEST <= parsed <= _LATEST:
+            raise out_of_range
+        return _to_ms(parsed)
+    return _to_ms(received_at)
+
+
+_EARLIEST = datetime(1971, 1, 1, tzinfo=UTC)
+_LATEST = datetime(2999, 12, 31, tzinfo=UTC)
+
+
+def _to_ms(moment: datetime) -> datetime:
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
 
 
 def _number(body: Mapping[str, Any], *fields: str) -> float | None:
@@ -139,8 +160,10 @@ def _number(body: Mapping[str, Any], *fields: str) -> float | None:
         value = body.get(field)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, int | float):
             raise InvalidEvent(field, "must be a non-negative number")
+        if not 0 <= value <= MAX_SECONDS:  # also false for NaN
+            raise InvalidEvent(field, f"must be a number of seconds from 0 to {MAX_SECONDS}")
         return float(value)
     return None
 
@@ -165,8 +188,8 @@ def _usage(usage: Any) -> Usage | None:
             value = usage.get(alias)
             if value is None:
                 continue
-            if type(value) is not int or value < 0:
-                raise InvalidEvent(f"usage.{alias}", "must be a non-negative integer")
+            if type(value) is not int or not 0 <= value <= MAX_COUNT:
+                raise InvalidEvent(f"usage.{alias}", f"must be an integer from 0 to {MAX_COUNT}")
             counts[name] = value
             break
     if "total_tokens" not in counts:

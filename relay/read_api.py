@@ -16,6 +16,7 @@ from relay.errors import ApiError, json_response
 from relay.store import SessionQuery, StoredEvent
 
 MAX_LIMIT = 1000
+MAX_ID = 2**62
 MAX_WAIT_SECONDS = 60
 
 
@@ -52,7 +53,7 @@ def _event_item(e: StoredEvent) -> dict[str, Any]:
 
 async def list_events(request: web.Request) -> web.Response:
     """`GET /v1/events?after=&limit=`: the raw event log, oldest first."""
-    after = int_param(request, "after", 0, 0, 2**62)
+    after = int_param(request, "after", 0, 0, MAX_ID)
     limit = _limit(request)
     events = await request.app[STORE].list_events(after, limit)
     next_after = events[-1].seq if len(events) == limit else None
@@ -99,12 +100,13 @@ async def list_sessions(request: web.Request) -> web.Response:
     if cursor is None:
         as_of, after = await store.last_seq(), None
     else:
+        bad_cursor = ApiError(400, "INVALID_PARAMETER", "cursor is not one this API returned")
         try:
             as_of, after = int(cursor[0]), (int(cursor[1]), str(cursor[2]))
-        except (IndexError, TypeError, ValueError):
-            raise ApiError(
-                400, "INVALID_PARAMETER", "cursor is not one this API returned"
-            ) from None
+        except (IndexError, TypeError, ValueError, OverflowError):
+            raise bad_cursor from None
+        if not (0 <= as_of <= MAX_ID and 0 <= after[0] <= MAX_ID):
+            raise bad_cursor
     rows = await store.list_sessions(SessionQuery(as_of, after, limit, readiness, turn_status))
     next_cursor = None
     if len(rows) == limit:
@@ -129,7 +131,7 @@ async def get_session(request: web.Request) -> web.Response:
         if row is None:
             raise _not_found(session_id)
         return web.Response(body=row.snapshot, content_type="application/json")
-    version = int_param(request, "version", 0, 0, 2**62)
+    version = int_param(request, "version", 0, 0, MAX_ID)
     timeout = int_param(request, "timeout", 30, 0, MAX_WAIT_SECONDS)
     deadline = time.monotonic() + timeout
     with request.app[HUB].watch_session(session_id) as watch:
@@ -173,14 +175,15 @@ async def list_session_events(request: web.Request) -> web.Response:
 def _int_cursor(cursor: list[Any] | None) -> int:
     if cursor is None:
         return 0
-    if len(cursor) != 1 or not isinstance(cursor[0], int):
+    value = cursor[0]
+    if len(cursor) != 1 or type(value) is not int or not 0 <= value <= MAX_ID:
         raise ApiError(400, "INVALID_PARAMETER", "cursor is not one this API returned")
-    return cursor[0]
+    return value
 
 
 async def list_changes(request: web.Request) -> web.Response:
     """`GET /v1/changes?after=&limit=&type=`: the change log, oldest first."""
-    after = int_param(request, "after", 0, 0, 2**62)
+    after = int_param(request, "after", 0, 0, MAX_ID)
     limit = _limit(request)
     types = split_list(request.query.getall("type", []))
     changes = await request.app[STORE].list_changes(after, limit, types)

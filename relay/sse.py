@@ -52,7 +52,7 @@ def _last_event_id(request: web.Request) -> int | None:
         value = int(raw)
     except ValueError:
         value = -1
-    if value < 0:
+    if not 0 <= value <= 2**62:
         raise ApiError(400, "INVALID_PARAMETER", "Last-Event-ID must be a change id (an integer)")
     return value
 

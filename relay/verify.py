@@ -175,16 +175,15 @@ def _verify_bearer(verifier: Verifier, headers: Mapping[str, str]) -> None:
         raise VerificationError(
             MISSING_SIGNATURE, "header Authorization: Bearer <token> is required"
         )
-    presented = token.strip().encode()
+    presented = token.strip().encode("utf-8", "surrogateescape")
     if not any(hmac.compare_digest(presented, known) for known in verifier.tokens):
         raise VerificationError(INVALID_SIGNATURE, "the bearer token is not valid for this source")
 
 
 def _check_timestamp(timestamp: str, now: float, tolerance: int) -> None:
-    try:
-        sent = int(timestamp)
-    except ValueError:
-        raise VerificationError(INVALID_SIGNATURE, "the timestamp is not unix seconds") from None
+    if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
+        raise VerificationError(INVALID_SIGNATURE, "the timestamp is not unix seconds")
+    sent = int(timestamp)
     if abs(now - sent) > tolerance:
         raise VerificationError(
             TIMESTAMP_OUT_OF_TOLERANCE,

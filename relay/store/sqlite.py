@@ -162,22 +162,33 @@ class SQLiteStore:
             while self._pending:
                 count = min(len(self._pending), self._settings.batch_max)
                 batch = [self._pending.popleft() for _ in range(count)]
-                try:
-                    results, commit = await self._in_writer(writer.write, batch)
-                except Exception as exc:
-                    if not isinstance(exc, sqlite3.Error):
-                        log.exception("store.batch_failed")
-                    error = StoreUnavailable(f"the store cannot write: {exc}")
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(error)
-                    continue
-                for (_, future), result in zip(batch, results, strict=True):
-                    if not future.done():
-                        future.set_result(result)
-                self._publish(commit)
+                await self._write_batch(writer, batch)
             if self._closing:
                 return
+
+    async def _write_batch(self, writer: BatchWriter, batch: list[_Pending]) -> None:
+        """Write a batch; answer each request only once its batch has committed.
+
+        A batch that fails for another reason than SQLite's is written again one
+        event at a time, so that one event the writer cannot handle fails alone.
+        """
+        try:
+            results, commit = await self._in_writer(writer.write, batch)
+        except sqlite3.Error as exc:
+            _fail(batch, StoreUnavailable(f"the store cannot write: {exc}"))
+            return
+        except Exception as exc:
+            if len(batch) > 1:
+                for item in batch:
+                    await self._write_batch(writer, [item])
+                return
+            log.exception("store.event_failed", event_id=batch[0][0].event.id)
+            _fail(batch, StoreUnavailable(f"the store could not take this event: {exc}"))
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+        self._publish(commit)
 
     def add_commit_listener(self, listener: Callable[[Commit], None]) -> None:
         self._listeners.append(listener)
@@ -320,6 +331,12 @@ class SQLiteStore:
         if self._writer is None:
             raise StoreUnavailable("the store is not open")
         return await self._in_writer(_execute_write, self._writer, sql, params)
+
+
+def _fail(batch: list[_Pending], error: Exception) -> None:
+    for _, future in batch:
+        if not future.done():
+            future.set_exception(error)
 
 
 def _writer_thread() -> ThreadPoolExecutor:

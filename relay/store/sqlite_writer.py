@@ -101,22 +101,23 @@ class BatchWriter:
         self, batch: list[Pending], results: list[IngestResult], base: int
     ) -> tuple[dict[str, SessionRecord], Commit]:
         touched: dict[str, SessionRecord] = {}
-        activity: dict[str, int] = {}
         first_seen: dict[str, float] = {}
         turns: dict[tuple[str, str], Any] = {}
         changes: list[StoredChange] = []
         change_rows: list[Any] = []
+        latest: dict[str, int] = {}  # newest new event per session, whatever its type
         for (record, _), result in zip(batch, results, strict=True):
             event = record.event
-            if result.duplicate or not affects_state(event):
+            if result.duplicate or event.session_id is None:
+                continue
+            latest[event.session_id] = result.seq
+            if not affects_state(event):
                 continue
             session_id = event.session_id
-            assert session_id is not None
             old = touched[session_id] if session_id in touched else self._record(session_id, base)
             new, caused = apply(old, event)
             assert new is not None
             touched[session_id] = new
-            activity[session_id] = result.seq
             first_seen.setdefault(session_id, record.received_at.timestamp())
             turn_id = event.turn_id
             turn = new.turns.get(turn_id) if turn_id is not None else None
@@ -126,10 +127,11 @@ class BatchWriter:
                 session = new.session.to_dict()
                 for change in caused:
                     changes.append(self._change(change.to_dict(session), result.seq, change_rows))
+        self._move_activity({sid: seq for sid, seq in latest.items() if sid not in touched})
         if not touched:
             return touched, Commit()
         _insert_rows(self.conn, _INSERT_CHANGES, 6, change_rows)
-        self._write_state(touched, activity, turns)
+        self._write_state(touched, latest, turns)
         self._update_alerts(touched, first_seen)
         versions = {sid: record.session.version for sid, record in touched.items()}
         return touched, Commit(changes, versions)
@@ -187,6 +189,17 @@ class BatchWriter:
             rows,
             " ON CONFLICT (session_id, turn_id) DO UPDATE SET status = excluded.status,"
             " version = excluded.version, snapshot = excluded.snapshot",
+        )
+
+    def _move_activity(self, latest: dict[str, int]) -> None:
+        """Events that change no state still count as a session's newest activity."""
+        if not latest:
+            return
+        values = ",".join(["(?, ?)"] * len(latest))
+        self.conn.execute(
+            "UPDATE sessions SET activity_seq = v.column2"
+            f" FROM (VALUES {values}) AS v WHERE sessions.session_id = v.column1",
+            [part for pair in latest.items() for part in pair],
         )
 
     # -- alerts ----------------------------------------------------------------------------
