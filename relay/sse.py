@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 
 from aiohttp import web
 
@@ -71,9 +72,14 @@ async def stream_changes(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers=HEADERS)
 
     def disconnect() -> None:
+        # abort(), not close(): close() would first wait to flush what the slow client
+        # is not reading, which is exactly what must not be waited for.
         if request.transport is not None:
-            request.transport.close()
+            request.transport.abort()
 
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.socket_send_buffer_bytes)
     with request.app[HUB].subscribe(accepts, settings.buffer_changes, disconnect) as subscription:
         await response.prepare(request)
         await response.write(b"retry: %d\n\n" % settings.retry_ms)
