@@ -140,6 +140,7 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from relay.logs import configure_logging, flush_logs
 
     configure_logging(settings.log)
+    _raise_open_file_limit()
 
     def show_key(new_key: auth.NewKey) -> None:
         print(
@@ -186,6 +187,17 @@ async def _flush_logs_periodically(interval: float = 0.25) -> None:
     while True:
         await asyncio.sleep(interval)
         flush_logs()
+
+
+def _raise_open_file_limit() -> None:
+    """Each SSE subscriber holds a socket: allow as many as the hard limit permits."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def _base_url(address: Any) -> str:
