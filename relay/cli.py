@@ -155,6 +155,9 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
         app,
         access_log=None,
         handle_signals=False,
+        # A client that goes away ends its handler at once (an SSE stream then leaves
+        # the hub immediately, not at its next write).
+        handler_cancellation=True,
         shutdown_timeout=settings.server.shutdown_timeout_seconds,
     )
     await runner.setup()

@@ -111,6 +111,7 @@ class InProcessHub:
     def __init__(self) -> None:
         self._watches: defaultdict[str, set[_Watch]] = defaultdict(set)
         self._subscriptions: set[_Subscription] = set()
+        self._closed = False
 
     def publish(self, commit: Commit) -> None:
         for session_id in commit.sessions:
@@ -129,6 +130,8 @@ class InProcessHub:
         on_overflow: Callable[[], None],
     ) -> Iterator[_Subscription]:
         subscription = _Subscription(accepts, limit, on_overflow)
+        if self._closed:  # shutting down: a stream that starts now ends at once
+            subscription.close()
         self._subscriptions.add(subscription)
         try:
             yield subscription
@@ -136,6 +139,7 @@ class InProcessHub:
             self._subscriptions.discard(subscription)
 
     def close(self) -> None:
+        self._closed = True
         for subscription in self._subscriptions:
             subscription.close()
 

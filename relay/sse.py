@@ -10,6 +10,7 @@ is disconnected; it resumes with `Last-Event-ID`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import socket
 
@@ -18,6 +19,7 @@ from aiohttp import web
 from relay.appkeys import HUB, SETTINGS, STORE
 from relay.changes import StoredChange, glob_pattern, split_list
 from relay.errors import ApiError
+from relay.hub import Subscription
 
 REPLAY_PAGE = 500
 HEADERS = {
@@ -80,23 +82,38 @@ async def stream_changes(request: web.Request) -> web.StreamResponse:
     sock = request.transport.get_extra_info("socket") if request.transport else None
     if sock is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.socket_send_buffer_bytes)
-    with request.app[HUB].subscribe(accepts, settings.buffer_changes, disconnect) as subscription:
-        await response.prepare(request)
-        await response.write(b"retry: %d\n\n" % settings.retry_ms)
-        sent = await _replay(request, response, accepts, last_id)
-        while not (subscription.closed or subscription.overflowed):
-            changes = await subscription.next(settings.heartbeat_seconds)
-            if not changes:
-                if not (subscription.closed or subscription.overflowed):
-                    await response.write(b": heartbeat\n\n")
-                continue
-            frames = [change.frame for change in changes if change.id > sent]
-            if frames:
-                sent = changes[-1].id
-                await response.write(b"".join(frames))
-        if subscription.closed:
-            await response.write_eof()
+    # The client may go away (or be cut off for not reading): nothing to answer then.
+    with (
+        request.app[HUB].subscribe(accepts, settings.buffer_changes, disconnect) as subscription,
+        contextlib.suppress(ConnectionResetError),
+    ):
+        await _serve(request, response, subscription, accepts, last_id)
     return response
+
+
+async def _serve(
+    request: web.Request,
+    response: web.StreamResponse,
+    subscription: Subscription,
+    accepts: StreamFilter,
+    last_id: int | None,
+) -> None:
+    settings = request.app[SETTINGS].sse
+    await response.prepare(request)
+    await response.write(b"retry: %d\n\n" % settings.retry_ms)
+    sent = await _replay(request, response, accepts, last_id)
+    while not (subscription.closed or subscription.overflowed):
+        changes = await subscription.next(settings.heartbeat_seconds)
+        if not changes:
+            if not (subscription.closed or subscription.overflowed):
+                await response.write(b": heartbeat\n\n")
+            continue
+        frames = [change.frame for change in changes if change.id > sent]
+        if frames:
+            sent = max(sent, changes[-1].id)
+            await response.write(b"".join(frames))
+    if subscription.closed:
+        await response.write_eof()
 
 
 async def _replay(

@@ -210,3 +210,47 @@ async def test_relay_tail_prints_readable_lines_and_resumes(relay: Relay) -> Non
     assert "turn=turn_002" in lines[0]
     assert "status=conflict" in lines[1]
     assert "error='vault search timed out'" in lines[2]
+
+
+def test_streams_started_after_shutdown_began_end_at_once() -> None:
+    """A subscription made after the hub closed is closed from the start (no hang)."""
+    from relay.hub import InProcessHub
+
+    hub = InProcessHub()
+    hub.close()
+    with hub.subscribe(lambda change: True, 10, lambda: None) as subscription:
+        assert subscription.closed
+
+
+async def test_client_disconnect_is_not_a_server_error(tmp_path: Any) -> None:
+    """In `relay serve`, a stream whose client leaves ends quietly: no 500, no traceback."""
+    from tests.test_crash import free_port, write_config
+
+    port = free_port()
+    config = write_config(tmp_path, port)
+    config.write_text(
+        config.read_text().replace('level = "warning"', 'level = "info"')
+        + "[auth]\nenabled = false\n[sse]\nheartbeat_seconds = 0.1\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "relay", "serve", "--config", str(config)),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        for _ in range(100):
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        writer.write(b"GET /v1/stream HTTP/1.1\r\nHost: relay\r\n\r\n")
+        await reader.readuntil(b"retry: ")
+        writer.close()
+        await asyncio.sleep(0.5)  # several heartbeats' time
+    finally:
+        proc.terminate()
+        output, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
+    assert proc.returncode == 0
+    assert b"request.failed" not in output
+    assert b"Traceback" not in output
