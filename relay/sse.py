@@ -102,6 +102,9 @@ async def _serve(
     await response.prepare(request)
     await response.write(b"retry: %d\n\n" % settings.retry_ms)
     sent = await _replay(request, response, accepts, last_id)
+    # An id without data moves the client's last event id without dispatching anything
+    # (SSE spec), so a client that reconnects before its first change still resumes here.
+    await response.write(b"id: %d\n\n" % sent)
     while not (subscription.closed or subscription.overflowed):
         changes = await subscription.next(settings.heartbeat_seconds)
         if not changes:

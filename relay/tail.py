@@ -62,6 +62,8 @@ async def tail(
                         on_connect()
                     async for data, change_id in _frames(resp):
                         last_id = change_id
+                        if data is None:
+                            continue  # a position only (sent after the replay)
                         change = orjson.loads(data)
                         print(data.decode() if raw else describe(change), file=out, flush=True)
                         shown += 1
@@ -74,12 +76,13 @@ async def tail(
 
 
 async def _frames(resp: aiohttp.ClientResponse) -> Any:
+    """(data or None, id) for each frame that carries an id."""
     change_id, data = None, b""
     async for line in resp.content:
-        line = line.rstrip(b"\n")
+        line = line.rstrip(b"\r\n")
         if not line:
-            if change_id is not None and data:
-                yield data, change_id
+            if change_id is not None:
+                yield (data or None), change_id
             change_id, data = None, b""
         elif line.startswith(b"id: "):
             change_id = int(line[4:])

@@ -46,7 +46,7 @@ async def frames(resp: ClientResponse) -> AsyncIterator[dict[str, str]]:
 async def read_changes(resp: ClientResponse, count: int) -> list[dict[str, str]]:
     got: list[dict[str, str]] = []
     async for frame in frames(resp):
-        if "id" in frame:
+        if "data" in frame:
             got.append(frame)
             if len(got) == count:
                 break
@@ -55,7 +55,7 @@ async def read_changes(resp: ClientResponse, count: int) -> list[dict[str, str]]
 
 async def collect_changes(resp: ClientResponse, into: list[dict[str, str]]) -> None:
     async for frame in frames(resp):
-        if "id" in frame:
+        if "data" in frame:
             into.append(frame)
 
 
@@ -187,7 +187,7 @@ async def test_shutdown_ends_streams_cleanly(start_relay: RelayFactory, path: st
     assert first == b"retry: 3000\n"
     closing = asyncio.create_task(relay.client.server.close())
     rest = await asyncio.wait_for(resp.content.read(), timeout=10)
-    assert rest == b"\n"
+    assert rest == b"\nid: 0\n\n"
     await closing
 
 
@@ -254,3 +254,21 @@ async def test_client_disconnect_is_not_a_server_error(tmp_path: Any) -> None:
     assert proc.returncode == 0
     assert b"request.failed" not in output
     assert b"Traceback" not in output
+
+
+async def test_position_frame_lets_a_live_only_client_resume_without_gap(relay: Relay) -> None:
+    """A stream without Last-Event-ID sends its starting position as an id with no data,
+    so a client that disconnects before any change still resumes with no gap."""
+    await ingest(relay, fixture_events()[0])
+    async with relay.client.get("/v1/stream", headers=relay.auth) as resp:
+        position = None
+        async for frame in frames(resp):
+            if "id" in frame:
+                position = frame["id"]
+                break
+    assert position == "1"
+    await ingest(relay, fixture_events()[3])  # while the client is away
+    params = {"last_event_id": position}
+    async with relay.client.get("/v1/stream", params=params, headers=relay.auth) as resp:
+        got = await read_changes(resp, 1)
+    assert [f["event"] for f in got] == ["session.ready"]
