@@ -105,6 +105,14 @@ class DeliverySettings(_Section):
     timeout_seconds: float = Field(15.0, gt=0)
     retry_schedule_seconds: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
     allow_private_networks: bool = False
+    # Base64 of 32 bytes for encrypting subscription secrets at rest; when unset, a key
+    # is generated into the store's directory with mode 0600.
+    encryption_key: str | None = None
+
+    @field_validator("encryption_key")
+    @classmethod
+    def _resolve_key(cls, key: str | None) -> str | None:
+        return None if key is None else resolve_secret(key)
 
 
 class AlertSettings(_Section):
