@@ -29,6 +29,16 @@ ED25519_PUBLIC = (
     ).decode()
 )
 HMAC_SECRET = "hmac-shared-secret"
+# The changes the fixture lifecycle produces, in order.
+LIFECYCLE_CHANGES = [
+    "session.created",
+    "session.ready",
+    "turn.started",
+    "turn.completed",
+    "turn.started",
+    "turn.conflict",
+    "turn.failed",
+]
 BEARER_TOKEN = "motus-callback-token"
 
 

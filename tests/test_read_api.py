@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from relay.appkeys import STORE
-from tests.conftest import FIXTURES, Relay, RelayFactory, fixture_events
+from tests.conftest import FIXTURES, LIFECYCLE_CHANGES, Relay, RelayFactory, fixture_events
 from tests.test_ingest import signed
 
 EXPECTED = json.loads((FIXTURES / "session_lifecycle.expected.json").read_text())
@@ -70,15 +70,7 @@ async def test_changes_follow_the_lifecycle(relay: Relay) -> None:
     for event in fixture_events():
         await ingest(relay, event)
     changes = (await get(relay, "/v1/changes"))["items"]
-    assert [c["type"] for c in changes] == [
-        "session.created",
-        "session.ready",
-        "turn.started",
-        "turn.completed",
-        "turn.started",
-        "turn.conflict",
-        "turn.failed",
-    ]
+    assert [c["type"] for c in changes] == LIFECYCLE_CHANGES
     assert [c["id"] for c in changes] == sorted(c["id"] for c in changes)
     completed = changes[3]
     assert completed["turn"]["usage"]["input_tokens"] == 5120

@@ -13,18 +13,8 @@ import pytest
 from aiohttp import ClientPayloadError, ClientResponse
 from httpx_sse import aconnect_sse
 
-from tests.conftest import Relay, RelayFactory, fixture_events
+from tests.conftest import LIFECYCLE_CHANGES, Relay, RelayFactory, fixture_events
 from tests.test_read_api import get, ingest
-
-LIFECYCLE_TYPES = [
-    "session.created",
-    "session.ready",
-    "turn.started",
-    "turn.completed",
-    "turn.started",
-    "turn.conflict",
-    "turn.failed",
-]
 
 
 async def frames(resp: ClientResponse) -> AsyncIterator[dict[str, str]]:
@@ -77,9 +67,9 @@ async def test_httpx_sse_client_receives_the_lifecycle_in_order(relay: Relay) ->
             retry = retry or sse.retry
             if sse.data:
                 received.append(sse)
-            if len(received) == len(LIFECYCLE_TYPES):
+            if len(received) == len(LIFECYCLE_CHANGES):
                 break
-    assert [sse.event for sse in received] == LIFECYCLE_TYPES
+    assert [sse.event for sse in received] == LIFECYCLE_CHANGES
     ids = [int(sse.id) for sse in received]
     assert ids == sorted(ids)
     assert retry == 3000
@@ -112,10 +102,10 @@ async def test_replay_and_live_meet_without_gap_or_repeat(relay: Relay) -> None:
     headers = {**relay.auth, "Last-Event-ID": "0"}
     async with relay.client.get("/v1/stream", headers=headers) as resp:
         rest = asyncio.gather(*(ingest(relay, event) for event in events[4:]))
-        got = await read_changes(resp, len(LIFECYCLE_TYPES))
+        got = await read_changes(resp, len(LIFECYCLE_CHANGES))
         await rest
     ids = [int(f["id"]) for f in got]
-    assert ids == list(range(1, len(LIFECYCLE_TYPES) + 1))
+    assert ids == list(range(1, len(LIFECYCLE_CHANGES) + 1))
 
 
 async def test_filters_by_type_and_session(relay: Relay) -> None:

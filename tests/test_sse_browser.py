@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient
 from relay.app import create_app
 from relay.appkeys import HUB
 from relay.auth import NewKey
-from tests.conftest import Relay, fixture_events, make_settings
+from tests.conftest import LIFECYCLE_CHANGES, Relay, fixture_events, make_settings
 from tests.test_read_api import ingest
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -119,13 +119,5 @@ async def test_browser_eventsource_receives_changes_and_resumes(
         await browser.wait()
 
     assert [change_id for change_id, _ in final["seen"]] == list(range(1, 8))
-    assert [kind for _, kind in final["seen"]] == [
-        "session.created",
-        "session.ready",
-        "turn.started",
-        "turn.completed",
-        "turn.started",
-        "turn.conflict",
-        "turn.failed",
-    ]
+    assert [kind for _, kind in final["seen"]] == LIFECYCLE_CHANGES
     assert final["opens"] >= 2

@@ -7,7 +7,6 @@ import json
 import random
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,8 +23,8 @@ from relay.state import (
     apply,
     derive_session,
 )
+from tests.conftest import FIXTURES, LIFECYCLE_CHANGES
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "casedev"
 RAW = json.loads((FIXTURES / "session_lifecycle.json").read_text())
 EXPECTED = json.loads((FIXTURES / "session_lifecycle.expected.json").read_text())
 SESSION = "chat_01JD7Q8M2X"
@@ -138,15 +137,7 @@ def changes_of(events: Iterable[Event]) -> list[str]:
 
 def test_fixture_changes_in_order() -> None:
     """The fixture in order emits one change per status transition."""
-    assert changes_of(FIXTURE) == [
-        "session.created",
-        "session.ready",
-        "turn.started",
-        "turn.completed",
-        "turn.started",
-        "turn.conflict",
-        "turn.failed",
-    ]
+    assert changes_of(FIXTURE) == LIFECYCLE_CHANGES
 
 
 def test_versions_count_snapshot_changes() -> None:

@@ -89,9 +89,7 @@ class BatchWriter:
             touched, commit = self._derive(batch, results, base)
             conn.execute("COMMIT")
         except BaseException:
-            self.last_seq = None
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            self._abandon()
             raise
         self.last_seq = last
         self._remember(touched)
@@ -280,9 +278,7 @@ class BatchWriter:
             _insert_rows(conn, _INSERT_CHANGES, 6, change_rows)
             conn.execute("COMMIT")
         except BaseException:
-            self.last_seq = None
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            self._abandon()
             raise
         return Commit(changes, {})
 
@@ -317,6 +313,12 @@ class BatchWriter:
             self.cache.move_to_end(session_id)
         while len(self.cache) > _CACHE_SESSIONS:
             self.cache.popitem(last=False)
+
+    def _abandon(self) -> None:
+        """Roll back; the counters are read again (and the cache dropped) next time."""
+        self.last_seq = None
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
 
     def _read_counters(self) -> None:
         """Read the last seq and change id; forget cached records if someone else wrote."""
