@@ -19,6 +19,7 @@ class StoredChange:
     turn_id: str | None
     body: bytes  # the change object as JSON (one line), exactly as subscribers receive it
     frame: bytes = b""  # the same as one Server-Sent Events frame
+    chunk: bytes = b""  # the frame framed as one HTTP/1.1 chunk
 
     @classmethod
     def of(
@@ -26,7 +27,12 @@ class StoredChange:
     ) -> StoredChange:
         """A change with its SSE frame encoded once, for every subscriber to share."""
         frame = b"id: %d\nevent: %s\ndata: %s\n\n" % (change_id, change_type.encode(), body)
-        return cls(change_id, change_type, session_id, turn_id, body, frame)
+        return cls(change_id, change_type, session_id, turn_id, body, frame, as_chunk(frame))
+
+
+def as_chunk(data: bytes) -> bytes:
+    """`data` as one chunk of an HTTP/1.1 chunked body."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
 
 
 @dataclass(frozen=True, slots=True)

@@ -124,7 +124,8 @@ class AlertSettings(_Section):
 class SSESettings(_Section):
     heartbeat_seconds: float = Field(15.0, gt=0)
     retry_ms: int = Field(3000, ge=0)
-    buffer_changes: int = Field(1000, ge=1)
+    buffer_changes: int = Field(1000, ge=1)  # held for a stream while it replays history
+    buffer_bytes: int = Field(1024 * 1024, ge=1024)  # unsent bytes a live stream may hold
     # Caps the kernel's send buffer per stream (it grows to 4 MiB by default), so that a
     # stalled client holds little memory anywhere and is noticed, and cut off, sooner.
     socket_send_buffer_bytes: int = Field(128 * 1024, ge=4096)

@@ -8,6 +8,7 @@ interface across relay instances. The ingest path only publishes; long-poll read
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -27,6 +28,16 @@ class Subscription(Protocol):
 
     async def next(self, seconds: float) -> list[StoredChange]:
         """The changes buffered since the last call; [] after `seconds` without any."""
+
+    def deliver_to(self, sink: Callable[[StoredChange], None]) -> list[StoredChange]:
+        """From now on hand each accepted change to `sink` as it is published, instead of
+        buffering it; returns what was buffered until now."""
+
+    async def ended(self, seconds: float) -> bool:
+        """Wait up to `seconds` for the subscription to close or overflow."""
+
+    def overflow(self) -> None:
+        """Give up on this subscriber (its sink could not keep up)."""
 
 
 class Hub(Protocol):
@@ -76,20 +87,42 @@ class _Subscription:
         self._on_overflow = on_overflow
         self._queue: deque[StoredChange] = deque()
         self._ready = asyncio.Event()
+        self._sink: Callable[[StoredChange], None] | None = None
         self.overflowed = False
         self.closed = False
 
     def offer(self, change: StoredChange) -> None:
         if self.overflowed or self.closed or not self._accepts(change):
             return
+        if self._sink is not None:
+            self._sink(change)
+            return
         if len(self._queue) >= self._limit:
-            self.overflowed = True
-            self._queue.clear()
-            self._ready.set()
-            self._on_overflow()
+            self.overflow()
             return
         self._queue.append(change)
         self._ready.set()
+
+    def overflow(self) -> None:
+        if self.overflowed:
+            return
+        self.overflowed = True
+        self._queue.clear()
+        self._ready.set()
+        self._on_overflow()
+
+    def deliver_to(self, sink: Callable[[StoredChange], None]) -> list[StoredChange]:
+        self._sink = sink
+        buffered = list(self._queue)
+        self._queue.clear()
+        return buffered
+
+    async def ended(self, seconds: float) -> bool:
+        if not (self.closed or self.overflowed):
+            self._ready.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready.wait(), seconds)
+        return self.closed or self.overflowed
 
     def close(self) -> None:
         self.closed = True

@@ -17,7 +17,7 @@ import socket
 from aiohttp import web
 
 from relay.appkeys import HUB, SETTINGS, STORE
-from relay.changes import StoredChange, glob_pattern, split_list
+from relay.changes import StoredChange, as_chunk, glob_pattern, split_list
 from relay.errors import ApiError
 from relay.hub import Subscription
 
@@ -105,17 +105,29 @@ async def _serve(
     # An id without data moves the client's last event id without dispatching anything
     # (SSE spec), so a client that reconnects before its first change still resumes here.
     await response.write(b"id: %d\n\n" % sent)
-    while not (subscription.closed or subscription.overflowed):
-        changes = await subscription.next(settings.heartbeat_seconds)
-        if not changes:
-            if not (subscription.closed or subscription.overflowed):
-                await response.write(b": heartbeat\n\n")
-            continue
-        frames = [change.frame for change in changes if change.id > sent]
-        if frames:
-            sent = max(sent, changes[-1].id)
-            await response.write(b"".join(frames))
-    if subscription.closed:
+
+    # From here on changes are written to the socket as they are published, each one a
+    # frame (and chunk) encoded once for all subscribers: no task wakes per change.
+    transport = request.transport
+    assert transport is not None
+    chunked = response.headers.get("Transfer-Encoding") == "chunked"
+    heartbeat = as_chunk(b": heartbeat\n\n") if chunked else b": heartbeat\n\n"
+    last = [sent]
+
+    def write(change: StoredChange) -> None:
+        if change.id <= last[0] or transport.is_closing():
+            return
+        last[0] = change.id
+        transport.write(change.chunk if chunked else change.frame)
+        if transport.get_write_buffer_size() > settings.buffer_bytes:
+            subscription.overflow()  # it is not reading: cut it off, it resumes later
+
+    for change in subscription.deliver_to(write):
+        write(change)
+    while not await subscription.ended(settings.heartbeat_seconds):
+        if not transport.is_closing():
+            transport.write(heartbeat)
+    if subscription.closed and not subscription.overflowed:
         await response.write_eof()
 
 

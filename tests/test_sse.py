@@ -10,9 +10,10 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from aiohttp import ClientPayloadError, ClientResponse
+from aiohttp import ClientResponse
 from httpx_sse import aconnect_sse
 
+from relay.appkeys import HUB
 from tests.conftest import LIFECYCLE_CHANGES, Relay, RelayFactory, fixture_events
 from tests.test_read_api import get, ingest
 
@@ -140,24 +141,27 @@ async def test_heartbeats_keep_an_idle_stream_alive(start_relay: RelayFactory) -
 async def test_overflowing_subscriber_is_disconnected_and_can_resume(
     start_relay: RelayFactory,
 ) -> None:
-    """A burst beyond the buffer closes the stream; resuming from its last id loses nothing."""
-    relay = await start_relay(sse={"buffer_changes": 3})
-    async with relay.client.get("/v1/stream", headers=relay.auth) as resp:
-        burst = [
-            {**fixture_events()[0], "id": f"evt_burst_{n}", "data": {"chatId": f"chat_{n}"}}
-            for n in range(20)
-        ]
-        await asyncio.gather(*(ingest(relay, event) for event in burst))
-        got: list[dict[str, str]] = []
-        with pytest.raises(ClientPayloadError):  # the relay dropped the connection
-            await collect_changes(resp, got)
-    assert len(got) < 20  # the stream ended early instead of buffering without bound
-    last = got[-1]["id"] if got else "0"
-    params = {"last_event_id": last}
+    """A stream that stops reading is cut off once its byte budget is spent; it resumes
+    from its last id without losing anything."""
+    from tests.test_sse_slow import open_stalled_stream
+
+    relay = await start_relay(sse={"buffer_bytes": 4096, "socket_send_buffer_bytes": 4096})
+    hub = relay.client.app[HUB]
+    stalled = await open_stalled_stream(relay)
+    await asyncio.sleep(0.2)
+    assert hub.subscribers == 1
+    burst = [
+        {**fixture_events()[0], "id": f"evt_burst_{n}", "data": {"chatId": f"chat_{n}"}}
+        for n in range(200)
+    ]
+    for start in range(0, len(burst), 20):
+        await asyncio.gather(*(ingest(relay, event) for event in burst[start : start + 20]))
+    assert hub.subscribers == 0  # cut off instead of buffering without bound
+    stalled.close()
+    params = {"last_event_id": "0"}
     async with relay.client.get("/v1/stream", params=params, headers=relay.auth) as resp:
-        rest = await read_changes(resp, 20 - len(got))
-    ids = [int(f["id"]) for f in got + rest]
-    assert ids == list(range(1, 21))
+        got = await read_changes(resp, 200)
+    assert [int(f["id"]) for f in got] == list(range(1, 201))
 
 
 async def test_bad_stream_requests(relay: Relay) -> None:

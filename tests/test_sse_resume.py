@@ -8,7 +8,7 @@ import random
 import orjson
 import pytest
 
-from tests.conftest import Relay
+from tests.conftest import Relay, RelayFactory
 from tests.test_ingest import signed
 from tests.test_sse import frames
 
@@ -42,9 +42,10 @@ def events() -> list[dict[str, object]]:
 
 @pytest.mark.parametrize("type_filter", ["", "turn.*"])
 async def test_client_resuming_20_times_during_load_gets_every_change_once(
-    relay: Relay, type_filter: str
+    start_relay: RelayFactory, type_filter: str
 ) -> None:
     """While 2,000 changes are produced, 20 random disconnects lose and repeat nothing."""
+    relay = await start_relay(sse={"heartbeat_seconds": 0.2})  # heartbeats end idle waits
     rng = random.Random(7)
     stop_after = sorted(rng.sample(range(1, 1500), DISCONNECTS))
     received: list[dict[str, object]] = []

@@ -40,7 +40,7 @@ async def test_stalled_streams_are_cut_off_and_others_stay_fast(
 ) -> None:
     """Stalled streams are disconnected once their buffer is full, memory stays bounded,
     and the streams that read keep getting every change with p99 latency under 100 ms."""
-    relay = await start_relay(sse={"buffer_changes": 50})
+    relay = await start_relay(sse={"buffer_bytes": 64 * 1024})
     hub = relay.client.app[HUB]
     stalled = [await open_stalled_stream(relay) for _ in range(SLOW)]
     sent_at: dict[str, float] = {}
@@ -87,7 +87,7 @@ async def test_stalled_streams_are_cut_off_and_others_stay_fast(
     assert hub.subscribers == FAST  # all stalled streams were cut off
     latencies.sort()
     assert latencies[int(len(latencies) * 0.99)] < 0.1
-    # Bounded: per stalled stream at most the transport's 64 KiB and 50 frames of ~1 KB.
+    # Bounded: per stalled stream at most its 64 KiB budget of unsent bytes.
     assert growth < 24 * 1024 * 1024, f"RSS grew by {growth / 2**20:.1f} MiB"
     for sock in stalled:
         sock.close()
