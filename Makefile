@@ -3,7 +3,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= config/relay.toml
 
-.PHONY: run test lint typecheck install dev clean bench-ingest bench-longpoll bench-sse-idle
+.PHONY: run test lint typecheck install dev clean bench-ingest bench-longpoll bench-sse bench-sse-idle
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ bench-ingest: dev
 
 bench-longpoll: dev
 	$(BIN)/python -m bench.longpoll
+
+bench-sse: dev
+	$(BIN)/python -m bench.sse
 
 bench-sse-idle: dev
 	$(BIN)/python -m bench.sse_idle
