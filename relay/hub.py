@@ -26,9 +26,6 @@ class Subscription(Protocol):
     overflowed: bool
     closed: bool
 
-    async def next(self, seconds: float) -> list[StoredChange]:
-        """The changes buffered since the last call; [] after `seconds` without any."""
-
     def deliver_to(self, sink: Callable[[StoredChange], None]) -> list[StoredChange]:
         """From now on hand each accepted change to `sink` as it is published, instead of
         buffering it; returns what was buffered until now."""
@@ -127,17 +124,6 @@ class _Subscription:
     def close(self) -> None:
         self.closed = True
         self._ready.set()
-
-    async def next(self, seconds: float) -> list[StoredChange]:
-        if not self._queue and not (self.closed or self.overflowed):
-            try:
-                await asyncio.wait_for(self._ready.wait(), seconds)
-            except TimeoutError:
-                return []
-        self._ready.clear()
-        changes = list(self._queue)
-        self._queue.clear()
-        return changes
 
 
 class InProcessHub:
