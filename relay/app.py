@@ -37,6 +37,7 @@ from relay.store import EventDecoder, Store, StoreUnavailable, open_store
 from relay.timefmt import parse_time
 
 log = structlog.get_logger("relay.http")
+REQUEST_ID = web.RequestKey("request_id", str)
 
 _STATUS_CODES = {
     404: "NOT_FOUND",
@@ -84,6 +85,7 @@ def create_app(
     for path, handler in read.items():
         app.router.add_get(path, _scoped(auth.READ, handler))
     app.on_shutdown.append(_close_streams)
+    app.on_response_prepare.append(_add_request_id)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
@@ -167,6 +169,7 @@ def _envelope_middleware(log_requests: bool) -> Callable[..., Awaitable[web.Stre
     async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
         request_id = request.headers.get("X-Request-Id") or f"{prefix}-{next(counter):x}"
+        request[REQUEST_ID] = request_id
         try:
             response = await handler(request)
         except ApiError as exc:
@@ -180,7 +183,6 @@ def _envelope_middleware(log_requests: bool) -> Callable[..., Awaitable[web.Stre
         except Exception:
             log.exception("request.failed", request_id=request_id, path=request.path)
             response = error_response(500, "INTERNAL", "an internal error occurred")
-        response.headers["X-Request-Id"] = request_id
         if log_requests:
             write_line(
                 request_id=request_id,
@@ -192,6 +194,13 @@ def _envelope_middleware(log_requests: bool) -> Callable[..., Awaitable[web.Stre
         return response
 
     return envelope
+
+
+async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """Every response, streams included, carries the id its log line has."""
+    request_id = request.get(REQUEST_ID)
+    if request_id is not None:
+        response.headers["X-Request-Id"] = request_id
 
 
 async def _close_streams(app: web.Application) -> None:

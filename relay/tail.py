@@ -48,15 +48,21 @@ async def tail(
     shown = 0
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     params = [("type", t) for t in types] + [("session_id", s) for s in sessions]
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+    # A stream sends a heartbeat every 15 s by default: a minute of silence means the
+    # connection is dead even if the socket does not say so.
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
     async with aiohttp.ClientSession(headers=headers, timeout=timeout) as http:
         while count is None or shown < count:
             query = params + ([("last_event_id", str(last_id))] if last_id is not None else [])
             try:
                 async with http.get(f"{url.rstrip('/')}/v1/stream", params=query) as resp:
+                    if resp.status >= 500:
+                        print(f"relay tail: {resp.status}; retrying", file=sys.stderr)
+                        await asyncio.sleep(retry_seconds)
+                        continue
                     if resp.status != 200:
-                        error = (await resp.json()).get("error", {})
-                        print(f"relay tail: {resp.status} {error.get('message')}", file=sys.stderr)
+                        text = await resp.text()
+                        print(f"relay tail: {resp.status} {text}", file=sys.stderr)
                         return 1
                     if on_connect is not None:
                         on_connect()

@@ -61,6 +61,7 @@ async def test_httpx_sse_client_receives_the_lifecycle_in_order(relay: Relay) ->
         assert source.response.headers["content-type"].startswith("text/event-stream")
         assert source.response.headers["cache-control"] == "no-cache, no-transform"
         assert source.response.headers["x-accel-buffering"] == "no"
+        assert source.response.headers["x-request-id"]
         for event in fixture_events():
             await ingest(relay, event)
         retry = None
