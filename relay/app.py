@@ -79,11 +79,12 @@ def create_app(
         "/v1/sessions/{session_id}": get_session,
         "/v1/sessions/{session_id}/turns": list_turns,
         "/v1/sessions/{session_id}/events": list_session_events,
-        "/v1/stream": stream_changes,
-        "/v1/sessions/{session_id}/stream": stream_changes,
     }
     for path, handler in read.items():
         app.router.add_get(path, _scoped(auth.READ, handler))
+    for path in ("/v1/stream", "/v1/sessions/{session_id}/stream"):
+        # No HEAD: a stream's body never ends, and HEAD must not have one.
+        app.router.add_get(path, _scoped(auth.READ, stream_changes), allow_head=False)
     app.on_shutdown.append(_close_streams)
     app.on_response_prepare.append(_add_request_id)
     app.router.add_get("/healthz", _healthz)

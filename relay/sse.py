@@ -115,7 +115,10 @@ async def _serve(
     last = [sent]
 
     def write(change: StoredChange) -> None:
-        if change.id <= last[0] or transport.is_closing():
+        if transport.is_closing():
+            subscription.overflow()  # the client is gone: end the stream
+            return
+        if change.id <= last[0]:
             return
         last[0] = change.id
         transport.write(change.chunk if chunked else change.frame)
@@ -125,8 +128,9 @@ async def _serve(
     for change in subscription.deliver_to(write):
         write(change)
     while not await subscription.ended(settings.heartbeat_seconds):
-        if not transport.is_closing():
-            transport.write(heartbeat)
+        if transport.is_closing():
+            break  # the client is gone (without handler cancellation nothing else says so)
+        transport.write(heartbeat)
     if subscription.closed and not subscription.overflowed:
         await response.write_eof()
 

@@ -267,3 +267,38 @@ async def test_position_frame_lets_a_live_only_client_resume_without_gap(relay: 
     async with relay.client.get("/v1/stream", params=params, headers=relay.auth) as resp:
         got = await read_changes(resp, 1)
     assert [f["event"] for f in got] == ["session.ready"]
+
+
+async def test_head_on_a_stream_is_405(relay: Relay) -> None:
+    """HEAD on a stream is refused rather than answered with an endless body."""
+    resp = await relay.client.head("/v1/stream", headers=relay.auth)
+    assert resp.status == 405
+
+
+async def test_gone_client_leaves_the_hub_without_handler_cancellation(tmp_path: Any) -> None:
+    """Even where aiohttp does not cancel handlers, a stream whose client left ends."""
+    from aiohttp import web
+
+    from relay.app import create_app
+    from tests.conftest import make_settings
+    from tests.test_crash import free_port
+
+    settings = make_settings(tmp_path, auth={"enabled": False}, sse={"heartbeat_seconds": 0.05})
+    app = create_app(settings)
+    runner = web.AppRunner(app, handler_cancellation=False)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /v1/stream HTTP/1.1\r\nHost: relay\r\n\r\n")
+        await reader.readuntil(b"retry: ")
+        assert app[HUB].subscribers == 1
+        writer.close()
+        for _ in range(40):
+            if app[HUB].subscribers == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert app[HUB].subscribers == 0
+    finally:
+        await runner.cleanup()
