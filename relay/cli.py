@@ -213,7 +213,10 @@ def _base_url(address: Any) -> str:
 
 @contextlib.asynccontextmanager
 async def _opened(settings: Settings) -> Any:
-    store: Store = open_store(settings.store)
+    """The configured store, opened with the configured sources' normalisers."""
+    from relay.app import event_decoder
+
+    store: Store = open_store(settings.store, event_decoder(settings), settings.alerts)
     await store.open()
     try:
         yield store
@@ -230,14 +233,8 @@ async def _migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _check_state(settings: Settings, args: argparse.Namespace) -> int:
-    from relay.app import event_decoder
-
-    store = open_store(settings.store, event_decoder(settings), settings.alerts)
-    await store.open()
-    try:
+    async with _opened(settings) as store:
         problems = await store.check_derived_state()
-    finally:
-        await store.close()
     for problem in problems:
         print(problem)
     print("derived state and change log match the events" if not problems else "MISMATCH")

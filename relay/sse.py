@@ -20,6 +20,7 @@ from relay.appkeys import HUB, SETTINGS, STORE
 from relay.changes import StoredChange, as_chunk, glob_pattern, split_list
 from relay.errors import ApiError
 from relay.hub import Subscription
+from relay.read_api import MAX_ID
 
 REPLAY_PAGE = 500
 HEADERS = {
@@ -55,7 +56,7 @@ def _last_event_id(request: web.Request) -> int | None:
         value = int(raw)
     except ValueError:
         value = -1
-    if not 0 <= value <= 2**62:
+    if not 0 <= value <= MAX_ID:
         raise ApiError(400, "INVALID_PARAMETER", "Last-Event-ID must be a change id (an integer)")
     return value
 
