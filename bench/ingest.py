@@ -151,7 +151,7 @@ class Server:
         )
 
 
-def relay_config(work: Path, port: int, log_requests: bool) -> Path:
+def relay_config(work: Path, port: int, log_requests: bool, writer: str = "process") -> Path:
     config = work / f"relay-{port}.toml"
     config.write_text(
         f"""
@@ -159,6 +159,7 @@ def relay_config(work: Path, port: int, log_requests: bool) -> Path:
 port = {port}
 [store]
 url = "sqlite:///{work}/bench-{port}.db"
+writer = "{writer}"
 [log]
 format = "json"
 requests = {str(log_requests).lower()}
@@ -185,6 +186,11 @@ def main() -> None:
         action="store_true",
         help="also run a relay without per-request log lines",
     )
+    parser.add_argument(
+        "--thread-writer",
+        action="store_true",
+        help="also run a relay with store.writer = thread (no writer process)",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
@@ -197,12 +203,14 @@ def main() -> None:
         port = free_port()
         bare = [sys.executable, str(HERE / "bare_server.py"), str(port)]
         servers = [Server("bare aiohttp", bare, port, work, None)]
-        variants = [("relay", True)]
+        variants = [("relay", True, "process")]
         if args.no_request_log:
-            variants.append(("relay (no request log)", False))
-        for name, log_requests in variants:
+            variants.append(("relay (no request log)", False, "process"))
+        if args.thread_writer:
+            variants.append(("relay (thread writer)", True, "thread"))
+        for name, log_requests, writer in variants:
             port = free_port()
-            config = relay_config(work, port, log_requests)
+            config = relay_config(work, port, log_requests, writer)
             command = [sys.executable, "-m", "relay", "serve", "--config", str(config)]
             servers.append(Server(name, command, port, work, work / f"bench-{port}.db"))
         try:

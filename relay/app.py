@@ -9,7 +9,6 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import orjson
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -18,12 +17,10 @@ from relay import auth
 from relay.appkeys import HUB, METRICS, SETTINGS, STORE
 from relay.config import Settings
 from relay.errors import ApiError, error_response, json_response
-from relay.events import Event
 from relay.hub import Hub, InProcessHub
 from relay.ingest import IngestContext, Source, make_ingest_handler
 from relay.logs import request_line_writer
 from relay.metrics import Metrics
-from relay.normalize import NORMALISERS, normalise_casedev
 from relay.read_api import (
     get_session,
     list_changes,
@@ -33,8 +30,7 @@ from relay.read_api import (
     list_turns,
 )
 from relay.sse import stream_changes
-from relay.store import EventDecoder, Store, StoreUnavailable, open_store
-from relay.timefmt import parse_time
+from relay.store import Store, StoreUnavailable, open_store
 
 log = structlog.get_logger("relay.http")
 REQUEST_ID = web.RequestKey("request_id", str)
@@ -61,7 +57,7 @@ def create_app(
     )
     app[SETTINGS] = settings
     if store is None:
-        store = open_store(settings.store, event_decoder(settings), settings.alerts)
+        store = open_store(settings.store, source_providers(settings), settings.alerts)
     app[STORE] = store
     app[HUB] = hub if hub is not None else InProcessHub()
     app[METRICS] = Metrics()
@@ -111,15 +107,9 @@ def _store_lifetime(
     return lifetime
 
 
-def event_decoder(settings: Settings) -> EventDecoder:
-    """Turns a stored event back into an Event with its source's normaliser."""
-    normalisers = {source.id: NORMALISERS[source.provider] for source in settings.sources}
-
-    def decode(source: str, payload: bytes, received_at: str) -> Event:
-        normalise = normalisers.get(source, normalise_casedev)
-        return normalise(source, orjson.loads(payload), parse_time(received_at))
-
-    return decode
+def source_providers(settings: Settings) -> dict[str, str]:
+    """Source id -> provider, for the store to read stored events back."""
+    return {source.id: source.provider for source in settings.sources}
 
 
 def _alert_loop(

@@ -214,9 +214,9 @@ def _base_url(address: Any) -> str:
 @contextlib.asynccontextmanager
 async def _opened(settings: Settings) -> Any:
     """The configured store, opened with the configured sources' normalisers."""
-    from relay.app import event_decoder
+    from relay.app import source_providers
 
-    store: Store = open_store(settings.store, event_decoder(settings), settings.alerts)
+    store: Store = open_store(settings.store, source_providers(settings), settings.alerts)
     await store.open()
     try:
         yield store

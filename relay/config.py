@@ -58,6 +58,11 @@ class StoreSettings(_Section):
     batch_max: int = Field(1024, ge=1)
     busy_timeout_ms: int = Field(5000, ge=0)
     auto_migrate: bool = True
+    # "process": ingest writes and state derivation run in a writer process of their own
+    # (its own interpreter and core); "thread": on a thread of the relay's process.
+    writer: Literal["process", "thread"] = "process"
+    # With the writer process, how often the relay copies the WAL into the database file.
+    checkpoint_interval_seconds: float = Field(1.0, gt=0)
 
     @field_validator("url")
     @classmethod

@@ -8,7 +8,10 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, TypeGuard
 
+import orjson
+
 from relay.events import Event, TurnError, Usage
+from relay.timefmt import parse_time
 
 MAX_ID_LENGTH = 256
 MAX_COUNT = 10**12  # tokens or micro-dollars in one usage field; sums stay far below 2**63
@@ -85,6 +88,21 @@ def normalise_generic(source: str, body: Mapping[str, Any], received_at: datetim
 NORMALISERS: Mapping[str, Normaliser] = MappingProxyType(
     {"casedev": normalise_casedev, "generic": normalise_generic}
 )
+
+
+def decoder(providers: Mapping[str, str]) -> Callable[[str, bytes, str], Event]:
+    """Turns a stored event `(source, raw payload, received_at)` back into an Event.
+
+    `providers` maps source ids to provider names; a source no longer configured is read
+    with the casedev normaliser, which reads canonical events too.
+    """
+    normalisers = {source: NORMALISERS[provider] for source, provider in providers.items()}
+
+    def decode(source: str, payload: bytes, received_at: str) -> Event:
+        normalise = normalisers.get(source, normalise_casedev)
+        return normalise(source, orjson.loads(payload), parse_time(received_at))
+
+    return decode
 
 
 def _required_id(body: Mapping[str, Any], field: str) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from relay.app import create_app, event_decoder
+from relay.app import create_app, source_providers
 from relay.appkeys import STORE
 from relay.config import AlertSettings
 from relay.store import open_store
@@ -115,7 +115,7 @@ async def test_deadlines_survive_in_the_store_file(tmp_path: Path) -> None:
     """A fresh store on the same file fires the alerts the old one scheduled."""
     settings = make_settings(tmp_path)
     store = open_store(
-        settings.store, event_decoder(settings), AlertSettings(ready_timeout_seconds=5)
+        settings.store, source_providers(settings), AlertSettings(ready_timeout_seconds=5)
     )
     await store.open()
     from relay.events import Event
@@ -128,7 +128,7 @@ async def test_deadlines_survive_in_the_store_file(tmp_path: Path) -> None:
     await store.close()
 
     again = open_store(
-        settings.store, event_decoder(settings), AlertSettings(ready_timeout_seconds=5)
+        settings.store, source_providers(settings), AlertSettings(ready_timeout_seconds=5)
     )
     await again.open()
     try:

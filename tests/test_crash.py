@@ -84,6 +84,11 @@ class RelayProcess:
                 await asyncio.sleep(0.05)
         raise RuntimeError("relay did not start within 30 s")
 
+    def children(self) -> list[int]:
+        """Pids of the relay's child processes (its writer process)."""
+        assert self.proc is not None
+        return child_pids(self.proc.pid)
+
     async def kill(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
@@ -93,6 +98,28 @@ class RelayProcess:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.terminate()
             await asyncio.wait_for(self.proc.wait(), timeout=20)
+
+
+def child_pids(pid: int) -> list[int]:
+    return [
+        int(child)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    ]
+
+
+def _exists(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+async def ended(pids: list[int], seconds: float) -> bool:
+    """Wait up to `seconds` for every process in `pids` to be gone."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not any(_exists(pid) for pid in pids):
+            return True
+        await asyncio.sleep(0.05)
+    return False
 
 
 @pytest.fixture
@@ -181,9 +208,12 @@ async def test_sigkill_under_load_loses_no_acknowledged_event(relay_process: Rel
     killed = asyncio.Event()
     sending = asyncio.create_task(send_all(relay_process.url, list(range(EVENTS)), acked, killed))
     await asyncio.wait_for(killed.wait(), timeout=60)
+    writers = relay_process.children()
     await relay_process.kill()
     acked_before_kill = set(acked)
     await asyncio.wait_for(sending, timeout=60)
+    assert len(writers) == 1
+    assert await ended(writers, 10), "the writer process outlived the relay"
     assert len(acked_before_kill) >= KILL_AFTER
     assert len(acked_before_kill) < EVENTS, "the kill came after every event was sent"
 
@@ -214,8 +244,10 @@ async def test_sigterm_under_load_shuts_down_cleanly(relay_process: RelayProcess
     sending = asyncio.create_task(send_all(relay_process.url, list(range(EVENTS)), acked, stopping))
     await asyncio.wait_for(stopping.wait(), timeout=60)
     assert relay_process.proc is not None
+    writers = relay_process.children()
     relay_process.proc.terminate()
     assert await asyncio.wait_for(relay_process.proc.wait(), timeout=30) == 0
+    assert await ended(writers, 5), "the writer process outlived the relay"
     await asyncio.wait_for(sending, timeout=60)
 
     await relay_process.start()

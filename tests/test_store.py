@@ -24,9 +24,10 @@ def record(event_id: str, source: str = "s") -> IngestRecord:
     return IngestRecord(event, body % event_id.encode(), NOW)
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite-process", "sqlite-thread"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    backend = open_store(StoreSettings(url=f"sqlite:///{tmp_path}/contract.db"))
+    writer = request.param.partition("-")[2]
+    backend = open_store(StoreSettings(url=f"sqlite:///{tmp_path}/contract.db", writer=writer))
     await backend.open()
     yield backend
     await backend.close()
@@ -125,5 +126,33 @@ async def test_rows_written_by_another_connection_are_respected(tmp_path: Path) 
         assert (result.seq, result.duplicate) == (3, False)
         assert (again.seq, again.duplicate) == (2, True)
         assert [e.id for e in await store.list_events(0, 10)] == ["a", "b", "c"]
+    finally:
+        await store.close()
+
+
+async def test_a_writer_process_that_dies_is_replaced(tmp_path: Path) -> None:
+    """After the writer process is killed, the next ingests succeed in a new one."""
+    import os
+    import signal
+
+    from tests.test_crash import child_pids, ended
+
+    store = open_store(StoreSettings(url=f"sqlite:///{tmp_path}/replaced.db"))
+    await store.open()
+    try:
+        first = await store.ingest(record("before"))
+        (writer,) = child_pids(os.getpid())
+        os.kill(writer, signal.SIGKILL)
+        assert await ended([writer], 5)
+        for _ in range(100):  # until the event loop has seen the exit
+            await asyncio.sleep(0.01)
+            try:
+                after = await store.ingest(record("after"))
+                break
+            except StoreUnavailable:
+                continue
+        assert (after.seq, after.duplicate) == (first.seq + 1, False)
+        assert [e.id for e in await store.list_events(0, 10)] == ["before", "after"]
+        assert child_pids(os.getpid()) not in ([], [writer])
     finally:
         await store.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, NamedTuple, Protocol
@@ -138,26 +138,17 @@ class Store(Protocol):
 
 def open_store(
     settings: StoreSettings,
-    decode: EventDecoder | None = None,
+    providers: Mapping[str, str] | None = None,
     alerts: AlertSettings | None = None,
 ) -> Store:
     """Build (not yet open) the backend named by the URL's scheme.
 
-    `decode` turns a stored event back into an Event (by default with the casedev
-    normaliser, which accepts canonical events too); `alerts` sets the thresholds.
+    `providers` maps source ids to provider names, to read stored events back with
+    their source's normaliser; `alerts` sets the thresholds.
     """
     scheme = settings.url.partition("://")[0]
     if scheme == "sqlite":
         from relay.store.sqlite import SQLiteStore
 
-        return SQLiteStore(settings, decode or default_decoder, alerts or AlertSettings())
+        return SQLiteStore(settings, providers or {}, alerts or AlertSettings())
     raise ValueError(f"no store backend for URL scheme {scheme!r}")
-
-
-def default_decoder(source: str, payload: bytes, received_at: str) -> Event:
-    import orjson
-
-    from relay.normalize import normalise_casedev
-    from relay.timefmt import parse_time
-
-    return normalise_casedev(source, orjson.loads(payload), parse_time(received_at))

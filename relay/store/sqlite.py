@@ -1,32 +1,34 @@
 """The embedded store: one SQLite file in WAL mode.
 
-Writes go through one writer: concurrent ingests queue up while a batch is being
+Ingests go through one writer: concurrent ingests queue up while a batch is being
 committed and are then written together in a single transaction (group commit). Each
-request is answered only after the commit of its batch. The writer owns a stdlib
-`sqlite3` connection on one dedicated thread, so a whole batch costs one thread hop
-rather than one per statement; reads use a separate aiosqlite connection.
+request is answered only after the commit of its batch. The batch writer runs in a
+writer process of its own by default (see `writer_process`), or on a dedicated thread
+with `store.writer = "thread"`. Other writes (API keys, migrations) use a stdlib
+`sqlite3` connection on one thread of this process; reads use an aiosqlite connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import sqlite3
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import aiosqlite
 import structlog
 
 from relay.changes import Commit, StoredChange
 from relay.config import AlertSettings, StoreSettings
+from relay.normalize import decoder
 from relay.store import (
     ApiKey,
-    EventDecoder,
     IngestRecord,
     IngestResult,
     SessionQuery,
@@ -35,6 +37,7 @@ from relay.store import (
     StoreUnavailable,
 )
 from relay.store.sqlite_writer import BatchWriter
+from relay.store.writer_process import WriterProcess
 from relay.timefmt import format_time, utcnow
 
 T = TypeVar("T")
@@ -79,20 +82,22 @@ def migrations() -> list[tuple[int, str]]:
 
 class SQLiteStore:
     def __init__(
-        self, settings: StoreSettings, decode: EventDecoder, alerts: AlertSettings
+        self, settings: StoreSettings, providers: Mapping[str, str], alerts: AlertSettings
     ) -> None:
         self._settings = settings
-        self._decode = decode
+        self._providers = dict(providers)
+        self._decode = decoder(providers)
         self._alerts = alerts
         self._listeners: list[Callable[[Commit], None]] = []
         self._path = sqlite_path(settings.url)
         self._executor = _writer_thread()
         self._writer: sqlite3.Connection | None = None
-        self._batch_writer: BatchWriter | None = None
+        self._batch_writer: _BatchChannel | None = None
         self._reader: aiosqlite.Connection | None = None
         self._pending: deque[_Pending] = deque()
         self._wakeup = asyncio.Event()
         self._writer_task: asyncio.Task[None] | None = None
+        self._checkpoint_task: asyncio.Task[None] | None = None
         self._closing = False
 
     async def open(self) -> None:
@@ -103,15 +108,27 @@ class SQLiteStore:
         self._writer = await self._in_writer(self._connect_writer)
         if self._settings.auto_migrate:
             await self.migrate()
-        self._batch_writer = BatchWriter(
-            self._writer,
-            self._decode,
-            self._alerts.turn_stall_seconds,
-            self._alerts.ready_timeout_seconds,
-        )
+        if self._settings.writer == "process":
+            self._batch_writer = WriterProcess(
+                self._path, self._settings, self._alerts, self._providers
+            )
+        else:
+            self._batch_writer = _ThreadChannel(
+                BatchWriter(
+                    self._writer,
+                    self._decode,
+                    self._alerts.turn_stall_seconds,
+                    self._alerts.ready_timeout_seconds,
+                ),
+                self._in_writer,
+            )
         self._reader = await aiosqlite.connect(self._path)
         await self._reader.execute(f"PRAGMA busy_timeout = {int(self._settings.busy_timeout_ms)}")
         self._writer_task = asyncio.create_task(self._write_loop(), name="relay-sqlite-writer")
+        if self._settings.writer == "process":
+            self._checkpoint_task = asyncio.create_task(
+                self._checkpoint_loop(), name="relay-sqlite-checkpoints"
+            )
 
     async def close(self) -> None:
         self._closing = True
@@ -119,6 +136,14 @@ class SQLiteStore:
         if self._writer_task is not None:
             await self._writer_task
             self._writer_task = None
+        if self._checkpoint_task is not None:
+            self._checkpoint_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpoint_task
+            self._checkpoint_task = None
+        if self._batch_writer is not None:
+            await self._batch_writer.close()
+            self._batch_writer = None
         if self._reader is not None:
             await self._reader.close()
             self._reader = None
@@ -166,14 +191,17 @@ class SQLiteStore:
             if self._closing:
                 return
 
-    async def _write_batch(self, writer: BatchWriter, batch: list[_Pending]) -> None:
+    async def _write_batch(self, writer: _BatchChannel, batch: list[_Pending]) -> None:
         """Write a batch; answer each request only once its batch has committed.
 
         A batch that fails for another reason than SQLite's is written again one
         event at a time, so that one event the writer cannot handle fails alone.
         """
         try:
-            results, commit = await self._in_writer(writer.write, batch)
+            results, commit = await writer.write([record for record, _ in batch])
+        except StoreUnavailable as exc:
+            _fail(batch, exc)
+            return
         except sqlite3.Error as exc:
             _fail(batch, StoreUnavailable(f"the store cannot write: {exc}"))
             return
@@ -190,6 +218,21 @@ class SQLiteStore:
                 future.set_result(result)
         self._publish(commit)
 
+    async def _checkpoint_loop(self) -> None:
+        """Copy the WAL back into the database file off the commit path.
+
+        The writer process does not checkpoint (a checkpoint syncs the file and would hold
+        up the batch that triggered it); this process does, on its own connection, every
+        `checkpoint_interval_seconds`. A passive checkpoint never blocks the writer.
+        """
+        assert self._writer is not None
+        while True:
+            await asyncio.sleep(self._settings.checkpoint_interval_seconds)
+            try:
+                await self._in_writer(_checkpoint, self._writer)
+            except sqlite3.Error as exc:
+                log.warning("store.checkpoint_failed", error=str(exc))
+
     def add_commit_listener(self, listener: Callable[[Commit], None]) -> None:
         self._listeners.append(listener)
 
@@ -205,7 +248,7 @@ class SQLiteStore:
     async def fire_due_alerts(self, now: float) -> int:
         if self._closing or self._batch_writer is None:
             return 0
-        commit = await self._in_writer(self._batch_writer.fire_due_alerts, now)
+        commit = await self._batch_writer.fire_due_alerts(now)
         self._publish(commit)
         return len(commit.changes)
 
@@ -333,6 +376,33 @@ class SQLiteStore:
         return await self._in_writer(_execute_write, self._writer, sql, params)
 
 
+class _BatchChannel(Protocol):
+    """Where batches are written: a writer process, or a thread of this process."""
+
+    async def write(self, batch: list[IngestRecord]) -> tuple[list[IngestResult], Commit]: ...
+
+    async def fire_due_alerts(self, now: float) -> Commit: ...
+
+    async def close(self) -> None: ...
+
+
+class _ThreadChannel:
+    def __init__(self, writer: BatchWriter, run: Callable[..., Awaitable[Any]]) -> None:
+        self._writer = writer
+        self._run = run
+
+    async def write(self, batch: list[IngestRecord]) -> tuple[list[IngestResult], Commit]:
+        result: tuple[list[IngestResult], Commit] = await self._run(self._writer.write, batch)
+        return result
+
+    async def fire_due_alerts(self, now: float) -> Commit:
+        commit: Commit = await self._run(self._writer.fire_due_alerts, now)
+        return commit
+
+    async def close(self) -> None:
+        pass
+
+
 def _fail(batch: list[_Pending], error: Exception) -> None:
     for _, future in batch:
         if not future.done():
@@ -353,6 +423,10 @@ def _api_key(row: Any) -> ApiKey:
 
 def _execute_write(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> int:
     return conn.execute(sql, params).rowcount
+
+
+def _checkpoint(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
 def _probe_write(conn: sqlite3.Connection) -> None:

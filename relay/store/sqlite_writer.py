@@ -27,7 +27,6 @@ from relay.store import IngestRecord, IngestResult
 from relay.timefmt import format_time, parse_time
 
 Decoder = Callable[[str, bytes, str], Event]  # (source, payload, received_at) -> Event
-Pending = tuple[IngestRecord, Any]
 
 _EVENT_WIDTH = 9
 _INSERT_EVENTS = (
@@ -60,7 +59,7 @@ class BatchWriter:
 
     # -- ingest ----------------------------------------------------------------------------
 
-    def write(self, batch: list[Pending]) -> tuple[list[IngestResult], Commit]:
+    def write(self, batch: list[IngestRecord]) -> tuple[list[IngestResult], Commit]:
         """Store new events and their consequences; duplicates keep their first seq.
 
         The common batch holds only new events: one multi-row INSERT with seqs counted
@@ -83,7 +82,7 @@ class BatchWriter:
                 conn.execute("BEGIN IMMEDIATE")
                 self._read_counters()
                 base = self.last_seq
-                keys = [(record.event.source, record.event.id) for record, _ in batch]
+                keys = [(record.event.source, record.event.id) for record in batch]
                 results, rows, last = _plan(batch, _existing_seqs(conn, keys), base)
                 _insert_rows(conn, _INSERT_EVENTS, _EVENT_WIDTH, rows)
             touched, commit = self._derive(batch, results, base)
@@ -96,7 +95,7 @@ class BatchWriter:
         return results, commit
 
     def _derive(
-        self, batch: list[Pending], results: list[IngestResult], base: int
+        self, batch: list[IngestRecord], results: list[IngestResult], base: int
     ) -> tuple[dict[str, SessionRecord], Commit]:
         touched: dict[str, SessionRecord] = {}
         first_seen: dict[str, float] = {}
@@ -104,7 +103,7 @@ class BatchWriter:
         changes: list[StoredChange] = []
         change_rows: list[Any] = []
         latest: dict[str, int] = {}  # newest new event per session, whatever its type
-        for (record, _), result in zip(batch, results, strict=True):
+        for record, result in zip(batch, results, strict=True):
             event = record.event
             if result.duplicate or event.session_id is None:
                 continue
@@ -335,12 +334,12 @@ def _max(conn: sqlite3.Connection, sql: str) -> int:
 
 
 def _plan(
-    batch: list[Pending], seqs: dict[tuple[str, str], int], last_seq: int
+    batch: list[IngestRecord], seqs: dict[tuple[str, str], int], last_seq: int
 ) -> tuple[list[IngestResult], list[Any], int]:
     """Assign seqs: known events (and repeats within the batch) keep theirs."""
     results = []
     rows: list[Any] = []
-    for record, _ in batch:
+    for record in batch:
         event = record.event
         key = (event.source, event.id)
         seq = seqs.get(key)

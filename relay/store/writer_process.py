@@ -1,0 +1,216 @@
+"""The ingest writer in a process of its own.
+
+Per event the writer runs more Python than the request that brought it: it normalises
+again, inserts, and derives state and changes. On a thread beside the event loop the
+two share one GIL, and every SQLite call that releases the GIL must win it back from a
+busy loop, so each waits on the other. In its own process the writer has an interpreter
+(and a core) to itself. The loop sends each batch as `(source, raw body, received_at)`
+tuples over a socket pair; the writer process normalises, writes and derives in one
+transaction with the same `BatchWriter` the thread mode uses, and answers with the
+seqs and the committed changes. One request is outstanding at a time: the loop keeps
+grouping new events while a batch commits.
+
+The writer process ignores SIGINT and SIGTERM and ends when its socket closes, so a
+stopping relay can still finish the batch in flight; if the relay dies, the socket
+closes and the writer ends after its current transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import pickle
+import signal
+import socket
+import sqlite3
+import struct
+import sys
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import structlog
+
+from relay.changes import Commit, StoredChange
+from relay.config import AlertSettings, StoreSettings
+from relay.normalize import NORMALISERS, decoder, normalise_casedev
+from relay.store import IngestRecord, IngestResult, StoreUnavailable
+
+log = structlog.get_logger("relay.store")
+_HEADER = struct.Struct(">I")
+_Wire = tuple[str, bytes, datetime]  # (source, raw body, received_at)
+
+
+class WriterFailed(Exception):
+    """The writer process could not take a batch for another reason than SQLite's."""
+
+
+class WriterProcess:
+    """The relay's handle on its writer process, started on first use."""
+
+    def __init__(
+        self,
+        path: Path,
+        store: StoreSettings,
+        alerts: AlertSettings,
+        providers: Mapping[str, str],
+    ) -> None:
+        self._config = json.dumps(
+            {
+                "path": str(path),
+                "synchronous": store.synchronous,
+                "busy_timeout_ms": store.busy_timeout_ms,
+                "turn_stall_seconds": alerts.turn_stall_seconds,
+                "ready_timeout_seconds": alerts.ready_timeout_seconds,
+                "providers": dict(providers),
+            }
+        )
+        self._process: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        """The writer process's pid while it runs."""
+        process = self._process
+        return process.pid if process is not None and process.returncode is None else None
+
+    async def write(self, records: list[IngestRecord]) -> tuple[list[IngestResult], Commit]:
+        wire: list[_Wire] = [(r.event.source, r.body, r.received_at) for r in records]
+        seqs, changes, versions = await self._call(("write", wire))
+        results = [IngestResult(seq, duplicate) for seq, duplicate in seqs]
+        return results, _commit(changes, versions)
+
+    async def fire_due_alerts(self, now: float) -> Commit:
+        changes, versions = await self._call(("alerts", now))
+        return _commit(changes, versions)
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._stop()
+
+    async def _call(self, request: tuple[str, Any]) -> Any:
+        async with self._lock:
+            if self._writer is None or self._writer.is_closing() or self.pid is None:
+                await self._stop()  # a writer process that ended is replaced
+                await self._start()
+            assert self._reader is not None
+            assert self._writer is not None
+            payload = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
+            try:
+                self._writer.write(_HEADER.pack(len(payload)) + payload)
+                (size,) = _HEADER.unpack(await self._reader.readexactly(_HEADER.size))
+                status, *answer = pickle.loads(await self._reader.readexactly(size))
+            except (OSError, asyncio.IncompleteReadError) as exc:
+                await self._stop()
+                raise StoreUnavailable(f"the writer process ended: {exc!r}") from None
+        if status == "ok":
+            return answer[0] if len(answer) == 1 else answer
+        kind, message = answer
+        raise sqlite3.OperationalError(message) if kind == "sqlite" else WriterFailed(message)
+
+    async def _start(self) -> None:
+        ours, theirs = socket.socketpair()
+        with theirs:
+            self._process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "relay.store.writer_process",
+                str(theirs.fileno()),
+                stdin=asyncio.subprocess.PIPE,
+                pass_fds=(theirs.fileno(),),
+                start_new_session=True,
+            )
+        assert self._process.stdin is not None
+        self._process.stdin.write(self._config.encode())
+        self._process.stdin.close()
+        self._reader, self._writer = await asyncio.open_unix_connection(sock=ours)
+        log.info("store.writer_process_started", pid=self._process.pid)
+
+    async def _stop(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(OSError):
+                await self._writer.wait_closed()
+            self._reader = self._writer = None
+        if self._process is not None:
+            process, self._process = self._process, None
+            try:
+                await asyncio.wait_for(process.wait(), 30)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+def _commit(changes: list[tuple[Any, ...]], versions: dict[str, int]) -> Commit:
+    return Commit([StoredChange.of(*change) for change in changes], versions)
+
+
+# -- the writer process --------------------------------------------------------------------
+
+
+def main(fd: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from relay.store.sqlite_writer import BatchWriter
+
+    config = json.loads(sys.stdin.read())
+    providers: dict[str, str] = config["providers"]
+    conn = sqlite3.connect(config["path"], isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(f"PRAGMA synchronous = {config['synchronous']}")
+    conn.execute(f"PRAGMA busy_timeout = {int(config['busy_timeout_ms'])}")
+    conn.execute("PRAGMA wal_autocheckpoint = 0")  # the relay checkpoints, off this path
+    writer = BatchWriter(
+        conn,
+        decoder(providers),
+        config["turn_stall_seconds"],
+        config["ready_timeout_seconds"],
+    )
+    normalisers = {source: NORMALISERS[provider] for source, provider in providers.items()}
+
+    def write(wire: list[_Wire]) -> tuple[Any, ...]:
+        records = [
+            IngestRecord(
+                normalisers.get(source, normalise_casedev)(source, orjson.loads(body), received),
+                body,
+                received,
+            )
+            for source, body, received in wire
+        ]
+        results, commit = writer.write(records)
+        return ("ok", [tuple(r) for r in results], *_plain(commit))
+
+    def answer(request: tuple[str, Any]) -> tuple[Any, ...]:
+        op, argument = request
+        try:
+            if op == "write":
+                return write(argument)
+            if op == "alerts":
+                return ("ok", *_plain(writer.fire_due_alerts(argument)))
+            return ("error", "other", f"unknown request {op!r}")
+        except sqlite3.Error as exc:
+            return ("error", "sqlite", str(exc))
+        except Exception as exc:
+            return ("error", "other", f"{type(exc).__name__}: {exc}")
+
+    with socket.socket(fileno=fd) as sock, sock.makefile("rwb") as stream:
+        while len(header := stream.read(_HEADER.size)) == _HEADER.size:
+            (size,) = _HEADER.unpack(header)
+            reply = pickle.dumps(answer(pickle.loads(stream.read(size))), pickle.HIGHEST_PROTOCOL)
+            stream.write(_HEADER.pack(len(reply)) + reply)
+            stream.flush()
+    conn.close()
+
+
+def _plain(commit: Commit) -> tuple[list[tuple[Any, ...]], dict[str, int]]:
+    changes = [(c.id, c.type, c.session_id, c.turn_id, c.body) for c in commit.changes]
+    return changes, dict(commit.sessions)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))
