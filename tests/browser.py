@@ -77,10 +77,10 @@ class Page:
             raise AssertionError(f"{expression!r} threw: {result['exceptionDetails']}")
         return result["result"].get("value")
 
-    async def wait_for(self, expression: str, timeout: float = 10.0) -> Any:
+    async def wait_for(self, expression: str, seconds: float = 10.0) -> Any:
         """Poll `expression` until it is truthy (errors count as not yet); fail after
-        `timeout` with its last value."""
-        deadline = time.monotonic() + timeout
+        `seconds` with its last value."""
+        deadline = time.monotonic() + seconds
         value: Any = None
         while time.monotonic() < deadline:
             try:
@@ -96,7 +96,7 @@ class Page:
         """Save a PNG of the viewport to `path` and return its bytes."""
         result = await self.call("Page.captureScreenshot", format="png")
         png = base64.b64decode(result["data"])
-        path.write_bytes(png)
+        await asyncio.to_thread(path.write_bytes, png)
         return png
 
 

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+from aiohttp.test_utils import TestClient
+
+from relay import auth
+from relay.app import create_app
+from relay.appkeys import STORE
+from relay.auth import NewKey
+from relay.changes import StoredChange
+from relay.hub import InProcessHub, Subscription
 from tests.browser import Page, needs_chromium, open_page
-from tests.conftest import Relay, RelayFactory, fixture_events
+from tests.conftest import Relay, RelayFactory, fixture_events, make_settings
 from tests.test_read_api import ingest
 
 SESSION = "chat_01JD7Q8M2X"
@@ -32,7 +43,9 @@ async def test_dashboard_files_are_served_without_a_key(relay: Relay) -> None:
         assert resp.status == 200
         assert resp.content_type == content_type
         assert resp.headers["X-Content-Type-Options"] == "nosniff"
-        again = await client.get(f"/dashboard/{name}", headers={"If-None-Match": resp.headers["ETag"]})
+        again = await client.get(
+            f"/dashboard/{name}", headers={"If-None-Match": resp.headers["ETag"]}
+        )
         assert again.status == 304
         assert await again.read() == b""
 
@@ -134,16 +147,81 @@ async def test_dashboard_shows_a_session_lifecycle_live(
 
 
 @needs_chromium
-async def test_dashboard_says_when_the_key_is_rejected(
-    start_relay: RelayFactory, tmp_path: Path
+@pytest.mark.parametrize(
+    ("scopes", "message"),
+    [
+        ((), "did not accept this API key (401)"),
+        ((auth.WRITE,), "may not read sessions (403): this API key lacks the agent:read scope"),
+    ],
+)
+async def test_dashboard_says_when_the_key_is_refused(
+    start_relay: RelayFactory, tmp_path: Path, scopes: tuple[str, ...], message: str
 ) -> None:
-    """With a wrong key the page says the relay refused it and asks for another."""
+    """With an unknown key, or one without agent:read, the page says why and asks again."""
     relay = await start_relay()
-    url = f"{relay.client.make_url('/')}?access_token=rk_not_a_key"
+    key = "rk_not_a_key"
+    if scopes:
+        key = (await auth.create_key(relay.client.app[STORE], "writer", scopes)).secret
+    url = f"{relay.client.make_url('/')}?access_token={key}"
     async with open_page(tmp_path / "chromium-profile", url) as page:
         await page.wait_for("document.getElementById('connection').dataset.state === 'error'")
         notice = await page.evaluate("document.getElementById('notice').textContent")
-        assert "did not accept this API key (401)" in notice
+        assert message in notice
         assert await page.evaluate("document.getElementById('key-panel').hidden") is False
         assert await page.evaluate("document.getElementById('sessions-panel').hidden") is True
         assert await page.evaluate("sessionStorage.getItem('relay.apiKey')") is None
+        await page.screenshot(tmp_path / "key-refused.png")
+
+
+class DroppingHub(InProcessHub):
+    """The in-process hub, able to cut off every open stream as a slow consumer's is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open: list[Subscription] = []
+
+    @contextmanager
+    def subscribe(
+        self, accepts: Callable[[StoredChange], bool], limit: int, on_overflow: Callable[[], None]
+    ) -> Iterator[Subscription]:
+        with super().subscribe(accepts, limit, on_overflow) as subscription:
+            self.open.append(subscription)
+            try:
+                yield subscription
+            finally:
+                self.open.remove(subscription)
+
+    def drop_streams(self) -> None:
+        for subscription in list(self.open):
+            subscription.overflow()
+
+
+@needs_chromium
+async def test_dashboard_reconnects_and_catches_up(
+    tmp_path: Path, aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]]
+) -> None:
+    """When its stream is cut off the page says it is reconnecting, then resumes and
+    shows what changed meanwhile."""
+    keys: list[NewKey] = []
+    hub = DroppingHub()
+    settings = make_settings(tmp_path, sse={"retry_ms": 1500})
+    client = await aiohttp_client(create_app(settings, hub=hub, on_bootstrap_key=keys.append))
+    relay = Relay(client, keys[0].secret)
+    events = fixture_events()
+    url = f"{relay.client.make_url('/')}?access_token={relay.key}"
+    async with open_page(tmp_path / "chromium-profile", url) as page:
+        state = "document.getElementById('connection').dataset.state"
+        await page.wait_for(f"{state} === 'live'")
+        for event in events[:4]:
+            await ingest(relay, event)
+        await _shows(page, SESSION, "ready", "idle")
+
+        hub.drop_streams()
+        await page.wait_for(f"{state} === 'reconnecting'")
+        assert await page.evaluate("document.getElementById('connection-text').textContent") == (
+            "Reconnecting"
+        )
+        await ingest(relay, events[4])  # while the page is away
+        await page.wait_for(f"{state} === 'live'")
+        await _shows(page, SESSION, "ready", "running")
+        assert len(hub.open) == 1  # one stream again, not a pile of retries

@@ -278,7 +278,7 @@ function authFailed(error) {
   stopStream();
   sessionStorage.removeItem(KEY_STORAGE);
   if (error.status === 403) {
-    showNotice(`This API key may not read sessions: ${error.message}. Use a key with the agent:read scope.`);
+    showNotice(`This API key may not read sessions (403): ${error.message}.`);
   } else {
     showNotice("The relay did not accept this API key (401). Enter a valid key.");
   }
