@@ -157,7 +157,8 @@ async def test_dashboard_shows_a_session_lifecycle_live(
 async def test_dashboard_says_when_the_key_is_refused(
     start_relay: RelayFactory, tmp_path: Path, scopes: tuple[str, ...], message: str
 ) -> None:
-    """With an unknown key, or one without agent:read, the page says why and asks again."""
+    """With an unknown key, or one without agent:read, the page says why and asks for
+    another; a good key typed into its form opens the dashboard."""
     relay = await start_relay()
     key = "rk_not_a_key"
     if scopes:
@@ -171,6 +172,15 @@ async def test_dashboard_says_when_the_key_is_refused(
         assert await page.evaluate("document.getElementById('sessions-panel').hidden") is True
         assert await page.evaluate("sessionStorage.getItem('relay.apiKey')") is None
         await page.screenshot(tmp_path / "key-refused.png")
+
+        # A good key typed into the form opens the dashboard.
+        await page.evaluate(
+            f"""document.getElementById('key-input').value = {json.dumps(relay.key)};
+            document.getElementById('key-form').requestSubmit(); true"""
+        )
+        await page.wait_for("document.getElementById('connection').dataset.state === 'live'")
+        assert await page.evaluate("document.getElementById('notice').hidden") is True
+        assert await page.evaluate("sessionStorage.getItem('relay.apiKey')") == relay.key
 
 
 class DroppingHub(InProcessHub):
