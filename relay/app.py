@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from relay import auth
 from relay.appkeys import HUB, METRICS, SETTINGS, STORE
 from relay.config import Settings
+from relay.dashboard import add_routes as add_dashboard_routes
 from relay.errors import ApiError, error_response, json_response
 from relay.hub import Hub, InProcessHub
 from relay.ingest import IngestContext, Source, make_ingest_handler
@@ -86,6 +87,7 @@ def create_app(
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
+    add_dashboard_routes(app)
     return app
 
 

@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from relay.app import create_app
 from relay.appkeys import HUB
 from relay.auth import NewKey
+from tests.browser import launch, needs_chromium
 from tests.conftest import LIFECYCLE_CHANGES, Relay, fixture_events, make_settings
 from tests.test_read_api import ingest
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHANGE_TYPES = [
     "session.created",
     "session.ready",
@@ -42,10 +40,7 @@ for (const type of TYPES) {
 }
 </script>""".replace("TYPES", str(CHANGE_TYPES))
 
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None,
-    reason="needs Debian's chromium package: apt-get install chromium (.ci/run installs it)",
-)
+pytestmark = needs_chromium
 
 
 async def test_browser_eventsource_receives_changes_and_resumes(
@@ -83,24 +78,7 @@ async def test_browser_eventsource_receives_changes_and_resumes(
         raise AssertionError(f"the browser did not get there; last report: {reports[-1:]}")
 
     url = str(client.make_url("/_test/page")) + f"?key={relay.key}"
-    profile = tmp_path / "chromium-profile"
-    browser = await asyncio.create_subprocess_exec(
-        str(CHROMIUM),
-        *(
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={profile}",
-            url,
-        ),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    browser = await launch(tmp_path / "chromium-profile", url)
     try:
         await until(lambda r: r["opens"] >= 1)
         events = fixture_events()
