@@ -63,6 +63,8 @@ def create_app(
     app[HUB] = hub if hub is not None else InProcessHub()
     app[METRICS] = Metrics()
     store.add_commit_listener(app[HUB].publish)
+    store.add_commit_listener(app[METRICS].observe_commit)
+    app[METRICS].sse_subscribers.set_function(lambda: app[HUB].subscribers)
     app.cleanup_ctx.append(_store_lifetime(on_bootstrap_key))
     app.cleanup_ctx.append(_alert_loop(clock))
 
