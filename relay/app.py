@@ -35,6 +35,7 @@ from relay.read_api import (
 from relay.sse import stream_changes
 from relay.store import EventDecoder, Store, StoreUnavailable, open_store
 from relay.timefmt import parse_time
+from relay.webhooks.api import setup_webhooks
 
 log = structlog.get_logger("relay.http")
 REQUEST_ID = web.RequestKey("request_id", str)
@@ -68,6 +69,7 @@ def create_app(
     store.add_commit_listener(app[HUB].publish)
     app.cleanup_ctx.append(_store_lifetime(on_bootstrap_key))
     app.cleanup_ctx.append(_alert_loop(clock))
+    setup_webhooks(app, _scoped, clock)
 
     sources = {s.id: Source.from_settings(s) for s in settings.sources}
     ingest_ctx = IngestContext(sources, app[STORE], app[METRICS], settings.server.max_body_bytes)

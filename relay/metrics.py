@@ -7,7 +7,12 @@ from collections import defaultdict
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -56,6 +61,30 @@ class IngestStats(Collector):
         yield latency
 
 
+class DeliveryStats(Collector):
+    """Outbound webhook attempts by outcome, and the deliveries waiting (updated by the
+    dispatcher from the event loop)."""
+
+    def __init__(self) -> None:
+        self.outcomes: defaultdict[str, int] = defaultdict(int)
+        self.queue_depth = 0
+
+    def collect(self) -> Iterator[Metric]:
+        total = CounterMetricFamily(
+            "relay_deliveries",
+            "Outbound webhook attempts by outcome (delivered, retry, failed, disable, refused).",
+            labels=["outcome"],
+        )
+        for outcome, count in sorted(self.outcomes.items()):
+            total.add_metric([outcome], count)
+        yield total
+        yield GaugeMetricFamily(
+            "relay_delivery_queue_depth",
+            "Deliveries not yet delivered or failed.",
+            value=self.queue_depth,
+        )
+
+
 def _bound(value: float) -> str:
     return "+Inf" if value == float("inf") else repr(value)
 
@@ -65,3 +94,5 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.ingest = IngestStats()
         self.registry.register(self.ingest)
+        self.deliveries = DeliveryStats()
+        self.registry.register(self.deliveries)
