@@ -259,14 +259,17 @@ class Dispatcher:
                     await asyncio.sleep(0.5)
                     continue
                 for result in batch:
-                    sid = result.subscription_id
-                    self._in_flight[sid] -= 1
-                    if self._in_flight[sid] <= 0:
-                        del self._in_flight[sid]
-                    self._dirty.add(sid)
+                    if result.frees_slot_on_record:
+                        self._free_slot(result.subscription_id)
+                    self._dirty.add(result.subscription_id)
                 self._work.set()
             if self._stopping:
                 return
+
+    def _free_slot(self, subscription_id: str) -> None:
+        self._in_flight[subscription_id] -= 1
+        if self._in_flight[subscription_id] <= 0:
+            del self._in_flight[subscription_id]
 
     # -- one attempt -----------------------------------------------------------------------
 
@@ -317,6 +320,9 @@ class Dispatcher:
             return None, None, None, f"timed out after {self._settings.timeout_seconds} s", False
         except (aiohttp.ClientError, ValueError) as exc:
             return None, None, None, f"{type(exc).__name__}: {exc}", False
+        except Exception as exc:  # recorded and retried like a network error
+            log.exception("webhooks.attempt_failed", delivery_id=delivery.id)
+            return None, None, None, f"{type(exc).__name__}: {exc}", False
 
     def _finish(
         self,
@@ -357,6 +363,14 @@ class Dispatcher:
                     reason=verdict.disable_reason,
                 )
         self._stats.outcomes["refused" if refused else verdict.outcome.value] += 1
+        # The row stays claimed until its result is written, so without session ordering
+        # the slot can take another delivery at once; with it, the session's next change
+        # becomes eligible only once this result is written.
+        ordered = endpoint is not None and endpoint.subscription.ordering is Ordering.SESSION
+        if not ordered:
+            self._free_slot(delivery.subscription_id)
+            self._dirty.add(delivery.subscription_id)
+            self._work.set()
         self._results.append(
             AttemptResult(
                 Attempt(delivery.id, now, status, round(latency_ms, 2), response, error),
@@ -365,6 +379,7 @@ class Dispatcher:
                 attempts,
                 verdict.next_attempt_at,
                 verdict.disable_reason,
+                frees_slot_on_record=ordered,
             )
         )
         self._results_ready.set()

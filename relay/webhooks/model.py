@@ -100,6 +100,7 @@ class AttemptResult:
     cycle_attempts: int
     next_attempt_at: float | None
     disable_reason: str | None = None  # set when the subscription must be disabled now
+    frees_slot_on_record: bool = False  # its in-flight slot is freed once it is written
 
 
 def delivery_message_id(delivery_id: int, change_id: int | None) -> str:
