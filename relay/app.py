@@ -32,6 +32,7 @@ from relay.read_api import (
 )
 from relay.sse import stream_changes
 from relay.store import Store, StoreUnavailable, open_store
+from relay.webhooks.api import setup_webhooks
 
 log = structlog.get_logger("relay.http")
 REQUEST_ID = web.RequestKey("request_id", str)
@@ -67,6 +68,7 @@ def create_app(
     app[METRICS].sse_subscribers.set_function(lambda: app[HUB].subscribers)
     app.cleanup_ctx.append(_store_lifetime(on_bootstrap_key))
     app.cleanup_ctx.append(_alert_loop(clock))
+    setup_webhooks(app, _scoped, clock)
 
     sources = {s.id: Source.from_settings(s) for s in settings.sources}
     ingest_ctx = IngestContext(sources, app[STORE], app[METRICS], settings.server.max_body_bytes)

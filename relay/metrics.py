@@ -8,7 +8,12 @@ from collections.abc import Iterator
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from relay.changes import Commit
@@ -59,6 +64,30 @@ class IngestStats(Collector):
         yield latency
 
 
+class DeliveryStats(Collector):
+    """Outbound webhook attempts by outcome, and the deliveries waiting (updated by the
+    dispatcher from the event loop)."""
+
+    def __init__(self) -> None:
+        self.outcomes: defaultdict[str, int] = defaultdict(int)
+        self.queue_depth = 0
+
+    def collect(self) -> Iterator[Metric]:
+        total = CounterMetricFamily(
+            "relay_deliveries",
+            "Outbound webhook attempts by outcome (delivered, retry, failed, disable, refused).",
+            labels=["outcome"],
+        )
+        for outcome, count in sorted(self.outcomes.items()):
+            total.add_metric([outcome], count)
+        yield total
+        yield GaugeMetricFamily(
+            "relay_delivery_queue_depth",
+            "Deliveries not yet delivered or failed.",
+            value=self.queue_depth,
+        )
+
+
 def _bound(value: float) -> str:
     return "+Inf" if value == float("inf") else repr(value)
 
@@ -95,6 +124,8 @@ class Metrics:
             buckets=TURN_BUCKETS,
             registry=self.registry,
         )
+        self.deliveries = DeliveryStats()
+        self.registry.register(self.deliveries)
 
     def observe_commit(self, commit: Commit) -> None:
         """Count a commit's changes; time readiness and finished turns (a commit listener)."""
