@@ -49,14 +49,19 @@ def signed_headers(source: SourceSettings, body: bytes, now: int | None = None) 
 def demo_lifecycle(
     sessions: int = 3, start: datetime | None = None, seed: int | None = None
 ) -> list[dict[str, Any]]:
-    """A realistic Case.dev-style lifecycle for several chat sessions, in occurrence order."""
+    """A realistic Case.dev-style lifecycle for several chat sessions, in occurrence order.
+
+    Of every three sessions the second has a turn rejected with a conflict and the third
+    a turn that fails; the rest of their turns complete (with usage), or fail at random.
+    """
     rng = random.Random(seed)
     start = start or utcnow()
     events: list[tuple[datetime, dict[str, Any]]] = []
     for index in range(sessions):
         chat = f"chat_demo_{uuid.uuid4().hex[:8]}"
         t = start + timedelta(seconds=index * 0.7)
-        for event_type, data, at in _session_events(rng, chat, t, conflict=index % 3 == 1):
+        kind = index % 3
+        for event_type, data, at in _session_events(rng, chat, t, kind == 1, kind == 2):
             events.append((at, {"type": event_type, "data": {"chatId": chat, **data}}))
     events.sort(key=lambda pair: pair[0])
     return [
@@ -66,7 +71,7 @@ def demo_lifecycle(
 
 
 def _session_events(
-    rng: random.Random, chat: str, t: datetime, conflict: bool
+    rng: random.Random, chat: str, t: datetime, conflict: bool, failure: bool
 ) -> Iterator[tuple[str, dict[str, Any], datetime]]:
     sandbox = f"sbx_{rng.randrange(16**4):04x}"
     yield "agent.chat.session.created", {"agentId": "agt_legal_research"}, t
@@ -76,7 +81,8 @@ def _session_events(
     yield "agent.scope.activated", {"sandboxId": sandbox, "scope": {"type": "matter"}}, t
     t += timedelta(milliseconds=rng.randint(500, 1500))
     yield "agent.worker.ready", {"sandboxId": sandbox}, t
-    for number in range(1, rng.randint(2, 4) + 1):
+    turns = rng.randint(2, 4)
+    for number in range(1, turns + 1):
         turn = f"turn_{number:03d}"
         t += timedelta(seconds=rng.uniform(1, 3))
         yield "agent.chat.turn.started", {"turnId": turn}, t
@@ -87,7 +93,7 @@ def _session_events(
                 t + timedelta(milliseconds=400),
             )
         t += timedelta(seconds=rng.uniform(2, 6))
-        if rng.random() < 0.2:
+        if (failure and number == turns) or rng.random() < 0.1:
             error = {"code": "TOOL_TIMEOUT", "message": "vault search timed out"}
             yield "agent.chat.turn.failed", {"turnId": turn, "error": error}, t
         else:
