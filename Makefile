@@ -25,8 +25,8 @@ run: install
 	$(BIN)/relay serve --config $(CONFIG)
 
 lint: dev
-	$(BIN)/ruff check relay tests bench
-	$(BIN)/ruff format --check relay tests bench
+	$(BIN)/ruff check relay tests bench examples
+	$(BIN)/ruff format --check relay tests bench examples
 	$(BIN)/mypy
 
 test: lint
