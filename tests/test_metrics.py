@@ -8,7 +8,8 @@ from collections import Counter
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import LIFECYCLE_CHANGES, Relay, fixture_events
+from tests.conftest import LIFECYCLE_CHANGES, Relay, RelayFactory, fixture_events
+from tests.receivers import FAST_DELIVERY, eventually, receiver, subscribe
 from tests.test_ingest import signed
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -58,3 +59,22 @@ async def test_sse_subscriber_gauge_counts_open_streams(relay: Relay) -> None:
             break
         await asyncio.sleep(0.02)
     assert (await scrape(relay))[("relay_sse_subscribers", ())] == 0
+
+
+async def test_delivery_metrics_move_with_deliveries(start_relay: RelayFactory) -> None:
+    """Deliveries by outcome count each delivered change; the queue drains to zero."""
+    relay = await start_relay(delivery=FAST_DELIVERY)
+    async with receiver() as got:
+        await subscribe(relay, got, "/hook")
+        for event in fixture_events():
+            body = orjson.dumps(event)
+            await relay.client.post("/v1/ingest/casedev", data=body, headers=signed(body))
+        await eventually(lambda: len(got.at("/hook")) == len(LIFECYCLE_CHANGES))
+        for _ in range(100):
+            samples = await scrape(relay)
+            delivered = samples.get(("relay_deliveries_total", (("outcome", "delivered"),)))
+            if delivered == len(LIFECYCLE_CHANGES):
+                break
+            await asyncio.sleep(0.02)
+    assert delivered == len(LIFECYCLE_CHANGES)
+    assert samples[("relay_delivery_queue_depth", ())] == 0
