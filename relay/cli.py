@@ -179,27 +179,37 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
         handler_cancellation=True,
         shutdown_timeout=settings.server.shutdown_timeout_seconds,
     )
-    await runner.setup()
-    site = web.TCPSite(runner, settings.server.host, settings.server.port, backlog=1024)
-    await site.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    base = _base_url(runner.addresses[0]) if runner.addresses else site.name
-    print(
-        f"relay {__version__} listening on {base}\n"
-        f"  store: {settings.store.url}\n"
-        f"  try:   relay send --demo --url {base}   (from a checkout: .venv/bin/relay ...)\n"
-        f"  stop:  Ctrl-C",
-        flush=True,
-    )
-    flusher = asyncio.create_task(_flush_logs_periodically())
-    await stop.wait()
-    print("relay: shutting down", flush=True)
-    await runner.cleanup()
-    flusher.cancel()
-    flush_logs()
+    flusher: asyncio.Task[None] | None = None
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, settings.server.host, settings.server.port, backlog=1024)
+        try:
+            await site.start()
+        except OSError as exc:
+            where = f"{settings.server.host}:{settings.server.port}"
+            print(f"relay: cannot listen on {where}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        base = _base_url(runner.addresses[0]) if runner.addresses else site.name
+        print(
+            f"relay {__version__} listening on {base}\n"
+            f"  store: {settings.store.url}\n"
+            f"  try:   relay send --demo --url {base}   (from a checkout: .venv/bin/relay ...)\n"
+            f"  stop:  Ctrl-C",
+            flush=True,
+        )
+        flusher = asyncio.create_task(_flush_logs_periodically())
+        await stop.wait()
+        print("relay: shutting down", flush=True)
+    finally:
+        # Also when start-up fails: the store's threads must end for the process to exit.
+        await runner.cleanup()
+        if flusher is not None:
+            flusher.cancel()
+        flush_logs()
     return 0
 
 

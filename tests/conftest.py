@@ -131,7 +131,11 @@ async def start_relay(
         settings = make_settings(tmp_path, **overrides)
         extra = {} if clock is None else {"clock": clock}
         app = create_app(settings, on_bootstrap_key=keys.append, **extra)
-        client = await aiohttp_client(app)
+        try:
+            client = await aiohttp_client(app)
+        except BaseException:
+            await app.cleanup()  # close what started, or its threads keep pytest from exiting
+            raise
         return Relay(client, keys[0].secret if keys else "")
 
     return start

@@ -67,3 +67,18 @@ def test_help_describes_every_command(command: list[str]) -> None:
     )
     assert "usage: relay" in done.stdout
     assert "--config" in done.stdout or not command
+
+
+def test_serve_on_a_taken_port_exits_with_a_message(tmp_path: Path) -> None:
+    """`relay serve` on a port already in use says so and exits 1 (it does not hang)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "relay.toml"
+        config.write_text(f'[server]\nport = {port}\n[store]\nurl = "sqlite:///{tmp_path}/t.db"\n')
+        done = relay(config, "serve", check=False)
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
