@@ -342,7 +342,9 @@ def _project_turn(session_id: str, turn_id: str, facts: TurnFacts, version: int)
     )
 
 
-def _project_session(facts: Facts, turns: Mapping[str, TurnState], version: int) -> SessionState:
+def _project_session(
+    facts: Facts, turns: Mapping[str, TurnState], summary: TurnSummary, version: int
+) -> SessionState:
     last_ready = None if facts.last_ready is None else facts.last_ready.occurred_at
     after_ready = [
         e for e in (facts.runtime, facts.scope) if e is not None and _after(e, last_ready)
@@ -351,9 +353,11 @@ def _project_session(facts: Facts, turns: Mapping[str, TurnState], version: int)
     created_at = facts.first_event_at if facts.created is None else facts.created.occurred_at
     ready_at = None if facts.first_ready is None else facts.first_ready.occurred_at
     runtime_at = None if facts.runtime is None else facts.runtime.occurred_at
-    running = [t for t in turns.values() if t.status == TurnStatus.RUNNING]
-    active = max(running, key=lambda t: (t.started_at or t.updated_at, t.turn_id), default=None)
-    statuses = [t.status for t in turns.values()]
+    active = max(
+        (turns[turn_id] for turn_id in summary.running),
+        key=lambda t: (t.started_at or t.updated_at, t.turn_id),
+        default=None,
+    )
     return SessionState(
         session_id=facts.session_id,
         readiness=Readiness.READY if ready else Readiness.PROVISIONING,
@@ -365,31 +369,80 @@ def _project_session(facts: Facts, turns: Mapping[str, TurnState], version: int)
         created_at=created_at,
         ready_at=ready_at,
         time_to_ready_ms=None if ready_at is None else max(0, (ready_at - created_at) // _MS),
-        turn_status=SessionTurnStatus.RUNNING if running else SessionTurnStatus.IDLE,
+        turn_status=SessionTurnStatus.RUNNING if active else SessionTurnStatus.IDLE,
         active_turn_id=None if active is None else active.turn_id,
-        last_turn=max(turns.values(), key=lambda t: (t.updated_at, t.turn_id), default=None),
-        counts=TurnCounts(
-            turns=len(statuses),
-            completed=statuses.count(TurnStatus.COMPLETED),
-            failed=statuses.count(TurnStatus.FAILED),
-            conflicts=statuses.count(TurnStatus.CONFLICT),
-        ),
-        usage=_sum_usage(t.usage for t in turns.values() if t.usage is not None),
+        last_turn=summary.last_turn,
+        counts=summary.counts,
+        usage=summary.usage,
         first_event_at=facts.first_event_at,
         last_event_at=facts.last_event_at,
         version=version,
     )
 
 
-def _sum_usage(usages: Iterable[Usage]) -> Usage:
-    input_tokens = output_tokens = reasoning_tokens = total_tokens = cost_micros = 0
-    for u in usages:
-        input_tokens += u.input_tokens
-        output_tokens += u.output_tokens
-        reasoning_tokens += u.reasoning_tokens
-        total_tokens += u.total_tokens
-        cost_micros += u.cost_micros
-    return Usage(input_tokens, output_tokens, reasoning_tokens, total_tokens, cost_micros)
+@dataclass(frozen=True, slots=True)
+class TurnSummary:
+    """What a session's snapshot needs from all of its turns, kept one turn at a time.
+
+    A turn that changes moves the counts and the usage sum by its difference and may
+    become the last turn (a turn's `updated_at` never goes back), so an event costs the
+    same in a session with a thousand turns as in one with two.
+    """
+
+    running: frozenset[str] = frozenset()
+    counts: TurnCounts = TurnCounts()
+    usage: Usage = field(default_factory=Usage)
+    last_turn: TurnState | None = None
+
+    def with_turn(self, old: TurnState | None, new: TurnState) -> TurnSummary:
+        """The summary after turn `new.turn_id` went from `old` (None: unseen) to `new`."""
+        turn_id, running = new.turn_id, self.running
+        if new.status == TurnStatus.RUNNING and turn_id not in running:
+            running = running | {turn_id}
+        elif new.status != TurnStatus.RUNNING and turn_id in running:
+            running = running - {turn_id}
+        before = None if old is None else old.status
+        c = self.counts
+        counts = TurnCounts(
+            turns=c.turns + (old is None),
+            completed=c.completed + _moved(TurnStatus.COMPLETED, before, new.status),
+            failed=c.failed + _moved(TurnStatus.FAILED, before, new.status),
+            conflicts=c.conflicts + _moved(TurnStatus.CONFLICT, before, new.status),
+        )
+        usage = self.usage
+        if old is not None and old.usage is not None:
+            usage = _add_usage(usage, old.usage, -1)
+        if new.usage is not None:
+            usage = _add_usage(usage, new.usage, 1)
+        last = self.last_turn
+        if last is None or last.turn_id == turn_id or _recency(new) > _recency(last):
+            last = new
+        return TurnSummary(running, counts, usage, last)
+
+
+def _summarize(turns: Mapping[str, TurnState]) -> TurnSummary:
+    summary = TurnSummary()
+    for turn in turns.values():
+        summary = summary.with_turn(None, turn)
+    return summary
+
+
+def _moved(status: TurnStatus, before: TurnStatus | None, after: TurnStatus) -> int:
+    return (after == status) - (before == status)
+
+
+def _recency(turn: TurnState) -> tuple[datetime, str]:
+    return (turn.updated_at, turn.turn_id)
+
+
+def _add_usage(total: Usage, usage: Usage, sign: int) -> Usage:
+    return Usage(
+        total.input_tokens + sign * usage.input_tokens,
+        total.output_tokens + sign * usage.output_tokens,
+        total.reasoning_tokens + sign * usage.reasoning_tokens,
+        total.total_tokens + sign * usage.total_tokens,
+        total.cost_micros + sign * usage.cost_micros,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,6 +452,7 @@ class SessionRecord:
     facts: Facts
     session: SessionState
     turns: Mapping[str, TurnState]
+    summary: TurnSummary
 
     @property
     def session_id(self) -> str:
@@ -441,7 +495,8 @@ class SessionRecord:
             turn_id: _project_turn(sid, turn_id, t, data["turns"][turn_id]["version"])
             for turn_id, t in facts.turns.items()
         }
-        return cls(facts, _project_session(facts, turns, data["version"]), turns)
+        summary = _summarize(turns)
+        return cls(facts, _project_session(facts, turns, summary, data["version"]), turns, summary)
 
 
 _SESSION_SLOTS = ("created", "runtime", "scope", "first_ready", "last_ready")
@@ -524,6 +579,7 @@ def apply(record: SessionRecord | None, event: Event) -> tuple[SessionRecord | N
         if facts == record.facts:
             return record, []
     turns = {} if record is None else dict(record.turns)
+    summary = TurnSummary() if record is None else record.summary
     old_turn = None
     if event.turn_id is not None and event.turn_id in facts.turns:
         old_turn = turns.get(event.turn_id)
@@ -533,9 +589,12 @@ def apply(record: SessionRecord | None, event: Event) -> tuple[SessionRecord | N
             facts.turns[event.turn_id],
             0 if old_turn is None else old_turn.version,
         )
-        turns[event.turn_id] = turn if turn == old_turn else _bumped(turn)
+        if turn != old_turn:
+            turn = _bumped(turn)
+            turns[event.turn_id] = turn
+            summary = summary.with_turn(old_turn, turn)
     old = None if record is None else record.session
-    session = _project_session(facts, turns, 0 if old is None else old.version)
+    session = _project_session(facts, turns, summary, 0 if old is None else old.version)
     if session != old:
         session = _bumped(session)
 
@@ -553,7 +612,7 @@ def apply(record: SessionRecord | None, event: Event) -> tuple[SessionRecord | N
     new_turn = turns.get(event.turn_id) if event.turn_id is not None else None
     if new_turn is not None and (old_turn is None or old_turn.status != new_turn.status):
         changes.append(change(_TURN_CHANGE[new_turn.status], new_turn))
-    return SessionRecord(facts, session, turns), changes
+    return SessionRecord(facts, session, turns, summary), changes
 
 
 def derive_session(events: Iterable[Event]) -> SessionRecord | None:
@@ -579,8 +638,8 @@ def alert_deadlines(
             )
         at = since + timedelta(seconds=ready_timeout_seconds)
         deadlines.append(Deadline(ChangeType.SESSION_READY_TIMEOUT, session.session_id, None, at))
-    for turn in record.turns.values():
-        if turn.status == TurnStatus.RUNNING and turn.started_at is not None:
+    for turn in (record.turns[turn_id] for turn_id in sorted(record.summary.running)):
+        if turn.started_at is not None:
             at = turn.started_at + timedelta(seconds=turn_stall_seconds)
             deadlines.append(Deadline(ChangeType.TURN_STALLED, turn.session_id, turn.turn_id, at))
     return deadlines
