@@ -179,16 +179,32 @@ class SQLiteStore:
         return await future
 
     async def _write_loop(self) -> None:
+        """Take what is queued as one batch whenever the writer can take another.
+
+        A writer process takes the next batch while one commits (it answers in order);
+        the thread writes one batch at a time.
+        """
         writer = self._batch_writer
         assert writer is not None
+        slots = asyncio.Semaphore(2 if self._settings.writer == "process" else 1)
+        in_flight: set[asyncio.Task[None]] = set()
+
+        def finished(task: asyncio.Task[None]) -> None:
+            in_flight.discard(task)
+            slots.release()
+
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._pending:
+                await slots.acquire()
                 count = min(len(self._pending), self._settings.batch_max)
                 batch = [self._pending.popleft() for _ in range(count)]
-                await self._write_batch(writer, batch)
+                task = asyncio.create_task(self._write_batch(writer, batch))
+                in_flight.add(task)
+                task.add_done_callback(finished)
             if self._closing:
+                await asyncio.gather(*in_flight)
                 return
 
     async def _write_batch(self, writer: _BatchChannel, batch: list[_Pending]) -> None:

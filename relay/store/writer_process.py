@@ -7,8 +7,9 @@ busy loop, so each waits on the other. In its own process the writer has an inte
 (and a core) to itself. The loop sends each batch as `(source, raw body, received_at)`
 tuples over a socket pair; the writer process normalises, writes and derives in one
 transaction with the same `BatchWriter` the thread mode uses, and answers with the
-seqs and the committed changes. One request is outstanding at a time: the loop keeps
-grouping new events while a batch commits.
+seqs and the committed changes. Requests are pipelined: the next batch can already wait
+in the socket while one commits, so the writer process does not idle between batches;
+it answers in order, and answers are matched to requests first in, first out.
 
 The writer process ignores SIGINT and SIGTERM and ends when its socket closes, so a
 stopping relay can still finish the batch in flight; if the relay dies, the socket
@@ -26,6 +27,7 @@ import socket
 import sqlite3
 import struct
 import sys
+from collections import deque
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
@@ -69,9 +71,10 @@ class WriterProcess:
             }
         )
         self._process: asyncio.subprocess.Process | None = None
-        self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # held while the process starts or stops
+        self._waiting: deque[asyncio.Future[Any]] = deque()
+        self._answers: asyncio.Task[None] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -94,24 +97,39 @@ class WriterProcess:
             await self._stop()
 
     async def _call(self, request: tuple[str, Any]) -> Any:
-        async with self._lock:
-            if self._writer is None or self._writer.is_closing() or self.pid is None:
-                await self._stop()  # a writer process that ended is replaced
-                await self._start()
-            assert self._reader is not None
-            assert self._writer is not None
-            payload = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
-            try:
-                self._writer.write(_HEADER.pack(len(payload)) + payload)
-                (size,) = _HEADER.unpack(await self._reader.readexactly(_HEADER.size))
-                status, *answer = pickle.loads(await self._reader.readexactly(size))
-            except (OSError, asyncio.IncompleteReadError) as exc:
-                await self._stop()
-                raise StoreUnavailable(f"the writer process ended: {exc!r}") from None
+        if self._writer is None or self._writer.is_closing() or self.pid is None:
+            async with self._lock:
+                if self._writer is None or self._writer.is_closing() or self.pid is None:
+                    await self._stop()  # a writer process that ended is replaced
+                    await self._start()
+        assert self._writer is not None
+        payload = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting.append(answer)
+        self._writer.write(_HEADER.pack(len(payload)) + payload)
+        status, *values = await answer
         if status == "ok":
-            return answer[0] if len(answer) == 1 else answer
-        kind, message = answer
+            return values[0] if len(values) == 1 else values
+        kind, message = values
         raise sqlite3.OperationalError(message) if kind == "sqlite" else WriterFailed(message)
+
+    async def _read_answers(self, reader: asyncio.StreamReader) -> None:
+        """Hand each answer to the oldest request waiting; fail them all if the process ends."""
+        try:
+            while True:
+                (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
+                answer = pickle.loads(await reader.readexactly(size))
+                waiting = self._waiting.popleft()
+                if not waiting.done():
+                    waiting.set_result(answer)
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            error = StoreUnavailable(f"the writer process ended: {exc!r}")
+            while self._waiting:
+                waiting = self._waiting.popleft()
+                if not waiting.done():
+                    waiting.set_exception(error)
+            if self._writer is not None:
+                self._writer.close()
 
     async def _start(self) -> None:
         ours, theirs = socket.socketpair()
@@ -128,7 +146,8 @@ class WriterProcess:
         assert self._process.stdin is not None
         self._process.stdin.write(self._config.encode())
         self._process.stdin.close()
-        self._reader, self._writer = await asyncio.open_unix_connection(sock=ours)
+        reader, self._writer = await asyncio.open_unix_connection(sock=ours)
+        self._answers = asyncio.create_task(self._read_answers(reader), name="relay-writer-answers")
         log.info("store.writer_process_started", pid=self._process.pid)
 
     async def _stop(self) -> None:
@@ -136,7 +155,10 @@ class WriterProcess:
             self._writer.close()
             with contextlib.suppress(OSError):
                 await self._writer.wait_closed()
-            self._reader = self._writer = None
+            self._writer = None
+        if self._answers is not None:
+            await self._answers  # ends at the closed socket, failing what still waits
+            self._answers = None
         if self._process is not None:
             process, self._process = self._process, None
             try:
