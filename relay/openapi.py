@@ -156,10 +156,18 @@ def _reply(reply: Reply, refs: dict[Any, Any]) -> dict[str, Any]:
             name: {"description": text, "schema": {"type": "string"}}
             for name, text in reply.headers.items()
         }
-    schema = {"type": "string"} if reply.model is None else refs[(reply.model, "serialization")]
     if reply.content_types:
-        answer["content"] = {media: {"schema": schema} for media in reply.content_types}
+        answer["content"] = {
+            media: {"schema": _body_schema(reply, media, refs)} for media in reply.content_types
+        }
     return answer
+
+
+def _body_schema(reply: Reply, media: str, refs: dict[Any, Any]) -> dict[str, Any]:
+    if reply.model is not None:
+        schema: dict[str, Any] = refs[(reply.model, "serialization")]
+        return schema
+    return {"type": "object"} if media == JSON else {"type": "string"}
 
 
 def _error_reply(status: int, codes: tuple[str, ...], refs: dict[Any, Any]) -> dict[str, Any]:

@@ -3,6 +3,18 @@
 A `Route` says what a client needs to know (method, path, scope, parameters, answers,
 error codes) next to the handler that serves it. `add_routes` puts it on the router
 behind its scope check; `relay.openapi` builds the document from the same declarations.
+Adding a route is one declaration, passed to `add_routes` in `create_app`:
+
+    Route(
+        "POST", "/v1/subscriptions", create_subscription, "Create a subscription",
+        tag="webhooks", scope=auth.WRITE, body=SubscriptionFields,
+        replies={201: Reply("Created; the secret is shown once.", NewSubscription)},
+        errors={400: ("INVALID_BODY",)},
+    )
+
+Scoped routes get 401 `UNAUTHORIZED` and 403 `FORBIDDEN`, routes with a query or header
+model 400 `INVALID_PARAMETER`, without saying so; every other error status and code
+the handler can answer goes in `errors`, or the schemathesis test fails.
 """
 
 from __future__ import annotations
