@@ -3,7 +3,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= config/relay.toml
 
-.PHONY: run test lint typecheck install dev clean bench-ingest bench-longpoll bench-sse bench-sse-idle
+.PHONY: run test lint typecheck install dev clean bench-ingest bench-longpoll bench-sse bench-sse-idle bench-webhooks
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ bench-sse: dev
 
 bench-sse-idle: dev
 	$(BIN)/python -m bench.sse_idle
+
+bench-webhooks: dev
+	$(BIN)/python -m bench.webhooks
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

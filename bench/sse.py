@@ -3,7 +3,9 @@
 1,000 subscribers (a Node.js client, bench/sse_subscribers.js, the same for both) hold
 streams while 100 messages/s are published for 10 s: to the relay as signed ingests
 (each makes one change), to nchan through its publisher endpoint. Prints the delivered
-fraction and p50/p99 latency from publish to receipt for both, and the p99 ratio.
+fraction and p50/p99 latency from publish to receipt for both, and the p99 ratio. Both
+servers run side by side and are measured in alternating rounds (medians), because a
+shared machine's noise moves one round's figures by more than the difference measured.
 Needs nginx with Debian's libnginx-mod-nchan, and node.
 """
 
@@ -16,8 +18,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -78,9 +81,9 @@ async def publish_nchan(http: aiohttp.ClientSession, url: str, n: int) -> None:
 
 
 def run(
-    name: str, stream_url: str, publish: object, args: argparse.Namespace, work: Path
+    name: str, stream_url: str, publish: object, args: argparse.Namespace, work: Path, offset: int
 ) -> dict[str, float]:
-    out = work / f"{name}.jsonl"
+    out = work / f"{name}-{offset}.jsonl"
     seconds = args.seconds + 8
     client = subprocess.Popen(
         [
@@ -97,7 +100,7 @@ def run(
     assert client.stdout is not None
     client.stdout.readline()  # "connected"
     time.sleep(1)
-    sent, rate = asyncio.run(_publish_on_schedule(publish, args))  # type: ignore[arg-type]
+    sent, rate = asyncio.run(_publish_on_schedule(publish, args, offset))  # type: ignore[arg-type]
     time.sleep(3)  # let the last messages arrive
     client.terminate()
     client.wait(timeout=60)
@@ -125,17 +128,19 @@ def run(
 
 
 async def _publish_on_schedule(
-    publish: Callable[[aiohttp.ClientSession, int], Awaitable[None]], args: argparse.Namespace
+    publish: Callable[[aiohttp.ClientSession, int], Coroutine[Any, Any, None]],
+    args: argparse.Namespace,
+    offset: int,
 ) -> tuple[dict[int, float], float]:
     """Send message n at start + n / rate, never waiting for earlier answers first."""
     sent: dict[int, float] = {}
-    tasks = []
+    tasks: list[asyncio.Task[None]] = []
     async with aiohttp.ClientSession() as http:
         start = time.time()
-        for n in range(args.rate * args.seconds):
-            await asyncio.sleep(max(0.0, start + n / args.rate - time.time()))
-            sent[n] = time.time() * 1000
-            tasks.append(asyncio.create_task(publish(http, n)))
+        for i in range(args.rate * args.seconds):
+            await asyncio.sleep(max(0.0, start + i / args.rate - time.time()))
+            sent[offset + i] = time.time() * 1000
+            tasks.append(asyncio.create_task(publish(http, offset + i)))
         rate = len(sent) / (time.time() - start)
         await asyncio.gather(*tasks)
     return sent, rate
@@ -149,48 +154,79 @@ def main() -> None:
     parser.add_argument(
         "--relay-buffer-bytes", type=int, default=None, help="sse.buffer_bytes for the relay"
     )
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per server")
     args = parser.parse_args()
-    results = {}
+    rounds: dict[str, list[dict[str, float]]] = {"nginx + nchan": [], "relay": []}
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
         work = Path(tmp)
-        port = free_port()
-        (work / "nginx.conf").write_text(NCHAN_CONF.format(work=work, port=port))
-        nginx = subprocess.Popen(["nginx", "-c", str(work / "nginx.conf"), "-p", str(work)])
-        try:
-            wait_healthy(f"http://127.0.0.1:{port}")
-            results["nginx + nchan"] = run(
-                "nchan",
-                f"http://127.0.0.1:{port}/sub",
-                lambda http, n: publish_nchan(http, f"http://127.0.0.1:{port}", n),
-                args,
-                work,
-            )
-        finally:
-            nginx.terminate()
-            nginx.wait(timeout=30)
-
-        port = free_port()
-        config = relay_config(work, port, log_requests=True)
+        nchan_port, relay_port = free_port(), free_port()
+        nchan_url, relay_url = f"http://127.0.0.1:{nchan_port}", f"http://127.0.0.1:{relay_port}"
+        (work / "nginx.conf").write_text(NCHAN_CONF.format(work=work, port=nchan_port))
+        config = relay_config(work, relay_port, log_requests=True)
         extra = "[auth]\nenabled = false\n"
         if args.relay_buffer_bytes:
             extra += f"[sse]\nbuffer_bytes = {args.relay_buffer_bytes}\n"
         config.write_text(config.read_text() + extra)
-        relay = subprocess.Popen(
-            [sys.executable, "-m", "relay", "serve", "--config", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        servers = [
+            subprocess.Popen(["nginx", "-c", str(work / "nginx.conf"), "-p", str(work)]),
+            subprocess.Popen(
+                [sys.executable, "-m", "relay", "serve", "--config", str(config)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            ),
+        ]
         try:
-            url = f"http://127.0.0.1:{port}"
-            wait_healthy(url)
-            results["relay"] = run(
-                "relay", f"{url}/v1/stream", lambda http, n: publish_relay(http, url, n), args, work
-            )
+            wait_healthy(nchan_url)
+            wait_healthy(relay_url)
+            for number in range(args.rounds):
+                offset = number * 1_000_000
+                rounds["nginx + nchan"].append(
+                    run(
+                        "nchan",
+                        f"{nchan_url}/sub",
+                        lambda http, n: publish_nchan(http, nchan_url, n),
+                        args,
+                        work,
+                        offset,
+                    )
+                )
+                rounds["relay"].append(
+                    run(
+                        "relay",
+                        f"{relay_url}/v1/stream",
+                        lambda http, n: publish_relay(http, relay_url, n),
+                        args,
+                        work,
+                        offset,
+                    )
+                )
+                figures = "  ".join(
+                    f"{name}: p50 {r[-1]['p50']:.0f} ms p99 {r[-1]['p99']:.0f} ms"
+                    f" delivered {r[-1]['delivered']:.2%}"
+                    for name, r in rounds.items()
+                )
+                print(f"round {number + 1}: {figures}", flush=True)
         finally:
-            relay.terminate()
-            relay.wait(timeout=60)
+            for server in servers:
+                server.terminate()
+                server.wait(timeout=60)
 
-    print(f"\n{args.subscribers} subscribers, {args.rate} messages/s for {args.seconds} s\n")
+    def median(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]
+
+    results = {
+        name: {
+            "rate": median([r["rate"] for r in runs]),
+            "delivered": min(r["delivered"] for r in runs),
+            "p50": median([r["p50"] for r in runs]),
+            "p99": median([r["p99"] for r in runs]),
+        }
+        for name, runs in rounds.items()
+    }
+    print(
+        f"\n{args.subscribers} subscribers, {args.rate} messages/s for {args.seconds} s,"
+        f" {args.rounds} alternating rounds; medians (delivered: the lowest round)\n"
+    )
     print(f"{'server':<16} {'published/s':>11} {'delivered':>10} {'p50 ms':>8} {'p99 ms':>8}")
     for name, r in results.items():
         figures = f"{r['rate']:>11.1f} {r['delivered']:>10.2%} {r['p50']:>8.1f} {r['p99']:>8.1f}"

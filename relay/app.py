@@ -26,9 +26,10 @@ from relay.logs import request_line_writer
 from relay.metrics import Metrics
 from relay.openapi import openapi_handler
 from relay.read_api import routes as read_routes
-from relay.routes import Handler, Reply, Route, add_routes
+from relay.routes import Handler, Reply, Route, add_routes, scoped
 from relay.sse import routes as stream_routes
 from relay.store import Store, StoreUnavailable, open_store
+from relay.webhooks.api import setup_webhooks
 
 log = structlog.get_logger("relay.http")
 REQUEST_ID = web.RequestKey("request_id", str)
@@ -60,8 +61,11 @@ def create_app(
     app[HUB] = hub if hub is not None else InProcessHub()
     app[METRICS] = Metrics()
     store.add_commit_listener(app[HUB].publish)
+    store.add_commit_listener(app[METRICS].observe_commit)
+    app[METRICS].sse_subscribers.set_function(lambda: app[HUB].subscribers)
     app.cleanup_ctx.append(_store_lifetime(on_bootstrap_key))
     app.cleanup_ctx.append(_alert_loop(clock))
+    setup_webhooks(app, scoped, clock)
 
     sources = {s.id: Source.from_settings(s) for s in settings.sources}
     ingest_ctx = IngestContext(sources, app[STORE], app[METRICS], settings.server.max_body_bytes)

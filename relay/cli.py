@@ -72,6 +72,25 @@ def _parser() -> argparse.ArgumentParser:
     revoke = _command(key_commands, "revoke", "Revoke an API key by id.", _keys_revoke)
     revoke.add_argument("key_id", help="the key's id (key_...)")
 
+    subs = commands.add_parser(
+        "subscriptions",
+        help="Manage outbound webhook subscriptions.",
+        description="Manage outbound webhook subscriptions.",
+    )
+    sub_commands = subs.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    add = _command(
+        sub_commands, "add", "Add a subscription; its secret is the last line.", _subs_add
+    )
+    add.add_argument("url", help="where deliveries are POSTed (http or https)")
+    add.add_argument("--type", action="append", default=[], help="change type or glob")
+    add.add_argument("--session", action="append", default=[], help="session id or glob")
+    add.add_argument("--description", default="", help="a label for the subscription")
+    add.add_argument("--ordering", choices=("none", "session"), default="none")
+    add.add_argument("--max-in-flight", type=int, default=None, help="concurrent attempts")
+    _command(sub_commands, "list", "List subscriptions (never their secrets).", _subs_list)
+    remove = _command(sub_commands, "remove", "Remove a subscription by id.", _subs_remove)
+    remove.add_argument("subscription_id", help="the subscription's id (sub_...)")
+
     follow = _command(commands, "tail", "Follow the change stream (SSE) in the terminal.", _tail)
     follow.add_argument("--url", help="relay base URL (default: from server.host/port)")
     follow.add_argument("--key", help="API key with agent:read (default: $RELAY_API_KEY)")
@@ -267,6 +286,74 @@ async def _keys_revoke(settings: Settings, args: argparse.Namespace) -> int:
         print(f"relay: no active key {args.key_id}", file=sys.stderr)
         return 1
     print(f"revoked {args.key_id}")
+    return 0
+
+
+@contextlib.asynccontextmanager
+async def _delivery_store(settings: Settings) -> Any:
+    """The configured delivery store (after the main store applied migrations)."""
+    from relay.webhooks.store import open_delivery_store
+
+    async with _opened(settings):
+        store = open_delivery_store(settings.store)
+        await store.open()
+        try:
+            yield store
+        finally:
+            await store.close()
+
+
+async def _subs_add(settings: Settings, args: argparse.Namespace) -> int:
+    import time
+
+    from pydantic import ValidationError
+
+    from relay.store.sqlite import sqlite_path
+    from relay.webhooks.secrets import SecretBox
+    from relay.webhooks.subscriptions import NewSubscription, create_subscription
+
+    try:
+        fields = NewSubscription(
+            url=args.url,
+            types=args.type or None,
+            session_ids=args.session or None,
+            description=args.description,
+            ordering=args.ordering,
+            max_in_flight=args.max_in_flight,
+        )
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        print(f"relay: {'.'.join(map(str, error['loc']))}: {error['msg']}", file=sys.stderr)
+        return 2
+    box = SecretBox.from_config(
+        settings.delivery.encryption_key, sqlite_path(settings.store.url).parent
+    )
+    async with _delivery_store(settings) as store:
+        subscription, secret = await create_subscription(store, box, fields, time.time())
+    print(f"created {subscription.id} -> {subscription.url}; its signing secret:")
+    print(secret)
+    return 0
+
+
+async def _subs_list(settings: Settings, args: argparse.Namespace) -> int:
+    async with _delivery_store(settings) as store:
+        subscriptions = await store.list_subscriptions()
+    for s in subscriptions:
+        state = "enabled" if s.enabled else f"disabled ({s.disabled_reason})"
+        types = ",".join(s.types) or "(all but raw.*)"
+        print(f"{s.id}  {s.url}  types={types}  ordering={s.ordering.value}  {state}")
+    if not subscriptions:
+        print("no subscriptions")
+    return 0
+
+
+async def _subs_remove(settings: Settings, args: argparse.Namespace) -> int:
+    async with _delivery_store(settings) as store:
+        removed = await store.delete_subscription(args.subscription_id)
+    if not removed:
+        print(f"relay: no subscription {args.subscription_id}", file=sys.stderr)
+        return 1
+    print(f"removed {args.subscription_id}")
     return 0
 
 

@@ -113,6 +113,10 @@ class DeliverySettings(_Section):
     # Base64 of 32 bytes for encrypting subscription secrets at rest; when unset, a key
     # is generated into the store's directory with mode 0600.
     encryption_key: str | None = None
+    disable_after_seconds: float = Field(5 * 86400, gt=0)  # continuous failure disables
+    rotation_overlap_seconds: float = Field(86400, ge=0)  # the old secret signs this long
+    poll_interval_seconds: float = Field(1.0, gt=0)  # safety net besides the hub's wake-ups
+    shutdown_grace_seconds: float = Field(2.0, ge=0)  # in-flight attempts may finish
 
     @field_validator("encryption_key")
     @classmethod

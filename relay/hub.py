@@ -55,6 +55,10 @@ class Hub(Protocol):
     def close(self) -> None:
         """Mark every subscription closed (shutdown)."""
 
+    @property
+    def subscribers(self) -> int:
+        """How many subscriptions are open (on this instance)."""
+
     def watch_session(self, session_id: str) -> AbstractContextManager[SessionWatch]:
         """A watch to open *before* reading the session, so no change falls between."""
 

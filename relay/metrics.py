@@ -6,9 +6,17 @@ from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+
+from relay.changes import Commit
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -56,8 +64,37 @@ class IngestStats(Collector):
         yield latency
 
 
+class DeliveryStats(Collector):
+    """Outbound webhook attempts by outcome, and the deliveries waiting (updated by the
+    dispatcher from the event loop)."""
+
+    def __init__(self) -> None:
+        self.outcomes: defaultdict[str, int] = defaultdict(int)
+        self.queue_depth = 0
+
+    def collect(self) -> Iterator[Metric]:
+        total = CounterMetricFamily(
+            "relay_deliveries",
+            "Outbound webhook attempts by outcome (delivered, retry, failed, disable, refused).",
+            labels=["outcome"],
+        )
+        for outcome, count in sorted(self.outcomes.items()):
+            total.add_metric([outcome], count)
+        yield total
+        yield GaugeMetricFamily(
+            "relay_delivery_queue_depth",
+            "Deliveries not yet delivered or failed.",
+            value=self.queue_depth,
+        )
+
+
 def _bound(value: float) -> str:
     return "+Inf" if value == float("inf") else repr(value)
+
+
+# Seconds: sandboxes get ready in seconds to minutes; turns run seconds to many minutes.
+READY_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+TURN_BUCKETS = (1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 
 class Metrics:
@@ -65,3 +102,40 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.ingest = IngestStats()
         self.registry.register(self.ingest)
+        self.changes = Counter(
+            "relay_changes",
+            "Changes recorded in the change log, by type.",
+            ["type"],
+            registry=self.registry,
+        )
+        self.sse_subscribers = Gauge(
+            "relay_sse_subscribers", "Open Server-Sent Events streams.", registry=self.registry
+        )
+        self.time_to_ready = Histogram(
+            "relay_time_to_ready_seconds",
+            "From a session's creation to its first ready (event time), per session.ready.",
+            buckets=READY_BUCKETS,
+            registry=self.registry,
+        )
+        self.turn_duration = Histogram(
+            "relay_turn_duration_seconds",
+            "From a turn's start to its end (event time), by how it ended.",
+            ["status"],
+            buckets=TURN_BUCKETS,
+            registry=self.registry,
+        )
+        self.deliveries = DeliveryStats()
+        self.registry.register(self.deliveries)
+
+    def observe_commit(self, commit: Commit) -> None:
+        """Count a commit's changes; time readiness and finished turns (a commit listener)."""
+        for change in commit.changes:
+            self.changes.labels(change.type).inc()
+            if change.type == "session.ready":
+                ms = orjson.loads(change.body)["session"]["time_to_ready_ms"]
+                if ms is not None:
+                    self.time_to_ready.observe(ms / 1000)
+            elif change.type in ("turn.completed", "turn.failed"):
+                turn = orjson.loads(change.body)["turn"]
+                if turn["duration_ms"] is not None:
+                    self.turn_duration.labels(turn["status"]).observe(turn["duration_ms"] / 1000)

@@ -126,10 +126,11 @@ RelayFactory = Callable[..., Awaitable[Relay]]
 async def start_relay(
     tmp_path: Path, aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]]
 ) -> RelayFactory:
-    async def start(**overrides: Any) -> Relay:
+    async def start(clock: Callable[[], float] | None = None, **overrides: Any) -> Relay:
         keys: list[NewKey] = []
         settings = make_settings(tmp_path, **overrides)
-        app = create_app(settings, on_bootstrap_key=keys.append)
+        extra = {} if clock is None else {"clock": clock}
+        app = create_app(settings, on_bootstrap_key=keys.append, **extra)
         client = await aiohttp_client(app)
         return Relay(client, keys[0].secret if keys else "")
 

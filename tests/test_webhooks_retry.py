@@ -15,6 +15,7 @@ from relay.webhooks.retry import (
     classify,
     next_delay,
     parse_retry_after,
+    settle,
 )
 
 SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
@@ -154,3 +155,50 @@ def test_parse_retry_after_never_raises(value: str) -> None:
     """Any header text parses to None or a non-negative number of seconds."""
     seconds = parse_retry_after(value, NOW)
     assert seconds is None or seconds >= 0
+
+
+TWO_STEPS = (5.0, 300.0)
+DAY = 86400.0
+
+
+@pytest.mark.parametrize(
+    ("status", "attempts", "outcome", "next_at"),
+    [
+        (200, 1, Outcome.DELIVERED, None),
+        (204, 3, Outcome.DELIVERED, None),
+        (500, 1, Outcome.RETRY, 1005.0),
+        (None, 2, Outcome.RETRY, 1300.0),
+        (503, 3, Outcome.FAILED, None),  # the schedule is exhausted
+        (400, 1, Outcome.FAILED, None),
+        (301, 1, Outcome.FAILED, None),  # redirects are not followed
+        (410, 1, Outcome.DISABLE, None),
+    ],
+)
+def test_settle_follows_the_schedule(
+    status: int | None, attempts: int, outcome: Outcome, next_at: float | None
+) -> None:
+    """An attempt's status and count decide delivered, retry (when), failed or disable."""
+    verdict = settle(status, attempts, 1000.0, TWO_STEPS, None, lambda: 0.5, None, 5 * DAY)
+    assert verdict.outcome is outcome
+    assert verdict.next_attempt_at == next_at
+    assert (verdict.disable_reason is not None) == (outcome is Outcome.DISABLE)
+
+
+def test_settle_disables_after_five_days_of_failure_only() -> None:
+    """Failing for five days disables; a success, or a shorter run of failures, does not."""
+    now = 10 * DAY
+    args = (now, TWO_STEPS, None, lambda: 0.5)
+    long_ago, recently = now - 5 * DAY, now - 4 * DAY
+    assert settle(500, 1, *args, long_ago, 5 * DAY).disable_reason == (
+        "every attempt failed for 5.0 days"
+    )
+    assert settle(500, 1, *args, recently, 5 * DAY).disable_reason is None
+    assert settle(200, 1, *args, long_ago, 5 * DAY).disable_reason is None
+
+
+def test_settle_honours_retry_after_and_refusals() -> None:
+    """Retry-After replaces the jittered delay; an SSRF refusal fails without retry."""
+    assert settle(429, 1, 0.0, TWO_STEPS, 30.0, lambda: 0.9, None, DAY).next_attempt_at == 30.0
+    refused = settle(None, 1, 0.0, TWO_STEPS, None, lambda: 0.5, None, DAY, refused=True)
+    assert refused.outcome is Outcome.FAILED
+    assert refused.next_attempt_at is None

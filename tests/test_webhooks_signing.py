@@ -13,7 +13,7 @@ import standardwebhooks
 import svix
 
 from relay.webhooks.secrets import SecretBox, SecretBoxError, new_webhook_secret
-from relay.webhooks.signing import webhook_request
+from relay.webhooks.signing import message_id, webhook_request
 
 CHANGE = orjson.dumps({"id": 42, "type": "turn.completed", "session_id": "chat_1"})
 
@@ -21,7 +21,7 @@ CHANGE = orjson.dumps({"id": 42, "type": "turn.completed", "session_id": "chat_1
 def test_deliveries_verify_with_standardwebhooks_and_svix() -> None:
     """A signed delivery verifies with the standardwebhooks and the svix libraries."""
     secret = new_webhook_secret()
-    body, headers = webhook_request(42, "turn.completed", CHANGE, [secret], time.time())
+    body, headers = webhook_request(message_id(42), "turn.completed", CHANGE, [secret], time.time())
     payload = standardwebhooks.Webhook(secret).verify(body, headers)
     assert payload["type"] == "turn.completed"
     assert payload["data"]["id"] == 42
@@ -37,7 +37,7 @@ def test_deliveries_verify_with_standardwebhooks_and_svix() -> None:
 def test_during_rotation_both_secrets_sign() -> None:
     """With an old and a new secret, receivers holding either one verify."""
     old, new = new_webhook_secret(), new_webhook_secret()
-    body, headers = webhook_request(7, "session.ready", CHANGE, [new, old], time.time())
+    body, headers = webhook_request(message_id(7), "session.ready", CHANGE, [new, old], time.time())
     for secret in (old, new):
         standardwebhooks.Webhook(secret).verify(body, headers)
     with pytest.raises(standardwebhooks.webhooks.WebhookVerificationError):
@@ -46,8 +46,9 @@ def test_during_rotation_both_secrets_sign() -> None:
 
 def test_webhook_id_is_stable_across_retries() -> None:
     """The same change gets the same webhook-id at every attempt, with a fresh timestamp."""
-    first = webhook_request(9, "turn.failed", CHANGE, [new_webhook_secret()], 1_000_000.0)
-    later = webhook_request(9, "turn.failed", CHANGE, [new_webhook_secret()], 1_000_300.0)
+    msg_id = message_id(9)
+    first = webhook_request(msg_id, "turn.failed", CHANGE, [new_webhook_secret()], 1_000_000.0)
+    later = webhook_request(msg_id, "turn.failed", CHANGE, [new_webhook_secret()], 1_000_300.0)
     assert first[1]["webhook-id"] == later[1]["webhook-id"] == "msg_9"
     assert first[1]["webhook-timestamp"] != later[1]["webhook-timestamp"]
 

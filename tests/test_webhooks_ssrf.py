@@ -1,7 +1,8 @@
-"""The SSRF guard: refused addresses, the guarded resolver, and a real request on loopback."""
+"""The SSRF guard: refused addresses, the guarded resolver, real requests and deliveries."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 
@@ -14,6 +15,9 @@ from hypothesis import strategies as st
 from pytest_aiohttp import AiohttpServer
 
 from relay.webhooks.ssrf import BlockedDestination, GuardedResolver, check_url, refusal_reason
+from tests.conftest import RelayFactory, fixture_events
+from tests.receivers import FAST_DELIVERY, api, receiver, until
+from tests.test_read_api import ingest
 
 
 class FakeResolver(AbstractResolver):
@@ -233,3 +237,44 @@ async def test_real_request_to_loopback_is_delivered_when_allowed(
     assert error is None
     assert status == 204
     assert received == [b'{"type":"turn.completed"}']
+
+
+async def test_deliveries_to_private_destinations_are_refused_and_recorded(
+    start_relay: RelayFactory,
+) -> None:
+    """Loopback, private, metadata and a name resolving to loopback: refused, reason recorded."""
+    relay = await start_relay(delivery={**FAST_DELIVERY, "allow_private_networks": False})
+    async with receiver() as got:
+        port = got.url.rsplit(":", 1)[1]
+        targets = {
+            f"http://127.0.0.1:{port}/hook": "127.0.0.1 is a loopback address",
+            "http://10.0.0.1/hook": "10.0.0.1 is a private address",
+            "http://169.254.169.254/latest/meta-data": "a cloud metadata address",
+            f"http://localhost:{port}/hook": "a loopback address",
+        }
+        ids = {}
+        for url in targets:
+            created = await api(relay, "POST", "/v1/subscriptions", status=201, json={"url": url})
+            ids[url] = created["id"]
+        await ingest(relay, fixture_events()[0])
+
+        async def all_failed() -> bool:
+            for sub_id in ids.values():
+                path = f"/v1/subscriptions/{sub_id}/deliveries"
+                if not (await api(relay, "GET", path, params={"status": "failed"}))["items"]:
+                    return False
+            return True
+
+        await until(all_failed)
+        await asyncio.sleep(0.3)  # longer than the retry schedule: nothing is retried
+        assert got.receipts == []
+    for url, reason in targets.items():
+        path = f"/v1/subscriptions/{ids[url]}/deliveries"
+        [delivery] = (await api(relay, "GET", path))["items"]
+        assert delivery["status"] == "failed"
+        [attempt] = delivery["attempts"]
+        assert attempt["status_code"] is None
+        assert reason in attempt["error"], attempt["error"]
+        assert "allow_private_networks" in attempt["error"]
+    metrics = await (await relay.client.get("/metrics")).text()
+    assert 'relay_deliveries_total{outcome="refused"} 4.0' in metrics

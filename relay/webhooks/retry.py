@@ -3,7 +3,8 @@
 Everything here is pure. `classify` maps a response status (None for a network error or
 a timeout) to an `Outcome`; `next_delay` gives the wait before the next attempt from the
 configured schedule with ±20% jitter, or the receiver's `Retry-After` (bounded), and
-None once the schedule is exhausted; `parse_retry_after` reads the header.
+None once the schedule is exhausted; `parse_retry_after` reads the header; `settle`
+combines them into what becomes of a delivery (and its subscription) after an attempt.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import email.utils
 import math
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 
@@ -87,3 +89,47 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
     if now.tzinfo is None:
         now = now.replace(tzinfo=UTC)
     return max((when - now).total_seconds(), 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What becomes of a delivery after an attempt."""
+
+    outcome: Outcome
+    next_attempt_at: float | None  # None: the delivery is finished (delivered or failed)
+    disable_reason: str | None = None  # set when the subscription is to be disabled
+
+
+def settle(
+    status: int | None,
+    attempts: int,
+    now: float,
+    schedule: Sequence[float],
+    retry_after: float | None,
+    rand: Callable[[], float],
+    failing_since: float | None,
+    disable_after: float,
+    refused: bool = False,
+) -> Verdict:
+    """The verdict on an attempt that got `status` (None: no response), the `attempts`-th
+    of its retry cycle, made at `now`.
+
+    `failing_since` is when the subscription's current run of failures began (None if
+    its last attempt succeeded); a run longer than `disable_after` seconds disables it.
+    A destination the SSRF guard `refused` fails at once: retrying would not change it.
+    """
+    outcome = Outcome.FAILED if refused else classify(status)
+    if outcome is Outcome.DELIVERED:
+        return Verdict(outcome, None)
+    if outcome is Outcome.DISABLE:
+        return Verdict(outcome, None, "the endpoint answered 410 Gone")
+    disable = None
+    if failing_since is not None and now - failing_since >= disable_after:
+        days = (now - failing_since) / 86400
+        disable = f"every attempt failed for {days:.1f} days"
+    if outcome is Outcome.FAILED:
+        return Verdict(outcome, None, disable)
+    delay = next_delay(attempts, schedule, retry_after, rand)
+    if delay is None:
+        return Verdict(Outcome.FAILED, None, disable)
+    return Verdict(outcome, now + delay, disable)

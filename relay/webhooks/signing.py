@@ -12,16 +12,20 @@ from relay.sign import sign_standard
 from relay.timefmt import format_time
 
 
-def webhook_request(
-    change_id: int, change_type: str, change_body: bytes, secrets: Sequence[str], now: float
-) -> tuple[bytes, dict[str, str]]:
-    """Body and headers for delivering a change.
+def message_id(change_id: int) -> str:
+    """The `webhook-id` of a change: the same on every attempt."""
+    return f"msg_{change_id}"
 
-    `webhook-id` is `msg_<change id>`, the same on every retry. Every secret in
+
+def webhook_request(
+    msg_id: str, change_type: str, change_body: bytes, secrets: Sequence[str], now: float
+) -> tuple[bytes, dict[str, str]]:
+    """Body and headers for delivering a change (or a test event) as message `msg_id`.
+
+    `webhook-id` is `msg_id`, the same on every retry. Every secret in
     `secrets` signs (during a rotation both the old and the new one do), so receivers
     holding either verify.
     """
-    msg_id = f"msg_{change_id}"
     timestamp = int(now)
     body = b'{"type":%s,"timestamp":%s,"data":%s}' % (
         orjson.dumps(change_type),

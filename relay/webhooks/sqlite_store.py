@@ -1,0 +1,568 @@
+"""The embedded delivery store: the webhook tables in the relay's SQLite file.
+
+It opens a connection of its own to the file (WAL, so it reads beside the ingest
+writer, and waits on `busy_timeout` when both write) and runs every statement on one
+thread of its own: a batch of attempt results or claims is one transaction and one
+thread hop. Changes are read from the change log, never copied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import orjson
+
+from relay.config import StoreSettings
+from relay.store.sqlite import sqlite_path
+from relay.timefmt import format_time, parse_time
+from relay.webhooks.model import (
+    Attempt,
+    AttemptResult,
+    ChangeFilter,
+    ClaimedDelivery,
+    Delivery,
+    DeliveryStatus,
+    Ordering,
+    Subscription,
+)
+from relay.webhooks.store import ClaimRequest, DeliveryNotRetryable
+
+T = TypeVar("T")
+
+_SUBSCRIPTION_COLUMNS = (
+    "id, url, description, types, session_ids, ordering, max_in_flight, enabled,"
+    " disabled_reason, secret, previous_secret, previous_secret_until, failing_since,"
+    " start_after, created_at, updated_at"
+)
+_DELIVERY_COLUMNS = (
+    "id, subscription_id, change_id, type, session_id, status, attempts, cycle_attempts,"
+    " next_attempt_at, last_status, last_error, created_at, updated_at"
+)
+_UPDATABLE = frozenset(
+    {
+        "url",
+        "description",
+        "types",
+        "session_ids",
+        "ordering",
+        "max_in_flight",
+        "enabled",
+        "disabled_reason",
+        "secret",
+        "previous_secret",
+        "previous_secret_until",
+        "failing_since",
+        "updated_at",
+    }
+)
+_CLAIM_BODY = "SELECT d.id, d.change_id, d.type, coalesce(d.payload, c.body), d.cycle_attempts"
+_CLAIM_ANY = (
+    _CLAIM_BODY + " FROM deliveries d LEFT JOIN changes c ON c.id = d.change_id"
+    " WHERE d.subscription_id = ? AND d.next_attempt_at <= ?"
+    " ORDER BY d.next_attempt_at, d.id LIMIT ?"
+)
+# Only the oldest unfinished delivery of each session may go (a claimed one included).
+_CLAIM_SESSION_ORDERED = (
+    _CLAIM_BODY + " FROM deliveries d LEFT JOIN changes c ON c.id = d.change_id"
+    " WHERE d.subscription_id = ? AND d.next_attempt_at <= ?"
+    " AND (d.session_id IS NULL OR d.change_id IS NULL OR NOT EXISTS ("
+    "  SELECT 1 FROM deliveries e WHERE e.subscription_id = d.subscription_id"
+    "  AND e.session_id = d.session_id AND e.change_id < d.change_id"
+    "  AND e.next_attempt_at IS NOT NULL))"
+    " ORDER BY d.change_id LIMIT ?"
+)
+_NEXT_DUE_ANY = (
+    "SELECT min(next_attempt_at) FROM deliveries"
+    " WHERE subscription_id = ? AND next_attempt_at IS NOT NULL AND status != 'delivering'"
+)
+_NEXT_DUE_SESSION_ORDERED = (
+    "SELECT min(d.next_attempt_at) FROM deliveries d"
+    " WHERE d.subscription_id = ? AND d.next_attempt_at IS NOT NULL AND d.status != 'delivering'"
+    " AND (d.session_id IS NULL OR d.change_id IS NULL OR NOT EXISTS ("
+    "  SELECT 1 FROM deliveries e WHERE e.subscription_id = d.subscription_id"
+    "  AND e.session_id = d.session_id AND e.change_id < d.change_id"
+    "  AND e.next_attempt_at IS NOT NULL))"
+)
+_INSERT_DELIVERY = (
+    "INSERT OR IGNORE INTO deliveries (subscription_id, change_id, type, session_id, status,"
+    " next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)"
+)
+_RECORD_DELIVERY = (
+    "UPDATE deliveries SET status = ?, attempts = attempts + 1, cycle_attempts = ?,"
+    " next_attempt_at = ?, last_status = ?, last_error = ?, updated_at = ? WHERE id = ?"
+)
+_RECORD_ATTEMPT = (
+    "INSERT INTO delivery_attempts (delivery_id, at, status_code, latency_ms, response, error)"
+    " SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM deliveries WHERE id = ?)"
+)
+_RECOVER_PAGE = 5000
+
+
+class SQLiteDeliveryStore:
+    def __init__(self, settings: StoreSettings) -> None:
+        self._settings = settings
+        self._path = sqlite_path(settings.url)
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+
+    async def open(self) -> None:
+        if self._conn is not None:
+            return
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-deliveries")
+        self._conn = await self._run(self._connect)
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._run(self._conn.close)
+            self._conn = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {self._settings.synchronous}")
+        conn.execute(f"PRAGMA busy_timeout = {int(self._settings.busy_timeout_ms)}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        return conn
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._executor is None:
+            raise RuntimeError("the delivery store is not open")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(conn, *args)` on the store's thread, in a transaction if it writes."""
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError("the delivery store is not open")
+        return await self._run(fn, conn, *args)
+
+    # -- subscriptions -------------------------------------------------------------------
+
+    async def release_claims(self, now: float) -> int:
+        return await self._call(_release_claims, now)
+
+    async def add_subscription(self, subscription: Subscription) -> Subscription:
+        return await self._call(_add_subscription, subscription)
+
+    async def get_subscription(self, subscription_id: str) -> Subscription | None:
+        return await self._call(_get_subscription, subscription_id)
+
+    async def list_subscriptions(self) -> list[Subscription]:
+        return await self._call(_list_subscriptions)
+
+    async def update_subscription(
+        self, subscription_id: str, fields: Mapping[str, Any]
+    ) -> Subscription | None:
+        unknown = set(fields) - _UPDATABLE
+        if unknown:
+            raise ValueError(f"not updatable: {', '.join(sorted(unknown))}")
+        return await self._call(_update_subscription, subscription_id, dict(fields))
+
+    async def delete_subscription(self, subscription_id: str) -> bool:
+        return await self._call(_delete_subscription, subscription_id)
+
+    # -- the queue -----------------------------------------------------------------------
+
+    async def enqueue(self, limit: int, now: float) -> tuple[int, dict[str, int]]:
+        return await self._call(_enqueue, limit, now)
+
+    async def claim(
+        self, requests: Sequence[ClaimRequest], now: float, lease_until: float
+    ) -> tuple[list[ClaimedDelivery], dict[str, float]]:
+        return await self._call(_claim, list(requests), now, lease_until)
+
+    async def record(self, results: Sequence[AttemptResult]) -> None:
+        await self._call(_record, list(results))
+
+    async def add_test_delivery(
+        self, subscription_id: str, body: bytes, now: float
+    ) -> Delivery | None:
+        return await self._call(_add_test_delivery, subscription_id, body, now)
+
+    async def get_delivery(self, delivery_id: int) -> Delivery | None:
+        rows = await self._call(
+            _select, f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE id = ?", (delivery_id,)
+        )
+        return _delivery(rows[0]) if rows else None
+
+    async def list_deliveries(
+        self, subscription_id: str, status: DeliveryStatus | None, after: int, limit: int
+    ) -> list[Delivery]:
+        sql = f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE subscription_id = ? AND id > ?"
+        params: tuple[Any, ...] = (subscription_id, after)
+        if status is not None:
+            sql += " AND status = ?"
+            params += (status.value,)
+        rows = await self._call(_select, sql + " ORDER BY id LIMIT ?", (*params, limit))
+        return [_delivery(row) for row in rows]
+
+    async def list_attempts(self, delivery_ids: Sequence[int]) -> dict[int, list[Attempt]]:
+        found: dict[int, list[Attempt]] = {delivery_id: [] for delivery_id in delivery_ids}
+        if not delivery_ids:
+            return found
+        marks = ",".join("?" * len(delivery_ids))
+        rows = await self._call(
+            _select,
+            "SELECT delivery_id, at, status_code, latency_ms, response, error"
+            f" FROM delivery_attempts WHERE delivery_id IN ({marks}) ORDER BY id",
+            tuple(delivery_ids),
+        )
+        for row in rows:
+            found[row[0]].append(Attempt(*row))
+        return found
+
+    async def retry_delivery(self, delivery_id: int, now: float) -> Delivery | None:
+        return await self._call(_retry_delivery, delivery_id, now)
+
+    async def recover(self, subscription_id: str, since: str, now: float) -> int:
+        return await self._call(_recover, subscription_id, format_time(parse_time(since)), now)
+
+    async def queue_depth(self) -> int:
+        rows = await self._call(
+            _select, "SELECT count(*) FROM deliveries WHERE next_attempt_at IS NOT NULL", ()
+        )
+        return int(rows[0][0])
+
+
+# -- functions run on the store's thread ---------------------------------------------------
+
+
+def _transaction(conn: sqlite3.Connection, work: Callable[[], T]) -> T:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = work()
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return result
+
+
+def _select(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> list[Any]:
+    return conn.execute(sql, params).fetchall()
+
+
+def _subscription(row: Any) -> Subscription:
+    (sid, url, description, types, sessions, ordering, max_in_flight, enabled) = row[:8]
+    return Subscription(
+        sid,
+        url,
+        description,
+        tuple(orjson.loads(types)),
+        tuple(orjson.loads(sessions)),
+        Ordering(ordering),
+        max_in_flight,
+        bool(enabled),
+        *row[8:],
+    )
+
+
+def _delivery(row: Any) -> Delivery:
+    (did, sid, change_id, change_type, session_id, status, attempts, cycle) = row[:8]
+    next_at, last_status, last_error, created_at, updated_at = row[8:]
+    return Delivery(
+        did,
+        sid,
+        change_id,
+        change_type,
+        session_id,
+        DeliveryStatus(status),
+        attempts,
+        cycle,
+        next_at,
+        last_status,
+        last_error,
+        created_at,
+        updated_at,
+    )
+
+
+def _get_subscription(conn: sqlite3.Connection, subscription_id: str) -> Subscription | None:
+    row = conn.execute(
+        f"SELECT {_SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE id = ?", (subscription_id,)
+    ).fetchone()
+    return _subscription(row) if row else None
+
+
+def _list_subscriptions(conn: sqlite3.Connection) -> list[Subscription]:
+    rows = conn.execute(
+        f"SELECT {_SUBSCRIPTION_COLUMNS} FROM subscriptions ORDER BY created_at, id"
+    ).fetchall()
+    return [_subscription(row) for row in rows]
+
+
+def _add_subscription(conn: sqlite3.Connection, s: Subscription) -> Subscription:
+    def work() -> Subscription:
+        conn.execute(
+            f"INSERT INTO subscriptions ({_SUBSCRIPTION_COLUMNS}) VALUES"
+            " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+            " (SELECT coalesce(max(id), 0) FROM changes), ?, ?)",
+            (
+                s.id,
+                s.url,
+                s.description,
+                orjson.dumps(s.types).decode(),
+                orjson.dumps(s.session_ids).decode(),
+                s.ordering.value,
+                s.max_in_flight,
+                int(s.enabled),
+                s.disabled_reason,
+                s.secret,
+                s.previous_secret,
+                s.previous_secret_until,
+                s.failing_since,
+                s.created_at,
+                s.updated_at,
+            ),
+        )
+        added = _get_subscription(conn, s.id)
+        assert added is not None
+        return added
+
+    return _transaction(conn, work)
+
+
+def _update_subscription(
+    conn: sqlite3.Connection, subscription_id: str, fields: dict[str, Any]
+) -> Subscription | None:
+    for key in ("types", "session_ids"):
+        if key in fields:
+            fields[key] = orjson.dumps(fields[key]).decode()
+    if "enabled" in fields:
+        fields["enabled"] = int(fields["enabled"])
+    if "ordering" in fields:
+        fields["ordering"] = Ordering(fields["ordering"]).value
+
+    def work() -> Subscription | None:
+        if fields:
+            assignments = ", ".join(f"{key} = ?" for key in fields)
+            conn.execute(
+                f"UPDATE subscriptions SET {assignments} WHERE id = ?",
+                (*fields.values(), subscription_id),
+            )
+        return _get_subscription(conn, subscription_id)
+
+    return _transaction(conn, work)
+
+
+def _delete_subscription(conn: sqlite3.Connection, subscription_id: str) -> bool:
+    def work() -> bool:
+        deleted = conn.execute("DELETE FROM subscriptions WHERE id = ?", (subscription_id,))
+        return deleted.rowcount > 0
+
+    return _transaction(conn, work)
+
+
+def _release_claims(conn: sqlite3.Connection, now: float) -> int:
+    def work() -> int:
+        return conn.execute(
+            "UPDATE deliveries SET next_attempt_at = ?,"
+            " status = CASE WHEN cycle_attempts > 0 THEN 'retrying' ELSE 'pending' END"
+            " WHERE status = 'delivering'",
+            (now,),
+        ).rowcount
+
+    return _transaction(conn, work)
+
+
+def _enqueue(conn: sqlite3.Connection, limit: int, now: float) -> tuple[int, dict[str, int]]:
+    def work() -> tuple[int, dict[str, int]]:
+        (cursor,) = conn.execute("SELECT last_change_id FROM delivery_cursor").fetchone()
+        changes = conn.execute(
+            "SELECT id, type, session_id FROM changes WHERE id > ? ORDER BY id LIMIT ?",
+            (cursor, limit),
+        ).fetchall()
+        if not changes:
+            return 0, {}
+        subscriptions = [
+            (sid, ChangeFilter(tuple(orjson.loads(t)), tuple(orjson.loads(s))), start)
+            for sid, t, s, start in conn.execute(
+                "SELECT id, types, session_ids, start_after FROM subscriptions WHERE enabled = 1"
+            )
+        ]
+        rows = []
+        counts: dict[str, int] = {}
+        for change_id, change_type, session_id in changes:
+            for sid, accepts, start_after in subscriptions:
+                if change_id > start_after and accepts(change_type, session_id):
+                    rows.append((sid, change_id, change_type, session_id, now, now, now))
+                    counts[sid] = counts.get(sid, 0) + 1
+        conn.executemany(_INSERT_DELIVERY, rows)
+        conn.execute("UPDATE delivery_cursor SET last_change_id = ?", (changes[-1][0],))
+        return len(changes), counts
+
+    return _transaction(conn, work)
+
+
+def _claim(
+    conn: sqlite3.Connection, requests: list[ClaimRequest], now: float, lease_until: float
+) -> tuple[list[ClaimedDelivery], dict[str, float]]:
+    def work() -> tuple[list[ClaimedDelivery], dict[str, float]]:
+        claimed: list[ClaimedDelivery] = []
+        next_due: dict[str, float] = {}
+        for request in requests:
+            sql = _CLAIM_SESSION_ORDERED if request.session_ordered else _CLAIM_ANY
+            rows = conn.execute(sql, (request.subscription_id, now, request.limit)).fetchall()
+            for delivery_id, change_id, change_type, body, cycle in rows:
+                claimed.append(
+                    ClaimedDelivery(
+                        delivery_id, request.subscription_id, change_id, change_type, body, cycle
+                    )
+                )
+            if rows:
+                conn.executemany(
+                    "UPDATE deliveries SET status = 'delivering', next_attempt_at = ? WHERE id = ?",
+                    [(lease_until, row[0]) for row in rows],
+                )
+            next_sql = _NEXT_DUE_SESSION_ORDERED if request.session_ordered else _NEXT_DUE_ANY
+            (due,) = conn.execute(next_sql, (request.subscription_id,)).fetchone()
+            if due is not None:
+                next_due[request.subscription_id] = due
+        return claimed, next_due
+
+    return _transaction(conn, work)
+
+
+def _record(conn: sqlite3.Connection, results: list[AttemptResult]) -> None:
+    def work() -> None:
+        deliveries, attempts = [], []
+        last: dict[str, AttemptResult] = {}
+        for result in results:
+            a = result.attempt
+            deliveries.append(
+                (
+                    result.status.value,
+                    result.cycle_attempts,
+                    result.next_attempt_at,
+                    a.status_code,
+                    a.error,
+                    a.at,
+                    a.delivery_id,
+                )
+            )
+            row = (a.delivery_id, a.at, a.status_code, a.latency_ms, a.response, a.error)
+            attempts.append((*row, a.delivery_id))
+            last[result.subscription_id] = result
+        conn.executemany(_RECORD_DELIVERY, deliveries)
+        conn.executemany(_RECORD_ATTEMPT, attempts)
+        for sid, result in last.items():
+            if result.status is DeliveryStatus.DELIVERED:
+                conn.execute(
+                    "UPDATE subscriptions SET failing_since = NULL"
+                    " WHERE id = ? AND failing_since IS NOT NULL",
+                    (sid,),
+                )
+            else:
+                conn.execute(
+                    "UPDATE subscriptions SET failing_since = ?"
+                    " WHERE id = ? AND failing_since IS NULL",
+                    (result.attempt.at, sid),
+                )
+        for result in results:
+            if result.disable_reason is not None:
+                conn.execute(
+                    "UPDATE subscriptions SET enabled = 0, disabled_reason = ?, updated_at = ?"
+                    " WHERE id = ? AND enabled = 1",
+                    (
+                        result.disable_reason,
+                        format_time_at(result.attempt.at),
+                        result.subscription_id,
+                    ),
+                )
+
+    _transaction(conn, work)
+
+
+def format_time_at(seconds: float) -> str:
+    return format_time(datetime.fromtimestamp(seconds, UTC))
+
+
+def _add_test_delivery(
+    conn: sqlite3.Connection, subscription_id: str, body: bytes, now: float
+) -> Delivery | None:
+    def work() -> Delivery | None:
+        if _get_subscription(conn, subscription_id) is None:
+            return None
+        cursor = conn.execute(
+            "INSERT INTO deliveries (subscription_id, change_id, type, session_id, payload,"
+            " status, next_attempt_at, created_at, updated_at)"
+            " VALUES (?, NULL, 'webhook.test', NULL, ?, 'pending', ?, ?, ?)",
+            (subscription_id, body, now, now, now),
+        )
+        row = conn.execute(
+            f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE id = ?", (cursor.lastrowid,)
+        ).fetchone()
+        return _delivery(row)
+
+    return _transaction(conn, work)
+
+
+def _retry_delivery(conn: sqlite3.Connection, delivery_id: int, now: float) -> Delivery | None:
+    def work() -> Delivery | None:
+        row = conn.execute("SELECT status FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()
+        if row is None:
+            return None
+        if row[0] == DeliveryStatus.DELIVERING.value:
+            raise DeliveryNotRetryable(f"delivery {delivery_id} is being attempted now")
+        conn.execute(
+            "UPDATE deliveries SET status = 'pending', cycle_attempts = 0, next_attempt_at = ?,"
+            " updated_at = ? WHERE id = ?",
+            (now, now, delivery_id),
+        )
+        found = conn.execute(
+            f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE id = ?", (delivery_id,)
+        ).fetchone()
+        return _delivery(found)
+
+    return _transaction(conn, work)
+
+
+def _recover(conn: sqlite3.Connection, subscription_id: str, since: str, now: float) -> int:
+    def work() -> int:
+        row = conn.execute(
+            "SELECT types, session_ids FROM subscriptions WHERE id = ?", (subscription_id,)
+        ).fetchone()
+        if row is None:
+            raise KeyError(subscription_id)
+        accepts = ChangeFilter(tuple(orjson.loads(row[0])), tuple(orjson.loads(row[1])))
+        (first,) = conn.execute(
+            "SELECT min(c.id) FROM changes c WHERE c.event_seq >="
+            " (SELECT min(seq) FROM events WHERE received_at >= ?)",
+            (since,),
+        ).fetchone()
+        if first is None:
+            return 0
+        before = conn.total_changes
+        conn.execute(
+            "UPDATE deliveries SET status = 'pending', cycle_attempts = 0, next_attempt_at = ?,"
+            " updated_at = ? WHERE subscription_id = ? AND change_id >= ? AND status = 'failed'",
+            (now, now, subscription_id, first),
+        )
+        after = first - 1
+        while True:
+            page = conn.execute(
+                "SELECT id, type, session_id FROM changes WHERE id > ? ORDER BY id LIMIT ?",
+                (after, _RECOVER_PAGE),
+            ).fetchall()
+            if not page:
+                break
+            conn.executemany(
+                _INSERT_DELIVERY,
+                [
+                    (subscription_id, cid, ctype, session_id, now, now, now)
+                    for cid, ctype, session_id in page
+                    if accepts(ctype, session_id)
+                ],
+            )
+            after = page[-1][0]
+        return conn.total_changes - before
+
+    return _transaction(conn, work)

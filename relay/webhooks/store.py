@@ -1,0 +1,110 @@
+"""The delivery store interface: subscriptions, the delivery queue and the attempt log.
+
+The embedded backend keeps them in the relay's SQLite file, on connections of its own;
+a PostgreSQL backend (cluster mode) will implement the same methods, claiming rows with
+`FOR UPDATE SKIP LOCKED` where SQLite relies on its single writer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from relay.config import StoreSettings
+from relay.webhooks.model import (
+    Attempt,
+    AttemptResult,
+    ClaimedDelivery,
+    Delivery,
+    DeliveryStatus,
+    Subscription,
+)
+
+
+class DeliveryNotRetryable(Exception):
+    """The delivery is being attempted right now."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    subscription_id: str
+    limit: int
+    session_ordered: bool
+
+
+class DeliveryStore(Protocol):
+    async def open(self) -> None:
+        """Connect (the schema is the main store's migrations)."""
+
+    async def close(self) -> None: ...
+
+    async def release_claims(self, now: float) -> int:
+        """Make every claimed delivery due now (after a restart: their attempts were lost)."""
+
+    async def add_subscription(self, subscription: Subscription) -> Subscription:
+        """Store it; it receives changes after the newest one in the log (its `start_after`)."""
+
+    async def get_subscription(self, subscription_id: str) -> Subscription | None: ...
+
+    async def list_subscriptions(self) -> list[Subscription]: ...
+
+    async def update_subscription(
+        self, subscription_id: str, fields: Mapping[str, Any]
+    ) -> Subscription | None:
+        """Set columns of a subscription; None if there is no such subscription."""
+
+    async def delete_subscription(self, subscription_id: str) -> bool:
+        """Remove it with its deliveries and attempts."""
+
+    async def enqueue(self, limit: int, now: float) -> tuple[int, dict[str, int]]:
+        """Turn up to `limit` changes after the cursor into delivery rows, and move the
+        cursor, in one transaction; return how many changes were read and how many rows
+        each subscription got."""
+
+    async def claim(
+        self, requests: Sequence[ClaimRequest], now: float, lease_until: float
+    ) -> tuple[list[ClaimedDelivery], dict[str, float]]:
+        """Take due deliveries for an attempt, marking them delivering until `lease_until`.
+
+        Returns the deliveries, and for each subscription asked about that still has
+        deliveries waiting, when the earliest one is due. A session-ordered request
+        gets only the oldest unfinished delivery of each session.
+        """
+
+    async def record(self, results: Sequence[AttemptResult]) -> None:
+        """Log the attempts and move each delivery (and subscription) on, in one transaction."""
+
+    async def add_test_delivery(
+        self, subscription_id: str, body: bytes, now: float
+    ) -> Delivery | None: ...
+
+    async def get_delivery(self, delivery_id: int) -> Delivery | None: ...
+
+    async def list_deliveries(
+        self, subscription_id: str, status: DeliveryStatus | None, after: int, limit: int
+    ) -> list[Delivery]:
+        """Deliveries of a subscription with `id > after`, oldest first."""
+
+    async def list_attempts(self, delivery_ids: Sequence[int]) -> dict[int, list[Attempt]]: ...
+
+    async def retry_delivery(self, delivery_id: int, now: float) -> Delivery | None:
+        """Make a delivery due now with a fresh retry schedule; raise DeliveryNotRetryable
+        if it is being attempted."""
+
+    async def recover(self, subscription_id: str, since: str, now: float) -> int:
+        """Queue again every change since the time `since` (RFC 3339) that the subscription
+        did not receive: failed deliveries and changes it has no delivery for."""
+
+    async def queue_depth(self) -> int:
+        """Deliveries not yet delivered or failed."""
+
+
+def open_delivery_store(settings: StoreSettings) -> DeliveryStore:
+    """Build (not yet open) the delivery store next to the main store, by URL scheme."""
+    scheme = settings.url.partition("://")[0]
+    if scheme == "sqlite":
+        from relay.webhooks.sqlite_store import SQLiteDeliveryStore
+
+        return SQLiteDeliveryStore(settings)
+    raise ValueError(f"no delivery store backend for URL scheme {scheme!r}")

@@ -1,0 +1,188 @@
+"""Managing subscriptions: request bodies, secrets and views, shared by the API and the CLI."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from yarl import URL
+
+from relay.timefmt import format_time
+from relay.webhooks.dispatcher import previous_secret_binding
+from relay.webhooks.model import (
+    Attempt,
+    Delivery,
+    Ordering,
+    Subscription,
+    delivery_message_id,
+)
+from relay.webhooks.secrets import SecretBox, new_webhook_secret
+from relay.webhooks.store import DeliveryStore
+
+DEFAULT_MAX_IN_FLIGHT = 10
+_Globs = list[str]
+
+
+def _check_url(url: str) -> str:
+    try:
+        parsed = URL(url)
+    except (TypeError, ValueError):
+        raise ValueError("must be an absolute http or https URL") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError("must be an absolute http or https URL")
+    if parsed.user is not None or parsed.password is not None:
+        raise ValueError("must not carry credentials")
+    return url
+
+
+def _check_globs(values: _Globs | None) -> _Globs | None:
+    if values is None:
+        return None
+    if len(values) > 100:
+        raise ValueError("at most 100 entries")
+    for value in values:
+        if not 1 <= len(value) <= 200 or any(ch in value for ch in "\r\n\0"):
+            raise ValueError("each entry is a name or glob of 1 to 200 characters")
+    return values
+
+
+class SubscriptionFields(BaseModel):
+    """Fields a client may set; absent ones keep their value (PATCH) or default (POST)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str | None = Field(None, max_length=2048)
+    types: _Globs | None = None
+    session_ids: _Globs | None = None
+    description: str | None = Field(None, max_length=1000)
+    ordering: Ordering | None = None
+    max_in_flight: int | None = Field(None, ge=1, le=1000)
+    enabled: bool | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _valid_url(cls, url: str | None) -> str | None:
+        return None if url is None else _check_url(url)
+
+    @field_validator("types", "session_ids")
+    @classmethod
+    def _valid_globs(cls, values: _Globs | None) -> _Globs | None:
+        return _check_globs(values)
+
+
+class NewSubscription(SubscriptionFields):
+    url: str = Field(max_length=2048)
+    enabled: None = None  # a new subscription starts enabled
+
+
+def iso(seconds: float | None) -> str | None:
+    return None if seconds is None else format_time(datetime.fromtimestamp(seconds, UTC))
+
+
+async def create_subscription(
+    store: DeliveryStore, box: SecretBox, fields: NewSubscription, now: float
+) -> tuple[Subscription, str]:
+    """Store a subscription with a fresh secret; return it and the secret (shown once)."""
+    subscription_id = "sub_" + secrets.token_hex(8)
+    secret = new_webhook_secret()
+    created = iso(now) or ""
+    subscription = await store.add_subscription(
+        Subscription(
+            id=subscription_id,
+            url=fields.url,
+            description=fields.description or "",
+            types=tuple(fields.types or ()),
+            session_ids=tuple(fields.session_ids or ()),
+            ordering=fields.ordering or Ordering.NONE,
+            max_in_flight=fields.max_in_flight or DEFAULT_MAX_IN_FLIGHT,
+            enabled=True,
+            disabled_reason=None,
+            secret=box.encrypt(secret, subscription_id),
+            previous_secret=None,
+            previous_secret_until=None,
+            failing_since=None,
+            start_after=0,
+            created_at=created,
+            updated_at=created,
+        )
+    )
+    return subscription, secret
+
+
+def updates(fields: SubscriptionFields, now: float) -> dict[str, Any]:
+    """The columns a PATCH sets."""
+    changed: dict[str, Any] = fields.model_dump(exclude_none=True)
+    if "enabled" in changed:
+        changed["disabled_reason"] = None if changed["enabled"] else "disabled through the API"
+        if changed["enabled"]:
+            changed["failing_since"] = None
+    changed["updated_at"] = iso(now)
+    return changed
+
+
+async def rotate_secret(
+    store: DeliveryStore, box: SecretBox, subscription: Subscription, now: float, overlap: float
+) -> tuple[Subscription, str] | None:
+    """Give the subscription a new secret; the current one keeps signing for `overlap` s."""
+    secret = new_webhook_secret()
+    old = box.decrypt(subscription.secret, subscription.id)
+    rotated = await store.update_subscription(
+        subscription.id,
+        {
+            "secret": box.encrypt(secret, subscription.id),
+            "previous_secret": box.encrypt(old, previous_secret_binding(subscription.id)),
+            "previous_secret_until": now + overlap,
+            "updated_at": iso(now),
+        },
+    )
+    return None if rotated is None else (rotated, secret)
+
+
+def subscription_view(s: Subscription, now: float) -> dict[str, Any]:
+    until = s.previous_secret_until
+    return {
+        "id": s.id,
+        "url": s.url,
+        "description": s.description,
+        "types": list(s.types),
+        "session_ids": list(s.session_ids),
+        "ordering": s.ordering.value,
+        "max_in_flight": s.max_in_flight,
+        "enabled": s.enabled,
+        "disabled_reason": s.disabled_reason,
+        "failing_since": iso(s.failing_since),
+        "previous_secret_expires_at": iso(until) if until is not None and until > now else None,
+        "created_at": s.created_at,
+        "updated_at": s.updated_at,
+    }
+
+
+def attempt_view(a: Attempt) -> dict[str, Any]:
+    return {
+        "at": iso(a.at),
+        "status_code": a.status_code,
+        "latency_ms": a.latency_ms,
+        "response": a.response,
+        "error": a.error,
+    }
+
+
+def delivery_view(d: Delivery, attempts: list[Attempt]) -> dict[str, Any]:
+    return {
+        "id": d.id,
+        "subscription_id": d.subscription_id,
+        "change_id": d.change_id,
+        "message_id": delivery_message_id(d.id, d.change_id),
+        "type": d.type,
+        "session_id": d.session_id,
+        "status": d.status.value,
+        "attempt_count": d.attempts,
+        "next_attempt_at": iso(d.next_attempt_at),
+        "last_status": d.last_status,
+        "last_error": d.last_error,
+        "created_at": iso(d.created_at),
+        "updated_at": iso(d.updated_at),
+        "attempts": [attempt_view(a) for a in attempts],
+    }
