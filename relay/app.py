@@ -26,9 +26,10 @@ from relay.logs import request_line_writer
 from relay.metrics import Metrics
 from relay.openapi import openapi_handler
 from relay.read_api import routes as read_routes
-from relay.routes import Handler, Reply, Route, add_routes, scoped
+from relay.routes import Handler, Reply, Route, add_routes
 from relay.sse import routes as stream_routes
 from relay.store import Store, StoreUnavailable, open_store
+from relay.webhooks.api import routes as webhook_routes
 from relay.webhooks.api import setup_webhooks
 
 log = structlog.get_logger("relay.http")
@@ -65,7 +66,7 @@ def create_app(
     app[METRICS].sse_subscribers.set_function(lambda: app[HUB].subscribers)
     app.cleanup_ctx.append(_store_lifetime(on_bootstrap_key))
     app.cleanup_ctx.append(_alert_loop(clock))
-    setup_webhooks(app, scoped, clock)
+    setup_webhooks(app, clock)
 
     sources = {s.id: Source.from_settings(s) for s in settings.sources}
     ingest_ctx = IngestContext(sources, app[STORE], app[METRICS], settings.server.max_body_bytes)
@@ -75,6 +76,7 @@ def create_app(
             ingest_route(ingest_ctx, clock),
             *read_routes(),
             *stream_routes(),
+            *webhook_routes(clock),
             *_operations_routes(),
             *dashboard_routes(),
         ],

@@ -14,8 +14,6 @@ from pydantic import BaseModel
 from relay import auth
 from relay.api_models import (
     MAX_ID,
-    MAX_LIMIT,
-    MAX_WAIT_SECONDS,
     ChangePage,
     ChangesQuery,
     EventLogPage,
@@ -34,20 +32,7 @@ from relay.routes import Handler, Reply, Route, parse_query
 from relay.store import SessionQuery as SessionPageQuery
 from relay.store import StoredEvent
 
-__all__ = ["MAX_ID", "MAX_LIMIT", "MAX_WAIT_SECONDS", "int_param", "routes"]
-
-
-def int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = low - 1
-    if not low <= value <= high:
-        raise ApiError(400, "INVALID_PARAMETER", f"{name} must be an integer from {low} to {high}")
-    return value
+__all__ = ["routes"]
 
 
 def _event_item(e: StoredEvent) -> dict[str, Any]:

@@ -7,9 +7,9 @@ Adding a route is one declaration, passed to `add_routes` in `create_app`:
 
     Route(
         "POST", "/v1/subscriptions", create_subscription, "Create a subscription",
-        tag="webhooks", scope=auth.WRITE, body=SubscriptionFields,
-        replies={201: Reply("Created; the secret is shown once.", NewSubscription)},
-        errors={400: ("INVALID_BODY",)},
+        tag="webhooks", scope=auth.WRITE, body=NewSubscription,
+        replies={201: Reply("Created; the secret is shown once.", SubscriptionWithSecret)},
+        errors={400: ("INVALID_JSON", "INVALID_REQUEST")},
     )
 
 Scoped routes get 401 `UNAUTHORIZED` and 403 `FORBIDDEN`, routes with a query or header
@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar, get_origin
 
+import orjson
 from aiohttp import web
 from multidict import MultiMapping
 from pydantic import BaseModel, ValidationError
@@ -113,6 +114,24 @@ def parse_query(request: web.Request, model: type[Params]) -> Params:
 def parse_headers(request: web.Request, model: type[Params]) -> Params:
     """The request's headers (by field alias) as `model`; invalid ones are 400."""
     return _parse(request.headers, model)
+
+
+async def parse_body(request: web.Request, model: type[Params]) -> Params:
+    """The request's JSON object body (empty: `{}`) as `model`: 400 INVALID_JSON if it is
+    not a JSON object, 400 INVALID_REQUEST if the model refuses it."""
+    raw = await request.read()
+    try:
+        data = orjson.loads(raw) if raw else {}
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "INVALID_JSON", "the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "INVALID_JSON", "the body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        name = ".".join(str(part) for part in error["loc"]) or "body"
+        raise ApiError(400, "INVALID_REQUEST", f"{name}: {error['msg']}") from None
 
 
 def _parse(source: MultiMapping[str], model: type[Params]) -> Params:

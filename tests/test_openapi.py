@@ -8,6 +8,7 @@ import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -17,7 +18,7 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from openapi_spec_validator import validate
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from schemathesis import APIOperation, BaseSchema, Case, GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -40,10 +41,20 @@ from relay.api_models import (
 from relay.app import create_app
 from relay.appkeys import STORE
 from relay.auth import NewKey
-from tests.conftest import Relay, fixture_events, make_settings
+from relay.webhooks.api_models import (
+    DeliveryPage,
+    DeliveryView,
+    Requeued,
+    SubscriptionList,
+    SubscriptionView,
+    SubscriptionWithSecret,
+)
+from relay.webhooks.subscriptions import SubscriptionFields
+from tests.conftest import LIFECYCLE_CHANGES, Relay, RelayFactory, fixture_events, make_settings
+from tests.receivers import FAST_DELIVERY, Receipt, api, eventually, receiver, subscribe, until
 from tests.test_alerts import now_event
 from tests.test_ingest import signed
-from tests.test_read_api import EXPECTED
+from tests.test_read_api import EXPECTED, ingest
 
 SESSION = EXPECTED["session_id"]
 
@@ -87,6 +98,45 @@ async def test_every_error_status_names_its_codes(relay: Relay) -> None:
     assert codes == ["MISSING_SIGNATURE", "INVALID_SIGNATURE", "TIMESTAMP_OUT_OF_TOLERANCE"]
     names = {p["name"] for p in document["paths"]["/v1/stream"]["get"]["parameters"]}
     assert names == {"session_id", "type", "last_event_id", "Last-Event-ID"}
+
+
+async def test_webhook_routes_need_the_write_scope_and_name_their_answers(relay: Relay) -> None:
+    """Subscription and delivery routes take `agent:write`, their body models and codes."""
+    document = await (await relay.client.get("/openapi.json")).json()
+    webhooks = {
+        (method, path): operation
+        for path, item in document["paths"].items()
+        for method, operation in item.items()
+        if operation["tags"] == ["webhooks"]
+    }
+    assert len(webhooks) == 12
+    write = [{"bearer": ["agent:write"]}, {"accessToken": ["agent:write"]}]
+    for operation in webhooks.values():
+        assert operation["security"] == write
+        assert {"401", "403"} <= set(operation["responses"])
+
+    def answer(method: str, path: str, status: str) -> Any:
+        return webhooks[method, path]["responses"][status]["content"]["application/json"]["schema"]
+
+    def codes(method: str, path: str, status: str) -> Any:
+        error = answer(method, path, status)["allOf"][1]["properties"]["error"]
+        return error["properties"]["code"]["enum"]
+
+    def schema_of(method: str, path: str, status: str) -> str:
+        ref: str = answer(method, path, status)["$ref"]
+        return ref.rsplit("/", 1)[-1]
+
+    create = webhooks["post", "/v1/subscriptions"]
+    body = create["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    assert body.endswith("/NewSubscription")
+    assert schema_of("post", "/v1/subscriptions", "201") == "SubscriptionWithSecret"
+    assert codes("post", "/v1/subscriptions", "400") == ["INVALID_JSON", "INVALID_REQUEST"]
+    assert schema_of("get", "/v1/subscriptions/{id}", "200") == "SubscriptionView"
+    assert "secret" not in document["components"]["schemas"]["SubscriptionView"]["properties"]
+    assert codes("post", "/v1/deliveries/{id}/retry", "409") == ["CONFLICT"]
+    assert codes("get", "/v1/subscriptions/{id}/deliveries", "400") == ["INVALID_PARAMETER"]
+    assert schema_of("get", "/v1/subscriptions/{id}/deliveries", "200") == "DeliveryPage"
+    assert "content" not in webhooks["delete", "/v1/subscriptions/{id}"]["responses"]["204"]
 
 
 async def test_bad_query_values_are_400_naming_the_parameter(relay: Relay) -> None:
@@ -142,6 +192,68 @@ async def test_real_answers_validate_against_the_response_models(relay: Relay) -
     assert statuses == {"completed", "failed", "conflict"}
 
 
+def gone(receipt: Receipt, seen: int) -> web.Response:
+    return web.Response(status=410, text="gone for good")
+
+
+async def test_real_webhook_answers_validate_against_the_response_models(
+    start_relay: RelayFactory,
+) -> None:
+    """Subscriptions, deliveries with their attempts, pages and recover answers fit their models."""
+    relay = await start_relay(delivery=FAST_DELIVERY)
+    async with receiver() as got:
+        got.endpoint("/gone", gone)
+        hook = SubscriptionWithSecret.model_validate(await subscribe(relay, got, "/hook"))
+        dead = SubscriptionWithSecret.model_validate(
+            await subscribe(relay, got, "/gone", ordering="session", session_ids=[SESSION])
+        )
+        for event in fixture_events():
+            await ingest(relay, event)
+        sent = await api(relay, "POST", f"/v1/subscriptions/{hook.id}/test", status=202)
+        test = DeliveryView.model_validate(sent)
+        assert (test.change_id, test.session_id, test.type) == (None, None, "webhook.test")
+        await eventually(lambda: len(got.at("/hook")) == len(LIFECYCLE_CHANGES) + 1)
+
+        async def disabled() -> bool:
+            return not (await api(relay, "GET", f"/v1/subscriptions/{dead.id}"))["enabled"]
+
+        await until(disabled)
+    off = SubscriptionView.model_validate(await api(relay, "GET", f"/v1/subscriptions/{dead.id}"))
+    assert off.disabled_reason is not None
+    assert off.failing_since is not None
+    rotated = SubscriptionWithSecret.model_validate(
+        await api(relay, "POST", f"/v1/subscriptions/{hook.id}/rotate-secret")
+    )
+    assert rotated.previous_secret_expires_at is not None
+    assert rotated.secret != hook.secret
+    listing = SubscriptionList.model_validate(await api(relay, "GET", "/v1/subscriptions"))
+    assert {s.id for s in listing.items} == {hook.id, dead.id}  # and no secrets (extra=forbid)
+    page = DeliveryPage.model_validate(
+        await api(relay, "GET", f"/v1/subscriptions/{hook.id}/deliveries", params={"limit": 3})
+    )
+    assert page.next_after == page.items[-1].id
+    assert {d.status for d in page.items} == {"delivered"}
+    assert all(d.attempts[0].status_code == 200 for d in page.items)
+    failed = DeliveryPage.model_validate(
+        await api(relay, "GET", f"/v1/subscriptions/{dead.id}/deliveries")
+    )
+    assert failed.items[0].attempts[0].status_code == 410
+    assert failed.items[0].status == "failed"
+    first = failed.items[0].id
+    DeliveryView.model_validate(await api(relay, "GET", f"/v1/deliveries/{first}"))
+    since = {"since": "2000-01-01T00:00:00Z"}
+    recovered = await api(
+        relay, "POST", f"/v1/subscriptions/{dead.id}/recover", status=202, json=since
+    )
+    assert Requeued.model_validate(recovered).queued >= 1
+    retried = await api(relay, "POST", f"/v1/deliveries/{first}/retry", status=202)
+    assert DeliveryView.model_validate(retried).next_attempt_at is not None
+    enabled = await api(relay, "POST", f"/v1/subscriptions/{dead.id}/enable")
+    assert SubscriptionView.model_validate(enabled).enabled
+    patched = await api(relay, "PATCH", f"/v1/subscriptions/{hook.id}", json={"enabled": False})
+    assert SubscriptionView.model_validate(patched).disabled_reason == "disabled through the API"
+
+
 # -- schemathesis against a live relay -------------------------------------------------------
 
 
@@ -150,7 +262,12 @@ class LiveRelay:
 
     def __init__(self, tmp_path: Path) -> None:
         self._keys: list[NewKey] = []
-        self._app = create_app(make_settings(tmp_path), on_bootstrap_key=self._keys.append)
+        # Nothing leaves the machine: `conforms` points every subscription at a loopback
+        # address, which the SSRF guard refuses without connecting; a small timeout bounds
+        # any attempt regardless.
+        delivery = {"timeout_seconds": 1, "shutdown_grace_seconds": 0.2}
+        settings = make_settings(tmp_path, delivery=delivery)
+        self._app = create_app(settings, on_bootstrap_key=self._keys.append)
         self._ready = threading.Event()
         self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),), daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -204,6 +321,48 @@ def live_relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveRelay]:
         yield live
 
 
+class Targets:
+    """Ids that exist in the live relay, for path parameters: two subscriptions (one for
+    DELETE to remove) and a delivery."""
+
+    def __init__(self, live: LiveRelay) -> None:
+        headers = {"Authorization": f"Bearer {live.key}"}
+
+        def call(path: str, status: int, body: object = None) -> dict[str, Any]:
+            resp = requests.post(f"{live.url}{path}", json=body, headers=headers, timeout=10)
+            assert resp.status_code == status, resp.text
+            answer: dict[str, Any] = resp.json()
+            return answer
+
+        self.kept = call("/v1/subscriptions", 201, {"url": LOOPBACK_HOOK})["id"]
+        self.doomed = call("/v1/subscriptions", 201, {"url": LOOPBACK_HOOK})["id"]
+        self.delivery = str(call(f"/v1/subscriptions/{self.kept}/test", 202)["id"])
+
+    def path_parameters(self, operation: APIOperation) -> dict[str, str]:
+        found = {"session_id": SESSION, "source_id": "open", "name": "app.js"}
+        if operation.path.startswith("/v1/deliveries/"):
+            found["id"] = self.delivery
+        elif operation.method.upper() == "DELETE":
+            found["id"] = self.doomed
+        else:
+            found["id"] = self.kept
+        return {name: found[name] for name in re.findall(r"\{(\w+)\}", operation.path)}
+
+
+LOOPBACK_HOOK = "http://127.0.0.1:9/hook"
+
+
+def keep_on_loopback(body: object) -> None:
+    """Point a subscription body's valid URL at a loopback address the relay refuses."""
+    if not isinstance(body, dict) or not isinstance(body.get("url"), str):
+        return
+    try:
+        SubscriptionFields(url=body["url"])
+    except ValidationError:
+        return  # refused with 400: it never reaches the dispatcher
+    body["url"] = LOOPBACK_HOOK
+
+
 @pytest.fixture(scope="module")
 def api_schema(live_relay: LiveRelay) -> BaseSchema:
     schema = schemathesis.openapi.from_url(f"{live_relay.url}/openapi.json")
@@ -230,10 +389,10 @@ EXAMPLES = settings(
 )
 
 
-def cases(operation: APIOperation) -> st.SearchStrategy[Case]:
-    """Valid and invalid requests; valid ones also aimed at the fixture's session and a source."""
-    found = {"session_id": SESSION, "source_id": "open", "name": "app.js"}
-    fixed = {name: found[name] for name in re.findall(r"\{(\w+)\}", operation.path)}
+def cases(operation: APIOperation, targets: Targets) -> st.SearchStrategy[Case]:
+    """Valid and invalid requests; valid ones also aimed at things that exist (the fixture's
+    session, a source, a subscription, a delivery)."""
+    fixed = targets.path_parameters(operation)
     strategies = [
         operation.as_strategy(GenerationMode.POSITIVE),
         operation.as_strategy(GenerationMode.NEGATIVE),
@@ -245,17 +404,24 @@ def cases(operation: APIOperation) -> st.SearchStrategy[Case]:
 
 def test_api_conforms_to_its_document(api_schema: BaseSchema, live_relay: LiveRelay) -> None:
     """Generated requests get no 5xx, and every answer matches its documented status and schema."""
-    # Mostly the admin key; also a key without the read scope, an unknown key and none.
-    keys = [live_relay.key] * 3 + [live_relay.create_key(auth.WRITE), "rk_unknown", None]
+    # Mostly the admin key; also keys with one scope only, an unknown key and none.
+    keys = [live_relay.key] * 3 + [
+        live_relay.create_key(auth.WRITE),
+        live_relay.create_key(auth.READ),
+        "rk_unknown",
+        None,
+    ]
+    targets = Targets(live_relay)
     tried = []
     for result in api_schema.get_all_operations():
         operation = result.ok()
 
         @EXAMPLES
-        @given(case=cases(operation), key=st.sampled_from(keys))
+        @given(case=cases(operation, targets), key=st.sampled_from(keys))
         def conforms(case: Case, key: str | None) -> None:
             if case.query and str(case.query.get("wait")).lower() in ("true", "1"):
                 case.query["timeout"] = 0  # long polls are bounded by their own tests
+            keep_on_loopback(case.body)
             headers = {} if key is None else {"Authorization": f"Bearer {key}"}
             case.call_and_validate(
                 base_url=live_relay.url, headers=headers, checks=CHECKS, timeout=10
@@ -272,4 +438,4 @@ def test_api_conforms_to_its_document(api_schema: BaseSchema, live_relay: LiveRe
         if not path.endswith("/stream")
     }
     assert sorted(tried) == sorted(documented - {"GET /openapi.json"})
-    assert len(tried) == 12
+    assert len(tried) == 24
