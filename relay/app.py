@@ -14,24 +14,22 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from relay import auth
+from relay.api_models import Health, Readyz
 from relay.appkeys import HUB, METRICS, SETTINGS, STORE
 from relay.config import Settings
-from relay.dashboard import add_routes as add_dashboard_routes
+from relay.dashboard import routes as dashboard_routes
 from relay.errors import ApiError, error_response, json_response
 from relay.hub import Hub, InProcessHub
-from relay.ingest import IngestContext, Source, make_ingest_handler
+from relay.ingest import IngestContext, Source
+from relay.ingest import route as ingest_route
 from relay.logs import request_line_writer
 from relay.metrics import Metrics
-from relay.read_api import (
-    get_session,
-    list_changes,
-    list_events,
-    list_session_events,
-    list_sessions,
-    list_turns,
-)
-from relay.sse import stream_changes
+from relay.openapi import openapi_handler
+from relay.read_api import routes as read_routes
+from relay.routes import Handler, Reply, Route, add_routes
+from relay.sse import routes as stream_routes
 from relay.store import Store, StoreUnavailable, open_store
+from relay.webhooks.api import routes as webhook_routes
 from relay.webhooks.api import setup_webhooks
 
 log = structlog.get_logger("relay.http")
@@ -68,30 +66,23 @@ def create_app(
     app[METRICS].sse_subscribers.set_function(lambda: app[HUB].subscribers)
     app.cleanup_ctx.append(_store_lifetime(on_bootstrap_key))
     app.cleanup_ctx.append(_alert_loop(clock))
-    setup_webhooks(app, _scoped, clock)
+    setup_webhooks(app, clock)
 
     sources = {s.id: Source.from_settings(s) for s in settings.sources}
     ingest_ctx = IngestContext(sources, app[STORE], app[METRICS], settings.server.max_body_bytes)
-    app.router.add_post("/v1/ingest/{source_id}", make_ingest_handler(ingest_ctx, clock))
-    read = {
-        "/v1/events": list_events,
-        "/v1/changes": list_changes,
-        "/v1/sessions": list_sessions,
-        "/v1/sessions/{session_id}": get_session,
-        "/v1/sessions/{session_id}/turns": list_turns,
-        "/v1/sessions/{session_id}/events": list_session_events,
-    }
-    for path, handler in read.items():
-        app.router.add_get(path, _scoped(auth.READ, handler))
-    for path in ("/v1/stream", "/v1/sessions/{session_id}/stream"):
-        # No HEAD: a stream's body never ends, and HEAD must not have one.
-        app.router.add_get(path, _scoped(auth.READ, stream_changes), allow_head=False)
+    add_routes(
+        app,
+        [
+            ingest_route(ingest_ctx, clock),
+            *read_routes(),
+            *stream_routes(),
+            *webhook_routes(clock),
+            *_operations_routes(),
+            *dashboard_routes(),
+        ],
+    )
     app.on_shutdown.append(_close_streams)
     app.on_response_prepare.append(_add_request_id)
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/metrics", _metrics)
-    add_dashboard_routes(app)
     return app
 
 
@@ -139,21 +130,6 @@ def _alert_loop(
             await task
 
     return lifetime
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _scoped(scope: str, handler: Handler) -> Handler:
-    """Require an API key with `scope` (unless auth is disabled) before `handler` runs."""
-
-    async def guarded(request: web.Request) -> web.StreamResponse:
-        app = request.app
-        if app[SETTINGS].auth.enabled:
-            await auth.authorize(app[STORE], request, scope)
-        return await handler(request)
-
-    return guarded
 
 
 def _envelope_middleware(log_requests: bool) -> Callable[..., Awaitable[web.StreamResponse]]:
@@ -220,3 +196,41 @@ async def _readyz(request: web.Request) -> web.Response:
 async def _metrics(request: web.Request) -> web.Response:
     body = generate_latest(request.app[METRICS].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _operations_routes() -> list[Route]:
+    return [
+        Route(
+            "GET",
+            "/healthz",
+            _healthz,
+            "Liveness: the process answers",
+            tag="operations",
+            replies={200: Reply("Alive.", Health)},
+        ),
+        Route(
+            "GET",
+            "/readyz",
+            _readyz,
+            "Readiness: the store can take a write",
+            tag="operations",
+            replies={200: Reply("Ready.", Readyz)},
+            errors={503: ("STORE_UNAVAILABLE",)},
+        ),
+        Route(
+            "GET",
+            "/metrics",
+            _metrics,
+            "Prometheus metrics",
+            tag="operations",
+            replies={200: Reply("Prometheus text format.", content_types=("text/plain",))},
+        ),
+        Route(
+            "GET",
+            "/openapi.json",
+            openapi_handler(),
+            "This document",
+            tag="operations",
+            replies={200: Reply("An OpenAPI 3.1 document.")},
+        ),
+    ]

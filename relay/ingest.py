@@ -11,10 +11,12 @@ import orjson
 import structlog
 from aiohttp import web
 
+from relay.api_models import IngestAnswer, ProviderEvent
 from relay.config import SourceSettings
 from relay.errors import ApiError
 from relay.metrics import Metrics
 from relay.normalize import NORMALISERS, InvalidEvent, Normaliser
+from relay.routes import Reply, Route
 from relay.store import IngestRecord, Store, StoreUnavailable
 from relay.verify import VerificationError, Verifier, verify_signature
 
@@ -110,3 +112,30 @@ def make_ingest_handler(
         return response
 
     return handle
+
+
+def route(ctx: IngestContext, clock: Callable[[], float]) -> Route:
+    """`POST /v1/ingest/{source_id}`, authenticated by the source's signature."""
+    return Route(
+        "POST",
+        "/v1/ingest/{source_id}",
+        make_ingest_handler(ctx, clock),
+        "Receive one provider event",
+        tag="ingest",
+        body=ProviderEvent,
+        replies={
+            202: Reply("Stored.", IngestAnswer),
+            200: Reply("Stored before: the original `seq`, with `duplicate: true`.", IngestAnswer),
+        },
+        errors={
+            400: ("INVALID_JSON", "INVALID_EVENT"),
+            401: ("MISSING_SIGNATURE", "INVALID_SIGNATURE", "TIMESTAMP_OUT_OF_TOLERANCE"),
+            404: ("UNKNOWN_SOURCE",),
+            413: ("PAYLOAD_TOO_LARGE",),
+            503: ("STORE_UNAVAILABLE",),
+        },
+        description="The signature is checked on the raw body as the source is configured: "
+        "Standard Webhooks (`webhook-id`, `webhook-timestamp`, `webhook-signature`, or with the "
+        "source's header prefix), HMAC-SHA256 in a header, or a bearer token. The answer comes "
+        "only after the event is committed.",
+    )

@@ -16,11 +16,13 @@ import socket
 
 from aiohttp import web
 
+from relay import auth
+from relay.api_models import StreamHeaders, StreamQuery
 from relay.appkeys import HUB, SETTINGS, STORE
-from relay.changes import StoredChange, as_chunk, glob_pattern, split_list
+from relay.changes import StoredChange, as_chunk, glob_pattern
 from relay.errors import ApiError
 from relay.hub import Subscription
-from relay.read_api import MAX_ID
+from relay.routes import Reply, Route, parse_headers, parse_query
 
 REPLAY_PAGE = 500
 HEADERS = {
@@ -48,29 +50,14 @@ class StreamFilter:
         return self._types.fullmatch(change.type) is not None
 
 
-def _last_event_id(request: web.Request) -> int | None:
-    raw = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
-    if raw is None or raw == "":
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= MAX_ID:
-        raise ApiError(400, "INVALID_PARAMETER", "Last-Event-ID must be a change id (an integer)")
-    return value
-
-
 async def stream_changes(request: web.Request) -> web.StreamResponse:
+    query = parse_query(request, StreamQuery)
+    resume = parse_headers(request, StreamHeaders).last_event_id
+    last_id = query.last_event_id if resume is None else resume
     session_id = request.match_info.get("session_id")
     if session_id and await request.app[STORE].get_session(session_id) is None:
         raise ApiError(404, "NOT_FOUND", f"no session {session_id!r}")
-    accepts = StreamFilter(
-        split_list(request.query.getall("session_id", [])),
-        split_list(request.query.getall("type", [])),
-        session_id,
-    )
-    last_id = _last_event_id(request)
+    accepts = StreamFilter(query.session_id, query.type, session_id)
     settings = request.app[SETTINGS].sse
     response = web.StreamResponse(headers=HEADERS)
 
@@ -158,3 +145,41 @@ async def _replay(
         if len(page) < REPLAY_PAGE:
             return after
         await asyncio.sleep(0)
+
+
+_STREAM = Reply(
+    "A stream of Server-Sent Events: `id: <change id>`, `event: <change type>`, "
+    "`data: <the change as one line of JSON>` (see the `Change` schema); it does not end.",
+    content_types=("text/event-stream",),
+)
+
+
+def routes() -> list[Route]:
+    """The two change streams (scope `agent:read`)."""
+
+    def stream(path: str, summary: str, errors: dict[int, tuple[str, ...]]) -> Route:
+        return Route(
+            "GET",
+            path,
+            stream_changes,
+            summary,
+            tag="stream",
+            scope=auth.READ,
+            query=StreamQuery,
+            headers=StreamHeaders,
+            replies={200: _STREAM},
+            errors=errors,
+            head=False,
+            description="Resume with `Last-Event-ID` (or `?last_event_id=`): every matching "
+            "change after it, exactly once, in id order, then live. If that id is older than "
+            "the retained history, `event: stream.reset` comes first with the oldest id.",
+        )
+
+    return [
+        stream("/v1/stream", "Follow the change log live", {}),
+        stream(
+            "/v1/sessions/{session_id}/stream",
+            "Follow one session's changes live",
+            {404: ("NOT_FOUND",)},
+        ),
+    ]

@@ -77,7 +77,13 @@ async def test_bad_patches_and_unknown_ids(hooks: Relay) -> None:
         resp = await hooks.client.request(method, missing, headers=hooks.auth)
         assert resp.status == 404, missing
         assert (await resp.json())["error"]["code"] == "NOT_FOUND"
-    for bad in ({}, {"since": "yesterday"}, {"since": 5}):
+    for bad in (
+        {},
+        {"since": "yesterday"},
+        {"since": 5},
+        {"since": "2024-01-01T00:00:00"},  # no UTC offset
+        {"since": "0001-01-01T00:00:00+01:00"},  # before year 1 in UTC
+    ):
         resp = await hooks.client.post(f"{path}/recover", json=bad, headers=hooks.auth)
         assert resp.status == 400, bad
         assert (await resp.json())["error"]["code"] == "INVALID_REQUEST"

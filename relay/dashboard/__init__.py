@@ -15,6 +15,7 @@ from importlib import resources
 from aiohttp import web
 
 from relay.errors import ApiError
+from relay.routes import Reply, Route
 
 _TYPES = {
     "index.html": "text/html",
@@ -32,6 +33,9 @@ _HEADERS = {
     # The key may be in the page's URL (`?access_token=`): never send it elsewhere.
     "Referrer-Policy": "no-referrer",
 }
+
+
+_NOT_MODIFIED = Reply("Unchanged since the `If-None-Match` ETag.", content_types=())
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +56,7 @@ def load_assets() -> dict[str, Asset]:
     return assets
 
 
-def add_routes(app: web.Application) -> None:
+def routes() -> list[Route]:
     """`GET /` (the page) and `GET /dashboard/{name}` (its script and style)."""
     assets = load_assets()
 
@@ -76,5 +80,29 @@ def add_routes(app: web.Application) -> None:
     async def asset(request: web.Request) -> web.Response:
         return serve(request, request.match_info["name"])
 
-    app.router.add_get("/", page)
-    app.router.add_get("/dashboard/{name}", asset)
+    return [
+        Route(
+            "GET",
+            "/",
+            page,
+            "The live dashboard page",
+            tag="dashboard",
+            replies={
+                200: Reply("The page; it asks for an API key.", content_types=("text/html",)),
+                304: _NOT_MODIFIED,
+            },
+            description="Takes the API key as `?access_token=` or asks for it.",
+        ),
+        Route(
+            "GET",
+            "/dashboard/{name}",
+            asset,
+            "The dashboard's script and style",
+            tag="dashboard",
+            replies={
+                200: Reply("The file.", content_types=("text/javascript", "text/css")),
+                304: _NOT_MODIFIED,
+            },
+            errors={404: ("NOT_FOUND",)},
+        ),
+    ]

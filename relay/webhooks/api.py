@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from relay import auth
+from relay.api_models import MAX_ID
 from relay.appkeys import DELIVERY_STORE, DISPATCHER, METRICS, SECRET_BOX, SETTINGS, STORE
 from relay.errors import ApiError, json_response
-from relay.read_api import MAX_ID, MAX_LIMIT, int_param
+from relay.routes import Handler, Reply, Route, parse_body, parse_query
 from relay.store.sqlite import sqlite_path
-from relay.timefmt import parse_time
+from relay.webhooks.api_models import (
+    DeliveriesQuery,
+    DeliveryPage,
+    DeliveryView,
+    Recovery,
+    Requeued,
+    SubscriptionList,
+    SubscriptionView,
+    SubscriptionWithSecret,
+)
 from relay.webhooks.dispatcher import Dispatcher
-from relay.webhooks.model import DeliveryStatus, Subscription
+from relay.webhooks.model import Subscription
 from relay.webhooks.secrets import SecretBox
 from relay.webhooks.store import DeliveryNotRetryable, open_delivery_store
 from relay.webhooks.subscriptions import (
@@ -30,39 +39,14 @@ from relay.webhooks.subscriptions import (
     updates,
 )
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Model = TypeVar("Model", bound=BaseModel)
-
-
-def setup_webhooks(
-    app: web.Application,
-    scoped: Callable[[str, Handler], Handler],
-    clock: Callable[[], float] = time.time,
-) -> None:
-    """Add the webhook routes, and the delivery store and dispatcher to the app's lifetime
-    (after the main store, which applies the schema)."""
-    settings = app[SETTINGS]
-    app[DELIVERY_STORE] = open_delivery_store(settings.store)
-    app.cleanup_ctx.append(_dispatcher_lifetime(clock))
-    routes: list[tuple[str, str, Handler]] = [
-        ("POST", "/v1/subscriptions", _create),
-        ("GET", "/v1/subscriptions", _list),
-        ("GET", "/v1/subscriptions/{id}", _get),
-        ("PATCH", "/v1/subscriptions/{id}", _patch),
-        ("DELETE", "/v1/subscriptions/{id}", _delete),
-        ("POST", "/v1/subscriptions/{id}/rotate-secret", _rotate),
-        ("POST", "/v1/subscriptions/{id}/test", _test),
-        ("POST", "/v1/subscriptions/{id}/enable", _enable),
-        ("POST", "/v1/subscriptions/{id}/recover", _recover),
-        ("GET", "/v1/subscriptions/{id}/deliveries", _deliveries),
-        ("GET", "/v1/deliveries/{id}", _delivery),
-        ("POST", "/v1/deliveries/{id}/retry", _retry),
-    ]
-    for method, path, handler in routes:
-        app.router.add_route(method, path, scoped(auth.WRITE, _with_clock(handler, clock)))
-
-
 _NOW = web.RequestKey("webhooks_now", float)
+
+
+def setup_webhooks(app: web.Application, clock: Callable[[], float] = time.time) -> None:
+    """Add the delivery store and the dispatcher to the app's lifetime (after the main
+    store, which applies the schema); the routes are `routes(clock)`."""
+    app[DELIVERY_STORE] = open_delivery_store(app[SETTINGS].store)
+    app.cleanup_ctx.append(_dispatcher_lifetime(clock))
 
 
 def _with_clock(handler: Handler, clock: Callable[[], float]) -> Handler:
@@ -99,22 +83,6 @@ def _dispatcher_lifetime(
 # -- helpers ---------------------------------------------------------------------------------
 
 
-async def _body(request: web.Request, model: type[Model]) -> Model:
-    raw = await request.read()
-    try:
-        data = orjson.loads(raw) if raw else {}
-    except orjson.JSONDecodeError:
-        raise ApiError(400, "INVALID_JSON", "the body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "INVALID_JSON", "the body must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "body"
-        raise ApiError(400, "INVALID_REQUEST", f"{where}: {first['msg']}") from None
-
-
 async def _subscription(request: web.Request) -> Subscription:
     subscription_id = request.match_info["id"]
     found = await request.app[DELIVERY_STORE].get_subscription(subscription_id)
@@ -125,10 +93,7 @@ async def _subscription(request: web.Request) -> Subscription:
 
 def _delivery_id(request: web.Request) -> int:
     raw = request.match_info["id"]
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
+    value = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 19 else 0
     if not 0 < value <= MAX_ID:
         raise ApiError(404, "NOT_FOUND", f"no delivery {raw!r}")
     return value
@@ -142,7 +107,7 @@ def _now(request: web.Request) -> float:
 
 
 async def _create(request: web.Request) -> web.Response:
-    fields = await _body(request, NewSubscription)
+    fields = await parse_body(request, NewSubscription)
     now = _now(request)
     app = request.app
     subscription, secret = await create_subscription(
@@ -163,7 +128,7 @@ async def _get(request: web.Request) -> web.Response:
 
 
 async def _patch(request: web.Request) -> web.Response:
-    fields = await _body(request, SubscriptionFields)
+    fields = await parse_body(request, SubscriptionFields)
     subscription = await _subscription(request)
     now = _now(request)
     updated = await request.app[DELIVERY_STORE].update_subscription(
@@ -218,21 +183,8 @@ async def _enable(request: web.Request) -> web.Response:
     return json_response(subscription_view(enabled, now))
 
 
-class _Recover(BaseModel):
-    since: str
-
-    def moment(self) -> str:
-        try:
-            parse_time(self.since)
-        except ValueError:
-            raise ApiError(
-                400, "INVALID_REQUEST", "since: must be an RFC 3339 time with a UTC offset"
-            ) from None
-        return self.since
-
-
 async def _recover(request: web.Request) -> web.Response:
-    since = (await _body(request, _Recover)).moment()
+    since = (await parse_body(request, Recovery)).since
     subscription = await _subscription(request)
     try:
         queued = await request.app[DELIVERY_STORE].recover(subscription.id, since, _now(request))
@@ -244,16 +196,10 @@ async def _recover(request: web.Request) -> web.Response:
 
 async def _deliveries(request: web.Request) -> web.Response:
     subscription = await _subscription(request)
-    raw_status = request.query.get("status")
-    try:
-        status = DeliveryStatus(raw_status) if raw_status else None
-    except ValueError:
-        allowed = ", ".join(s.value for s in DeliveryStatus)
-        raise ApiError(400, "INVALID_PARAMETER", f"status must be one of {allowed}") from None
-    after = int_param(request, "after", 0, 0, MAX_ID)
-    limit = int_param(request, "limit", 100, 1, MAX_LIMIT)
+    query = parse_query(request, DeliveriesQuery)
+    after, limit = query.after, query.limit
     store = request.app[DELIVERY_STORE]
-    found = await store.list_deliveries(subscription.id, status, after, limit)
+    found = await store.list_deliveries(subscription.id, query.status, after, limit)
     attempts = await store.list_attempts([d.id for d in found])
     next_after = found[-1].id if len(found) == limit else None
     items = [delivery_view(d, attempts[d.id]) for d in found]
@@ -282,3 +228,138 @@ async def _retry(request: web.Request) -> web.Response:
     await request.app[DISPATCHER].refresh()
     attempts = await store.list_attempts([delivery_id])
     return json_response(delivery_view(delivery, attempts[delivery_id]), 202)
+
+
+# -- declarations ----------------------------------------------------------------------------
+
+_BAD_BODY = ("INVALID_JSON", "INVALID_REQUEST")
+_NO_SUBSCRIPTION = {404: ("NOT_FOUND",)}
+_BODY_ERRORS = {400: _BAD_BODY, 404: ("NOT_FOUND",), 413: ("PAYLOAD_TOO_LARGE",)}
+
+
+def routes(clock: Callable[[], float] = time.time) -> list[Route]:
+    """The subscription and delivery routes (scope `agent:write`)."""
+
+    def manage(
+        method: str,
+        path: str,
+        handler: Handler,
+        summary: str,
+        replies: Mapping[int, Reply],
+        errors: Mapping[int, tuple[str, ...]] = _NO_SUBSCRIPTION,
+        body: type[BaseModel] | None = None,
+        query: type[BaseModel] | None = None,
+        description: str = "",
+    ) -> Route:
+        return Route(
+            method,
+            path,
+            _with_clock(handler, clock),
+            summary,
+            tag="webhooks",
+            scope=auth.WRITE,
+            replies=replies,
+            query=query,
+            body=body,
+            errors=errors,
+            description=description,
+        )
+
+    subscription = {200: Reply("The subscription.", SubscriptionView)}
+    with_secret = Reply("The subscription with its new secret, shown once.", SubscriptionWithSecret)
+    delivery = Reply("The delivery, queued to be attempted now.", DeliveryView)
+    return [
+        manage(
+            "POST",
+            "/v1/subscriptions",
+            _create,
+            "Create a subscription",
+            {201: with_secret},
+            {400: _BAD_BODY, 413: ("PAYLOAD_TOO_LARGE",)},
+            body=NewSubscription,
+            description="It receives the changes committed after it is created.",
+        ),
+        manage(
+            "GET",
+            "/v1/subscriptions",
+            _list,
+            "Every subscription",
+            {200: Reply("The subscriptions, oldest first.", SubscriptionList)},
+            {},
+        ),
+        manage("GET", "/v1/subscriptions/{id}", _get, "One subscription", subscription),
+        manage(
+            "PATCH",
+            "/v1/subscriptions/{id}",
+            _patch,
+            "Change a subscription",
+            subscription,
+            _BODY_ERRORS,
+            body=SubscriptionFields,
+            description="Absent or null fields keep their value; `enabled: false` pauses it.",
+        ),
+        manage(
+            "DELETE",
+            "/v1/subscriptions/{id}",
+            _delete,
+            "Remove a subscription with its deliveries",
+            {204: Reply("Removed.", content_types=())},
+        ),
+        manage(
+            "POST",
+            "/v1/subscriptions/{id}/rotate-secret",
+            _rotate,
+            "Give a subscription a new secret",
+            {200: with_secret},
+            description="The old secret keeps signing alongside the new one for "
+            "`delivery.rotation_overlap_seconds` (24 h).",
+        ),
+        manage(
+            "POST",
+            "/v1/subscriptions/{id}/test",
+            _test,
+            "Send a test event",
+            {202: Reply("The test delivery, queued.", DeliveryView)},
+        ),
+        manage(
+            "POST",
+            "/v1/subscriptions/{id}/enable",
+            _enable,
+            "Enable a subscription again",
+            subscription,
+        ),
+        manage(
+            "POST",
+            "/v1/subscriptions/{id}/recover",
+            _recover,
+            "Queue again what a subscription missed since a moment",
+            {202: Reply("Queued.", Requeued)},
+            _BODY_ERRORS,
+            body=Recovery,
+            description="Failed deliveries and changes it has no delivery for, since `since`.",
+        ),
+        manage(
+            "GET",
+            "/v1/subscriptions/{id}/deliveries",
+            _deliveries,
+            "A subscription's deliveries, oldest first, with their attempts",
+            {200: Reply("A page of deliveries.", DeliveryPage)},
+            query=DeliveriesQuery,
+        ),
+        manage(
+            "GET",
+            "/v1/deliveries/{id}",
+            _delivery,
+            "One delivery with its attempts",
+            {200: Reply("The delivery.", DeliveryView)},
+        ),
+        manage(
+            "POST",
+            "/v1/deliveries/{id}/retry",
+            _retry,
+            "Attempt a delivery again now",
+            {202: delivery},
+            {404: ("NOT_FOUND",), 409: ("CONFLICT",)},
+            description="With a fresh retry schedule; 409 while it is being attempted.",
+        ),
+    ]

@@ -6,7 +6,7 @@ import secrets
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 from yarl import URL
 
 from relay.timefmt import format_time
@@ -23,6 +23,10 @@ from relay.webhooks.store import DeliveryStore
 
 DEFAULT_MAX_IN_FLIGHT = 10
 _Globs = list[str]
+_URL_SCHEMA: dict[str, JsonValue] = {
+    "format": "uri",
+    "description": "An absolute http or https URL, without credentials.",
+}
 
 
 def _check_url(url: str) -> str:
@@ -53,7 +57,7 @@ class SubscriptionFields(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    url: str | None = Field(None, max_length=2048)
+    url: str | None = Field(None, max_length=2048, json_schema_extra=_URL_SCHEMA)
     types: _Globs | None = None
     session_ids: _Globs | None = None
     description: str | None = Field(None, max_length=1000)
@@ -73,7 +77,7 @@ class SubscriptionFields(BaseModel):
 
 
 class NewSubscription(SubscriptionFields):
-    url: str = Field(max_length=2048)
+    url: str = Field(max_length=2048, json_schema_extra=_URL_SCHEMA)
     enabled: None = None  # a new subscription starts enabled
 
 

@@ -1,0 +1,290 @@
+"""The API's data as pydantic models: response shapes and the query parameters handlers accept.
+
+Handlers validate their query strings with these models. The hot paths (an ingest answer,
+stored snapshots) keep writing plain dicts and stored JSON; the models describe them for
+`/openapi.json`, and tests validate real answers against them so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from relay.state import ChangeType, Readiness, SessionTurnStatus, TurnStatus
+
+MAX_LIMIT = 1000
+MAX_ID = 2**62
+MAX_WAIT_SECONDS = 60
+
+Id = Annotated[int, Field(ge=0, le=MAX_ID)]
+
+
+def _empty_is_none(value: object) -> object:
+    return None if value == "" else value
+
+
+# A change id to resume after; an empty value means none.
+ResumeId = Annotated[Id | None, BeforeValidator(_empty_is_none)]
+
+
+class _Shape(BaseModel):
+    """A response object: every field is always present; unknown fields are a drift."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# -- errors and operations -------------------------------------------------------------------
+
+
+class ErrorDetail(_Shape):
+    code: str = Field(description="A stable, machine-readable error code.")
+    message: str = Field(description="What went wrong, for people.")
+
+
+class ErrorEnvelope(_Shape):
+    """Every error answer: `{"error": {"code", "message"}}`."""
+
+    error: ErrorDetail
+
+
+class Health(_Shape):
+    status: Literal["ok"]
+
+
+class Readyz(_Shape):
+    status: Literal["ready"]
+
+
+# -- ingest ----------------------------------------------------------------------------------
+
+
+class IngestAnswer(_Shape):
+    """The answer to an accepted event: stored now (202) or stored before (200)."""
+
+    id: str = Field(description="The event's id, as the provider sent it.")
+    seq: int = Field(description="The event's position in the relay's event log.")
+    duplicate: bool = Field(description="True when this (source, event id) was stored before.")
+
+
+class ProviderEvent(BaseModel):
+    """A provider's event as it sends it; Case.dev's envelope is shown, other fields pass."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str = Field(description="The provider's event id; a repeat is stored once.")
+    type: str = Field(description="The event type, e.g. `agent.worker.ready`.")
+    occurred_at: datetime | None = Field(None, description="When it happened (RFC 3339).")
+    data: dict[str, Any] | None = Field(
+        None, description="The event's fields; the session id is in `data.chatId`."
+    )
+
+
+# -- derived state ---------------------------------------------------------------------------
+
+
+class Usage(_Shape):
+    input_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    total_tokens: int
+    cost_micros: int
+
+
+class TurnError(_Shape):
+    message: str
+    code: str | None
+
+
+class TurnCounts(_Shape):
+    turns: int
+    completed: int
+    failed: int
+    conflicts: int
+
+
+class TurnState(_Shape):
+    """One chat turn's derived status."""
+
+    session_id: str
+    turn_id: str
+    status: TurnStatus
+    started_at: datetime | None
+    ended_at: datetime | None
+    duration_ms: int | None
+    usage: Usage | None
+    error: TurnError | None
+    active_turn_id: str | None = Field(description="The turn that was active (conflicts only).")
+    retry_after_seconds: float | None = Field(description="When to retry (conflicts only).")
+    updated_at: datetime
+    version: int = Field(description="Grows by one on every change of this turn.")
+
+
+class SessionState(_Shape):
+    """One session's derived readiness and turn status."""
+
+    session_id: str
+    readiness: Readiness
+    runtime_reused: bool | None
+    scope_activated: bool
+    worker_ready: bool
+    created_at: datetime
+    ready_at: datetime | None
+    time_to_ready_ms: int | None
+    turn_status: SessionTurnStatus
+    active_turn_id: str | None
+    last_turn: TurnState | None
+    counts: TurnCounts
+    usage: Usage
+    first_event_at: datetime
+    last_event_at: datetime
+    version: int = Field(description="Grows by one on every change of this session.")
+
+
+class ChangeCause(_Shape):
+    """The event that caused a change."""
+
+    event_id: str
+    source: str
+    type: str
+
+
+class Change(_Shape):
+    """One entry of the change log, as the read API, SSE and webhooks carry it."""
+
+    id: int = Field(description="The change's position in the change log.")
+    type: ChangeType
+    occurred_at: datetime
+    session_id: str
+    turn_id: str | None
+    session: SessionState | None
+    turn: TurnState | None
+    cause: ChangeCause | None = Field(description="Null for alerts, which the relay's clock fires.")
+
+
+class StoredEvent(_Shape):
+    """A raw event as it was received, with the fields the relay lifted out of it."""
+
+    seq: int
+    source: str
+    id: str
+    type: str
+    session_id: str | None
+    turn_id: str | None
+    occurred_at: datetime
+    received_at: datetime
+    payload: dict[str, Any] = Field(description="The body exactly as the provider sent it.")
+
+
+# -- pages -----------------------------------------------------------------------------------
+
+
+class EventLogPage(_Shape):
+    items: list[StoredEvent]
+    next_after: int | None = Field(
+        description="Pass as `after` for the next page; null at the end."
+    )
+
+
+class ChangePage(_Shape):
+    items: list[Change]
+    next_after: int | None = Field(
+        description="Pass as `after` for the next page; null at the end."
+    )
+
+
+class SessionPage(_Shape):
+    items: list[SessionState]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page.")
+
+
+class TurnPage(_Shape):
+    items: list[TurnState]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page.")
+
+
+class SessionEventPage(_Shape):
+    items: list[StoredEvent]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page.")
+
+
+# -- query parameters ------------------------------------------------------------------------
+
+
+class _Query(BaseModel):
+    """Query parameters; unknown ones are ignored."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+def _limit(default: int) -> Any:
+    return Field(default, ge=1, le=MAX_LIMIT, description="The most items to return.")
+
+
+def _after() -> Any:
+    return Field(0, description="Return items after this position (exclusive).")
+
+
+def _cursor() -> Any:
+    return Field(None, description="The `next_cursor` of the previous page.")
+
+
+def _types() -> Any:
+    return Field(
+        default_factory=tuple,
+        description="Change types to include: exact names or globs (`turn.*`); repeat or "
+        "separate with commas. Default: all.",
+    )
+
+
+class EventLogQuery(_Query):
+    after: Id = _after()
+    limit: int = _limit(100)
+
+
+class ChangesQuery(_Query):
+    after: Id = _after()
+    limit: int = _limit(100)
+    type: tuple[str, ...] = _types()
+
+
+class SessionsQuery(_Query):
+    limit: int = _limit(50)
+    cursor: str | None = _cursor()
+    readiness: Readiness | None = Field(None, description="Only sessions with this readiness.")
+    turn_status: SessionTurnStatus | None = Field(
+        None, description="Only sessions with this turn status."
+    )
+
+
+class SessionQuery(_Query):
+    wait: bool = Field(False, description="Hold the request until `version` is exceeded.")
+    version: Id = Field(0, description="With `wait`: the version the caller already has.")
+    timeout: int = Field(
+        30, ge=0, le=MAX_WAIT_SECONDS, description="With `wait`: the most seconds to hold."
+    )
+
+
+class PageQuery(_Query):
+    limit: int = _limit(100)
+    cursor: str | None = _cursor()
+
+
+class StreamQuery(_Query):
+    session_id: tuple[str, ...] = Field(
+        default_factory=tuple,
+        description="Sessions to include: exact ids or globs; repeat or separate with commas.",
+    )
+    type: tuple[str, ...] = _types()
+    last_event_id: ResumeId = Field(
+        None, description="Resume after this change id (as the `Last-Event-ID` header)."
+    )
+
+
+class StreamHeaders(_Query):
+    last_event_id: ResumeId = Field(
+        None,
+        alias="Last-Event-ID",
+        description="Resume after this change id; sent by EventSource on reconnection.",
+    )
