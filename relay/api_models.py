@@ -163,6 +163,20 @@ class Change(_Shape):
     cause: ChangeCause | None = Field(description="Null for alerts, which the relay's clock fires.")
 
 
+class RawChange(_Shape):
+    """A stored event as a change (`raw.<event type>`), for filters that name `raw.*`."""
+
+    id: int = Field(description="The change's position in the change log.")
+    type: str = Field(pattern=r"^raw\.", description="`raw.` and the event's type.")
+    occurred_at: datetime
+    session_id: str | None
+    turn_id: str | None
+    session: None
+    turn: None
+    cause: ChangeCause
+    event: dict[str, Any] = Field(description="The event's body as the provider sent it.")
+
+
 class StoredEvent(_Shape):
     """A raw event as it was received, with the fields the relay lifted out of it."""
 
@@ -188,7 +202,7 @@ class EventLogPage(_Shape):
 
 
 class ChangePage(_Shape):
-    items: list[Change]
+    items: list[Change | RawChange]
     next_after: int | None = Field(
         description="Pass as `after` for the next page; null at the end."
     )

@@ -7,8 +7,13 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
-DEFAULT_TYPES = ("*",)
+from relay.events import Event
+from relay.timefmt import format_time
+
+RAW_PREFIX = "raw."
+RAW_TYPES = ("raw.*",)  # raw events, which a filter gets only when it names them
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +50,30 @@ class Commit:
 
 @lru_cache(maxsize=256)
 def glob_pattern(globs: tuple[str, ...]) -> re.Pattern[str]:
-    """One regular expression matching any of the exact names or globs (`turn.*`)."""
-    return re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs or DEFAULT_TYPES))
+    """One regular expression matching any of the exact names or globs (`turn.*`).
+
+    No globs at all is the default type filter: every change but raw events.
+    """
+    if not globs:
+        return re.compile(r"(?!raw\.).*", re.DOTALL)
+    return re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs))
+
+
+def raw_change(event: Event, data: Any) -> dict[str, Any]:
+    """The change that carries a stored event as it arrived (type `raw.<event type>`).
+
+    `data` is the event's JSON: the parsed object, or an `orjson.Fragment` of one line.
+    """
+    return {
+        "type": RAW_PREFIX + event.type,
+        "occurred_at": format_time(event.occurred_at),
+        "session_id": event.session_id,
+        "turn_id": event.turn_id,
+        "session": None,
+        "turn": None,
+        "cause": {"event_id": event.id, "source": event.source, "type": event.type},
+        "event": data,
+    }
 
 
 def split_list(values: Iterable[str]) -> tuple[str, ...]:

@@ -130,6 +130,8 @@ class Metrics:
     def observe_commit(self, commit: Commit) -> None:
         """Count a commit's changes; time readiness and finished turns (a commit listener)."""
         for change in commit.changes:
+            if change.type.startswith("raw."):
+                continue  # raw events are counted by ingest (and their types are open-ended)
             self.changes.labels(change.type).inc()
             if change.type == "session.ready":
                 ms = orjson.loads(change.body)["session"]["time_to_ready_ms"]

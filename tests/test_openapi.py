@@ -33,6 +33,7 @@ from relay.api_models import (
     ChangePage,
     EventLogPage,
     IngestAnswer,
+    RawChange,
     SessionEventPage,
     SessionPage,
     SessionState,
@@ -187,6 +188,11 @@ async def test_real_answers_validate_against_the_response_models(relay: Relay) -
     )
     alerts = {change.type for change in changes.items if change.cause is None}
     assert alerts == {"turn.stalled", "session.ready_timeout"}
+    everything = await relay.client.get("/v1/changes", params={"type": "*"}, headers=relay.auth)
+    page = ChangePage.model_validate_json(await everything.read(), strict=False)
+    raw = [change for change in page.items if isinstance(change, RawChange)]
+    assert raw
+    assert len(page.items) == len(raw) + len(changes.items)
     turns = await relay.client.get(f"/v1/sessions/{SESSION}/turns", headers=relay.auth)
     statuses = {turn.status for turn in TurnPage.model_validate(await turns.json()).items}
     assert statuses == {"completed", "failed", "conflict"}

@@ -107,7 +107,8 @@ async def test_replay_and_live_meet_without_gap_or_repeat(relay: Relay) -> None:
         got = await read_changes(resp, len(LIFECYCLE_CHANGES))
         await rest
     ids = [int(f["id"]) for f in got]
-    assert ids == list(range(1, len(LIFECYCLE_CHANGES) + 1))
+    assert ids == await change_ids(relay)
+    assert [f["event"] for f in got] == LIFECYCLE_CHANGES
 
 
 async def test_filters_by_type_and_session(relay: Relay) -> None:
@@ -162,7 +163,8 @@ async def test_overflowing_subscriber_is_disconnected_and_can_resume(
     params = {"last_event_id": "0"}
     async with relay.client.get("/v1/stream", params=params, headers=relay.auth) as resp:
         got = await read_changes(resp, 200)
-    assert [int(f["id"]) for f in got] == list(range(1, 201))
+    assert [int(f["id"]) for f in got] == await change_ids(relay)
+    assert len(got) == 200
 
 
 async def test_bad_stream_requests(relay: Relay) -> None:
@@ -191,9 +193,10 @@ async def test_relay_tail_prints_readable_lines_and_resumes(relay: Relay) -> Non
     for event in fixture_events():
         await ingest(relay, event)
     url = str(relay.client.make_url("/")).rstrip("/")
+    after = str((await change_ids(relay))[3])
     proc = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "relay", "tail"),
-        *("--url", url, "--key", relay.key, "--from", "4", "--count", "3", "--type", "turn.*"),
+        *("--url", url, "--key", relay.key, "--from", after, "--count", "3", "--type", "turn.*"),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -261,7 +264,8 @@ async def test_position_frame_lets_a_live_only_client_resume_without_gap(relay: 
             if "id" in frame:
                 position = frame["id"]
                 break
-    assert position == "1"
+    everything = await relay.client.get("/v1/changes", params={"type": "*"}, headers=relay.auth)
+    assert position == str((await everything.json())["items"][-1]["id"])  # the newest change
     await ingest(relay, fixture_events()[3])  # while the client is away
     params = {"last_event_id": position}
     async with relay.client.get("/v1/stream", params=params, headers=relay.auth) as resp:
@@ -302,3 +306,38 @@ async def test_gone_client_leaves_the_hub_without_handler_cancellation(tmp_path:
         assert app[HUB].subscribers == 0
     finally:
         await runner.cleanup()
+
+
+async def change_ids(relay: Relay) -> list[int]:
+    """Ids of the changes a default filter sees (all but raw events), in order."""
+    resp = await relay.client.get("/v1/changes", params={"limit": 1000}, headers=relay.auth)
+    assert resp.status == 200
+    return [change["id"] for change in (await resp.json())["items"]]
+
+
+async def test_raw_events_only_for_filters_that_name_them(relay: Relay) -> None:
+    """raw.* changes carry each stored event; streams and /v1/changes get them only on request."""
+    events = fixture_events()
+    for event in events:
+        await ingest(relay, event)
+    await ingest(relay, events[0])  # a duplicate makes no raw change
+    params = {"last_event_id": "0", "type": "raw.*"}
+    async with relay.client.get("/v1/stream", params=params, headers=relay.auth) as resp:
+        got = await read_changes(resp, len(events))
+    assert [f["event"] for f in got] == [f"raw.{e['type']}" for e in events]
+    first = orjson.loads(got[0]["data"])
+    assert first["event"] == events[0]
+    assert first["cause"] == {
+        "event_id": events[0]["id"],
+        "source": "casedev",
+        "type": events[0]["type"],
+    }
+    assert (first["session"], first["turn"]) == (None, None)
+
+    resp = await relay.client.get("/v1/changes", params={"type": "raw.*"}, headers=relay.auth)
+    raw = (await resp.json())["items"]
+    assert [c["id"] for c in raw] == [int(f["id"]) for f in got]
+    default = await change_ids(relay)
+    assert not set(default) & {c["id"] for c in raw}
+    everything = await relay.client.get("/v1/changes", params={"type": "*"}, headers=relay.auth)
+    assert len((await everything.json())["items"]) == len(default) + len(raw)

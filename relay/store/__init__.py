@@ -128,9 +128,10 @@ class Store(Protocol):
     ) -> list[StoredEvent]: ...
 
     async def list_changes(
-        self, after: int, limit: int, types: tuple[str, ...] = ()
+        self, after: int, limit: int, types: tuple[str, ...] = (), exclude: tuple[str, ...] = ()
     ) -> list[StoredChange]:
-        """Changes with `id > after`, oldest first, of the given types (globs) if any."""
+        """Changes with `id > after`, oldest first, of the given types (globs) if any, and
+        of none of the types in `exclude`."""
 
     async def check_derived_state(self) -> list[str]:
         """Replay every stored event; list where stored state or changes differ."""

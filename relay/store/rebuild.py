@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from relay.changes import raw_change
 from relay.state import SessionRecord, apply
 from relay.store import EventDecoder
 
@@ -31,7 +32,8 @@ def check_derived_state(conn: sqlite3.Connection, decode: EventDecoder) -> list[
         new, changes = apply(old, event)
         if new is not None and session_id is not None:
             records[session_id] = new
-        expected = [_comparable(change.to_dict()) for change in changes]
+        expected = [_comparable(raw_change(event, orjson.loads(payload)))]
+        expected += [_comparable(change.to_dict()) for change in changes]
         found = stored.pop(seq, [])
         if expected != found:
             problems.append(

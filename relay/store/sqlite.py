@@ -340,14 +340,15 @@ class SQLiteStore:
         return [StoredEvent(*row) for row in rows]
 
     async def list_changes(
-        self, after: int, limit: int, types: tuple[str, ...] = ()
+        self, after: int, limit: int, types: tuple[str, ...] = (), exclude: tuple[str, ...] = ()
     ) -> list[StoredChange]:
         where = " OR ".join(["type GLOB ?"] * len(types))
         rows = await self._read(
             "SELECT id, type, session_id, turn_id, body FROM changes WHERE id > ?"
             + (f" AND ({where})" if where else "")
+            + " AND type NOT GLOB ?" * len(exclude)
             + " ORDER BY id LIMIT ?",
-            (after, *types, limit),
+            (after, *types, *exclude, limit),
         )
         return [StoredChange.of(*row) for row in rows]
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from relay.changes import Commit, StoredChange
+from relay.changes import Commit, StoredChange, raw_change
 from relay.events import Event
 from relay.state import SessionRecord, affects_state, alert_deadlines, apply, derive_session
 from relay.store import IngestRecord, IngestResult
@@ -105,7 +105,12 @@ class BatchWriter:
         latest: dict[str, int] = {}  # newest new event per session, whatever its type
         for record, result in zip(batch, results, strict=True):
             event = record.event
-            if result.duplicate or event.session_id is None:
+            if result.duplicate:
+                continue
+            changes.append(
+                self._change(raw_change(event, _one_line(record.body)), result.seq, change_rows)
+            )
+            if event.session_id is None:
                 continue
             latest[event.session_id] = result.seq
             if not affects_state(event):
@@ -125,9 +130,9 @@ class BatchWriter:
                 for change in caused:
                     changes.append(self._change(change.to_dict(session), result.seq, change_rows))
         self._move_activity({sid: seq for sid, seq in latest.items() if sid not in touched})
-        if not touched:
-            return touched, Commit()
         _insert_rows(self.conn, _INSERT_CHANGES, 6, change_rows)
+        if not touched:
+            return touched, Commit(changes, {})
         self._write_state(touched, latest, turns)
         self._update_alerts(touched, first_seen)
         versions = {sid: record.session.version for sid, record in touched.items()}
@@ -138,7 +143,7 @@ class BatchWriter:
         self.last_change += 1
         encoded = orjson.dumps({"id": self.last_change, **body})
         stored = StoredChange.of(
-            self.last_change, body["type"], body["session_id"], body["turn_id"], encoded
+            self.last_change, body["type"], body["session_id"] or "", body["turn_id"], encoded
         )
         rows += (stored.id, stored.type, stored.session_id, stored.turn_id, event_seq, encoded)
         return stored
@@ -326,6 +331,13 @@ class BatchWriter:
             self.cache.clear()
         self.last_seq = last_seq
         self.last_change = _max(self.conn, "SELECT max(id) FROM changes")
+
+
+def _one_line(body: bytes) -> orjson.Fragment:
+    """An event's JSON for embedding in a change, which SSE sends as one line."""
+    if b"\n" in body or b"\r" in body:
+        body = orjson.dumps(orjson.loads(body))
+    return orjson.Fragment(body)
 
 
 def _max(conn: sqlite3.Connection, sql: str) -> int:
