@@ -127,26 +127,32 @@ class Dispatcher:
     async def stop(self) -> None:
         """Stop claiming; let attempts in flight finish for a short grace, record what
         finished; what did not stays claimed and is attempted again after a restart."""
-        self._stopping = True
-        for task in self._loops:
-            task.cancel()
-        for task in self._loops:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._attempts:
-            await asyncio.wait(set(self._attempts), timeout=self._settings.shutdown_grace_seconds)
-        for task in list(self._attempts):
-            task.cancel()
-        if self._attempts:
-            await asyncio.wait(set(self._attempts), timeout=1.0)
-        self._results_ready.set()
-        if self._recorder is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait_for(self._recorder, timeout=10.0)
-        if self._http is not None:
-            await self._http.close()
-        if self._resolver is not None:
-            await self._resolver.close()
+        try:
+            for task in self._loops:
+                task.cancel()
+            for task in self._loops:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            if self._attempts:
+                grace = self._settings.shutdown_grace_seconds
+                await asyncio.wait(set(self._attempts), timeout=grace)
+            for task in list(self._attempts):
+                task.cancel()
+            if self._attempts:
+                await asyncio.wait(set(self._attempts), timeout=1.0)
+            # Only now: the recorder ends once it has written every result there is.
+            self._stopping = True
+            self._results_ready.set()
+            if self._recorder is not None:
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                    await asyncio.wait_for(self._recorder, timeout=10.0)
+                if self._results:
+                    log.warning("webhooks.results_unrecorded", results=len(self._results))
+        finally:
+            if self._http is not None:
+                await self._http.close()
+            if self._resolver is not None:
+                await self._resolver.close()
 
     def changes_committed(self) -> None:
         """Wake the enqueuer: the change log has grown."""

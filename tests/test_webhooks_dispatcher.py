@@ -1,0 +1,54 @@
+"""The dispatcher under stress: shutdown, slow stores, failing attempts, unreadable secrets."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+from aiohttp import web
+
+from tests.conftest import LIFECYCLE_CHANGES, RelayFactory, fixture_events
+from tests.receivers import FAST_DELIVERY, Receipt, eventually, receiver, subscribe
+from tests.test_read_api import ingest
+
+
+def delivery_rows(db: Path) -> list[tuple[str, int]]:
+    """Each delivery's status and how many attempt rows it has."""
+    with sqlite3.connect(db) as conn:
+        rows: list[tuple[str, int]] = conn.execute(
+            "SELECT d.status, (SELECT count(*) FROM delivery_attempts a"
+            " WHERE a.delivery_id = d.id) FROM deliveries d ORDER BY d.id"
+        ).fetchall()
+    conn.close()
+    return rows
+
+
+async def test_attempts_finishing_during_the_grace_are_recorded(
+    start_relay: RelayFactory, tmp_path: Path
+) -> None:
+    """In-flight attempts that answer 2xx during the shutdown grace end delivered, with their
+    attempt rows, once the app is closed."""
+    relay = await start_relay(delivery={**FAST_DELIVERY, "shutdown_grace_seconds": 3})
+    gate = asyncio.Event()
+    arrivals: list[str] = []
+
+    async def staggered(receipt: Receipt, seen: int) -> web.Response:
+        arrivals.append(receipt.message_id)
+        position = len(arrivals)
+        await gate.wait()
+        await asyncio.sleep(0.05 * position)
+        return web.Response(text="ok")
+
+    async with receiver() as got:
+        got.endpoint("/slow", staggered)
+        await subscribe(relay, got, "/slow")
+        for event in fixture_events():
+            await ingest(relay, event)
+        await eventually(lambda: len(arrivals) == len(LIFECYCLE_CHANGES))
+        closing = asyncio.create_task(relay.client.close())
+        await asyncio.sleep(0.1)
+        gate.set()
+        await asyncio.wait_for(closing, 10)
+    rows = delivery_rows(tmp_path / "relay.db")
+    assert rows == [("delivered", 1)] * len(LIFECYCLE_CHANGES)
