@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from pathlib import Path
 
 from aiohttp import web
@@ -52,3 +53,34 @@ async def test_attempts_finishing_during_the_grace_are_recorded(
         await asyncio.wait_for(closing, 10)
     rows = delivery_rows(tmp_path / "relay.db")
     assert rows == [("delivered", 1)] * len(LIFECYCLE_CHANGES)
+
+
+async def test_a_delivery_being_attempted_is_not_claimed_again(start_relay: RelayFactory) -> None:
+    """A session-ordered delivery still being attempted after its lease ran out is not sent
+    again, and the session's next change waits for it: d1 then d2, each once."""
+    offset = [0.0]
+    relay = await start_relay(delivery=FAST_DELIVERY, clock=lambda: time.time() + offset[0])
+    gate = asyncio.Event()
+
+    async def held(receipt: Receipt, seen: int) -> web.Response:
+        await gate.wait()
+        return web.Response(text="ok")
+
+    async with receiver() as got:
+        got.endpoint("/ordered", held)
+        await subscribe(
+            relay, got, "/ordered", ordering="session", types=["session.created", "session.ready"]
+        )
+        events = fixture_events()
+        await ingest(relay, events[0])
+        await eventually(lambda: len(got.receipts) == 1)
+        offset[0] = FAST_DELIVERY["timeout_seconds"] + 120  # past the lease
+        for event in events[1:4]:  # session.ready, which wakes the scheduler
+            await ingest(relay, event)
+        await asyncio.sleep(0.6)
+        assert len(got.receipts) == 1
+        gate.set()
+        await eventually(lambda: len(got.at("/ordered")) == 2)
+        await asyncio.sleep(0.3)
+        sent = [r.payload["type"] for r in got.at("/ordered", delivered=False)]
+        assert sent == ["session.created", "session.ready"]

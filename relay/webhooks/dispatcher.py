@@ -236,8 +236,9 @@ class Dispatcher:
                 requests.append(ClaimRequest(sid, free, ordered))
         if not requests:
             return
-        lease = now + self._settings.timeout_seconds + LEASE_MARGIN_SECONDS
-        claimed, next_due = await self._store.claim(requests, now, lease)
+        lease = self._settings.timeout_seconds + LEASE_MARGIN_SECONDS
+        claimed, next_due = await self._store.claim(requests, self._clock, lease)
+        now = self._clock()
         for sid, due in next_due.items():
             # Due now but not claimed: waiting for a slot or for the session's previous
             # delivery; the result that frees it marks the subscription dirty.

@@ -63,13 +63,13 @@ _UPDATABLE = frozenset(
 _CLAIM_BODY = "SELECT d.id, d.change_id, d.type, coalesce(d.payload, c.body), d.cycle_attempts"
 _CLAIM_ANY = (
     _CLAIM_BODY + " FROM deliveries d LEFT JOIN changes c ON c.id = d.change_id"
-    " WHERE d.subscription_id = ? AND d.next_attempt_at <= ?"
+    " WHERE d.subscription_id = ? AND d.next_attempt_at <= ? AND d.status != 'delivering'"
     " ORDER BY d.next_attempt_at, d.id LIMIT ?"
 )
 # Only the oldest unfinished delivery of each session may go (a claimed one included).
 _CLAIM_SESSION_ORDERED = (
     _CLAIM_BODY + " FROM deliveries d LEFT JOIN changes c ON c.id = d.change_id"
-    " WHERE d.subscription_id = ? AND d.next_attempt_at <= ?"
+    " WHERE d.subscription_id = ? AND d.next_attempt_at <= ? AND d.status != 'delivering'"
     " AND (d.session_id IS NULL OR d.change_id IS NULL OR NOT EXISTS ("
     "  SELECT 1 FROM deliveries e WHERE e.subscription_id = d.subscription_id"
     "  AND e.session_id = d.session_id AND e.change_id < d.change_id"
@@ -175,9 +175,9 @@ class SQLiteDeliveryStore:
         return await self._call(_enqueue, limit, now)
 
     async def claim(
-        self, requests: Sequence[ClaimRequest], now: float, lease_until: float
+        self, requests: Sequence[ClaimRequest], clock: Callable[[], float], lease_seconds: float
     ) -> tuple[list[ClaimedDelivery], dict[str, float]]:
-        return await self._call(_claim, list(requests), now, lease_until)
+        return await self._call(_claim, list(requests), clock, lease_seconds)
 
     async def record(self, results: Sequence[AttemptResult]) -> None:
         await self._call(_record, list(results))
@@ -403,9 +403,15 @@ def _enqueue(conn: sqlite3.Connection, limit: int, now: float) -> tuple[int, dic
 
 
 def _claim(
-    conn: sqlite3.Connection, requests: list[ClaimRequest], now: float, lease_until: float
+    conn: sqlite3.Connection,
+    requests: list[ClaimRequest],
+    clock: Callable[[], float],
+    lease_seconds: float,
 ) -> tuple[list[ClaimedDelivery], dict[str, float]]:
     def work() -> tuple[list[ClaimedDelivery], dict[str, float]]:
+        # The time is read here, on the store's thread, not when the claim was asked for.
+        now = clock()
+        lease_until = now + lease_seconds
         claimed: list[ClaimedDelivery] = []
         next_due: dict[str, float] = {}
         for request in requests:

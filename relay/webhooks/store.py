@@ -7,7 +7,7 @@ a PostgreSQL backend (cluster mode) will implement the same methods, claiming ro
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -63,9 +63,11 @@ class DeliveryStore(Protocol):
         each subscription got."""
 
     async def claim(
-        self, requests: Sequence[ClaimRequest], now: float, lease_until: float
+        self, requests: Sequence[ClaimRequest], clock: Callable[[], float], lease_seconds: float
     ) -> tuple[list[ClaimedDelivery], dict[str, float]]:
-        """Take due deliveries for an attempt, marking them delivering until `lease_until`.
+        """Take deliveries due at `clock()` (read when the claim runs) for an attempt, marking
+        them delivering for `lease_seconds`. A delivering row is never claimed again: only
+        `release_claims` (on start) makes it due.
 
         Returns the deliveries, and for each subscription asked about that still has
         deliveries waiting, when the earliest one is due. A session-ordered request
