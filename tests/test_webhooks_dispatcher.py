@@ -84,3 +84,30 @@ async def test_a_delivery_being_attempted_is_not_claimed_again(start_relay: Rela
         await asyncio.sleep(0.3)
         sent = [r.payload["type"] for r in got.at("/ordered", delivered=False)]
         assert sent == ["session.created", "session.ready"]
+
+
+async def test_an_attempt_that_fails_before_its_request_frees_its_slot(
+    start_relay: RelayFactory, tmp_path: Path
+) -> None:
+    """An attempt that raises before sending (its change is missing from the log) is recorded
+    with the error and frees its slot, so the subscription's next delivery still goes."""
+    relay = await start_relay(delivery=FAST_DELIVERY)
+    async with receiver() as got:
+        created = await subscribe(relay, got, "/one", max_in_flight=1, types=["session.created"])
+        with sqlite3.connect(tmp_path / "relay.db") as conn:
+            conn.execute(
+                "INSERT INTO deliveries (subscription_id, change_id, type, status,"
+                " next_attempt_at, created_at, updated_at)"
+                " VALUES (?, 999999, 'session.created', 'pending', 0, 0, 0)",
+                (created["id"],),
+            )
+        conn.close()
+        await ingest(relay, fixture_events()[0])
+        await eventually(lambda: len(got.at("/one")) == 1)
+    with sqlite3.connect(tmp_path / "relay.db") as conn:
+        [error] = conn.execute(
+            "SELECT a.error FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id"
+            " WHERE d.change_id = 999999 ORDER BY a.id LIMIT 1"
+        ).fetchone()
+    conn.close()
+    assert error.startswith("TypeError")

@@ -281,11 +281,22 @@ class Dispatcher:
     # -- one attempt -----------------------------------------------------------------------
 
     async def _attempt(self, endpoint: Endpoint | None, delivery: ClaimedDelivery) -> None:
+        started = time.perf_counter()
+        try:
+            await self._try(endpoint, delivery, started)
+        except Exception as exc:  # recorded and retried like a network error; frees the slot
+            log.exception("webhooks.attempt_failed", delivery_id=delivery.id)
+            latency_ms = (time.perf_counter() - started) * 1000
+            error = f"{type(exc).__name__}: {exc}"
+            self._finish(delivery, endpoint, None, latency_ms, None, error, False)
+
+    async def _try(
+        self, endpoint: Endpoint | None, delivery: ClaimedDelivery, started: float
+    ) -> None:
         if endpoint is None:  # removed meanwhile: record the attempt as not made
             self._finish(delivery, None, None, 0.0, None, "the subscription was removed", True)
             return
         url = endpoint.subscription.url
-        started = time.perf_counter()
         status: int | None = None
         response: str | None = None
         error: str | None = None
