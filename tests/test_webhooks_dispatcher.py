@@ -10,7 +10,7 @@ from pathlib import Path
 from aiohttp import web
 
 from tests.conftest import LIFECYCLE_CHANGES, RelayFactory, fixture_events
-from tests.receivers import FAST_DELIVERY, Receipt, eventually, receiver, subscribe
+from tests.receivers import FAST_DELIVERY, Receipt, api, eventually, receiver, subscribe
 from tests.test_read_api import ingest
 
 
@@ -111,3 +111,24 @@ async def test_an_attempt_that_fails_before_its_request_frees_its_slot(
         ).fetchone()
     conn.close()
     assert error.startswith("TypeError")
+
+
+async def test_an_undecryptable_secret_leaves_only_its_subscription_out(
+    start_relay: RelayFactory, tmp_path: Path
+) -> None:
+    """A subscription whose stored secret does not decrypt is left out; the API still creates
+    and lists subscriptions, and the others still receive their changes."""
+    relay = await start_relay(delivery=FAST_DELIVERY)
+    async with receiver() as got:
+        broken = await subscribe(relay, got, "/broken", types=["session.created"])
+        with sqlite3.connect(tmp_path / "relay.db") as conn:
+            conn.execute(
+                "UPDATE subscriptions SET secret = randomblob(60) WHERE id = ?", (broken["id"],)
+            )
+        conn.close()
+        await subscribe(relay, got, "/fine", types=["session.created"])  # 201, not 500
+        listing = await api(relay, "GET", "/v1/subscriptions")
+        assert len(listing["items"]) == 2
+        await ingest(relay, fixture_events()[0])
+        await eventually(lambda: len(got.at("/fine")) == 1)
+        assert got.at("/broken", delivered=False) == []

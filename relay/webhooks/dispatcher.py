@@ -41,7 +41,7 @@ from relay.webhooks.model import (
     Subscription,
 )
 from relay.webhooks.retry import Outcome, parse_retry_after, settle
-from relay.webhooks.secrets import SecretBox
+from relay.webhooks.secrets import SecretBox, SecretBoxError
 from relay.webhooks.signing import webhook_request
 from relay.webhooks.ssrf import BlockedDestination, GuardedResolver, check_url
 from relay.webhooks.store import ClaimRequest, DeliveryStore
@@ -87,6 +87,7 @@ class Dispatcher:
         self._clock = clock
         self._rand = rand
         self._endpoints: dict[str, Endpoint] = {}
+        self._unreadable: set[str] = set()  # subscriptions whose secret does not decrypt
         self._in_flight: Counter[str] = Counter()
         self._dirty: set[str] = set()
         self._next_due: dict[str, float] = {}
@@ -163,12 +164,22 @@ class Dispatcher:
         subscriptions = await self._store.list_subscriptions()
         now = self._clock()
         endpoints = {}
+        unreadable = set()
         for s in subscriptions:
-            secrets = [self._box.decrypt(s.secret, s.id)]
-            until = s.previous_secret_until
-            if s.previous_secret is not None and until is not None and until > now:
-                secrets.append(self._box.decrypt(s.previous_secret, previous_secret_binding(s.id)))
+            try:
+                secrets = [self._box.decrypt(s.secret, s.id)]
+                until = s.previous_secret_until
+                if s.previous_secret is not None and until is not None and until > now:
+                    binding = previous_secret_binding(s.id)
+                    secrets.append(self._box.decrypt(s.previous_secret, binding))
+            except SecretBoxError:
+                # Left out (its deliveries wait) until its secret is rotated or the key fixed.
+                unreadable.add(s.id)
+                if s.id not in self._unreadable:
+                    log.error("webhooks.secret_unreadable", subscription_id=s.id)
+                continue
             endpoints[s.id] = Endpoint(s, tuple(secrets), s.enabled, s.failing_since)
+        self._unreadable = unreadable
         self._endpoints = endpoints
         self._dirty.update(endpoints)
         self._work.set()
