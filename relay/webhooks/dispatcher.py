@@ -160,7 +160,15 @@ class Dispatcher:
         self._changes.set()
 
     async def refresh(self) -> None:
-        """Reload subscriptions (after a change through the API, the CLI or a poll)."""
+        """Reload subscriptions and look for due deliveries of each (after a change through
+        the API)."""
+        await self._reload()
+        self._dirty.update(self._endpoints)
+        self._work.set()
+
+    async def _reload(self) -> None:
+        """Reload subscriptions; only new or changed ones are looked at for due deliveries
+        (the others' due times are known from their last claim)."""
         subscriptions = await self._store.list_subscriptions()
         now = self._clock()
         endpoints = {}
@@ -180,9 +188,16 @@ class Dispatcher:
                 continue
             endpoints[s.id] = Endpoint(s, tuple(secrets), s.enabled, s.failing_since)
         self._unreadable = unreadable
+        changed = {
+            sid
+            for sid, endpoint in endpoints.items()
+            if sid not in self._endpoints
+            or self._endpoints[sid].subscription != endpoint.subscription
+        }
         self._endpoints = endpoints
-        self._dirty.update(endpoints)
-        self._work.set()
+        if changed:
+            self._dirty.update(changed)
+            self._work.set()
 
     # -- enqueue, schedule, record -----------------------------------------------------------
 
@@ -206,7 +221,7 @@ class Dispatcher:
         while True:
             await asyncio.sleep(self._settings.poll_interval_seconds)
             try:
-                await self.refresh()
+                await self._reload()
                 self._stats.queue_depth = await self._store.queue_depth()
             except Exception:
                 log.exception("webhooks.poll_failed")
@@ -248,7 +263,11 @@ class Dispatcher:
         if not requests:
             return
         lease = self._settings.timeout_seconds + LEASE_MARGIN_SECONDS
-        claimed, next_due = await self._store.claim(requests, self._clock, lease)
+        try:
+            claimed, next_due = await self._store.claim(requests, self._clock, lease)
+        except Exception:
+            self._dirty.update(request.subscription_id for request in requests)
+            raise
         now = self._clock()
         for sid, due in next_due.items():
             # Due now but not claimed: waiting for a slot or for the session's previous

@@ -66,31 +66,48 @@ _CLAIM_ANY = (
     " WHERE d.subscription_id = ? AND d.next_attempt_at <= ? AND d.status != 'delivering'"
     " ORDER BY d.next_attempt_at, d.id LIMIT ?"
 )
-# Only the oldest unfinished delivery of each session may go (a claimed one included).
+# Only the oldest unfinished delivery of each session may go (a claimed one included):
+# the session's head, which `head` marks.
 _CLAIM_SESSION_ORDERED = (
     _CLAIM_BODY + " FROM deliveries d LEFT JOIN changes c ON c.id = d.change_id"
-    " WHERE d.subscription_id = ? AND d.next_attempt_at <= ? AND d.status != 'delivering'"
-    " AND (d.session_id IS NULL OR d.change_id IS NULL OR NOT EXISTS ("
-    "  SELECT 1 FROM deliveries e WHERE e.subscription_id = d.subscription_id"
-    "  AND e.session_id = d.session_id AND e.change_id < d.change_id"
-    "  AND e.next_attempt_at IS NOT NULL))"
-    " ORDER BY d.change_id LIMIT ?"
+    " WHERE d.subscription_id = ? AND d.head = 1 AND d.next_attempt_at IS NOT NULL"
+    " AND d.next_attempt_at <= ? AND d.status != 'delivering'"
+    " ORDER BY d.next_attempt_at, d.id LIMIT ?"
 )
 _NEXT_DUE_ANY = (
-    "SELECT min(next_attempt_at) FROM deliveries"
+    "SELECT next_attempt_at FROM deliveries"
     " WHERE subscription_id = ? AND next_attempt_at IS NOT NULL AND status != 'delivering'"
+    " ORDER BY next_attempt_at LIMIT 1"
 )
 _NEXT_DUE_SESSION_ORDERED = (
-    "SELECT min(d.next_attempt_at) FROM deliveries d"
-    " WHERE d.subscription_id = ? AND d.next_attempt_at IS NOT NULL AND d.status != 'delivering'"
-    " AND (d.session_id IS NULL OR d.change_id IS NULL OR NOT EXISTS ("
-    "  SELECT 1 FROM deliveries e WHERE e.subscription_id = d.subscription_id"
-    "  AND e.session_id = d.session_id AND e.change_id < d.change_id"
-    "  AND e.next_attempt_at IS NOT NULL))"
+    "SELECT next_attempt_at FROM deliveries"
+    " WHERE subscription_id = ? AND head = 1 AND next_attempt_at IS NOT NULL"
+    " AND status != 'delivering' ORDER BY next_attempt_at LIMIT 1"
 )
+# A new row is its session's head if no older delivery of the session is active.
 _INSERT_DELIVERY = (
     "INSERT OR IGNORE INTO deliveries (subscription_id, change_id, type, session_id, status,"
-    " next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)"
+    " next_attempt_at, created_at, updated_at, head)"
+    " SELECT ?1, ?2, ?3, ?4, 'pending', ?5, ?6, ?7, NOT EXISTS (SELECT 1 FROM deliveries e"
+    "  WHERE e.subscription_id = ?1 AND e.session_id = ?4 AND e.change_id < ?2"
+    "  AND e.next_attempt_at IS NOT NULL)"
+)
+_SESSION_FIRST = (
+    "SELECT id FROM deliveries WHERE subscription_id = ?1 AND session_id = ?2"
+    " AND next_attempt_at IS NOT NULL ORDER BY change_id LIMIT 1"
+)
+# After a delivery finished: the oldest active one of its session becomes the head.
+_PROMOTE = (
+    "UPDATE deliveries SET head = 1 WHERE id = (SELECT e.id FROM deliveries e"
+    " WHERE e.subscription_id = ?1 AND e.next_attempt_at IS NOT NULL"
+    " AND e.session_id = (SELECT session_id FROM deliveries WHERE id = ?2)"
+    " ORDER BY e.change_id LIMIT 1)"
+)
+# After older deliveries of a session became active again (retry, recover).
+_REHEAD = (
+    "UPDATE deliveries SET head = (id IS (" + _SESSION_FIRST + "))"
+    " WHERE subscription_id = ?1 AND session_id = ?2 AND next_attempt_at IS NOT NULL"
+    " AND (head = 1 OR id IS (" + _SESSION_FIRST + "))"
 )
 _RECORD_DELIVERY = (
     "UPDATE deliveries SET status = ?, attempts = attempts + 1, cycle_attempts = ?,"
@@ -408,15 +425,26 @@ def _claim(
     clock: Callable[[], float],
     lease_seconds: float,
 ) -> tuple[list[ClaimedDelivery], dict[str, float]]:
+    def due(request: ClaimRequest, now: float, limit: int) -> list[Any]:
+        sql = _CLAIM_SESSION_ORDERED if request.session_ordered else _CLAIM_ANY
+        return conn.execute(sql, (request.subscription_id, now, limit)).fetchall()
+
+    def next_due() -> dict[str, float]:
+        found: dict[str, float] = {}
+        for request in requests:
+            sql = _NEXT_DUE_SESSION_ORDERED if request.session_ordered else _NEXT_DUE_ANY
+            row = conn.execute(sql, (request.subscription_id,)).fetchone()
+            if row is not None:
+                found[request.subscription_id] = row[0]
+        return found
+
     def work() -> tuple[list[ClaimedDelivery], dict[str, float]]:
         # The time is read here, on the store's thread, not when the claim was asked for.
         now = clock()
         lease_until = now + lease_seconds
         claimed: list[ClaimedDelivery] = []
-        next_due: dict[str, float] = {}
         for request in requests:
-            sql = _CLAIM_SESSION_ORDERED if request.session_ordered else _CLAIM_ANY
-            rows = conn.execute(sql, (request.subscription_id, now, request.limit)).fetchall()
+            rows = due(request, now, request.limit)
             for delivery_id, change_id, change_type, body, cycle in rows:
                 claimed.append(
                     ClaimedDelivery(
@@ -428,12 +456,12 @@ def _claim(
                     "UPDATE deliveries SET status = 'delivering', next_attempt_at = ? WHERE id = ?",
                     [(lease_until, row[0]) for row in rows],
                 )
-            next_sql = _NEXT_DUE_SESSION_ORDERED if request.session_ordered else _NEXT_DUE_ANY
-            (due,) = conn.execute(next_sql, (request.subscription_id,)).fetchone()
-            if due is not None:
-                next_due[request.subscription_id] = due
-        return claimed, next_due
+        return claimed, next_due()
 
+    # Nothing due: answer without taking the write lock.
+    now = clock()
+    if not any(due(request, now, 1) for request in requests):
+        return [], next_due()
     return _transaction(conn, work)
 
 
@@ -459,6 +487,14 @@ def _record(conn: sqlite3.Connection, results: list[AttemptResult]) -> None:
             last[result.subscription_id] = result
         conn.executemany(_RECORD_DELIVERY, deliveries)
         conn.executemany(_RECORD_ATTEMPT, attempts)
+        conn.executemany(
+            _PROMOTE,
+            [
+                (result.subscription_id, result.attempt.delivery_id)
+                for result in results
+                if result.next_attempt_at is None
+            ],
+        )
         for sid, result in last.items():
             if result.status is DeliveryStatus.DELIVERED:
                 conn.execute(
@@ -520,15 +556,28 @@ def _retry_delivery(conn: sqlite3.Connection, delivery_id: int, now: float) -> D
             raise DeliveryNotRetryable(f"delivery {delivery_id} is being attempted now")
         conn.execute(
             "UPDATE deliveries SET status = 'pending', cycle_attempts = 0, next_attempt_at = ?,"
-            " updated_at = ? WHERE id = ?",
+            " updated_at = ?, head = 1 WHERE id = ?",
             (now, now, delivery_id),
         )
+        _reheads(conn, [delivery_id])
         found = conn.execute(
             f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE id = ?", (delivery_id,)
         ).fetchone()
         return _delivery(found)
 
     return _transaction(conn, work)
+
+
+def _reheads(conn: sqlite3.Connection, delivery_ids: Sequence[int]) -> None:
+    """Set the heads of the sessions of these deliveries again (older ones became active)."""
+    sessions = set()
+    for delivery_id in delivery_ids:
+        row = conn.execute(
+            "SELECT subscription_id, session_id FROM deliveries WHERE id = ?", (delivery_id,)
+        ).fetchone()
+        if row is not None and row[1] is not None:
+            sessions.add((row[0], row[1]))
+    conn.executemany(_REHEAD, sorted(sessions))
 
 
 def _recover(conn: sqlite3.Connection, subscription_id: str, since: str, now: float) -> int:
@@ -569,6 +618,13 @@ def _recover(conn: sqlite3.Connection, subscription_id: str, since: str, now: fl
                 ],
             )
             after = page[-1][0]
-        return conn.total_changes - before
+        queued = conn.total_changes - before
+        sessions = conn.execute(
+            "SELECT DISTINCT session_id FROM deliveries WHERE subscription_id = ?"
+            " AND session_id IS NOT NULL AND next_attempt_at IS NOT NULL",
+            (subscription_id,),
+        ).fetchall()
+        conn.executemany(_REHEAD, [(subscription_id, session) for (session,) in sessions])
+        return queued
 
     return _transaction(conn, work)
