@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import standardwebhooks
@@ -274,3 +275,35 @@ async def test_manual_retry_and_recover_redeliver_failed_deliveries(
         )
     delivered = await api(relay, "GET", f"{sub_path}/deliveries", params={"status": "delivered"})
     assert len(delivered["items"]) == count
+
+
+async def test_recover_includes_alerts_fired_since_with_no_event_after_them(
+    start_relay: RelayFactory,
+) -> None:
+    """Recover since a time queues the alerts fired since then even when no event came after
+    them, and not the changes of events received before that time."""
+    relay = await start_relay(
+        delivery=FAST_DELIVERY,
+        alerts={"ready_timeout_seconds": 0.3, "check_interval_seconds": 0.05},
+    )
+    async with receiver() as got:
+        await ingest(relay, fixture_events()[0])
+        await asyncio.sleep(0.05)
+        since = datetime.now(UTC).isoformat()
+
+        async def alerted() -> bool:
+            changes = await api(relay, "GET", "/v1/changes")
+            return any(c["type"] == "session.ready_timeout" for c in changes["items"])
+
+        await until(alerted)
+        created = await subscribe(relay, got, "/late")
+        recovered = await api(
+            relay,
+            "POST",
+            f"/v1/subscriptions/{created['id']}/recover",
+            status=202,
+            json={"since": since},
+        )
+        assert recovered == {"queued": 1}
+        await eventually(lambda: len(got.at("/late")) == 1)
+        assert got.at("/late")[0].payload["type"] == "session.ready_timeout"

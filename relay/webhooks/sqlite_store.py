@@ -117,7 +117,7 @@ _RECORD_ATTEMPT = (
     "INSERT INTO delivery_attempts (delivery_id, at, status_code, latency_ms, response, error)"
     " SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM deliveries WHERE id = ?)"
 )
-_RECOVER_PAGE = 5000
+_RECOVER_PAGE = 1000
 
 
 class SQLiteDeliveryStore:
@@ -240,7 +240,20 @@ class SQLiteDeliveryStore:
         return await self._call(_retry_delivery, delivery_id, now)
 
     async def recover(self, subscription_id: str, since: str, now: float) -> int:
-        return await self._call(_recover, subscription_id, format_time(parse_time(since)), now)
+        # The starting point is found without the write lock; then pages, each one short
+        # transaction (re-running is harmless: INSERT OR IGNORE, and failed rows only).
+        start = await self._call(_recover_start, subscription_id, format_time(parse_time(since)))
+        queued = 0
+        while True:
+            count, more = await self._call(_requeue_failed, subscription_id, start, now)
+            queued += count
+            if not more:
+                break
+        after: int | None = start - 1
+        while after is not None:
+            count, after = await self._call(_recover_page, subscription_id, after, now)
+            queued += count
+        return queued
 
     async def queue_depth(self) -> int:
         rows = await self._call(
@@ -580,51 +593,80 @@ def _reheads(conn: sqlite3.Connection, delivery_ids: Sequence[int]) -> None:
     conn.executemany(_REHEAD, sorted(sessions))
 
 
-def _recover(conn: sqlite3.Connection, subscription_id: str, since: str, now: float) -> int:
-    def work() -> int:
+def _recover_start(conn: sqlite3.Connection, subscription_id: str, since: str) -> int:
+    """The id of the first change to recover from: the change after the last one caused by
+    an event received before `since`, so alerts (changes of no event) fired since then
+    are included. Change ids grow with event seqs: one writer applies events in order."""
+    if _get_subscription(conn, subscription_id) is None:
+        raise KeyError(subscription_id)
+    (first_seq,) = conn.execute(
+        "SELECT min(seq) FROM events WHERE received_at >= ?", (since,)
+    ).fetchone()
+    if first_seq is None:  # no event since: only alerts (after the last event's changes)
+        (first_seq,) = conn.execute("SELECT coalesce(max(seq), 0) + 1 FROM events").fetchone()
+    row = conn.execute(
+        "SELECT max(id) FROM changes WHERE event_seq ="
+        " (SELECT max(event_seq) FROM changes WHERE event_seq < ?)",
+        (first_seq,),
+    ).fetchone()
+    return 1 if row[0] is None else int(row[0]) + 1
+
+
+def _requeue_failed(
+    conn: sqlite3.Connection, subscription_id: str, start: int, now: float
+) -> tuple[int, bool]:
+    """Queue again one page of failed deliveries of changes from `start` on."""
+
+    def work() -> tuple[int, bool]:
+        ids = [
+            row[0]
+            for row in conn.execute(
+                "SELECT id FROM deliveries WHERE subscription_id = ? AND status = 'failed'"
+                " AND change_id >= ? ORDER BY id LIMIT ?",
+                (subscription_id, start, _RECOVER_PAGE),
+            )
+        ]
+        conn.executemany(
+            "UPDATE deliveries SET status = 'pending', cycle_attempts = 0, next_attempt_at = ?,"
+            " updated_at = ? WHERE id = ?",
+            [(now, now, delivery_id) for delivery_id in ids],
+        )
+        _reheads(conn, ids)
+        return len(ids), len(ids) == _RECOVER_PAGE
+
+    return _transaction(conn, work)
+
+
+def _recover_page(
+    conn: sqlite3.Connection, subscription_id: str, after: int, now: float
+) -> tuple[int, int | None]:
+    """Give the subscription a delivery for each change of one page after `after` that it
+    has none for; return how many, and where the next page starts (None: done)."""
+
+    def work() -> tuple[int, int | None]:
         row = conn.execute(
             "SELECT types, session_ids FROM subscriptions WHERE id = ?", (subscription_id,)
         ).fetchone()
-        if row is None:
-            raise KeyError(subscription_id)
+        if row is None:  # removed meanwhile
+            return 0, None
         accepts = ChangeFilter(tuple(orjson.loads(row[0])), tuple(orjson.loads(row[1])))
-        (first,) = conn.execute(
-            "SELECT min(c.id) FROM changes c WHERE c.event_seq >="
-            " (SELECT min(seq) FROM events WHERE received_at >= ?)",
-            (since,),
-        ).fetchone()
-        if first is None:
-            return 0
-        before = conn.total_changes
-        conn.execute(
-            "UPDATE deliveries SET status = 'pending', cycle_attempts = 0, next_attempt_at = ?,"
-            " updated_at = ? WHERE subscription_id = ? AND change_id >= ? AND status = 'failed'",
-            (now, now, subscription_id, first),
-        )
-        after = first - 1
-        while True:
-            page = conn.execute(
-                "SELECT id, type, session_id FROM changes WHERE id > ? ORDER BY id LIMIT ?",
-                (after, _RECOVER_PAGE),
-            ).fetchall()
-            if not page:
-                break
-            conn.executemany(
-                _INSERT_DELIVERY,
-                [
-                    (subscription_id, cid, ctype, session_id, now, now, now)
-                    for cid, ctype, session_id in page
-                    if accepts(ctype, session_id)
-                ],
-            )
-            after = page[-1][0]
-        queued = conn.total_changes - before
-        sessions = conn.execute(
-            "SELECT DISTINCT session_id FROM deliveries WHERE subscription_id = ?"
-            " AND session_id IS NOT NULL AND next_attempt_at IS NOT NULL",
-            (subscription_id,),
+        page = conn.execute(
+            "SELECT id, type, session_id FROM changes WHERE id > ? ORDER BY id LIMIT ?",
+            (after, _RECOVER_PAGE),
         ).fetchall()
-        conn.executemany(_REHEAD, [(subscription_id, session) for (session,) in sessions])
-        return queued
+        if not page:
+            return 0, None
+        before = conn.total_changes
+        inserted = []
+        for cid, ctype, session_id in page:
+            if accepts(ctype, session_id):
+                cursor = conn.execute(
+                    _INSERT_DELIVERY, (subscription_id, cid, ctype, session_id, now, now, now)
+                )
+                if cursor.rowcount:
+                    inserted.append(cursor.lastrowid or 0)
+        queued = conn.total_changes - before
+        _reheads(conn, inserted)  # an older change may now precede a session's head
+        return queued, page[-1][0] if len(page) == _RECOVER_PAGE else None
 
     return _transaction(conn, work)
