@@ -220,6 +220,58 @@ async def test_rotated_secret_and_the_old_one_both_verify(start_relay: RelayFact
             standardwebhooks.Webhook(secret).verify(receipt.body, receipt.headers)
 
 
+def new_session(n: int) -> dict[str, Any]:
+    """The fixture's session.created event for a session of its own."""
+    event = fixture_events()[0]
+    event["id"] = f"{event['id']}_{n}"
+    event["data"]["chatId"] = f"chat_rotation_{n}"
+    return event
+
+
+async def test_each_rotated_out_secret_signs_until_its_own_end(start_relay: RelayFactory) -> None:
+    """Two rotations a second apart: deliveries carry three signatures, each verifiable with
+    its secret; after the overlap only the newest secret signs."""
+    offset = [0.0]
+    relay = await start_relay(
+        delivery={**FAST_DELIVERY, "rotation_overlap_seconds": 30},
+        clock=lambda: time.time() + offset[0],
+    )
+    async with receiver() as got:
+        created = await subscribe(relay, got, "/rotating", types=["session.created"])
+        path = f"/v1/subscriptions/{created['id']}/rotate-secret"
+        first = await api(relay, "POST", path)
+        offset[0] = 1.0
+        second = await api(relay, "POST", path)
+        await ingest(relay, new_session(1))
+        await eventually(lambda: len(got.at("/rotating")) == 1)
+        receipt = got.at("/rotating")[0]
+        assert len(receipt.headers["webhook-signature"].split()) == 3
+        for secret in (created["secret"], first["secret"], second["secret"]):
+            standardwebhooks.Webhook(secret).verify(receipt.body, receipt.headers)
+
+        offset[0] = 32.0  # both overlaps (30 s from each rotation) are over
+        await ingest(relay, new_session(2))
+        await eventually(lambda: len(got.at("/rotating")) == 2)
+        receipt = got.at("/rotating")[1]
+        assert len(receipt.headers["webhook-signature"].split()) == 1
+        standardwebhooks.Webhook(second["secret"]).verify(receipt.body, receipt.headers)
+
+
+async def test_concurrent_rotations_both_take_effect(start_relay: RelayFactory) -> None:
+    """Two rotations at once both succeed and every secret they returned signs."""
+    relay = await start_relay(delivery=FAST_DELIVERY)
+    async with receiver() as got:
+        created = await subscribe(relay, got, "/both", types=["session.created"])
+        path = f"/v1/subscriptions/{created['id']}/rotate-secret"
+        one, two = await asyncio.gather(api(relay, "POST", path), api(relay, "POST", path))
+        await ingest(relay, new_session(3))
+        await eventually(lambda: len(got.at("/both")) == 1)
+        receipt = got.at("/both")[0]
+        assert len(receipt.headers["webhook-signature"].split()) == 3
+        for secret in (created["secret"], one["secret"], two["secret"]):
+            standardwebhooks.Webhook(secret).verify(receipt.body, receipt.headers)
+
+
 async def test_type_and_session_filters(start_relay: RelayFactory) -> None:
     """Type globs and session filters pick the changes a subscription gets."""
     relay = await start_relay(delivery=FAST_DELIVERY)

@@ -65,9 +65,14 @@ class Endpoint:
     """A subscription as the dispatcher uses it: with its signing secrets in clear."""
 
     subscription: Subscription
-    secrets: tuple[str, ...]
+    secret: str
+    previous: tuple[tuple[str, float], ...]  # rotated-out secrets and when each stops signing
     enabled: bool
     failing_since: float | None
+
+    def signing_secrets(self, now: float) -> tuple[str, ...]:
+        """The current secret and every previous one that has not ended."""
+        return (self.secret, *(secret for secret, until in self.previous if until > now))
 
 
 class Dispatcher:
@@ -171,22 +176,24 @@ class Dispatcher:
         (the others' due times are known from their last claim)."""
         subscriptions = await self._store.list_subscriptions()
         now = self._clock()
+        binding = previous_secret_binding
         endpoints = {}
         unreadable = set()
         for s in subscriptions:
             try:
-                secrets = [self._box.decrypt(s.secret, s.id)]
-                until = s.previous_secret_until
-                if s.previous_secret is not None and until is not None and until > now:
-                    binding = previous_secret_binding(s.id)
-                    secrets.append(self._box.decrypt(s.previous_secret, binding))
+                secret = self._box.decrypt(s.secret, s.id)
             except SecretBoxError:
                 # Left out (its deliveries wait) until its secret is rotated or the key fixed.
                 unreadable.add(s.id)
                 if s.id not in self._unreadable:
                     log.error("webhooks.secret_unreadable", subscription_id=s.id)
                 continue
-            endpoints[s.id] = Endpoint(s, tuple(secrets), s.enabled, s.failing_since)
+            previous = []
+            for p in s.previous_secrets:
+                if p.until > now:
+                    with contextlib.suppress(SecretBoxError):  # one that cannot sign is left out
+                        previous.append((self._box.decrypt(p.secret, binding(s.id)), p.until))
+            endpoints[s.id] = Endpoint(s, secret, tuple(previous), s.enabled, s.failing_since)
         self._unreadable = unreadable
         changed = {
             sid
@@ -338,7 +345,7 @@ class Dispatcher:
             error = f"refused: {reason} (set delivery.allow_private_networks to allow it)"
         else:
             status, response, retry_after, error, refused = await self._post(
-                url, endpoint.secrets, delivery
+                url, endpoint.signing_secrets(self._clock()), delivery
             )
         latency_ms = (time.perf_counter() - started) * 1000
         self._finish(delivery, endpoint, status, latency_ms, response, error, refused, retry_after)

@@ -28,15 +28,16 @@ from relay.webhooks.model import (
     Delivery,
     DeliveryStatus,
     Ordering,
+    PreviousSecret,
     Subscription,
 )
-from relay.webhooks.store import ClaimRequest, DeliveryNotRetryable
+from relay.webhooks.store import ClaimRequest, DeliveryNotRetryable, SecretChanged
 
 T = TypeVar("T")
 
 _SUBSCRIPTION_COLUMNS = (
     "id, url, description, types, session_ids, ordering, max_in_flight, enabled,"
-    " disabled_reason, secret, previous_secret, previous_secret_until, failing_since,"
+    " disabled_reason, secret, previous_secrets, failing_since,"
     " start_after, created_at, updated_at"
 )
 _DELIVERY_COLUMNS = (
@@ -53,9 +54,6 @@ _UPDATABLE = frozenset(
         "max_in_flight",
         "enabled",
         "disabled_reason",
-        "secret",
-        "previous_secret",
-        "previous_secret_until",
         "failing_since",
         "updated_at",
     }
@@ -183,6 +181,19 @@ class SQLiteDeliveryStore:
             raise ValueError(f"not updatable: {', '.join(sorted(unknown))}")
         return await self._call(_update_subscription, subscription_id, dict(fields))
 
+    async def rotate_secret(
+        self,
+        subscription_id: str,
+        current: bytes,
+        new: bytes,
+        previous: PreviousSecret | None,
+        now: float,
+        updated_at: str,
+    ) -> Subscription | None:
+        return await self._call(
+            _rotate_secret, subscription_id, current, new, previous, now, updated_at
+        )
+
     async def delete_subscription(self, subscription_id: str) -> bool:
         return await self._call(_delete_subscription, subscription_id)
 
@@ -282,6 +293,7 @@ def _select(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> list
 
 def _subscription(row: Any) -> Subscription:
     (sid, url, description, types, sessions, ordering, max_in_flight, enabled) = row[:8]
+    disabled_reason, secret, previous = row[8:11]
     return Subscription(
         sid,
         url,
@@ -291,8 +303,50 @@ def _subscription(row: Any) -> Subscription:
         Ordering(ordering),
         max_in_flight,
         bool(enabled),
-        *row[8:],
+        disabled_reason,
+        secret,
+        _previous_secrets(previous),
+        *row[11:],
     )
+
+
+def _previous_secrets(text: str) -> tuple[PreviousSecret, ...]:
+    return tuple(
+        PreviousSecret(bytes.fromhex(entry["secret"]), float(entry["until"]))
+        for entry in orjson.loads(text)
+    )
+
+
+def _previous_json(previous: Sequence[PreviousSecret]) -> str:
+    return orjson.dumps([{"secret": p.secret.hex(), "until": p.until} for p in previous]).decode()
+
+
+def _rotate_secret(
+    conn: sqlite3.Connection,
+    subscription_id: str,
+    current: bytes,
+    new: bytes,
+    previous: PreviousSecret | None,
+    now: float,
+    updated_at: str,
+) -> Subscription | None:
+    def work() -> Subscription | None:
+        found = _get_subscription(conn, subscription_id)
+        if found is None:
+            return None
+        if found.secret != current:
+            raise SecretChanged(subscription_id)
+        kept = [p for p in found.previous_secrets if p.until > now]
+        if previous is not None:
+            kept.append(previous)
+        conn.execute(
+            "UPDATE subscriptions SET secret = ?, previous_secrets = ?, updated_at = ?"
+            " WHERE id = ?",
+            (new, _previous_json(kept), updated_at, subscription_id),
+        )
+        return _get_subscription(conn, subscription_id)
+
+    return _transaction(conn, work)
 
 
 def _delivery(row: Any) -> Delivery:
@@ -333,7 +387,7 @@ def _add_subscription(conn: sqlite3.Connection, s: Subscription) -> Subscription
     def work() -> Subscription:
         conn.execute(
             f"INSERT INTO subscriptions ({_SUBSCRIPTION_COLUMNS}) VALUES"
-            " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+            " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
             " (SELECT coalesce(max(id), 0) FROM changes), ?, ?)",
             (
                 s.id,
@@ -346,8 +400,7 @@ def _add_subscription(conn: sqlite3.Connection, s: Subscription) -> Subscription
                 int(s.enabled),
                 s.disabled_reason,
                 s.secret,
-                s.previous_secret,
-                s.previous_secret_until,
+                _previous_json(s.previous_secrets),
                 s.failing_since,
                 s.created_at,
                 s.updated_at,

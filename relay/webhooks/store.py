@@ -18,12 +18,17 @@ from relay.webhooks.model import (
     ClaimedDelivery,
     Delivery,
     DeliveryStatus,
+    PreviousSecret,
     Subscription,
 )
 
 
 class DeliveryNotRetryable(Exception):
     """The delivery is being attempted right now."""
+
+
+class SecretChanged(Exception):
+    """The subscription's secret is no longer the one a rotation started from."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +58,20 @@ class DeliveryStore(Protocol):
         self, subscription_id: str, fields: Mapping[str, Any]
     ) -> Subscription | None:
         """Set columns of a subscription; None if there is no such subscription."""
+
+    async def rotate_secret(
+        self,
+        subscription_id: str,
+        current: bytes,
+        new: bytes,
+        previous: PreviousSecret | None,
+        now: float,
+        updated_at: str,
+    ) -> Subscription | None:
+        """In one transaction, if the secret is still `current`: make `new` the secret, add
+        `previous` (the old one, re-encrypted) to the previous secrets and drop those ended
+        by `now`. None if there is no such subscription; SecretChanged if another rotation
+        came first."""
 
     async def delete_subscription(self, subscription_id: str) -> bool:
         """Remove it with its deliveries and attempts."""

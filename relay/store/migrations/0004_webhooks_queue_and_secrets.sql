@@ -15,3 +15,13 @@ CREATE INDEX deliveries_heads_due ON deliveries (subscription_id, next_attempt_a
 
 -- `recover` finds the first event received since a time without reading every event.
 CREATE INDEX events_by_received_at ON events (received_at);
+
+-- Rotated-out secrets, each signing until its own time: a JSON list of
+-- {"secret": hex of the encrypted secret, "until": unix seconds}. Replaces
+-- previous_secret and previous_secret_until, which stay unused.
+ALTER TABLE subscriptions ADD COLUMN previous_secrets TEXT NOT NULL DEFAULT '[]';
+UPDATE subscriptions
+    SET previous_secrets = json_array(json_object(
+            'secret', hex(previous_secret), 'until', previous_secret_until)),
+        previous_secret = NULL, previous_secret_until = NULL
+    WHERE previous_secret IS NOT NULL AND previous_secret_until IS NOT NULL;
