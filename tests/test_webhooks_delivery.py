@@ -138,7 +138,8 @@ async def test_400_fails_without_retry(start_relay: RelayFactory) -> None:
 
 
 async def test_410_disables_the_subscription_until_enabled(start_relay: RelayFactory) -> None:
-    """A 410 disables the subscription (reason recorded); nothing more is sent until enable."""
+    """A 410 disables the subscription (reason recorded); nothing more is sent until enable,
+    which sends the changes made while it was disabled."""
     relay = await start_relay(delivery=FAST_DELIVERY)
     gone = [True]
 
@@ -169,11 +170,11 @@ async def test_410_disables_the_subscription_until_enabled(start_relay: RelayFac
         assert enabled["enabled"] is True
         assert enabled["disabled_reason"] is None
         test = await api(relay, "POST", f"{sub_path}/test", status=202)
-        await eventually(lambda: len(got.at("/gone")) == 1)
-        [received] = got.at("/gone")
-        assert received.payload["type"] == "webhook.test"
-        assert received.message_id == f"msg_test_{test['id']}"
-        assert received.verified
+        await eventually(lambda: len(got.at("/gone")) == len(LIFECYCLE_CHANGES))
+        received = {r.payload["type"]: r for r in got.at("/gone")}
+        assert sorted(received) == sorted({*LIFECYCLE_CHANGES[1:], "webhook.test"})
+        assert received["webhook.test"].message_id == f"msg_test_{test['id']}"
+        assert all(r.verified for r in got.at("/gone"))
     failed = await api(relay, "GET", f"{sub_path}/deliveries", params={"status": "failed"})
     assert [a["status_code"] for a in failed["items"][0]["attempts"]] == [410]
 

@@ -468,7 +468,8 @@ def _enqueue(conn: sqlite3.Connection, limit: int, now: float) -> tuple[int, dic
         subscriptions = [
             (sid, ChangeFilter(tuple(orjson.loads(t)), tuple(orjson.loads(s))), start)
             for sid, t, s, start in conn.execute(
-                "SELECT id, types, session_ids, start_after FROM subscriptions WHERE enabled = 1"
+                # Disabled ones too: their deliveries wait, and go once they are enabled.
+                "SELECT id, types, session_ids, start_after FROM subscriptions"
             )
         ]
         rows = []
