@@ -7,6 +7,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 import standardwebhooks
 import svix
 from aiohttp import web
@@ -86,15 +87,19 @@ async def test_500_twice_then_200_is_delivered_on_the_third_attempt(
     assert all(a["latency_ms"] >= 0 for a in delivery["attempts"])
     one = await api(relay, "GET", f"/v1/deliveries/{delivery['id']}")
     assert one["attempts"] == delivery["attempts"]
+    # the success ends the run of failures
+    assert (await api(relay, "GET", f"/v1/subscriptions/{created['id']}"))["failing_since"] is None
 
 
-async def test_429_retry_after_is_honoured(start_relay: RelayFactory) -> None:
-    """A 429 with Retry-After: 1 delays the next attempt by a second, not the 50 ms schedule."""
+@pytest.mark.parametrize("status", [429, 500])
+async def test_retry_after_is_honoured(start_relay: RelayFactory, status: int) -> None:
+    """A 429 or 500 with Retry-After: 1 delays the next attempt by a second, not the 50 ms
+    schedule."""
     relay = await start_relay(delivery=FAST_DELIVERY)
 
     def busy_once(receipt: Receipt, seen: int) -> web.Response:
         if seen == 0:
-            return web.Response(status=429, headers={"Retry-After": "1"})
+            return web.Response(status=status, headers={"Retry-After": "1"})
         return web.Response(text="ok")
 
     async with receiver() as got:
@@ -103,10 +108,10 @@ async def test_429_retry_after_is_honoured(start_relay: RelayFactory) -> None:
         await ingest(relay, fixture_events()[0])
         await eventually(lambda: len(got.at("/busy")) == 1)
         first, second = got.at("/busy", delivered=False)
-        assert (first.status, second.status) == (429, 200)
+        assert (first.status, second.status) == (status, 200)
         assert 0.95 <= second.at - first.at < 3.0
     [delivery] = (await api(relay, "GET", f"/v1/subscriptions/{created['id']}/deliveries"))["items"]
-    assert [a["status_code"] for a in delivery["attempts"]] == [429, 200]
+    assert [a["status_code"] for a in delivery["attempts"]] == [status, 200]
 
 
 async def test_400_fails_without_retry(start_relay: RelayFactory) -> None:

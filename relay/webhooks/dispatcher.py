@@ -40,7 +40,7 @@ from relay.webhooks.model import (
     Ordering,
     Subscription,
 )
-from relay.webhooks.retry import Outcome, parse_retry_after, settle
+from relay.webhooks.retry import Outcome, classify, parse_retry_after, settle
 from relay.webhooks.secrets import SecretBox, SecretBoxError
 from relay.webhooks.signing import webhook_request
 from relay.webhooks.ssrf import BlockedDestination, GuardedResolver, check_url
@@ -363,7 +363,7 @@ class Dispatcher:
             ) as resp:
                 text = await _read_prefix(resp)
                 retry_after = None
-                if resp.status in (429, 503):
+                if classify(resp.status) is Outcome.RETRY:  # 408, 429, 5xx
                     now = datetime.fromtimestamp(self._clock(), UTC)
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"), now)
                 return resp.status, text, retry_after, None, False
