@@ -132,3 +132,15 @@ async def test_an_undecryptable_secret_leaves_only_its_subscription_out(
         await ingest(relay, fixture_events()[0])
         await eventually(lambda: len(got.at("/fine")) == 1)
         assert got.at("/broken", delivered=False) == []
+
+
+async def test_a_session_ordered_subscription_gets_its_test_event(
+    start_relay: RelayFactory,
+) -> None:
+    """A test event (which belongs to no session) reaches a session-ordered subscription."""
+    relay = await start_relay(delivery=FAST_DELIVERY)
+    async with receiver() as got:
+        created = await subscribe(relay, got, "/ordered", ordering="session")
+        await api(relay, "POST", f"/v1/subscriptions/{created['id']}/test", status=202)
+        await eventually(lambda: len(got.at("/ordered")) == 1)
+        assert got.at("/ordered")[0].payload["type"] == "webhook.test"

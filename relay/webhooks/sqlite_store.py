@@ -602,8 +602,8 @@ def _add_test_delivery(
             return None
         cursor = conn.execute(
             "INSERT INTO deliveries (subscription_id, change_id, type, session_id, payload,"
-            " status, next_attempt_at, created_at, updated_at)"
-            " VALUES (?, NULL, 'webhook.test', NULL, ?, 'pending', ?, ?, ?)",
+            " status, next_attempt_at, created_at, updated_at, head)"
+            " VALUES (?, NULL, 'webhook.test', NULL, ?, 'pending', ?, ?, ?, 1)",
             (subscription_id, body, now, now, now),
         )
         row = conn.execute(

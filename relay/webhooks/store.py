@@ -115,7 +115,9 @@ class DeliveryStore(Protocol):
 
     async def recover(self, subscription_id: str, since: str, now: float) -> int:
         """Queue again every change since the time `since` (RFC 3339) that the subscription
-        did not receive: failed deliveries and changes it has no delivery for."""
+        did not receive: failed deliveries and changes it has no delivery for. The changes
+        are those of events received since then, and the alerts after the last change of
+        an event received before then."""
 
     async def queue_depth(self) -> int:
         """Deliveries not yet delivered or failed."""
