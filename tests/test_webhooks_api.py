@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -144,9 +145,10 @@ async def test_secrets_are_encrypted_at_rest(hooks: Relay, tmp_path: Path) -> No
     rotated = await api(hooks, "POST", f"/v1/subscriptions/{created['id']}/rotate-secret")
     with sqlite3.connect(tmp_path / "relay.db") as conn:
         rows: list[Any] = conn.execute(
-            "SELECT secret, previous_secret FROM subscriptions"
+            "SELECT secret, previous_secrets FROM subscriptions"
         ).fetchall()
-    stored = b"".join(bytes(value) for row in rows for value in row)
+    stored = b"".join(v if isinstance(v, bytes) else v.encode() for row in rows for v in row)
+    assert len(json.loads(rows[0][1])) == 1
     for secret in (created["secret"], rotated["secret"]):
         assert secret.encode() not in stored
         assert secret.removeprefix("whsec_").encode() not in stored

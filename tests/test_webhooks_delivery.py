@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 import standardwebhooks
 import svix
 from aiohttp import web
@@ -85,15 +87,19 @@ async def test_500_twice_then_200_is_delivered_on_the_third_attempt(
     assert all(a["latency_ms"] >= 0 for a in delivery["attempts"])
     one = await api(relay, "GET", f"/v1/deliveries/{delivery['id']}")
     assert one["attempts"] == delivery["attempts"]
+    # the success ends the run of failures
+    assert (await api(relay, "GET", f"/v1/subscriptions/{created['id']}"))["failing_since"] is None
 
 
-async def test_429_retry_after_is_honoured(start_relay: RelayFactory) -> None:
-    """A 429 with Retry-After: 1 delays the next attempt by a second, not the 50 ms schedule."""
+@pytest.mark.parametrize("status", [429, 500])
+async def test_retry_after_is_honoured(start_relay: RelayFactory, status: int) -> None:
+    """A 429 or 500 with Retry-After: 1 delays the next attempt by a second, not the 50 ms
+    schedule."""
     relay = await start_relay(delivery=FAST_DELIVERY)
 
     def busy_once(receipt: Receipt, seen: int) -> web.Response:
         if seen == 0:
-            return web.Response(status=429, headers={"Retry-After": "1"})
+            return web.Response(status=status, headers={"Retry-After": "1"})
         return web.Response(text="ok")
 
     async with receiver() as got:
@@ -102,10 +108,10 @@ async def test_429_retry_after_is_honoured(start_relay: RelayFactory) -> None:
         await ingest(relay, fixture_events()[0])
         await eventually(lambda: len(got.at("/busy")) == 1)
         first, second = got.at("/busy", delivered=False)
-        assert (first.status, second.status) == (429, 200)
+        assert (first.status, second.status) == (status, 200)
         assert 0.95 <= second.at - first.at < 3.0
     [delivery] = (await api(relay, "GET", f"/v1/subscriptions/{created['id']}/deliveries"))["items"]
-    assert [a["status_code"] for a in delivery["attempts"]] == [429, 200]
+    assert [a["status_code"] for a in delivery["attempts"]] == [status, 200]
 
 
 async def test_400_fails_without_retry(start_relay: RelayFactory) -> None:
@@ -137,7 +143,8 @@ async def test_400_fails_without_retry(start_relay: RelayFactory) -> None:
 
 
 async def test_410_disables_the_subscription_until_enabled(start_relay: RelayFactory) -> None:
-    """A 410 disables the subscription (reason recorded); nothing more is sent until enable."""
+    """A 410 disables the subscription (reason recorded); nothing more is sent until enable,
+    which sends the changes made while it was disabled."""
     relay = await start_relay(delivery=FAST_DELIVERY)
     gone = [True]
 
@@ -168,11 +175,11 @@ async def test_410_disables_the_subscription_until_enabled(start_relay: RelayFac
         assert enabled["enabled"] is True
         assert enabled["disabled_reason"] is None
         test = await api(relay, "POST", f"{sub_path}/test", status=202)
-        await eventually(lambda: len(got.at("/gone")) == 1)
-        [received] = got.at("/gone")
-        assert received.payload["type"] == "webhook.test"
-        assert received.message_id == f"msg_test_{test['id']}"
-        assert received.verified
+        await eventually(lambda: len(got.at("/gone")) == len(LIFECYCLE_CHANGES))
+        received = {r.payload["type"]: r for r in got.at("/gone")}
+        assert sorted(received) == sorted({*LIFECYCLE_CHANGES[1:], "webhook.test"})
+        assert received["webhook.test"].message_id == f"msg_test_{test['id']}"
+        assert all(r.verified for r in got.at("/gone"))
     failed = await api(relay, "GET", f"{sub_path}/deliveries", params={"status": "failed"})
     assert [a["status_code"] for a in failed["items"][0]["attempts"]] == [410]
 
@@ -216,6 +223,58 @@ async def test_rotated_secret_and_the_old_one_both_verify(start_relay: RelayFact
         receipt = got.at("/rotating")[0]
         assert len(receipt.headers["webhook-signature"].split()) == 2
         for secret in (created["secret"], rotated["secret"]):
+            standardwebhooks.Webhook(secret).verify(receipt.body, receipt.headers)
+
+
+def new_session(n: int) -> dict[str, Any]:
+    """The fixture's session.created event for a session of its own."""
+    event = fixture_events()[0]
+    event["id"] = f"{event['id']}_{n}"
+    event["data"]["chatId"] = f"chat_rotation_{n}"
+    return event
+
+
+async def test_each_rotated_out_secret_signs_until_its_own_end(start_relay: RelayFactory) -> None:
+    """Two rotations a second apart: deliveries carry three signatures, each verifiable with
+    its secret; after the overlap only the newest secret signs."""
+    offset = [0.0]
+    relay = await start_relay(
+        delivery={**FAST_DELIVERY, "rotation_overlap_seconds": 30},
+        clock=lambda: time.time() + offset[0],
+    )
+    async with receiver() as got:
+        created = await subscribe(relay, got, "/rotating", types=["session.created"])
+        path = f"/v1/subscriptions/{created['id']}/rotate-secret"
+        first = await api(relay, "POST", path)
+        offset[0] = 1.0
+        second = await api(relay, "POST", path)
+        await ingest(relay, new_session(1))
+        await eventually(lambda: len(got.at("/rotating")) == 1)
+        receipt = got.at("/rotating")[0]
+        assert len(receipt.headers["webhook-signature"].split()) == 3
+        for secret in (created["secret"], first["secret"], second["secret"]):
+            standardwebhooks.Webhook(secret).verify(receipt.body, receipt.headers)
+
+        offset[0] = 32.0  # both overlaps (30 s from each rotation) are over
+        await ingest(relay, new_session(2))
+        await eventually(lambda: len(got.at("/rotating")) == 2)
+        receipt = got.at("/rotating")[1]
+        assert len(receipt.headers["webhook-signature"].split()) == 1
+        standardwebhooks.Webhook(second["secret"]).verify(receipt.body, receipt.headers)
+
+
+async def test_concurrent_rotations_both_take_effect(start_relay: RelayFactory) -> None:
+    """Two rotations at once both succeed and every secret they returned signs."""
+    relay = await start_relay(delivery=FAST_DELIVERY)
+    async with receiver() as got:
+        created = await subscribe(relay, got, "/both", types=["session.created"])
+        path = f"/v1/subscriptions/{created['id']}/rotate-secret"
+        one, two = await asyncio.gather(api(relay, "POST", path), api(relay, "POST", path))
+        await ingest(relay, new_session(3))
+        await eventually(lambda: len(got.at("/both")) == 1)
+        receipt = got.at("/both")[0]
+        assert len(receipt.headers["webhook-signature"].split()) == 3
+        for secret in (created["secret"], one["secret"], two["secret"]):
             standardwebhooks.Webhook(secret).verify(receipt.body, receipt.headers)
 
 
@@ -274,3 +333,35 @@ async def test_manual_retry_and_recover_redeliver_failed_deliveries(
         )
     delivered = await api(relay, "GET", f"{sub_path}/deliveries", params={"status": "delivered"})
     assert len(delivered["items"]) == count
+
+
+async def test_recover_includes_alerts_fired_since_with_no_event_after_them(
+    start_relay: RelayFactory,
+) -> None:
+    """Recover since a time queues the alerts fired since then even when no event came after
+    them, and not the changes of events received before that time."""
+    relay = await start_relay(
+        delivery=FAST_DELIVERY,
+        alerts={"ready_timeout_seconds": 0.3, "check_interval_seconds": 0.05},
+    )
+    async with receiver() as got:
+        await ingest(relay, fixture_events()[0])
+        await asyncio.sleep(0.05)
+        since = datetime.now(UTC).isoformat()
+
+        async def alerted() -> bool:
+            changes = await api(relay, "GET", "/v1/changes")
+            return any(c["type"] == "session.ready_timeout" for c in changes["items"])
+
+        await until(alerted)
+        created = await subscribe(relay, got, "/late")
+        recovered = await api(
+            relay,
+            "POST",
+            f"/v1/subscriptions/{created['id']}/recover",
+            status=202,
+            json={"since": since},
+        )
+        assert recovered == {"queued": 1}
+        await eventually(lambda: len(got.at("/late")) == 1)
+        assert got.at("/late")[0].payload["type"] == "session.ready_timeout"

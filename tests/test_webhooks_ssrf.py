@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import time
 
 import aiohttp
 import pytest
@@ -278,3 +279,29 @@ async def test_deliveries_to_private_destinations_are_refused_and_recorded(
         assert "allow_private_networks" in attempt["error"]
     metrics = await (await relay.client.get("/metrics")).text()
     assert 'relay_deliveries_total{outcome="refused"} 4.0' in metrics
+
+
+async def test_slow_names_do_not_delay_other_lookups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While sixteen lookups of a slow name block their threads, another name still
+    resolves at once, and is still checked."""
+    real = socket.getaddrinfo
+
+    def lookup(host: str, port: int, *args: object, **kwargs: object) -> object:
+        if host == "slow.example":
+            time.sleep(0.5)
+        elif host != "fast.example":
+            return real(host, port, *args, **kwargs)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    resolver = GuardedResolver()
+    try:
+        slow = [asyncio.create_task(resolver.resolve("slow.example", 443)) for _ in range(16)]
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        [fast] = await asyncio.wait_for(resolver.resolve("fast.example", 443), 5)
+        assert time.monotonic() - started < 0.25
+        assert fast["host"] == "93.184.216.34"
+        await asyncio.gather(*slow)
+    finally:
+        await resolver.close()

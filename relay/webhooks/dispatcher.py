@@ -40,8 +40,8 @@ from relay.webhooks.model import (
     Ordering,
     Subscription,
 )
-from relay.webhooks.retry import Outcome, parse_retry_after, settle
-from relay.webhooks.secrets import SecretBox
+from relay.webhooks.retry import Outcome, classify, parse_retry_after, settle
+from relay.webhooks.secrets import SecretBox, SecretBoxError
 from relay.webhooks.signing import webhook_request
 from relay.webhooks.ssrf import BlockedDestination, GuardedResolver, check_url
 from relay.webhooks.store import ClaimRequest, DeliveryStore
@@ -65,9 +65,14 @@ class Endpoint:
     """A subscription as the dispatcher uses it: with its signing secrets in clear."""
 
     subscription: Subscription
-    secrets: tuple[str, ...]
+    secret: str
+    previous: tuple[tuple[str, float], ...]  # rotated-out secrets and when each stops signing
     enabled: bool
     failing_since: float | None
+
+    def signing_secrets(self, now: float) -> tuple[str, ...]:
+        """The current secret and every previous one that has not ended."""
+        return (self.secret, *(secret for secret, until in self.previous if until > now))
 
 
 class Dispatcher:
@@ -87,6 +92,7 @@ class Dispatcher:
         self._clock = clock
         self._rand = rand
         self._endpoints: dict[str, Endpoint] = {}
+        self._unreadable: set[str] = set()  # subscriptions whose secret does not decrypt
         self._in_flight: Counter[str] = Counter()
         self._dirty: set[str] = set()
         self._next_due: dict[str, float] = {}
@@ -127,45 +133,78 @@ class Dispatcher:
     async def stop(self) -> None:
         """Stop claiming; let attempts in flight finish for a short grace, record what
         finished; what did not stays claimed and is attempted again after a restart."""
-        self._stopping = True
-        for task in self._loops:
-            task.cancel()
-        for task in self._loops:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._attempts:
-            await asyncio.wait(set(self._attempts), timeout=self._settings.shutdown_grace_seconds)
-        for task in list(self._attempts):
-            task.cancel()
-        if self._attempts:
-            await asyncio.wait(set(self._attempts), timeout=1.0)
-        self._results_ready.set()
-        if self._recorder is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait_for(self._recorder, timeout=10.0)
-        if self._http is not None:
-            await self._http.close()
-        if self._resolver is not None:
-            await self._resolver.close()
+        try:
+            for task in self._loops:
+                task.cancel()
+            for task in self._loops:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            if self._attempts:
+                grace = self._settings.shutdown_grace_seconds
+                await asyncio.wait(set(self._attempts), timeout=grace)
+            for task in list(self._attempts):
+                task.cancel()
+            if self._attempts:
+                await asyncio.wait(set(self._attempts), timeout=1.0)
+            # Only now: the recorder ends once it has written every result there is.
+            self._stopping = True
+            self._results_ready.set()
+            if self._recorder is not None:
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                    await asyncio.wait_for(self._recorder, timeout=10.0)
+                if self._results:
+                    log.warning("webhooks.results_unrecorded", results=len(self._results))
+        finally:
+            if self._http is not None:
+                await self._http.close()
+            if self._resolver is not None:
+                await self._resolver.close()
 
     def changes_committed(self) -> None:
         """Wake the enqueuer: the change log has grown."""
         self._changes.set()
 
     async def refresh(self) -> None:
-        """Reload subscriptions (after a change through the API, the CLI or a poll)."""
+        """Reload subscriptions and look for due deliveries of each (after a change through
+        the API)."""
+        await self._reload()
+        self._dirty.update(self._endpoints)
+        self._work.set()
+
+    async def _reload(self) -> None:
+        """Reload subscriptions; only new or changed ones are looked at for due deliveries
+        (the others' due times are known from their last claim)."""
         subscriptions = await self._store.list_subscriptions()
         now = self._clock()
+        binding = previous_secret_binding
         endpoints = {}
+        unreadable = set()
         for s in subscriptions:
-            secrets = [self._box.decrypt(s.secret, s.id)]
-            until = s.previous_secret_until
-            if s.previous_secret is not None and until is not None and until > now:
-                secrets.append(self._box.decrypt(s.previous_secret, previous_secret_binding(s.id)))
-            endpoints[s.id] = Endpoint(s, tuple(secrets), s.enabled, s.failing_since)
+            try:
+                secret = self._box.decrypt(s.secret, s.id)
+            except SecretBoxError:
+                # Left out (its deliveries wait) until its secret is rotated or the key fixed.
+                unreadable.add(s.id)
+                if s.id not in self._unreadable:
+                    log.error("webhooks.secret_unreadable", subscription_id=s.id)
+                continue
+            previous = []
+            for p in s.previous_secrets:
+                if p.until > now:
+                    with contextlib.suppress(SecretBoxError):  # one that cannot sign is left out
+                        previous.append((self._box.decrypt(p.secret, binding(s.id)), p.until))
+            endpoints[s.id] = Endpoint(s, secret, tuple(previous), s.enabled, s.failing_since)
+        self._unreadable = unreadable
+        changed = {
+            sid
+            for sid, endpoint in endpoints.items()
+            if sid not in self._endpoints
+            or self._endpoints[sid].subscription != endpoint.subscription
+        }
         self._endpoints = endpoints
-        self._dirty.update(endpoints)
-        self._work.set()
+        if changed:
+            self._dirty.update(changed)
+            self._work.set()
 
     # -- enqueue, schedule, record -----------------------------------------------------------
 
@@ -189,7 +228,7 @@ class Dispatcher:
         while True:
             await asyncio.sleep(self._settings.poll_interval_seconds)
             try:
-                await self.refresh()
+                await self._reload()
                 self._stats.queue_depth = await self._store.queue_depth()
             except Exception:
                 log.exception("webhooks.poll_failed")
@@ -230,8 +269,13 @@ class Dispatcher:
                 requests.append(ClaimRequest(sid, free, ordered))
         if not requests:
             return
-        lease = now + self._settings.timeout_seconds + LEASE_MARGIN_SECONDS
-        claimed, next_due = await self._store.claim(requests, now, lease)
+        lease = self._settings.timeout_seconds + LEASE_MARGIN_SECONDS
+        try:
+            claimed, next_due = await self._store.claim(requests, self._clock, lease)
+        except Exception:
+            self._dirty.update(request.subscription_id for request in requests)
+            raise
+        now = self._clock()
         for sid, due in next_due.items():
             # Due now but not claimed: waiting for a slot or for the session's previous
             # delivery; the result that frees it marks the subscription dirty.
@@ -274,11 +318,22 @@ class Dispatcher:
     # -- one attempt -----------------------------------------------------------------------
 
     async def _attempt(self, endpoint: Endpoint | None, delivery: ClaimedDelivery) -> None:
+        started = time.perf_counter()
+        try:
+            await self._try(endpoint, delivery, started)
+        except Exception as exc:  # recorded and retried like a network error; frees the slot
+            log.exception("webhooks.attempt_failed", delivery_id=delivery.id)
+            latency_ms = (time.perf_counter() - started) * 1000
+            error = f"{type(exc).__name__}: {exc}"
+            self._finish(delivery, endpoint, None, latency_ms, None, error, False)
+
+    async def _try(
+        self, endpoint: Endpoint | None, delivery: ClaimedDelivery, started: float
+    ) -> None:
         if endpoint is None:  # removed meanwhile: record the attempt as not made
             self._finish(delivery, None, None, 0.0, None, "the subscription was removed", True)
             return
         url = endpoint.subscription.url
-        started = time.perf_counter()
         status: int | None = None
         response: str | None = None
         error: str | None = None
@@ -290,7 +345,7 @@ class Dispatcher:
             error = f"refused: {reason} (set delivery.allow_private_networks to allow it)"
         else:
             status, response, retry_after, error, refused = await self._post(
-                url, endpoint.secrets, delivery
+                url, endpoint.signing_secrets(self._clock()), delivery
             )
         latency_ms = (time.perf_counter() - started) * 1000
         self._finish(delivery, endpoint, status, latency_ms, response, error, refused, retry_after)
@@ -308,7 +363,7 @@ class Dispatcher:
             ) as resp:
                 text = await _read_prefix(resp)
                 retry_after = None
-                if resp.status in (429, 503):
+                if classify(resp.status) is Outcome.RETRY:  # 408, 429, 5xx
                     now = datetime.fromtimestamp(self._clock(), UTC)
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"), now)
                 return resp.status, text, retry_after, None, False

@@ -27,6 +27,14 @@ class Ordering(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class PreviousSecret:
+    """A rotated-out secret (encrypted) that keeps signing until `until`."""
+
+    secret: bytes
+    until: float
+
+
+@dataclass(frozen=True, slots=True)
 class Subscription:
     id: str
     url: str
@@ -38,8 +46,7 @@ class Subscription:
     enabled: bool
     disabled_reason: str | None
     secret: bytes  # encrypted
-    previous_secret: bytes | None  # encrypted
-    previous_secret_until: float | None
+    previous_secrets: tuple[PreviousSecret, ...]  # rotated out, still signing until each ends
     failing_since: float | None
     start_after: int
     created_at: str

@@ -28,15 +28,16 @@ from relay.webhooks.model import (
     Delivery,
     DeliveryStatus,
     Ordering,
+    PreviousSecret,
     Subscription,
 )
-from relay.webhooks.store import ClaimRequest, DeliveryNotRetryable
+from relay.webhooks.store import ClaimRequest, DeliveryNotRetryable, SecretChanged
 
 T = TypeVar("T")
 
 _SUBSCRIPTION_COLUMNS = (
     "id, url, description, types, session_ids, ordering, max_in_flight, enabled,"
-    " disabled_reason, secret, previous_secret, previous_secret_until, failing_since,"
+    " disabled_reason, secret, previous_secrets, failing_since,"
     " start_after, created_at, updated_at"
 )
 _DELIVERY_COLUMNS = (
@@ -53,9 +54,6 @@ _UPDATABLE = frozenset(
         "max_in_flight",
         "enabled",
         "disabled_reason",
-        "secret",
-        "previous_secret",
-        "previous_secret_until",
         "failing_since",
         "updated_at",
     }
@@ -63,34 +61,51 @@ _UPDATABLE = frozenset(
 _CLAIM_BODY = "SELECT d.id, d.change_id, d.type, coalesce(d.payload, c.body), d.cycle_attempts"
 _CLAIM_ANY = (
     _CLAIM_BODY + " FROM deliveries d LEFT JOIN changes c ON c.id = d.change_id"
-    " WHERE d.subscription_id = ? AND d.next_attempt_at <= ?"
+    " WHERE d.subscription_id = ? AND d.next_attempt_at <= ? AND d.status != 'delivering'"
     " ORDER BY d.next_attempt_at, d.id LIMIT ?"
 )
-# Only the oldest unfinished delivery of each session may go (a claimed one included).
+# Only the oldest unfinished delivery of each session may go (a claimed one included):
+# the session's head, which `head` marks.
 _CLAIM_SESSION_ORDERED = (
     _CLAIM_BODY + " FROM deliveries d LEFT JOIN changes c ON c.id = d.change_id"
-    " WHERE d.subscription_id = ? AND d.next_attempt_at <= ?"
-    " AND (d.session_id IS NULL OR d.change_id IS NULL OR NOT EXISTS ("
-    "  SELECT 1 FROM deliveries e WHERE e.subscription_id = d.subscription_id"
-    "  AND e.session_id = d.session_id AND e.change_id < d.change_id"
-    "  AND e.next_attempt_at IS NOT NULL))"
-    " ORDER BY d.change_id LIMIT ?"
+    " WHERE d.subscription_id = ? AND d.head = 1 AND d.next_attempt_at IS NOT NULL"
+    " AND d.next_attempt_at <= ? AND d.status != 'delivering'"
+    " ORDER BY d.next_attempt_at, d.id LIMIT ?"
 )
 _NEXT_DUE_ANY = (
-    "SELECT min(next_attempt_at) FROM deliveries"
+    "SELECT next_attempt_at FROM deliveries"
     " WHERE subscription_id = ? AND next_attempt_at IS NOT NULL AND status != 'delivering'"
+    " ORDER BY next_attempt_at LIMIT 1"
 )
 _NEXT_DUE_SESSION_ORDERED = (
-    "SELECT min(d.next_attempt_at) FROM deliveries d"
-    " WHERE d.subscription_id = ? AND d.next_attempt_at IS NOT NULL AND d.status != 'delivering'"
-    " AND (d.session_id IS NULL OR d.change_id IS NULL OR NOT EXISTS ("
-    "  SELECT 1 FROM deliveries e WHERE e.subscription_id = d.subscription_id"
-    "  AND e.session_id = d.session_id AND e.change_id < d.change_id"
-    "  AND e.next_attempt_at IS NOT NULL))"
+    "SELECT next_attempt_at FROM deliveries"
+    " WHERE subscription_id = ? AND head = 1 AND next_attempt_at IS NOT NULL"
+    " AND status != 'delivering' ORDER BY next_attempt_at LIMIT 1"
 )
+# A new row is its session's head if no older delivery of the session is active.
 _INSERT_DELIVERY = (
     "INSERT OR IGNORE INTO deliveries (subscription_id, change_id, type, session_id, status,"
-    " next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)"
+    " next_attempt_at, created_at, updated_at, head)"
+    " SELECT ?1, ?2, ?3, ?4, 'pending', ?5, ?6, ?7, NOT EXISTS (SELECT 1 FROM deliveries e"
+    "  WHERE e.subscription_id = ?1 AND e.session_id = ?4 AND e.change_id < ?2"
+    "  AND e.next_attempt_at IS NOT NULL)"
+)
+_SESSION_FIRST = (
+    "SELECT id FROM deliveries WHERE subscription_id = ?1 AND session_id = ?2"
+    " AND next_attempt_at IS NOT NULL ORDER BY change_id LIMIT 1"
+)
+# After a delivery finished: the oldest active one of its session becomes the head.
+_PROMOTE = (
+    "UPDATE deliveries SET head = 1 WHERE id = (SELECT e.id FROM deliveries e"
+    " WHERE e.subscription_id = ?1 AND e.next_attempt_at IS NOT NULL"
+    " AND e.session_id = (SELECT session_id FROM deliveries WHERE id = ?2)"
+    " ORDER BY e.change_id LIMIT 1)"
+)
+# After older deliveries of a session became active again (retry, recover).
+_REHEAD = (
+    "UPDATE deliveries SET head = (id IS (" + _SESSION_FIRST + "))"
+    " WHERE subscription_id = ?1 AND session_id = ?2 AND next_attempt_at IS NOT NULL"
+    " AND (head = 1 OR id IS (" + _SESSION_FIRST + "))"
 )
 _RECORD_DELIVERY = (
     "UPDATE deliveries SET status = ?, attempts = attempts + 1, cycle_attempts = ?,"
@@ -100,7 +115,7 @@ _RECORD_ATTEMPT = (
     "INSERT INTO delivery_attempts (delivery_id, at, status_code, latency_ms, response, error)"
     " SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM deliveries WHERE id = ?)"
 )
-_RECOVER_PAGE = 5000
+_RECOVER_PAGE = 1000
 
 
 class SQLiteDeliveryStore:
@@ -166,6 +181,19 @@ class SQLiteDeliveryStore:
             raise ValueError(f"not updatable: {', '.join(sorted(unknown))}")
         return await self._call(_update_subscription, subscription_id, dict(fields))
 
+    async def rotate_secret(
+        self,
+        subscription_id: str,
+        current: bytes,
+        new: bytes,
+        previous: PreviousSecret | None,
+        now: float,
+        updated_at: str,
+    ) -> Subscription | None:
+        return await self._call(
+            _rotate_secret, subscription_id, current, new, previous, now, updated_at
+        )
+
     async def delete_subscription(self, subscription_id: str) -> bool:
         return await self._call(_delete_subscription, subscription_id)
 
@@ -175,9 +203,9 @@ class SQLiteDeliveryStore:
         return await self._call(_enqueue, limit, now)
 
     async def claim(
-        self, requests: Sequence[ClaimRequest], now: float, lease_until: float
+        self, requests: Sequence[ClaimRequest], clock: Callable[[], float], lease_seconds: float
     ) -> tuple[list[ClaimedDelivery], dict[str, float]]:
-        return await self._call(_claim, list(requests), now, lease_until)
+        return await self._call(_claim, list(requests), clock, lease_seconds)
 
     async def record(self, results: Sequence[AttemptResult]) -> None:
         await self._call(_record, list(results))
@@ -223,7 +251,20 @@ class SQLiteDeliveryStore:
         return await self._call(_retry_delivery, delivery_id, now)
 
     async def recover(self, subscription_id: str, since: str, now: float) -> int:
-        return await self._call(_recover, subscription_id, format_time(parse_time(since)), now)
+        # The starting point is found without the write lock; then pages, each one short
+        # transaction (re-running is harmless: INSERT OR IGNORE, and failed rows only).
+        start = await self._call(_recover_start, subscription_id, format_time(parse_time(since)))
+        queued = 0
+        while True:
+            count, more = await self._call(_requeue_failed, subscription_id, start, now)
+            queued += count
+            if not more:
+                break
+        after: int | None = start - 1
+        while after is not None:
+            count, after = await self._call(_recover_page, subscription_id, after, now)
+            queued += count
+        return queued
 
     async def queue_depth(self) -> int:
         rows = await self._call(
@@ -252,6 +293,7 @@ def _select(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> list
 
 def _subscription(row: Any) -> Subscription:
     (sid, url, description, types, sessions, ordering, max_in_flight, enabled) = row[:8]
+    disabled_reason, secret, previous = row[8:11]
     return Subscription(
         sid,
         url,
@@ -261,8 +303,50 @@ def _subscription(row: Any) -> Subscription:
         Ordering(ordering),
         max_in_flight,
         bool(enabled),
-        *row[8:],
+        disabled_reason,
+        secret,
+        _previous_secrets(previous),
+        *row[11:],
     )
+
+
+def _previous_secrets(text: str) -> tuple[PreviousSecret, ...]:
+    return tuple(
+        PreviousSecret(bytes.fromhex(entry["secret"]), float(entry["until"]))
+        for entry in orjson.loads(text)
+    )
+
+
+def _previous_json(previous: Sequence[PreviousSecret]) -> str:
+    return orjson.dumps([{"secret": p.secret.hex(), "until": p.until} for p in previous]).decode()
+
+
+def _rotate_secret(
+    conn: sqlite3.Connection,
+    subscription_id: str,
+    current: bytes,
+    new: bytes,
+    previous: PreviousSecret | None,
+    now: float,
+    updated_at: str,
+) -> Subscription | None:
+    def work() -> Subscription | None:
+        found = _get_subscription(conn, subscription_id)
+        if found is None:
+            return None
+        if found.secret != current:
+            raise SecretChanged(subscription_id)
+        kept = [p for p in found.previous_secrets if p.until > now]
+        if previous is not None:
+            kept.append(previous)
+        conn.execute(
+            "UPDATE subscriptions SET secret = ?, previous_secrets = ?, updated_at = ?"
+            " WHERE id = ?",
+            (new, _previous_json(kept), updated_at, subscription_id),
+        )
+        return _get_subscription(conn, subscription_id)
+
+    return _transaction(conn, work)
 
 
 def _delivery(row: Any) -> Delivery:
@@ -303,7 +387,7 @@ def _add_subscription(conn: sqlite3.Connection, s: Subscription) -> Subscription
     def work() -> Subscription:
         conn.execute(
             f"INSERT INTO subscriptions ({_SUBSCRIPTION_COLUMNS}) VALUES"
-            " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+            " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
             " (SELECT coalesce(max(id), 0) FROM changes), ?, ?)",
             (
                 s.id,
@@ -316,8 +400,7 @@ def _add_subscription(conn: sqlite3.Connection, s: Subscription) -> Subscription
                 int(s.enabled),
                 s.disabled_reason,
                 s.secret,
-                s.previous_secret,
-                s.previous_secret_until,
+                _previous_json(s.previous_secrets),
                 s.failing_since,
                 s.created_at,
                 s.updated_at,
@@ -385,7 +468,8 @@ def _enqueue(conn: sqlite3.Connection, limit: int, now: float) -> tuple[int, dic
         subscriptions = [
             (sid, ChangeFilter(tuple(orjson.loads(t)), tuple(orjson.loads(s))), start)
             for sid, t, s, start in conn.execute(
-                "SELECT id, types, session_ids, start_after FROM subscriptions WHERE enabled = 1"
+                # Disabled ones too: their deliveries wait, and go once they are enabled.
+                "SELECT id, types, session_ids, start_after FROM subscriptions"
             )
         ]
         rows = []
@@ -403,14 +487,31 @@ def _enqueue(conn: sqlite3.Connection, limit: int, now: float) -> tuple[int, dic
 
 
 def _claim(
-    conn: sqlite3.Connection, requests: list[ClaimRequest], now: float, lease_until: float
+    conn: sqlite3.Connection,
+    requests: list[ClaimRequest],
+    clock: Callable[[], float],
+    lease_seconds: float,
 ) -> tuple[list[ClaimedDelivery], dict[str, float]]:
-    def work() -> tuple[list[ClaimedDelivery], dict[str, float]]:
-        claimed: list[ClaimedDelivery] = []
-        next_due: dict[str, float] = {}
+    def due(request: ClaimRequest, now: float, limit: int) -> list[Any]:
+        sql = _CLAIM_SESSION_ORDERED if request.session_ordered else _CLAIM_ANY
+        return conn.execute(sql, (request.subscription_id, now, limit)).fetchall()
+
+    def next_due() -> dict[str, float]:
+        found: dict[str, float] = {}
         for request in requests:
-            sql = _CLAIM_SESSION_ORDERED if request.session_ordered else _CLAIM_ANY
-            rows = conn.execute(sql, (request.subscription_id, now, request.limit)).fetchall()
+            sql = _NEXT_DUE_SESSION_ORDERED if request.session_ordered else _NEXT_DUE_ANY
+            row = conn.execute(sql, (request.subscription_id,)).fetchone()
+            if row is not None:
+                found[request.subscription_id] = row[0]
+        return found
+
+    def work() -> tuple[list[ClaimedDelivery], dict[str, float]]:
+        # The time is read here, on the store's thread, not when the claim was asked for.
+        now = clock()
+        lease_until = now + lease_seconds
+        claimed: list[ClaimedDelivery] = []
+        for request in requests:
+            rows = due(request, now, request.limit)
             for delivery_id, change_id, change_type, body, cycle in rows:
                 claimed.append(
                     ClaimedDelivery(
@@ -422,12 +523,12 @@ def _claim(
                     "UPDATE deliveries SET status = 'delivering', next_attempt_at = ? WHERE id = ?",
                     [(lease_until, row[0]) for row in rows],
                 )
-            next_sql = _NEXT_DUE_SESSION_ORDERED if request.session_ordered else _NEXT_DUE_ANY
-            (due,) = conn.execute(next_sql, (request.subscription_id,)).fetchone()
-            if due is not None:
-                next_due[request.subscription_id] = due
-        return claimed, next_due
+        return claimed, next_due()
 
+    # Nothing due: answer without taking the write lock.
+    now = clock()
+    if not any(due(request, now, 1) for request in requests):
+        return [], next_due()
     return _transaction(conn, work)
 
 
@@ -453,6 +554,14 @@ def _record(conn: sqlite3.Connection, results: list[AttemptResult]) -> None:
             last[result.subscription_id] = result
         conn.executemany(_RECORD_DELIVERY, deliveries)
         conn.executemany(_RECORD_ATTEMPT, attempts)
+        conn.executemany(
+            _PROMOTE,
+            [
+                (result.subscription_id, result.attempt.delivery_id)
+                for result in results
+                if result.next_attempt_at is None
+            ],
+        )
         for sid, result in last.items():
             if result.status is DeliveryStatus.DELIVERED:
                 conn.execute(
@@ -493,8 +602,8 @@ def _add_test_delivery(
             return None
         cursor = conn.execute(
             "INSERT INTO deliveries (subscription_id, change_id, type, session_id, payload,"
-            " status, next_attempt_at, created_at, updated_at)"
-            " VALUES (?, NULL, 'webhook.test', NULL, ?, 'pending', ?, ?, ?)",
+            " status, next_attempt_at, created_at, updated_at, head)"
+            " VALUES (?, NULL, 'webhook.test', NULL, ?, 'pending', ?, ?, ?, 1)",
             (subscription_id, body, now, now, now),
         )
         row = conn.execute(
@@ -514,9 +623,10 @@ def _retry_delivery(conn: sqlite3.Connection, delivery_id: int, now: float) -> D
             raise DeliveryNotRetryable(f"delivery {delivery_id} is being attempted now")
         conn.execute(
             "UPDATE deliveries SET status = 'pending', cycle_attempts = 0, next_attempt_at = ?,"
-            " updated_at = ? WHERE id = ?",
+            " updated_at = ?, head = 1 WHERE id = ?",
             (now, now, delivery_id),
         )
+        _reheads(conn, [delivery_id])
         found = conn.execute(
             f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE id = ?", (delivery_id,)
         ).fetchone()
@@ -525,44 +635,92 @@ def _retry_delivery(conn: sqlite3.Connection, delivery_id: int, now: float) -> D
     return _transaction(conn, work)
 
 
-def _recover(conn: sqlite3.Connection, subscription_id: str, since: str, now: float) -> int:
-    def work() -> int:
+def _reheads(conn: sqlite3.Connection, delivery_ids: Sequence[int]) -> None:
+    """Set the heads of the sessions of these deliveries again (older ones became active)."""
+    sessions = set()
+    for delivery_id in delivery_ids:
+        row = conn.execute(
+            "SELECT subscription_id, session_id FROM deliveries WHERE id = ?", (delivery_id,)
+        ).fetchone()
+        if row is not None and row[1] is not None:
+            sessions.add((row[0], row[1]))
+    conn.executemany(_REHEAD, sorted(sessions))
+
+
+def _recover_start(conn: sqlite3.Connection, subscription_id: str, since: str) -> int:
+    """The id of the first change to recover from: the change after the last one caused by
+    an event received before `since`, so alerts (changes of no event) fired since then
+    are included. Change ids grow with event seqs: one writer applies events in order."""
+    if _get_subscription(conn, subscription_id) is None:
+        raise KeyError(subscription_id)
+    (first_seq,) = conn.execute(
+        "SELECT min(seq) FROM events WHERE received_at >= ?", (since,)
+    ).fetchone()
+    if first_seq is None:  # no event since: only alerts (after the last event's changes)
+        (first_seq,) = conn.execute("SELECT coalesce(max(seq), 0) + 1 FROM events").fetchone()
+    row = conn.execute(
+        "SELECT max(id) FROM changes WHERE event_seq ="
+        " (SELECT max(event_seq) FROM changes WHERE event_seq < ?)",
+        (first_seq,),
+    ).fetchone()
+    return 1 if row[0] is None else int(row[0]) + 1
+
+
+def _requeue_failed(
+    conn: sqlite3.Connection, subscription_id: str, start: int, now: float
+) -> tuple[int, bool]:
+    """Queue again one page of failed deliveries of changes from `start` on."""
+
+    def work() -> tuple[int, bool]:
+        ids = [
+            row[0]
+            for row in conn.execute(
+                "SELECT id FROM deliveries WHERE subscription_id = ? AND status = 'failed'"
+                " AND change_id >= ? ORDER BY id LIMIT ?",
+                (subscription_id, start, _RECOVER_PAGE),
+            )
+        ]
+        conn.executemany(
+            "UPDATE deliveries SET status = 'pending', cycle_attempts = 0, next_attempt_at = ?,"
+            " updated_at = ? WHERE id = ?",
+            [(now, now, delivery_id) for delivery_id in ids],
+        )
+        _reheads(conn, ids)
+        return len(ids), len(ids) == _RECOVER_PAGE
+
+    return _transaction(conn, work)
+
+
+def _recover_page(
+    conn: sqlite3.Connection, subscription_id: str, after: int, now: float
+) -> tuple[int, int | None]:
+    """Give the subscription a delivery for each change of one page after `after` that it
+    has none for; return how many, and where the next page starts (None: done)."""
+
+    def work() -> tuple[int, int | None]:
         row = conn.execute(
             "SELECT types, session_ids FROM subscriptions WHERE id = ?", (subscription_id,)
         ).fetchone()
-        if row is None:
-            raise KeyError(subscription_id)
+        if row is None:  # removed meanwhile
+            return 0, None
         accepts = ChangeFilter(tuple(orjson.loads(row[0])), tuple(orjson.loads(row[1])))
-        (first,) = conn.execute(
-            "SELECT min(c.id) FROM changes c WHERE c.event_seq >="
-            " (SELECT min(seq) FROM events WHERE received_at >= ?)",
-            (since,),
-        ).fetchone()
-        if first is None:
-            return 0
+        page = conn.execute(
+            "SELECT id, type, session_id FROM changes WHERE id > ? ORDER BY id LIMIT ?",
+            (after, _RECOVER_PAGE),
+        ).fetchall()
+        if not page:
+            return 0, None
         before = conn.total_changes
-        conn.execute(
-            "UPDATE deliveries SET status = 'pending', cycle_attempts = 0, next_attempt_at = ?,"
-            " updated_at = ? WHERE subscription_id = ? AND change_id >= ? AND status = 'failed'",
-            (now, now, subscription_id, first),
-        )
-        after = first - 1
-        while True:
-            page = conn.execute(
-                "SELECT id, type, session_id FROM changes WHERE id > ? ORDER BY id LIMIT ?",
-                (after, _RECOVER_PAGE),
-            ).fetchall()
-            if not page:
-                break
-            conn.executemany(
-                _INSERT_DELIVERY,
-                [
-                    (subscription_id, cid, ctype, session_id, now, now, now)
-                    for cid, ctype, session_id in page
-                    if accepts(ctype, session_id)
-                ],
-            )
-            after = page[-1][0]
-        return conn.total_changes - before
+        inserted = []
+        for cid, ctype, session_id in page:
+            if accepts(ctype, session_id):
+                cursor = conn.execute(
+                    _INSERT_DELIVERY, (subscription_id, cid, ctype, session_id, now, now, now)
+                )
+                if cursor.rowcount:
+                    inserted.append(cursor.lastrowid or 0)
+        queued = conn.total_changes - before
+        _reheads(conn, inserted)  # an older change may now precede a session's head
+        return queued, page[-1][0] if len(page) == _RECOVER_PAGE else None
 
     return _transaction(conn, work)

@@ -14,9 +14,10 @@ import ipaddress
 import socket
 from typing import TypeAlias
 
-from aiohttp import ThreadedResolver
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
+
+from relay.webhooks.resolver import PooledResolver
 
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -116,7 +117,7 @@ class GuardedResolver(AbstractResolver):
     def __init__(
         self, inner: AbstractResolver | None = None, *, allow_private_networks: bool = False
     ) -> None:
-        self._inner = inner if inner is not None else ThreadedResolver()
+        self._inner = inner if inner is not None else PooledResolver()
         self._allow_private_networks = allow_private_networks
 
     async def resolve(

@@ -7,7 +7,7 @@ a PostgreSQL backend (cluster mode) will implement the same methods, claiming ro
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -18,12 +18,17 @@ from relay.webhooks.model import (
     ClaimedDelivery,
     Delivery,
     DeliveryStatus,
+    PreviousSecret,
     Subscription,
 )
 
 
 class DeliveryNotRetryable(Exception):
     """The delivery is being attempted right now."""
+
+
+class SecretChanged(Exception):
+    """The subscription's secret is no longer the one a rotation started from."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +59,20 @@ class DeliveryStore(Protocol):
     ) -> Subscription | None:
         """Set columns of a subscription; None if there is no such subscription."""
 
+    async def rotate_secret(
+        self,
+        subscription_id: str,
+        current: bytes,
+        new: bytes,
+        previous: PreviousSecret | None,
+        now: float,
+        updated_at: str,
+    ) -> Subscription | None:
+        """In one transaction, if the secret is still `current`: make `new` the secret, add
+        `previous` (the old one, re-encrypted) to the previous secrets and drop those ended
+        by `now`. None if there is no such subscription; SecretChanged if another rotation
+        came first."""
+
     async def delete_subscription(self, subscription_id: str) -> bool:
         """Remove it with its deliveries and attempts."""
 
@@ -63,9 +82,11 @@ class DeliveryStore(Protocol):
         each subscription got."""
 
     async def claim(
-        self, requests: Sequence[ClaimRequest], now: float, lease_until: float
+        self, requests: Sequence[ClaimRequest], clock: Callable[[], float], lease_seconds: float
     ) -> tuple[list[ClaimedDelivery], dict[str, float]]:
-        """Take due deliveries for an attempt, marking them delivering until `lease_until`.
+        """Take deliveries due at `clock()` (read when the claim runs) for an attempt, marking
+        them delivering for `lease_seconds`. A delivering row is never claimed again: only
+        `release_claims` (on start) makes it due.
 
         Returns the deliveries, and for each subscription asked about that still has
         deliveries waiting, when the earliest one is due. A session-ordered request
@@ -94,7 +115,9 @@ class DeliveryStore(Protocol):
 
     async def recover(self, subscription_id: str, since: str, now: float) -> int:
         """Queue again every change since the time `since` (RFC 3339) that the subscription
-        did not receive: failed deliveries and changes it has no delivery for."""
+        did not receive: failed deliveries and changes it has no delivery for. The changes
+        are those of events received since then, and the alerts after the last change of
+        an event received before then."""
 
     async def queue_depth(self) -> int:
         """Deliveries not yet delivered or failed."""

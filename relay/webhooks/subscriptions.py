@@ -15,13 +15,15 @@ from relay.webhooks.model import (
     Attempt,
     Delivery,
     Ordering,
+    PreviousSecret,
     Subscription,
     delivery_message_id,
 )
-from relay.webhooks.secrets import SecretBox, new_webhook_secret
-from relay.webhooks.store import DeliveryStore
+from relay.webhooks.secrets import SecretBox, SecretBoxError, new_webhook_secret
+from relay.webhooks.store import DeliveryStore, SecretChanged
 
 DEFAULT_MAX_IN_FLIGHT = 10
+_ROTATION_TRIES = 5
 _Globs = list[str]
 _URL_SCHEMA: dict[str, JsonValue] = {
     "format": "uri",
@@ -104,8 +106,7 @@ async def create_subscription(
             enabled=True,
             disabled_reason=None,
             secret=box.encrypt(secret, subscription_id),
-            previous_secret=None,
-            previous_secret_until=None,
+            previous_secrets=(),
             failing_since=None,
             start_after=0,
             created_at=created,
@@ -129,23 +130,35 @@ def updates(fields: SubscriptionFields, now: float) -> dict[str, Any]:
 async def rotate_secret(
     store: DeliveryStore, box: SecretBox, subscription: Subscription, now: float, overlap: float
 ) -> tuple[Subscription, str] | None:
-    """Give the subscription a new secret; the current one keeps signing for `overlap` s."""
+    """Give the subscription a new secret; the current one keeps signing for `overlap` s
+    (as do earlier ones until their own ends). One store transaction that fails if another
+    rotation came first; then it starts again from that one."""
     secret = new_webhook_secret()
-    old = box.decrypt(subscription.secret, subscription.id)
-    rotated = await store.update_subscription(
-        subscription.id,
-        {
-            "secret": box.encrypt(secret, subscription.id),
-            "previous_secret": box.encrypt(old, previous_secret_binding(subscription.id)),
-            "previous_secret_until": now + overlap,
-            "updated_at": iso(now),
-        },
-    )
-    return None if rotated is None else (rotated, secret)
+    found: Subscription | None = subscription
+    for _ in range(_ROTATION_TRIES):
+        if found is None:
+            return None
+        try:
+            old = box.decrypt(found.secret, found.id)
+        except SecretBoxError:  # cannot sign anyway: the new secret replaces it
+            previous = None
+        else:
+            binding = previous_secret_binding(found.id)
+            previous = PreviousSecret(box.encrypt(old, binding), now + overlap)
+        new = box.encrypt(secret, found.id)
+        try:
+            rotated = await store.rotate_secret(
+                found.id, found.secret, new, previous, now, iso(now) or ""
+            )
+        except SecretChanged:
+            found = await store.get_subscription(found.id)
+            continue
+        return None if rotated is None else (rotated, secret)
+    raise SecretChanged(subscription.id)
 
 
 def subscription_view(s: Subscription, now: float) -> dict[str, Any]:
-    until = s.previous_secret_until
+    until = max((p.until for p in s.previous_secrets), default=None)
     return {
         "id": s.id,
         "url": s.url,

@@ -1,0 +1,146 @@
+"""The dispatcher under stress: shutdown, slow stores, failing attempts, unreadable secrets."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+from tests.conftest import LIFECYCLE_CHANGES, RelayFactory, fixture_events
+from tests.receivers import FAST_DELIVERY, Receipt, api, eventually, receiver, subscribe
+from tests.test_read_api import ingest
+
+
+def delivery_rows(db: Path) -> list[tuple[str, int]]:
+    """Each delivery's status and how many attempt rows it has."""
+    with sqlite3.connect(db) as conn:
+        rows: list[tuple[str, int]] = conn.execute(
+            "SELECT d.status, (SELECT count(*) FROM delivery_attempts a"
+            " WHERE a.delivery_id = d.id) FROM deliveries d ORDER BY d.id"
+        ).fetchall()
+    conn.close()
+    return rows
+
+
+async def test_attempts_finishing_during_the_grace_are_recorded(
+    start_relay: RelayFactory, tmp_path: Path
+) -> None:
+    """In-flight attempts that answer 2xx during the shutdown grace end delivered, with their
+    attempt rows, once the app is closed."""
+    relay = await start_relay(delivery={**FAST_DELIVERY, "shutdown_grace_seconds": 3})
+    gate = asyncio.Event()
+    arrivals: list[str] = []
+
+    async def staggered(receipt: Receipt, seen: int) -> web.Response:
+        arrivals.append(receipt.message_id)
+        position = len(arrivals)
+        await gate.wait()
+        await asyncio.sleep(0.05 * position)
+        return web.Response(text="ok")
+
+    async with receiver() as got:
+        got.endpoint("/slow", staggered)
+        await subscribe(relay, got, "/slow")
+        for event in fixture_events():
+            await ingest(relay, event)
+        await eventually(lambda: len(arrivals) == len(LIFECYCLE_CHANGES))
+        closing = asyncio.create_task(relay.client.close())
+        await asyncio.sleep(0.1)
+        gate.set()
+        await asyncio.wait_for(closing, 10)
+    rows = delivery_rows(tmp_path / "relay.db")
+    assert rows == [("delivered", 1)] * len(LIFECYCLE_CHANGES)
+
+
+async def test_a_delivery_being_attempted_is_not_claimed_again(start_relay: RelayFactory) -> None:
+    """A session-ordered delivery still being attempted after its lease ran out is not sent
+    again, and the session's next change waits for it: d1 then d2, each once."""
+    offset = [0.0]
+    relay = await start_relay(delivery=FAST_DELIVERY, clock=lambda: time.time() + offset[0])
+    gate = asyncio.Event()
+
+    async def held(receipt: Receipt, seen: int) -> web.Response:
+        await gate.wait()
+        return web.Response(text="ok")
+
+    async with receiver() as got:
+        got.endpoint("/ordered", held)
+        await subscribe(
+            relay, got, "/ordered", ordering="session", types=["session.created", "session.ready"]
+        )
+        events = fixture_events()
+        await ingest(relay, events[0])
+        await eventually(lambda: len(got.receipts) == 1)
+        offset[0] = FAST_DELIVERY["timeout_seconds"] + 120  # past the lease
+        for event in events[1:4]:  # session.ready, which wakes the scheduler
+            await ingest(relay, event)
+        await asyncio.sleep(0.6)
+        assert len(got.receipts) == 1
+        gate.set()
+        await eventually(lambda: len(got.at("/ordered")) == 2)
+        await asyncio.sleep(0.3)
+        sent = [r.payload["type"] for r in got.at("/ordered", delivered=False)]
+        assert sent == ["session.created", "session.ready"]
+
+
+async def test_an_attempt_that_fails_before_its_request_frees_its_slot(
+    start_relay: RelayFactory, tmp_path: Path
+) -> None:
+    """An attempt that raises before sending (its change is missing from the log) is recorded
+    with the error and frees its slot, so the subscription's next delivery still goes."""
+    relay = await start_relay(delivery=FAST_DELIVERY)
+    async with receiver() as got:
+        created = await subscribe(relay, got, "/one", max_in_flight=1, types=["session.created"])
+        with sqlite3.connect(tmp_path / "relay.db") as conn:
+            conn.execute(
+                "INSERT INTO deliveries (subscription_id, change_id, type, status,"
+                " next_attempt_at, created_at, updated_at)"
+                " VALUES (?, 999999, 'session.created', 'pending', 0, 0, 0)",
+                (created["id"],),
+            )
+        conn.close()
+        await ingest(relay, fixture_events()[0])
+        await eventually(lambda: len(got.at("/one")) == 1)
+    with sqlite3.connect(tmp_path / "relay.db") as conn:
+        [error] = conn.execute(
+            "SELECT a.error FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id"
+            " WHERE d.change_id = 999999 ORDER BY a.id LIMIT 1"
+        ).fetchone()
+    conn.close()
+    assert error.startswith("TypeError")
+
+
+async def test_an_undecryptable_secret_leaves_only_its_subscription_out(
+    start_relay: RelayFactory, tmp_path: Path
+) -> None:
+    """A subscription whose stored secret does not decrypt is left out; the API still creates
+    and lists subscriptions, and the others still receive their changes."""
+    relay = await start_relay(delivery=FAST_DELIVERY)
+    async with receiver() as got:
+        broken = await subscribe(relay, got, "/broken", types=["session.created"])
+        with sqlite3.connect(tmp_path / "relay.db") as conn:
+            conn.execute(
+                "UPDATE subscriptions SET secret = randomblob(60) WHERE id = ?", (broken["id"],)
+            )
+        conn.close()
+        await subscribe(relay, got, "/fine", types=["session.created"])  # 201, not 500
+        listing = await api(relay, "GET", "/v1/subscriptions")
+        assert len(listing["items"]) == 2
+        await ingest(relay, fixture_events()[0])
+        await eventually(lambda: len(got.at("/fine")) == 1)
+        assert got.at("/broken", delivered=False) == []
+
+
+async def test_a_session_ordered_subscription_gets_its_test_event(
+    start_relay: RelayFactory,
+) -> None:
+    """A test event (which belongs to no session) reaches a session-ordered subscription."""
+    relay = await start_relay(delivery=FAST_DELIVERY)
+    async with receiver() as got:
+        created = await subscribe(relay, got, "/ordered", ordering="session")
+        await api(relay, "POST", f"/v1/subscriptions/{created['id']}/test", status=202)
+        await eventually(lambda: len(got.at("/ordered")) == 1)
+        assert got.at("/ordered")[0].payload["type"] == "webhook.test"
