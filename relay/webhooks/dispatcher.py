@@ -136,9 +136,8 @@ class Dispatcher:
         try:
             for task in self._loops:
                 task.cancel()
-            for task in self._loops:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            if self._loops:
+                await asyncio.wait(self._loops, timeout=5.0)
             if self._attempts:
                 grace = self._settings.shutdown_grace_seconds
                 await asyncio.wait(set(self._attempts), timeout=grace)
@@ -150,8 +149,8 @@ class Dispatcher:
             self._stopping = True
             self._results_ready.set()
             if self._recorder is not None:
-                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                    await asyncio.wait_for(self._recorder, timeout=10.0)
+                await asyncio.wait({self._recorder}, timeout=10.0)
+                self._recorder.cancel()
                 if self._results:
                     log.warning("webhooks.results_unrecorded", results=len(self._results))
         finally:
@@ -210,8 +209,7 @@ class Dispatcher:
 
     async def _enqueue_loop(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changes.wait(), self._settings.poll_interval_seconds)
+            await _wait(self._changes, self._settings.poll_interval_seconds)
             self._changes.clear()
             try:
                 while True:
@@ -246,8 +244,7 @@ class Dispatcher:
         timeout = self._settings.poll_interval_seconds
         if self._next_due:
             timeout = min(timeout, max(min(self._next_due.values()) - self._clock(), 0.0))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._work.wait(), timeout)
+        await _wait(self._work, timeout)
         self._work.clear()
 
     async def _schedule(self) -> None:
@@ -443,6 +440,15 @@ class Dispatcher:
 def previous_secret_binding(subscription_id: str) -> str:
     """What the encrypted previous secret is bound to (not interchangeable with the current)."""
     return subscription_id + "#previous"
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    """Wait until `event` is set or `seconds` have passed. Not `asyncio.wait_for`: on
+    Python 3.11 it loses a cancellation that arrives as the event is set, and the loop
+    it runs in would then never stop."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
 
 
 async def _read_prefix(resp: aiohttp.ClientResponse) -> str:
