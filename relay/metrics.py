@@ -16,7 +16,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from relay.changes import Commit
+from relay.changes import RAW_PREFIX, Commit
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -130,7 +130,7 @@ class Metrics:
     def observe_commit(self, commit: Commit) -> None:
         """Count a commit's changes; time readiness and finished turns (a commit listener)."""
         for change in commit.changes:
-            if change.type.startswith("raw."):
+            if change.type.startswith(RAW_PREFIX):
                 continue  # raw events are counted by ingest (and their types are open-ended)
             self.changes.labels(change.type).inc()
             if change.type == "session.ready":

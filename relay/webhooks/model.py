@@ -9,7 +9,6 @@ from enum import StrEnum
 from relay.changes import glob_pattern
 from relay.webhooks.signing import message_id
 
-RAW_PREFIX = "raw."
 TEST_EVENT_TYPE = "webhook.test"
 
 
@@ -125,14 +124,11 @@ class ChangeFilter:
     __slots__ = ("_sessions", "_types")
 
     def __init__(self, types: tuple[str, ...], session_ids: tuple[str, ...]) -> None:
-        self._types: re.Pattern[str] | None = glob_pattern(types) if types else None
+        self._types = glob_pattern(types)  # no types: every change but raw events
         self._sessions: re.Pattern[str] | None = glob_pattern(session_ids) if session_ids else None
 
     def __call__(self, change_type: str, session_id: str | None) -> bool:
-        if self._types is None:
-            if change_type.startswith(RAW_PREFIX):
-                return False
-        elif self._types.fullmatch(change_type) is None:
+        if self._types.fullmatch(change_type) is None:
             return False
         if self._sessions is None:
             return True
