@@ -90,17 +90,20 @@ NORMALISERS: Mapping[str, Normaliser] = MappingProxyType(
 )
 
 
-def decoder(providers: Mapping[str, str]) -> Callable[[str, bytes, str], Event]:
-    """Turns a stored event `(source, raw payload, received_at)` back into an Event.
-
-    `providers` maps source ids to provider names; a source no longer configured is read
-    with the casedev normaliser, which reads canonical events too.
-    """
+def normaliser_lookup(providers: Mapping[str, str]) -> Callable[[str], Normaliser]:
+    """Source id -> its provider's normaliser (`providers` maps ids to provider names); a
+    source no longer configured is read with the casedev normaliser, which reads canonical
+    events too."""
     normalisers = {source: NORMALISERS[provider] for source, provider in providers.items()}
+    return lambda source: normalisers.get(source, normalise_casedev)
+
+
+def decoder(providers: Mapping[str, str]) -> Callable[[str, bytes, str], Event]:
+    """Turns a stored event `(source, raw payload, received_at)` back into an Event."""
+    normaliser = normaliser_lookup(providers)
 
     def decode(source: str, payload: bytes, received_at: str) -> Event:
-        normalise = normalisers.get(source, normalise_casedev)
-        return normalise(source, orjson.loads(payload), parse_time(received_at))
+        return normaliser(source)(source, orjson.loads(payload), parse_time(received_at))
 
     return decode
 

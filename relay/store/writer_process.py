@@ -38,7 +38,7 @@ import structlog
 
 from relay.changes import Commit, StoredChange
 from relay.config import AlertSettings, StoreSettings
-from relay.normalize import NORMALISERS, decoder, normalise_casedev
+from relay.normalize import decoder, normaliser_lookup
 from relay.store import IngestRecord, IngestResult, StoreUnavailable
 
 log = structlog.get_logger("relay.store")
@@ -193,12 +193,12 @@ def main(fd: int) -> None:
         config["turn_stall_seconds"],
         config["ready_timeout_seconds"],
     )
-    normalisers = {source: NORMALISERS[provider] for source, provider in providers.items()}
+    normaliser = normaliser_lookup(providers)
 
     def write(wire: list[_Wire]) -> tuple[Any, ...]:
         records = [
             IngestRecord(
-                normalisers.get(source, normalise_casedev)(source, orjson.loads(body), received),
+                normaliser(source)(source, orjson.loads(body), received),
                 body,
                 received,
             )
