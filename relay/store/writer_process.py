@@ -96,10 +96,13 @@ class WriterProcess:
         async with self._lock:
             await self._stop()
 
+    def _running(self) -> bool:
+        return self._writer is not None and not self._writer.is_closing() and self.pid is not None
+
     async def _call(self, request: tuple[str, Any]) -> Any:
-        if self._writer is None or self._writer.is_closing() or self.pid is None:
+        if not self._running():
             async with self._lock:
-                if self._writer is None or self._writer.is_closing() or self.pid is None:
+                if not self._running():  # another call may have started it meanwhile
                     await self._stop()  # a writer process that ended is replaced
                     await self._start()
         assert self._writer is not None
