@@ -25,12 +25,6 @@ from relay.sign import sign_standard
 
 HERE = Path(__file__).resolve().parent
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-EVENT_TYPES = [
-    "agent.chat.turn.started",
-    "agent.chat.turn.completed",
-    "agent.worker.ready",
-    "agent.runtime.reused",
-]
 
 
 @dataclass
@@ -50,23 +44,65 @@ def free_port() -> int:
         return port
 
 
+ACTIVE_SESSIONS = 1000  # sessions with events in flight at any one time
+TURNS_PER_SESSION = 20
+SETUP = (
+    "agent.chat.session.created",
+    "agent.runtime.reused",
+    "agent.scope.activated",
+    "agent.worker.ready",
+)
+SCRIPT_LENGTH = len(SETUP) + 2 * TURNS_PER_SESSION
+
+
+def lifecycle_bodies(count: int) -> list[bytes]:
+    """`count` unique events of realistic session lifecycles, interleaved.
+
+    ACTIVE_SESSIONS sessions run side by side; each goes through setup (created, runtime
+    reused, scope activated, worker ready) and then TURNS_PER_SESSION turns (started, then
+    completed, or failed one time in ten) before a new session takes its place.
+    """
+    bodies = []
+    for n in range(count):
+        slot, step = n % ACTIVE_SESSIONS, n // ACTIVE_SESSIONS
+        generation, position = divmod(step, SCRIPT_LENGTH)
+        session = f"chat_{generation:04d}_{slot:04d}"
+        data: dict[str, object] = {"chatId": session, "sandboxId": f"sbx_{slot:04d}"}
+        if position < len(SETUP):
+            event_type = SETUP[position]
+        else:
+            turn, ends = divmod(position - len(SETUP), 2)
+            data["turnId"] = f"turn_{turn:03d}"
+            if not ends:
+                event_type = "agent.chat.turn.started"
+            elif (generation + slot + turn) % 10 == 0:
+                event_type = "agent.chat.turn.failed"
+                data["error"] = {"message": "tool call timed out", "code": "TOOL_TIMEOUT"}
+            else:
+                event_type = "agent.chat.turn.completed"
+                data["usage"] = {"inputTokens": 5120, "outputTokens": 812, "costMicros": 27600}
+        seconds = 9 * 3600 + position * 7
+        occurred = (
+            f"2026-11-20T{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}.000Z"
+        )
+        bodies.append(
+            orjson.dumps(
+                {
+                    "id": f"evt_bench_{n:08d}",
+                    "type": event_type,
+                    "occurred_at": occurred,
+                    "data": data,
+                }
+            )
+        )
+    return bodies
+
+
 def write_requests(path: Path, count: int) -> None:
     """One line per request: webhook-id, timestamp, signature, body (tab-separated)."""
     now = int(time.time())
     with path.open("w") as out:
-        for n in range(count):
-            body = orjson.dumps(
-                {
-                    "id": f"evt_bench_{n:08d}",
-                    "type": EVENT_TYPES[n % len(EVENT_TYPES)],
-                    "occurred_at": "2026-11-20T09:00:00.000Z",
-                    "data": {
-                        "chatId": f"chat_{n % 997:04d}",
-                        "turnId": f"turn_{n // 997:05d}",
-                        "usage": {"inputTokens": 5120, "outputTokens": 812, "costMicros": 27600},
-                    },
-                }
-            )
+        for n, body in enumerate(lifecycle_bodies(count)):
             msg_id = f"msg_{n:08d}"
             signature = sign_standard(SECRET, msg_id, now, body)
             out.write(f"{msg_id}\t{now}\t{signature}\t{body.decode()}\n")

@@ -23,16 +23,24 @@ class StoredChange:
     session_id: str
     turn_id: str | None
     body: bytes  # the change object as JSON (one line), exactly as subscribers receive it
-    frame: bytes = b""  # the same as one Server-Sent Events frame
-    chunk: bytes = b""  # the frame framed as one HTTP/1.1 chunk
+    _frame: bytes = field(default=b"", repr=False, compare=False)
+    _chunk: bytes = field(default=b"", repr=False, compare=False)
 
-    @classmethod
-    def of(
-        cls, change_id: int, change_type: str, session_id: str, turn_id: str | None, body: bytes
-    ) -> StoredChange:
-        """A change with its SSE frame encoded once, for every subscriber to share."""
-        frame = b"id: %d\nevent: %s\ndata: %s\n\n" % (change_id, change_type.encode(), body)
-        return cls(change_id, change_type, session_id, turn_id, body, frame, as_chunk(frame))
+    @property
+    def frame(self) -> bytes:
+        """The change as one Server-Sent Events frame, encoded once for every subscriber
+        (on first use: most changes, the raw ones above all, may never be streamed)."""
+        if not self._frame:
+            frame = b"id: %d\nevent: %s\ndata: %s\n\n" % (self.id, self.type.encode(), self.body)
+            object.__setattr__(self, "_frame", frame)
+        return self._frame
+
+    @property
+    def chunk(self) -> bytes:
+        """The frame framed as one HTTP/1.1 chunk."""
+        if not self._chunk:
+            object.__setattr__(self, "_chunk", as_chunk(self.frame))
+        return self._chunk
 
 
 def as_chunk(data: bytes) -> bytes:

@@ -157,6 +157,7 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 async def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from relay.app import create_app
     from relay.logs import configure_logging, flush_logs
+    from relay.tuning import tune_gc
 
     configure_logging(settings.log)
     _raise_open_file_limit()
@@ -189,6 +190,7 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
             where = f"{settings.server.host}:{settings.server.port}"
             print(f"relay: cannot listen on {where}: {exc.strerror or exc}", file=sys.stderr)
             return 1
+        tune_gc()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):

@@ -124,13 +124,23 @@ class TurnFacts:
     usage: Event | None = None
 
     def merge(self, event: Event) -> TurnFacts:
+        """The joined facts; `self` itself when the event adds nothing."""
         kind = event.type
-        return TurnFacts(
-            started=_newest(self.started, event, kind == EventType.TURN_STARTED),
-            conflict=_newest(self.conflict, event, kind == EventType.TURN_CONFLICT),
-            terminal=_newest(self.terminal, event, kind in _TERMINAL, _terminal_key),
-            usage=_newest(self.usage, event, event.usage is not None),
-        )
+        started = _newest(self.started, event, kind == EventType.TURN_STARTED)
+        conflict = _newest(self.conflict, event, kind == EventType.TURN_CONFLICT)
+        terminal = _newest(self.terminal, event, kind in _TERMINAL, _terminal_key)
+        usage = _newest(self.usage, event, event.usage is not None)
+        if (
+            started is self.started
+            and conflict is self.conflict
+            and terminal is self.terminal
+            and usage is self.usage
+        ):
+            return self
+        return TurnFacts(started, conflict, terminal, usage)
+
+
+_NO_TURN_FACTS = TurnFacts()
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,21 +158,46 @@ class Facts:
     turns: Mapping[str, TurnFacts] = field(default_factory=dict)
 
     def merge(self, event: Event) -> Facts:
-        kind, turns = event.type, self.turns
+        """The joined facts; `self` itself when the event adds nothing.
+
+        Every slot only ever moves to a strictly newer (or older) event, so "nothing
+        changed" is a test of identity, which costs the same however many turns there are.
+        """
+        kind, turns, when = event.type, self.turns, event.occurred_at
         if kind in _TURN and event.turn_id is not None:
-            turn = turns.get(event.turn_id, TurnFacts()).merge(event)
-            turns = {**turns, event.turn_id: turn}
+            old_turn = turns.get(event.turn_id)
+            turn = (_NO_TURN_FACTS if old_turn is None else old_turn).merge(event)
+            if turn is not old_turn:
+                turns = {**turns, event.turn_id: turn}
         ready = kind == EventType.WORKER_READY
+        first_event_at = self.first_event_at if self.first_event_at <= when else when
+        last_event_at = self.last_event_at if self.last_event_at >= when else when
+        created = _oldest(self.created, event, kind == EventType.SESSION_CREATED)
+        runtime = _newest(self.runtime, event, kind in _RUNTIME)
+        scope = _newest(self.scope, event, kind == EventType.SCOPE_ACTIVATED)
+        first_ready = _oldest(self.first_ready, event, ready)
+        last_ready = _newest(self.last_ready, event, ready)
+        if (
+            turns is self.turns
+            and first_event_at is self.first_event_at
+            and last_event_at is self.last_event_at
+            and created is self.created
+            and runtime is self.runtime
+            and scope is self.scope
+            and first_ready is self.first_ready
+            and last_ready is self.last_ready
+        ):
+            return self
         return Facts(
-            session_id=self.session_id,
-            first_event_at=min(self.first_event_at, event.occurred_at),
-            last_event_at=max(self.last_event_at, event.occurred_at),
-            created=_oldest(self.created, event, kind == EventType.SESSION_CREATED),
-            runtime=_newest(self.runtime, event, kind in _RUNTIME),
-            scope=_newest(self.scope, event, kind == EventType.SCOPE_ACTIVATED),
-            first_ready=_oldest(self.first_ready, event, ready),
-            last_ready=_newest(self.last_ready, event, ready),
-            turns=turns,
+            self.session_id,
+            first_event_at,
+            last_event_at,
+            created,
+            runtime,
+            scope,
+            first_ready,
+            last_ready,
+            turns,
         )
 
 
@@ -286,18 +321,26 @@ class Change:
     turn: TurnState | None
     cause: Event
 
-    def to_dict(self, session: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The change as JSON-ready data; `session` may pass in the session's dict."""
+    def to_dict(
+        self, snapshot: Callable[[SessionState | TurnState], dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        """The change as JSON-ready data; `snapshot` may stand in for the snapshots'
+        `to_dict` (to build each snapshot's dict once for several changes)."""
         cause = {"event_id": self.cause.id, "source": self.cause.source, "type": self.cause.type}
+        as_dict = _snapshot_dict if snapshot is None else snapshot
         return {
             "type": str(self.type),
             "occurred_at": format_time(self.occurred_at),
             "session_id": self.session_id,
             "turn_id": self.turn_id,
-            "session": self.session.to_dict() if session is None else session,
-            "turn": None if self.turn is None else self.turn.to_dict(),
+            "session": as_dict(self.session),
+            "turn": None if self.turn is None else as_dict(self.turn),
             "cause": cause,
         }
+
+
+def _snapshot_dict(snapshot: SessionState | TurnState) -> dict[str, Any]:
+    return snapshot.to_dict()
 
 
 @dataclass(frozen=True, slots=True)
@@ -576,9 +619,9 @@ def apply(record: SessionRecord | None, event: Event) -> tuple[SessionRecord | N
         facts = Facts(session_id, event.occurred_at, event.occurred_at).merge(event)
     else:
         facts = record.facts.merge(event)
-        if facts == record.facts:
+        if facts is record.facts:
             return record, []
-    turns = {} if record is None else dict(record.turns)
+    turns: Mapping[str, TurnState] = {} if record is None else record.turns
     summary = TurnSummary() if record is None else record.summary
     old_turn = None
     if event.turn_id is not None and event.turn_id in facts.turns:
@@ -591,7 +634,7 @@ def apply(record: SessionRecord | None, event: Event) -> tuple[SessionRecord | N
         )
         if turn != old_turn:
             turn = _bumped(turn)
-            turns[event.turn_id] = turn
+            turns = {**turns, event.turn_id: turn}
             summary = summary.with_turn(old_turn, turn)
     old = None if record is None else record.session
     session = _project_session(facts, turns, summary, 0 if old is None else old.version)

@@ -144,3 +144,45 @@ async def test_a_session_ordered_subscription_gets_its_test_event(
         await api(relay, "POST", f"/v1/subscriptions/{created['id']}/test", status=202)
         await eventually(lambda: len(got.at("/ordered")) == 1)
         assert got.at("/ordered")[0].payload["type"] == "webhook.test"
+
+
+async def test_changes_before_the_first_subscription_are_never_read_for_delivery(
+    start_relay: RelayFactory, tmp_path: Path
+) -> None:
+    """With no subscription the enqueuer leaves the change log alone; the first subscription
+    moves the delivery cursor to its start, and gets every change after it, in order."""
+    relay = await start_relay(delivery=FAST_DELIVERY)
+    db = tmp_path / "relay.db"
+    events = fixture_events()
+
+    def cursor_and_last_change() -> tuple[int, int]:
+        with sqlite3.connect(db) as conn:
+            (cursor,) = conn.execute("SELECT last_change_id FROM delivery_cursor").fetchone()
+            (last,) = conn.execute("SELECT max(id) FROM changes").fetchone()
+        conn.close()
+        return cursor, last
+
+    for event in events[:4]:
+        await ingest(relay, event)
+    await asyncio.sleep(0.3)  # several poll intervals of FAST_DELIVERY
+    cursor, before = cursor_and_last_change()
+    assert cursor == 0
+    assert before > 0
+    async with receiver() as got:
+        await subscribe(relay, got, "/after")
+        assert cursor_and_last_change() == (before, before)
+        for event in events[4:]:
+            await ingest(relay, event)
+        with sqlite3.connect(db) as conn:
+            wanted = [
+                change_id
+                for (change_id,) in conn.execute(
+                    "SELECT id FROM changes WHERE id > ? AND type NOT LIKE 'raw.%' ORDER BY id",
+                    (before,),
+                )
+            ]
+        conn.close()
+        assert wanted
+        await eventually(lambda: len(got.at("/after")) == len(wanted))
+        await asyncio.sleep(0.2)
+        assert sorted(r.change_id for r in got.at("/after")) == wanted

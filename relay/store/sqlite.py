@@ -350,7 +350,7 @@ class SQLiteStore:
             + " ORDER BY id LIMIT ?",
             (after, *types, *exclude, limit),
         )
-        return [StoredChange.of(*row) for row in rows]
+        return [StoredChange(*row) for row in rows]
 
     async def _read(self, sql: str, params: Any) -> list[Any]:
         if self._reader is None:

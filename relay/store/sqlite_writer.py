@@ -22,7 +22,15 @@ import orjson
 
 from relay.changes import Commit, StoredChange, raw_change
 from relay.events import Event
-from relay.state import SessionRecord, affects_state, alert_deadlines, apply, derive_session
+from relay.state import (
+    SessionRecord,
+    SessionState,
+    TurnState,
+    affects_state,
+    alert_deadlines,
+    apply,
+    derive_session,
+)
 from relay.store import IngestRecord, IngestResult
 from relay.timefmt import format_time, parse_time
 
@@ -38,6 +46,7 @@ _INSERT_EVENTS = (
 # batch is written in a handful of multi-row statements rather than one per row.
 _INSERT_CHANGES = "INSERT INTO changes (id, type, session_id, turn_id, event_seq, body) VALUES "
 _CHUNK = 400
+_AlertKey = tuple[str, str, str]  # (kind, session id, turn id or "")
 _CACHE_SESSIONS = 10_000
 
 
@@ -56,6 +65,9 @@ class BatchWriter:
         self.last_seq: int | None = None
         self.last_change = 0
         self.cache: OrderedDict[str, SessionRecord] = OrderedDict()
+        # The alert rows of each cached session; those of a batch until it commits.
+        self.alert_keys: dict[str, frozenset[_AlertKey]] = {}
+        self.pending_alert_keys: dict[str, frozenset[_AlertKey]] = {}
 
     # -- ingest ----------------------------------------------------------------------------
 
@@ -103,6 +115,7 @@ class BatchWriter:
         changes: list[StoredChange] = []
         change_rows: list[Any] = []
         latest: dict[str, int] = {}  # newest new event per session, whatever its type
+        snapshots = _Snapshots()
         for record, result in zip(batch, results, strict=True):
             event = record.event
             if result.duplicate:
@@ -125,15 +138,13 @@ class BatchWriter:
             turn = new.turns.get(turn_id) if turn_id is not None else None
             if turn is not None and (old is None or turn is not old.turns.get(turn_id or "")):
                 turns[(session_id, turn.turn_id)] = turn
-            if caused:
-                session = new.session.to_dict()
-                for change in caused:
-                    changes.append(self._change(change.to_dict(session), result.seq, change_rows))
+            for change in caused:
+                changes.append(self._change(change.to_dict(snapshots), result.seq, change_rows))
         self._move_activity({sid: seq for sid, seq in latest.items() if sid not in touched})
         _insert_rows(self.conn, _INSERT_CHANGES, 6, change_rows)
         if not touched:
             return touched, Commit(changes, {})
-        self._write_state(touched, latest, turns)
+        self._write_state(touched, latest, turns, snapshots)
         self._update_alerts(touched, first_seen)
         versions = {sid: record.session.version for sid, record in touched.items()}
         return touched, Commit(changes, versions)
@@ -142,7 +153,7 @@ class BatchWriter:
         """Give a change its id and encoding once; its row goes into `rows`."""
         self.last_change += 1
         encoded = orjson.dumps({"id": self.last_change, **body})
-        stored = StoredChange.of(
+        stored = StoredChange(
             self.last_change, body["type"], body["session_id"] or "", body["turn_id"], encoded
         )
         rows += (stored.id, stored.type, stored.session_id, stored.turn_id, event_seq, encoded)
@@ -153,6 +164,7 @@ class BatchWriter:
         touched: dict[str, SessionRecord],
         activity: dict[str, int],
         turns: dict[tuple[str, str], Any],
+        snapshots: _Snapshots,
     ) -> None:
         rows: list[Any] = []
         for session_id, record in touched.items():
@@ -160,10 +172,10 @@ class BatchWriter:
             rows += (
                 session_id,
                 session.version,
-                str(session.readiness),
-                str(session.turn_status),
+                session.readiness.value,
+                session.turn_status.value,
                 activity[session_id],
-                orjson.dumps(session.to_dict()),
+                orjson.dumps(snapshots(session)),
             )
         _insert_rows(
             self.conn,
@@ -180,9 +192,9 @@ class BatchWriter:
             rows += (
                 session_id,
                 turn_id,
-                str(turn.status),
+                turn.status.value,
                 turn.version,
-                orjson.dumps(turn.to_dict()),
+                orjson.dumps(snapshots(turn)),
             )
         _insert_rows(
             self.conn,
@@ -210,10 +222,12 @@ class BatchWriter:
         """Keep one deadline row per alert the sessions' state calls for; drop the rest.
 
         A deadline is due the alert's threshold after the relay first saw its condition;
-        a row that already exists keeps its due time and whether it fired.
+        a row that already exists keeps its due time and whether it fired. Which rows a
+        cached session has is remembered, so only what differs is read or written.
         """
-        wanted: dict[tuple[str, str, str], float] = {}
+        wanted: dict[str, dict[_AlertKey, float]] = {}
         for session_id, record in touched.items():
+            keys = wanted[session_id] = {}
             for deadline in alert_deadlines(
                 record, self.turn_stall_seconds, self.ready_timeout_seconds
             ):
@@ -223,20 +237,23 @@ class BatchWriter:
                     else self.ready_timeout_seconds
                 )
                 key = (str(deadline.type), session_id, deadline.turn_id or "")
-                wanted[key] = seen[session_id] + threshold
-        marks = ",".join("?" * len(touched))
-        existing = self.conn.execute(
-            f"SELECT kind, session_id, turn_id FROM alerts WHERE session_id IN ({marks})",
-            list(touched),
-        ).fetchall()
-        stale = [part for key in existing if tuple(key) not in wanted for part in key]
+                keys[key] = seen[session_id] + threshold
+        have = self._alert_rows([sid for sid in touched if sid not in self.alert_keys])
+        stale: list[str] = []
+        rows: list[Any] = []
+        for session_id, keys in wanted.items():
+            known = self.alert_keys.get(session_id)
+            if known is None:
+                known = have.get(session_id, frozenset())
+            stale += [part for key in known if key not in keys for part in key]
+            rows += [part for key, due in keys.items() if key not in known for part in (*key, due)]
+            self.pending_alert_keys[session_id] = frozenset(keys)
         if stale:
             values = ",".join(["(?, ?, ?)"] * (len(stale) // 3))
             self.conn.execute(
                 f"DELETE FROM alerts WHERE (kind, session_id, turn_id) IN (VALUES {values})",
                 stale,
             )
-        rows = [part for key, due in wanted.items() for part in (*key, due)]
         _insert_rows(
             self.conn,
             "INSERT INTO alerts (kind, session_id, turn_id, due_at) VALUES ",
@@ -244,6 +261,18 @@ class BatchWriter:
             rows,
             " ON CONFLICT DO NOTHING",
         )
+
+    def _alert_rows(self, session_ids: list[str]) -> dict[str, frozenset[_AlertKey]]:
+        found: dict[str, set[_AlertKey]] = {}
+        for start in range(0, len(session_ids), _CHUNK):
+            chunk = session_ids[start : start + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for kind, session_id, turn_id in self.conn.execute(
+                f"SELECT kind, session_id, turn_id FROM alerts WHERE session_id IN ({marks})",
+                chunk,
+            ):
+                found.setdefault(session_id, set()).add((kind, session_id, turn_id))
+        return {session_id: frozenset(keys) for session_id, keys in found.items()}
 
     def fire_due_alerts(self, now: float) -> Commit:
         """Record every alert due by `now` (unix seconds) as a change, once."""
@@ -315,12 +344,16 @@ class BatchWriter:
         for session_id, record in touched.items():
             self.cache[session_id] = record
             self.cache.move_to_end(session_id)
+        self.alert_keys.update(self.pending_alert_keys)
+        self.pending_alert_keys.clear()
         while len(self.cache) > _CACHE_SESSIONS:
-            self.cache.popitem(last=False)
+            session_id, _ = self.cache.popitem(last=False)
+            self.alert_keys.pop(session_id, None)
 
     def _abandon(self) -> None:
         """Roll back; the counters are read again (and the cache dropped) next time."""
         self.last_seq = None
+        self.pending_alert_keys.clear()
         if self.conn.in_transaction:
             self.conn.execute("ROLLBACK")
 
@@ -329,8 +362,22 @@ class BatchWriter:
         last_seq = _max(self.conn, "SELECT max(seq) FROM events")
         if last_seq != self.last_seq:
             self.cache.clear()
+            self.alert_keys.clear()
         self.last_seq = last_seq
         self.last_change = _max(self.conn, "SELECT max(id) FROM changes")
+
+
+class _Snapshots:
+    """Each snapshot's dict, made once per batch for its changes and its row alike."""
+
+    def __init__(self) -> None:
+        self._made: dict[int, tuple[SessionState | TurnState, dict[str, Any]]] = {}
+
+    def __call__(self, snapshot: SessionState | TurnState) -> dict[str, Any]:
+        made = self._made.get(id(snapshot))
+        if made is None:  # the snapshot is kept with its dict, so its id stays its own
+            made = self._made[id(snapshot)] = (snapshot, snapshot.to_dict())
+        return made[1]
 
 
 def _one_line(body: bytes) -> orjson.Fragment:

@@ -40,6 +40,7 @@ from relay.changes import Commit, StoredChange
 from relay.config import AlertSettings, StoreSettings
 from relay.normalize import decoder, normaliser_lookup
 from relay.store import IngestRecord, IngestResult, StoreUnavailable
+from relay.tuning import tune_gc
 
 log = structlog.get_logger("relay.store")
 _HEADER = struct.Struct(">I")
@@ -172,7 +173,7 @@ class WriterProcess:
 
 
 def _commit(changes: list[tuple[Any, ...]], versions: dict[str, int]) -> Commit:
-    return Commit([StoredChange.of(*change) for change in changes], versions)
+    return Commit([StoredChange(*change) for change in changes], versions)
 
 
 # -- the writer process --------------------------------------------------------------------
@@ -190,6 +191,7 @@ def main(fd: int) -> None:
     conn.execute(f"PRAGMA synchronous = {config['synchronous']}")
     conn.execute(f"PRAGMA busy_timeout = {int(config['busy_timeout_ms'])}")
     conn.execute("PRAGMA wal_autocheckpoint = 0")  # the relay checkpoints, off this path
+    conn.execute("PRAGMA cache_size = -65536")  # 64 MiB: the indexes new events go into
     writer = BatchWriter(
         conn,
         decoder(providers),
@@ -197,6 +199,7 @@ def main(fd: int) -> None:
         config["ready_timeout_seconds"],
     )
     normaliser = normaliser_lookup(providers)
+    tune_gc()
 
     def write(wire: list[_Wire]) -> tuple[Any, ...]:
         records = [

@@ -211,6 +211,10 @@ class Dispatcher:
         while True:
             await _wait(self._changes, self._settings.poll_interval_seconds)
             self._changes.clear()
+            if not self._endpoints and not self._unreadable:
+                # No subscription: the cursor stays where it is, so a subscription made
+                # meanwhile (elsewhere too) still gets every change after its start.
+                continue
             try:
                 while True:
                     read, counts = await self._store.enqueue(ENQUEUE_BATCH, self._clock())

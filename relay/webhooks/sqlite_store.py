@@ -408,6 +408,13 @@ def _add_subscription(conn: sqlite3.Connection, s: Subscription) -> Subscription
         )
         added = _get_subscription(conn, s.id)
         assert added is not None
+        # The first subscription: no delivery is owed for any change before it, so the
+        # enqueuer (which idles while there are no subscriptions) need not read them.
+        conn.execute(
+            "UPDATE delivery_cursor SET last_change_id = max(last_change_id, ?)"
+            " WHERE NOT EXISTS (SELECT 1 FROM subscriptions WHERE id != ?)",
+            (added.start_after, s.id),
+        )
         return added
 
     return _transaction(conn, work)
