@@ -62,7 +62,7 @@ class StoreSettings(_Section):
     # (its own interpreter and core); "thread": on a thread of the relay's process.
     writer: Literal["process", "thread"] = "process"
     # With the writer process, how often the relay copies the WAL into the database file.
-    checkpoint_interval_seconds: float = Field(1.0, gt=0)
+    checkpoint_interval_seconds: float = Field(0.2, gt=0)
 
     @field_validator("url")
     @classmethod

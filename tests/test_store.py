@@ -156,3 +156,30 @@ async def test_a_writer_process_that_dies_is_replaced(tmp_path: Path) -> None:
         assert child_pids(os.getpid()) not in ([], [writer])
     finally:
         await store.close()
+
+
+async def test_the_wal_stays_bounded_under_sustained_ingest(tmp_path: Path) -> None:
+    """Under writes that never pause, the write-ahead log is still checkpointed back to
+    the start: it stays within a few MB while far more than that is written."""
+    store = open_store(StoreSettings(url=f"sqlite:///{tmp_path}/busy.db", writer="process"))
+    await store.open()
+    filler = "x" * 2048
+    written = 0
+    try:
+        for start in range(0, 8000, 64):
+            records = []
+            for n in range(start, start + 64):
+                event = Event("s", f"e{n}", "agent.worker.ready", NOW, f"c{n % 500}")
+                body = b'{"id": "e%d", "type": "agent.worker.ready", "data": {"chatId": "c%d",' % (
+                    n,
+                    n % 500,
+                )
+                body += b' "filler": "%s"}}' % filler.encode()
+                written += len(body)
+                records.append(IngestRecord(event, body, NOW))
+            await asyncio.gather(*(store.ingest(r) for r in records))
+        wal = (tmp_path / "busy.db-wal").stat().st_size
+    finally:
+        await store.close()
+    assert written > 16_000_000
+    assert wal < 16_000_000, f"the WAL grew to {wal} bytes"

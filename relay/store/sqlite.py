@@ -235,11 +235,12 @@ class SQLiteStore:
         self._publish(commit)
 
     async def _checkpoint_loop(self) -> None:
-        """Copy the WAL back into the database file off the commit path.
+        """Copy the WAL back into the database file, mostly off the commit path.
 
-        The writer process does not checkpoint (a checkpoint syncs the file and would hold
-        up the batch that triggered it); this process does, on its own connection, every
-        `checkpoint_interval_seconds`. A passive checkpoint never blocks the writer.
+        This process copies, on its own connection, every `checkpoint_interval_seconds`;
+        a passive checkpoint never blocks the writer. The writer process still checkpoints
+        when the WAL passes 8 MiB, which then has little left to copy: that is what lets
+        the WAL start over from its beginning (see `writer_process.main`).
         """
         assert self._writer is not None
         while True:

@@ -190,7 +190,12 @@ def main(fd: int) -> None:
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute(f"PRAGMA synchronous = {config['synchronous']}")
     conn.execute(f"PRAGMA busy_timeout = {int(config['busy_timeout_ms'])}")
-    conn.execute("PRAGMA wal_autocheckpoint = 0")  # the relay checkpoints, off this path
+    # The relay copies the WAL back into the database in the background; the writer
+    # checkpoints too once the WAL holds 2,000 pages (8 MiB), which then costs it little.
+    # Only a checkpoint by the one writer, between its own transactions, lets the WAL start
+    # over from its beginning: under writes that never pause, background checkpoints alone
+    # never catch up with the end of the log, and the WAL would grow without bound.
+    conn.execute("PRAGMA wal_autocheckpoint = 2000")
     conn.execute("PRAGMA cache_size = -65536")  # 64 MiB: the indexes new events go into
     writer = BatchWriter(
         conn,
