@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, TypeVar, overload
+from typing import Any, overload
 
 from relay.events import Event, EventType, TurnError, Usage
 from relay.timefmt import format_time
@@ -48,7 +48,6 @@ _TERMINAL = {EventType.TURN_COMPLETED, EventType.TURN_FAILED}
 _TURN = {EventType.TURN_STARTED, EventType.TURN_CONFLICT, *_TERMINAL}
 _KNOWN = set(EventType)
 _MS = timedelta(milliseconds=1)
-_Snapshot = TypeVar("_Snapshot", "TurnState", "SessionState")
 
 
 class Readiness(StrEnum):
@@ -214,7 +213,7 @@ class TurnState:
     active_turn_id: str | None
     retry_after_seconds: float | None
     updated_at: datetime
-    version: int
+    version: int = field(compare=False)  # equal snapshots are equal at any version
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -260,7 +259,7 @@ class SessionState:
     usage: Usage
     first_event_at: datetime
     last_event_at: datetime
-    version: int
+    version: int = field(compare=False)  # equal snapshots are equal at any version
 
     def to_dict(self) -> dict[str, Any]:
         counts = self.counts
@@ -570,16 +569,6 @@ def _event_from_json(data: Mapping[str, Any] | None, session_id: str) -> Event |
     )
 
 
-def _bumped(snapshot: _Snapshot) -> _Snapshot:
-    """The same snapshot with its version (the last field) one higher.
-
-    Built positionally: `dataclasses.replace` costs several times more, once per event.
-    """
-    values = [getattr(snapshot, name) for name in snapshot.__slots__]
-    values[-1] += 1
-    return type(snapshot)(*values)
-
-
 def affects_state(event: Event) -> bool:
     """Whether `apply` would look at this event at all."""
     if event.session_id is None or event.type not in _KNOWN:
@@ -626,20 +615,20 @@ def apply(record: SessionRecord | None, event: Event) -> tuple[SessionRecord | N
     old_turn = None
     if event.turn_id is not None and event.turn_id in facts.turns:
         old_turn = turns.get(event.turn_id)
+        # Projected at the next version; kept only if it differs (versions aside).
         turn = _project_turn(
             facts.session_id,
             event.turn_id,
             facts.turns[event.turn_id],
-            0 if old_turn is None else old_turn.version,
+            1 if old_turn is None else old_turn.version + 1,
         )
         if turn != old_turn:
-            turn = _bumped(turn)
             turns = {**turns, event.turn_id: turn}
             summary = summary.with_turn(old_turn, turn)
     old = None if record is None else record.session
-    session = _project_session(facts, turns, summary, 0 if old is None else old.version)
-    if session != old:
-        session = _bumped(session)
+    session = _project_session(facts, turns, summary, 1 if old is None else old.version + 1)
+    if old is not None and session == old:
+        session = old
 
     def change(kind: ChangeType, turn: TurnState | None = None) -> Change:
         turn_id = None if turn is None else turn.turn_id
