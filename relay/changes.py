@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+import orjson
+
 from relay.events import Event
 from relay.timefmt import format_time
 
@@ -67,21 +69,67 @@ def glob_pattern(globs: tuple[str, ...]) -> re.Pattern[str]:
     return re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs))
 
 
-def raw_change(event: Event, data: Any) -> dict[str, Any]:
-    """The change that carries a stored event as it arrived (type `raw.<event type>`).
+# The body stored for a raw change whose JSON is rebuilt, byte for byte, from its event's
+# row: the payload is kept once, in the events table, not a second time in the log.
+REBUILT_FROM_EVENT = b""
+# The events columns `raw_change_body` reads, in order, for a changes row joined to them.
+RAW_EVENT_COLUMNS = (
+    "e.type, e.occurred_at, e.session_id, e.turn_id, e.event_id, e.source, e.payload"
+)
 
-    `data` is the event's JSON: the parsed object, or an `orjson.Fragment` of one line.
-    """
-    return {
-        "type": RAW_PREFIX + event.type,
-        "occurred_at": format_time(event.occurred_at),
-        "session_id": event.session_id,
-        "turn_id": event.turn_id,
-        "session": None,
-        "turn": None,
-        "cause": {"event_id": event.id, "source": event.source, "type": event.type},
-        "event": data,
-    }
+
+def raw_change_body(
+    change_id: int,
+    event_type: str,
+    occurred_at: str,
+    session_id: str | None,
+    turn_id: str | None,
+    event_id: str,
+    source: str,
+    payload: bytes,
+) -> bytes:
+    """The change that carries a stored event as it arrived (type `raw.<event type>`),
+    from the event's columns; `payload` is the event's JSON on one line."""
+    return orjson.dumps(
+        {
+            "id": change_id,
+            "type": RAW_PREFIX + event_type,
+            "occurred_at": occurred_at,
+            "session_id": session_id,
+            "turn_id": turn_id,
+            "session": None,
+            "turn": None,
+            "cause": {"event_id": event_id, "source": source, "type": event_type},
+            "event": orjson.Fragment(payload),
+        }
+    )
+
+
+def raw_change_of(change_id: int, event: Event, payload: bytes) -> bytes:
+    """`raw_change_body` for an event at hand (`payload`: its JSON on one line)."""
+    return raw_change_body(
+        change_id,
+        event.type,
+        format_time(event.occurred_at),
+        event.session_id,
+        event.turn_id,
+        event.id,
+        event.source,
+        payload,
+    )
+
+
+def stored_body(change_id: int, body: bytes, event: tuple[Any, ...]) -> bytes:
+    """A change's body as read from the log, `event` being its row's RAW_EVENT_COLUMNS
+    (all None unless the body is REBUILT_FROM_EVENT)."""
+    if body != REBUILT_FROM_EVENT or event[0] is None:
+        return body
+    return raw_change_body(change_id, *event)
+
+
+def one_line(payload: bytes) -> bytes | None:
+    """`payload` if it is one line (as SSE needs it); None if it must be re-encoded."""
+    return None if b"\n" in payload or b"\r" in payload else payload
 
 
 def split_list(values: Iterable[str]) -> tuple[str, ...]:

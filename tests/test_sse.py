@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,6 +17,7 @@ from httpx_sse import aconnect_sse
 
 from relay.appkeys import HUB
 from tests.conftest import LIFECYCLE_CHANGES, Relay, RelayFactory, fixture_events
+from tests.test_ingest import signed
 from tests.test_read_api import get, ingest
 
 
@@ -341,3 +344,42 @@ async def test_raw_events_only_for_filters_that_name_them(relay: Relay) -> None:
     assert not set(default) & {c["id"] for c in raw}
     everything = await relay.client.get("/v1/changes", params={"type": "*"}, headers=relay.auth)
     assert len((await everything.json())["items"]) == len(default) + len(raw)
+
+
+async def test_raw_changes_replay_exactly_as_sent_live(relay: Relay, tmp_path: Path) -> None:
+    """A raw change is kept once, in its event's row, yet replays (SSE, /v1/changes) byte for
+    byte as it was streamed live; a payload spread over several lines is kept on one."""
+    params = {"type": "raw.*"}
+    live: list[dict[str, str]] = []
+    async with relay.client.get("/v1/stream", params=params, headers=relay.auth) as resp:
+        reading = asyncio.create_task(collect_changes(resp, live))
+        events = fixture_events()[:3]
+        for event in events:
+            await ingest(relay, event)
+        spread = {**fixture_events()[3], "id": "evt_spread_over_lines"}
+        body = orjson.dumps(spread, option=orjson.OPT_INDENT_2)
+        assert b"\n" in body
+        resp_spread = await relay.client.post("/v1/ingest/casedev", data=body, headers=signed(body))
+        assert resp_spread.status == 202
+        for _ in range(100):
+            if len(live) == 4:
+                break
+            await asyncio.sleep(0.02)
+        reading.cancel()
+    assert [orjson.loads(f["data"])["event"]["id"] for f in live] == [
+        *(e["id"] for e in events),
+        "evt_spread_over_lines",
+    ]
+    async with relay.client.get(
+        "/v1/stream", params={**params, "last_event_id": "0"}, headers=relay.auth
+    ) as resp:
+        replayed = await read_changes(resp, 4)
+    assert [f["data"] for f in replayed] == [f["data"] for f in live]
+    listed = await get(relay, "/v1/changes", type="raw.*")
+    assert [orjson.dumps(c) for c in listed["items"]] == [f["data"].encode() for f in live]
+    with sqlite3.connect(tmp_path / "relay.db") as conn:
+        rows = conn.execute("SELECT body FROM changes WHERE type GLOB 'raw.*' ORDER BY id")
+        stored = [len(body) for (body,) in rows]
+    conn.close()
+    assert stored[:3] == [0, 0, 0]  # rebuilt from the events table
+    assert stored[3] > 0  # re-encoded on one line, so kept

@@ -365,3 +365,21 @@ async def test_recover_includes_alerts_fired_since_with_no_event_after_them(
         assert recovered == {"queued": 1}
         await eventually(lambda: len(got.at("/late")) == 1)
         assert got.at("/late")[0].payload["type"] == "session.ready_timeout"
+
+
+async def test_raw_changes_are_delivered_with_their_events(start_relay: RelayFactory) -> None:
+    """A subscription to raw.* gets each stored event in its raw change, which the log keeps
+    only as a reference to the event's row."""
+    relay = await start_relay(delivery=FAST_DELIVERY)
+    events = fixture_events()
+    async with receiver() as got:
+        await subscribe(relay, got, "/raw", types=["raw.*"])
+        for event in events:
+            await ingest(relay, event)
+        await eventually(lambda: len(got.at("/raw")) == len(events))
+        receipts = sorted(got.at("/raw"), key=lambda r: r.change_id)
+    assert all(r.verified for r in receipts)
+    assert [r.payload["data"]["event"] for r in receipts] == events
+    assert [r.payload["type"] for r in receipts] == [f"raw.{e['type']}" for e in events]
+    listed = await api(relay, "GET", "/v1/changes?type=raw.*&limit=100")
+    assert [r.payload["data"] for r in receipts] == listed["items"]

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from relay.changes import raw_change
+from relay.changes import RAW_EVENT_COLUMNS, one_line, raw_change_of, stored_body
 from relay.state import SessionRecord, apply
 from relay.store import EventDecoder
 
@@ -32,7 +32,8 @@ def check_derived_state(conn: sqlite3.Connection, decode: EventDecoder) -> list[
         new, changes = apply(old, event)
         if new is not None and session_id is not None:
             records[session_id] = new
-        expected = [_comparable(raw_change(event, orjson.loads(payload)))]
+        line = one_line(payload) or orjson.dumps(orjson.loads(payload))
+        expected = [_comparable(orjson.loads(raw_change_of(0, event, line)))]
         expected += [_comparable(change.to_dict()) for change in changes]
         found = stored.pop(seq, [])
         if expected != found:
@@ -48,10 +49,13 @@ def check_derived_state(conn: sqlite3.Connection, decode: EventDecoder) -> list[
 def _stored_changes(conn: sqlite3.Connection) -> dict[int, list[dict[str, Any]]]:
     by_event: dict[int, list[dict[str, Any]]] = {}
     rows = conn.execute(
-        "SELECT event_seq, body FROM changes WHERE event_seq IS NOT NULL ORDER BY id"
+        f"SELECT c.id, c.event_seq, c.body, {RAW_EVENT_COLUMNS} FROM changes c"
+        " LEFT JOIN events e ON c.body = x'' AND e.seq = c.event_seq"
+        " WHERE c.event_seq IS NOT NULL ORDER BY c.id"
     )
-    for event_seq, body in rows:
-        by_event.setdefault(event_seq, []).append(_comparable(orjson.loads(body)))
+    for change_id, event_seq, body, *event in rows:
+        change = orjson.loads(stored_body(change_id, body, tuple(event)))
+        by_event.setdefault(event_seq, []).append(_comparable(change))
     return by_event
 
 

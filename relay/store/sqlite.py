@@ -24,7 +24,7 @@ from typing import Any, Protocol, TypeVar
 import aiosqlite
 import structlog
 
-from relay.changes import Commit, StoredChange
+from relay.changes import RAW_EVENT_COLUMNS, Commit, StoredChange, stored_body
 from relay.config import AlertSettings, StoreSettings
 from relay.normalize import decoder
 from relay.store import (
@@ -343,15 +343,20 @@ class SQLiteStore:
     async def list_changes(
         self, after: int, limit: int, types: tuple[str, ...] = (), exclude: tuple[str, ...] = ()
     ) -> list[StoredChange]:
-        where = " OR ".join(["type GLOB ?"] * len(types))
+        where = " OR ".join(["c.type GLOB ?"] * len(types))
         rows = await self._read(
-            "SELECT id, type, session_id, turn_id, body FROM changes WHERE id > ?"
+            f"SELECT c.id, c.type, c.session_id, c.turn_id, c.body, {RAW_EVENT_COLUMNS}"
+            " FROM changes c LEFT JOIN events e ON c.body = x'' AND e.seq = c.event_seq"
+            " WHERE c.id > ?"
             + (f" AND ({where})" if where else "")
-            + " AND type NOT GLOB ?" * len(exclude)
-            + " ORDER BY id LIMIT ?",
+            + " AND c.type NOT GLOB ?" * len(exclude)
+            + " ORDER BY c.id LIMIT ?",
             (after, *types, *exclude, limit),
         )
-        return [StoredChange(*row) for row in rows]
+        return [
+            StoredChange(row[0], row[1], row[2], row[3], stored_body(row[0], row[4], row[5:]))
+            for row in rows
+        ]
 
     async def _read(self, sql: str, params: Any) -> list[Any]:
         if self._reader is None:

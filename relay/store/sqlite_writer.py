@@ -20,7 +20,14 @@ from typing import Any
 
 import orjson
 
-from relay.changes import Commit, StoredChange, raw_change
+from relay.changes import (
+    RAW_PREFIX,
+    REBUILT_FROM_EVENT,
+    Commit,
+    StoredChange,
+    one_line,
+    raw_change_of,
+)
 from relay.events import Event
 from relay.state import (
     SessionRecord,
@@ -121,9 +128,7 @@ class BatchWriter:
             event = record.event
             if result.duplicate:
                 continue
-            changes.append(
-                self._change(raw_change(event, _one_line(record.body)), result.seq, change_rows)
-            )
+            changes.append(self._raw_change(record, result.seq, change_rows))
             if event.session_id is None:
                 continue
             latest[event.session_id] = result.seq
@@ -165,6 +170,24 @@ class BatchWriter:
         )
         rows += (stored.id, stored.type, stored.session_id, stored.turn_id, event_seq, encoded)
         return stored
+
+    def _raw_change(self, record: IngestRecord, event_seq: int, rows: list[Any]) -> StoredChange:
+        """The event's raw change; its row holds no copy of the payload unless the payload
+        had to be re-encoded on one line (readers rebuild it from the event's row)."""
+        event = record.event
+        self.last_change += 1
+        payload = one_line(record.body)
+        stored = REBUILT_FROM_EVENT
+        if payload is None:
+            payload = orjson.dumps(orjson.loads(record.body))
+        body = raw_change_of(self.last_change, event, payload)
+        if payload is not record.body:
+            stored = body
+        change = StoredChange(
+            self.last_change, RAW_PREFIX + event.type, event.session_id or "", event.turn_id, body
+        )
+        rows += (change.id, change.type, change.session_id, change.turn_id, event_seq, stored)
+        return change
 
     def _write_state(
         self,
@@ -389,13 +412,6 @@ class _Snapshots:
         if made is None:  # the snapshot is kept with its dict, so its id stays its own
             made = self._made[id(snapshot)] = (snapshot, snapshot.to_dict())
         return made[1]
-
-
-def _one_line(body: bytes) -> orjson.Fragment:
-    """An event's JSON for embedding in a change, which SSE sends as one line."""
-    if b"\n" in body or b"\r" in body:
-        body = orjson.dumps(orjson.loads(body))
-    return orjson.Fragment(body)
 
 
 def _max(conn: sqlite3.Connection, sql: str) -> int:

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from relay.changes import RAW_EVENT_COLUMNS, stored_body
 from relay.config import StoreSettings
 from relay.store.sqlite import sqlite_path
 from relay.timefmt import format_time, parse_time
@@ -58,17 +59,20 @@ _UPDATABLE = frozenset(
         "updated_at",
     }
 )
-_CLAIM_BODY = "SELECT d.id, d.change_id, d.type, coalesce(d.payload, c.body), d.cycle_attempts"
+_CLAIM_BODY = (
+    "SELECT d.id, d.change_id, d.type, coalesce(d.payload, c.body), d.cycle_attempts,"
+    f" {RAW_EVENT_COLUMNS} FROM deliveries d LEFT JOIN changes c ON c.id = d.change_id"
+    " LEFT JOIN events e ON c.body = x'' AND e.seq = c.event_seq"
+)
 _CLAIM_ANY = (
-    _CLAIM_BODY + " FROM deliveries d LEFT JOIN changes c ON c.id = d.change_id"
-    " WHERE d.subscription_id = ? AND d.next_attempt_at <= ? AND d.status != 'delivering'"
+    _CLAIM_BODY
+    + " WHERE d.subscription_id = ? AND d.next_attempt_at <= ? AND d.status != 'delivering'"
     " ORDER BY d.next_attempt_at, d.id LIMIT ?"
 )
 # Only the oldest unfinished delivery of each session may go (a claimed one included):
 # the session's head, which `head` marks.
 _CLAIM_SESSION_ORDERED = (
-    _CLAIM_BODY + " FROM deliveries d LEFT JOIN changes c ON c.id = d.change_id"
-    " WHERE d.subscription_id = ? AND d.head = 1 AND d.next_attempt_at IS NOT NULL"
+    _CLAIM_BODY + " WHERE d.subscription_id = ? AND d.head = 1 AND d.next_attempt_at IS NOT NULL"
     " AND d.next_attempt_at <= ? AND d.status != 'delivering'"
     " ORDER BY d.next_attempt_at, d.id LIMIT ?"
 )
@@ -519,7 +523,9 @@ def _claim(
         claimed: list[ClaimedDelivery] = []
         for request in requests:
             rows = due(request, now, request.limit)
-            for delivery_id, change_id, change_type, body, cycle in rows:
+            for delivery_id, change_id, change_type, body, cycle, *event in rows:
+                if change_id is not None:
+                    body = stored_body(change_id, body, tuple(event))
                 claimed.append(
                     ClaimedDelivery(
                         delivery_id, request.subscription_id, change_id, change_type, body, cycle
