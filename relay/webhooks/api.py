@@ -22,6 +22,7 @@ from relay.webhooks.api_models import (
     Recovery,
     Requeued,
     SubscriptionList,
+    SubscriptionsQuery,
     SubscriptionView,
     SubscriptionWithSecret,
 )
@@ -118,9 +119,16 @@ async def _create(request: web.Request) -> web.Response:
 
 
 async def _list(request: web.Request) -> web.Response:
-    subscriptions = await request.app[DELIVERY_STORE].list_subscriptions()
+    query = parse_query(request, SubscriptionsQuery)
+    try:
+        found = await request.app[DELIVERY_STORE].list_subscriptions(query.after, query.limit)
+    except KeyError:
+        message = f"after: no subscription {query.after!r} to list after"
+        raise ApiError(400, "INVALID_PARAMETER", message) from None
     now = _now(request)
-    return json_response({"items": [subscription_view(s, now) for s in subscriptions]})
+    next_after = found[-1].id if len(found) == query.limit else None
+    items = [subscription_view(s, now) for s in found]
+    return json_response({"items": items, "next_after": next_after})
 
 
 async def _get(request: web.Request) -> web.Response:
@@ -283,9 +291,10 @@ def routes(clock: Callable[[], float] = time.time) -> list[Route]:
             "GET",
             "/v1/subscriptions",
             _list,
-            "Every subscription",
+            "The subscriptions, a page at a time",
             {200: Reply("The subscriptions, oldest first.", SubscriptionList)},
             {},
+            query=SubscriptionsQuery,
         ),
         manage("GET", "/v1/subscriptions/{id}", _get, "One subscription", subscription),
         manage(

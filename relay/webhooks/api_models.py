@@ -52,6 +52,20 @@ class SubscriptionWithSecret(SubscriptionView):
 
 class SubscriptionList(_Shape):
     items: list[SubscriptionView]
+    next_after: str | None = Field(
+        description="Pass as `after` for the next page; null at the end."
+    )
+
+
+class SubscriptionsQuery(BaseModel):
+    """Query parameters; unknown ones are ignored."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    after: str | None = Field(
+        None, description="Return subscriptions made after this one (its id), oldest first."
+    )
+    limit: int = Field(100, ge=1, le=MAX_LIMIT, description="The most items to return.")
 
 
 class AttemptView(_Shape):

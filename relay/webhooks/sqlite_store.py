@@ -174,8 +174,10 @@ class SQLiteDeliveryStore:
     async def get_subscription(self, subscription_id: str) -> Subscription | None:
         return await self._call(_get_subscription, subscription_id)
 
-    async def list_subscriptions(self) -> list[Subscription]:
-        return await self._call(_list_subscriptions)
+    async def list_subscriptions(
+        self, after: str | None = None, limit: int | None = None
+    ) -> list[Subscription]:
+        return await self._call(_list_subscriptions, after, limit)
 
     async def update_subscription(
         self, subscription_id: str, fields: Mapping[str, Any]
@@ -380,9 +382,21 @@ def _get_subscription(conn: sqlite3.Connection, subscription_id: str) -> Subscri
     return _subscription(row) if row else None
 
 
-def _list_subscriptions(conn: sqlite3.Connection) -> list[Subscription]:
+def _list_subscriptions(
+    conn: sqlite3.Connection, after: str | None, limit: int | None
+) -> list[Subscription]:
+    """In the order they were made (rowid: a new row always gets a larger one than every
+    row there is)."""
+    where, params = "", []
+    if after is not None:
+        row = conn.execute("SELECT rowid FROM subscriptions WHERE id = ?", (after,)).fetchone()
+        if row is None:
+            raise KeyError(after)
+        where, params = " WHERE rowid > ?", [row[0]]
     rows = conn.execute(
-        f"SELECT {_SUBSCRIPTION_COLUMNS} FROM subscriptions ORDER BY created_at, id"
+        f"SELECT {_SUBSCRIPTION_COLUMNS} FROM subscriptions{where} ORDER BY rowid"
+        + ("" if limit is None else " LIMIT ?"),
+        params if limit is None else [*params, limit],
     ).fetchall()
     return [_subscription(row) for row in rows]
 

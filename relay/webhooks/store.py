@@ -52,7 +52,10 @@ class DeliveryStore(Protocol):
 
     async def get_subscription(self, subscription_id: str) -> Subscription | None: ...
 
-    async def list_subscriptions(self) -> list[Subscription]: ...
+    async def list_subscriptions(
+        self, after: str | None = None, limit: int | None = None
+    ) -> list[Subscription]:
+        """Oldest first; `after` a subscription's id (KeyError if there is none such)."""
 
     async def update_subscription(
         self, subscription_id: str, fields: Mapping[str, Any]
