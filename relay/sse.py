@@ -19,7 +19,7 @@ from aiohttp import web
 from relay import auth
 from relay.api_models import StreamHeaders, StreamQuery
 from relay.appkeys import HUB, SETTINGS, STORE
-from relay.changes import StoredChange, as_chunk, glob_pattern
+from relay.changes import RAW_TYPES, StoredChange, as_chunk, glob_pattern
 from relay.errors import ApiError
 from relay.hub import Subscription
 from relay.routes import Reply, Route, parse_headers, parse_query
@@ -41,6 +41,8 @@ class StreamFilter:
         self._session = session
         self._sessions: re.Pattern[str] | None = glob_pattern(sessions) if sessions else None
         self._types = glob_pattern(types)
+        # What the store can leave out for this filter: raw events, unless it names types.
+        self.excluded: tuple[str, ...] = () if types else RAW_TYPES
 
     def __call__(self, change: StoredChange) -> bool:
         if self._session is not None and change.session_id != self._session:
@@ -136,7 +138,7 @@ async def _replay(
         reset = b'event: stream.reset\ndata: {"oldest_id": %d}\n\n' % oldest[0].id
         await response.write(reset)
     while True:
-        page = await store.list_changes(after, REPLAY_PAGE)
+        page = await store.list_changes(after, REPLAY_PAGE, exclude=accepts.excluded)
         frames = [change.frame for change in page if accepts(change)]
         if frames:
             await response.write(b"".join(frames))

@@ -123,7 +123,6 @@ class BatchWriter:
         change_rows: list[Any] = []
         latest: dict[str, int] = {}  # newest new event per session, whatever its type
         snapshots = _Snapshots()
-        fresh: set[str] = set()
         for record, result in zip(batch, results, strict=True):
             event = record.event
             if result.duplicate:
@@ -135,13 +134,7 @@ class BatchWriter:
             if not affects_state(event):
                 continue
             session_id = event.session_id
-            old: SessionRecord | None
-            if session_id in touched:
-                old = touched[session_id]
-            else:
-                old = self._record(session_id, base)
-                if old is None:
-                    fresh.add(session_id)  # no state before, so no alert rows either
+            old = touched[session_id] if session_id in touched else self._record(session_id, base)
             new, caused = apply(old, event)
             assert new is not None
             touched[session_id] = new
@@ -157,7 +150,7 @@ class BatchWriter:
         if not touched:
             return touched, Commit(changes, {})
         self._write_state(touched, latest, turns, snapshots)
-        self._update_alerts(touched, first_seen, fresh)
+        self._update_alerts(touched, first_seen)
         versions = {sid: record.session.version for sid, record in touched.items()}
         return touched, Commit(changes, versions)
 
@@ -248,9 +241,7 @@ class BatchWriter:
 
     # -- alerts ----------------------------------------------------------------------------
 
-    def _update_alerts(
-        self, touched: dict[str, SessionRecord], seen: dict[str, float], fresh: set[str]
-    ) -> None:
+    def _update_alerts(self, touched: dict[str, SessionRecord], seen: dict[str, float]) -> None:
         """Keep one deadline row per alert the sessions' state calls for; drop the rest.
 
         A deadline is due the alert's threshold after the relay first saw its condition;
@@ -270,9 +261,9 @@ class BatchWriter:
                 )
                 key = (str(deadline.type), session_id, deadline.turn_id or "")
                 keys[key] = seen[session_id] + threshold
-        have = self._alert_rows(
-            [sid for sid in touched if sid not in self.alert_keys and sid not in fresh]
-        )
+        # A session new to this batch is looked up too: its stored events may no longer
+        # give it any state (its source read another way now), yet rows may remain.
+        have = self._alert_rows([sid for sid in touched if sid not in self.alert_keys])
         stale: list[str] = []
         rows: list[Any] = []
         for session_id, keys in wanted.items():

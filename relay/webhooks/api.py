@@ -120,13 +120,9 @@ async def _create(request: web.Request) -> web.Response:
 
 async def _list(request: web.Request) -> web.Response:
     query = parse_query(request, SubscriptionsQuery)
-    try:
-        found = await request.app[DELIVERY_STORE].list_subscriptions(query.after, query.limit)
-    except KeyError:
-        message = f"after: no subscription {query.after!r} to list after"
-        raise ApiError(400, "INVALID_PARAMETER", message) from None
+    store = request.app[DELIVERY_STORE]
+    found, next_after = await store.page_subscriptions(query.after, query.limit)
     now = _now(request)
-    next_after = found[-1].id if len(found) == query.limit else None
     items = [subscription_view(s, now) for s in found]
     return json_response({"items": items, "next_after": next_after})
 

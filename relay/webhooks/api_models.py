@@ -52,7 +52,7 @@ class SubscriptionWithSecret(SubscriptionView):
 
 class SubscriptionList(_Shape):
     items: list[SubscriptionView]
-    next_after: str | None = Field(
+    next_after: int | None = Field(
         description="Pass as `after` for the next page; null at the end."
     )
 
@@ -62,8 +62,8 @@ class SubscriptionsQuery(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    after: str | None = Field(
-        None, description="Return subscriptions made after this one (its id), oldest first."
+    after: int = Field(
+        0, ge=0, description="The `next_after` of the page before (0: from the first)."
     )
     limit: int = Field(100, ge=1, le=MAX_LIMIT, description="The most items to return.")
 

@@ -174,9 +174,13 @@ class SQLiteDeliveryStore:
     async def get_subscription(self, subscription_id: str) -> Subscription | None:
         return await self._call(_get_subscription, subscription_id)
 
-    async def list_subscriptions(
-        self, after: str | None = None, limit: int | None = None
-    ) -> list[Subscription]:
+    async def list_subscriptions(self) -> list[Subscription]:
+        subscriptions, _ = await self._call(_list_subscriptions, 0, -1)
+        return subscriptions
+
+    async def page_subscriptions(
+        self, after: int, limit: int
+    ) -> tuple[list[Subscription], int | None]:
         return await self._call(_list_subscriptions, after, limit)
 
     async def update_subscription(
@@ -383,22 +387,17 @@ def _get_subscription(conn: sqlite3.Connection, subscription_id: str) -> Subscri
 
 
 def _list_subscriptions(
-    conn: sqlite3.Connection, after: str | None, limit: int | None
-) -> list[Subscription]:
-    """In the order they were made (rowid: a new row always gets a larger one than every
-    row there is)."""
-    where, params = "", []
-    if after is not None:
-        row = conn.execute("SELECT rowid FROM subscriptions WHERE id = ?", (after,)).fetchone()
-        if row is None:
-            raise KeyError(after)
-        where, params = " WHERE rowid > ?", [row[0]]
+    conn: sqlite3.Connection, after: int, limit: int
+) -> tuple[list[Subscription], int | None]:
+    """In the order they were made, paged by rowid (a new row always gets a larger one
+    than every row there is); `limit` -1: all of them."""
     rows = conn.execute(
-        f"SELECT {_SUBSCRIPTION_COLUMNS} FROM subscriptions{where} ORDER BY rowid"
-        + ("" if limit is None else " LIMIT ?"),
-        params if limit is None else [*params, limit],
+        f"SELECT rowid, {_SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE rowid > ?"
+        " ORDER BY rowid LIMIT ?",
+        (after, limit),
     ).fetchall()
-    return [_subscription(row) for row in rows]
+    next_after = rows[-1][0] if rows and len(rows) == limit else None
+    return [_subscription(row[1:]) for row in rows], next_after
 
 
 def _add_subscription(conn: sqlite3.Connection, s: Subscription) -> Subscription:

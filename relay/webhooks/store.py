@@ -52,10 +52,14 @@ class DeliveryStore(Protocol):
 
     async def get_subscription(self, subscription_id: str) -> Subscription | None: ...
 
-    async def list_subscriptions(
-        self, after: str | None = None, limit: int | None = None
-    ) -> list[Subscription]:
-        """Oldest first; `after` a subscription's id (KeyError if there is none such)."""
+    async def list_subscriptions(self) -> list[Subscription]:
+        """All of them, oldest first."""
+
+    async def page_subscriptions(
+        self, after: int, limit: int
+    ) -> tuple[list[Subscription], int | None]:
+        """Up to `limit` of them, oldest first, after the cursor `after` (0: the first);
+        with the cursor of the next page, None if there is none."""
 
     async def update_subscription(
         self, subscription_id: str, fields: Mapping[str, Any]
