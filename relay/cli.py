@@ -320,6 +320,7 @@ async def _subs_add(settings: Settings, args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
+    from relay.errors import field_problem
     from relay.store.sqlite import sqlite_path
     from relay.webhooks.secrets import SecretBox
     from relay.webhooks.subscriptions import NewSubscription, create_subscription
@@ -334,8 +335,7 @@ async def _subs_add(settings: Settings, args: argparse.Namespace) -> int:
             max_in_flight=args.max_in_flight,
         )
     except ValidationError as exc:
-        error = exc.errors()[0]
-        print(f"relay: {'.'.join(map(str, error['loc']))}: {error['msg']}", file=sys.stderr)
+        print(f"relay: {field_problem(exc.errors()[0], '')}", file=sys.stderr)
         return 2
     box = SecretBox.from_config(
         settings.delivery.encryption_key, sqlite_path(settings.store.url).parent

@@ -16,6 +16,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from relay.errors import field_problem
+
 DEFAULT_CONFIG_PATH = Path("config/relay.toml")
 
 
@@ -206,6 +208,5 @@ def describe_validation_error(exc: ValidationError, path: Path | str | None) -> 
     where = f"config file {path}" if path else "configuration"
     lines = [f"invalid {where}:"]
     for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
-        lines.append(f"  {key}: {error['msg']}")
+        lines.append(f"  {field_problem(error, '(top level)')}")
     return "\n".join(lines)

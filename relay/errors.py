@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import orjson
 from aiohttp import web
+
+
+def field_problem(error: Mapping[str, Any], whole: str) -> str:
+    """One of pydantic's validation errors as `field.path: message` (`whole` when it is
+    about the input as a whole)."""
+    name = ".".join(str(part) for part in error["loc"]) or whole
+    return f"{name}: {error['msg']}"
 
 
 class ApiError(Exception):

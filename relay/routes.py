@@ -31,7 +31,7 @@ from pydantic import BaseModel, ValidationError
 from relay import auth
 from relay.appkeys import SETTINGS, STORE
 from relay.changes import split_list
-from relay.errors import ApiError
+from relay.errors import ApiError, field_problem
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Params = TypeVar("Params", bound=BaseModel)
@@ -126,12 +126,7 @@ async def parse_body(request: web.Request, model: type[Params]) -> Params:
         raise ApiError(400, "INVALID_JSON", "the body is not valid JSON") from None
     if not isinstance(data, dict):
         raise ApiError(400, "INVALID_JSON", "the body must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        error = exc.errors(include_url=False)[0]
-        name = ".".join(str(part) for part in error["loc"]) or "body"
-        raise ApiError(400, "INVALID_REQUEST", f"{name}: {error['msg']}") from None
+    return _validated(model, data, "INVALID_REQUEST", "body")
 
 
 def _parse(source: MultiMapping[str], model: type[Params]) -> Params:
@@ -146,9 +141,13 @@ def _parse(source: MultiMapping[str], model: type[Params]) -> Params:
             data[key] = split_list(values)
         else:
             data[key] = values[0]
+    return _validated(model, data, "INVALID_PARAMETER", "parameters")
+
+
+def _validated(model: type[Params], data: dict[str, object], code: str, whole: str) -> Params:
+    """`data` as `model`, or 400 `code` naming the first field it refuses."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        error = exc.errors(include_url=False)[0]
-        name = ".".join(str(part) for part in error["loc"]) or "parameters"
-        raise ApiError(400, "INVALID_PARAMETER", f"{name}: {error['msg']}") from None
+        problem = field_problem(exc.errors(include_url=False)[0], whole)
+        raise ApiError(400, code, problem) from None
