@@ -58,6 +58,12 @@ class Commit:
     sessions: Mapping[str, int] = field(default_factory=dict)  # session id -> version
 
 
+def excluded_types(globs: tuple[str, ...]) -> tuple[str, ...]:
+    """What a type filter leaves out before matching: raw events, unless it names types
+    (the rule `glob_pattern` applies, for a store to apply in its query)."""
+    return () if globs else RAW_TYPES
+
+
 @lru_cache(maxsize=256)
 def glob_pattern(globs: tuple[str, ...]) -> re.Pattern[str]:
     """One regular expression matching any of the exact names or globs (`turn.*`).
@@ -127,9 +133,11 @@ def stored_body(change_id: int, body: bytes, event: tuple[Any, ...]) -> bytes:
     return raw_change_body(change_id, *event)
 
 
-def one_line(payload: bytes) -> bytes | None:
-    """`payload` if it is one line (as SSE needs it); None if it must be re-encoded."""
-    return None if b"\n" in payload or b"\r" in payload else payload
+def one_line(payload: bytes) -> bytes:
+    """An event's JSON on one line, as SSE needs it: `payload` itself if it already is."""
+    if b"\n" in payload or b"\r" in payload:
+        return orjson.dumps(orjson.loads(payload))
+    return payload
 
 
 def split_list(values: Iterable[str]) -> tuple[str, ...]:

@@ -27,7 +27,7 @@ from relay.api_models import (
     TurnPage,
 )
 from relay.appkeys import HUB, STORE
-from relay.changes import RAW_TYPES
+from relay.changes import excluded_types
 from relay.errors import ApiError, json_response
 from relay.routes import Handler, Reply, Route, parse_query
 from relay.store import SessionQuery as SessionPageQuery
@@ -170,8 +170,7 @@ def _int_cursor(cursor: list[Any] | None) -> int:
 async def list_changes(request: web.Request) -> web.Response:
     """`GET /v1/changes?after=&limit=&type=`: the change log, oldest first."""
     query = parse_query(request, ChangesQuery)
-    # Without a type filter, every change but raw events (which a filter must name).
-    exclude = () if query.type else RAW_TYPES
+    exclude = excluded_types(query.type)
     changes = await request.app[STORE].list_changes(query.after, query.limit, query.type, exclude)
     next_after = changes[-1].id if len(changes) == query.limit else None
     items = [orjson.Fragment(change.body) for change in changes]

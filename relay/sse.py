@@ -19,7 +19,7 @@ from aiohttp import web
 from relay import auth
 from relay.api_models import StreamHeaders, StreamQuery
 from relay.appkeys import HUB, SETTINGS, STORE
-from relay.changes import RAW_TYPES, StoredChange, as_chunk, glob_pattern
+from relay.changes import StoredChange, as_chunk, excluded_types, glob_pattern
 from relay.errors import ApiError
 from relay.hub import Subscription
 from relay.routes import Reply, Route, parse_headers, parse_query
@@ -41,8 +41,7 @@ class StreamFilter:
         self._session = session
         self._sessions: re.Pattern[str] | None = glob_pattern(sessions) if sessions else None
         self._types = glob_pattern(types)
-        # What the store can leave out for this filter: raw events, unless it names types.
-        self.excluded: tuple[str, ...] = () if types else RAW_TYPES
+        self.excluded = excluded_types(types)  # what the store can leave out
 
     def __call__(self, change: StoredChange) -> bool:
         if self._session is not None and change.session_id != self._session:

@@ -32,8 +32,7 @@ def check_derived_state(conn: sqlite3.Connection, decode: EventDecoder) -> list[
         new, changes = apply(old, event)
         if new is not None and session_id is not None:
             records[session_id] = new
-        line = one_line(payload) or orjson.dumps(orjson.loads(payload))
-        expected = [_comparable(orjson.loads(raw_change_of(0, event, line)))]
+        expected = [_comparable(orjson.loads(raw_change_of(0, event, one_line(payload))))]
         expected += [_comparable(change.to_dict()) for change in changes]
         found = stored.pop(seq, [])
         if expected != found:

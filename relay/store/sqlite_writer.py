@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -170,12 +170,8 @@ class BatchWriter:
         event = record.event
         self.last_change += 1
         payload = one_line(record.body)
-        stored = REBUILT_FROM_EVENT
-        if payload is None:
-            payload = orjson.dumps(orjson.loads(record.body))
         body = raw_change_of(self.last_change, event, payload)
-        if payload is not record.body:
-            stored = body
+        stored = REBUILT_FROM_EVENT if payload is record.body else body
         change = StoredChange(
             self.last_change, RAW_PREFIX + event.type, event.session_id or "", event.turn_id, body
         )
@@ -289,9 +285,7 @@ class BatchWriter:
 
     def _alert_rows(self, session_ids: list[str]) -> dict[str, frozenset[_AlertKey]]:
         found: dict[str, set[_AlertKey]] = {}
-        for start in range(0, len(session_ids), _CHUNK):
-            chunk = session_ids[start : start + _CHUNK]
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _in_chunks(session_ids):
             for kind, session_id, turn_id in self.conn.execute(
                 f"SELECT kind, session_id, turn_id FROM alerts WHERE session_id IN ({marks})",
                 chunk,
@@ -450,6 +444,13 @@ def _insert_rows(
         conn.execute(head + ",".join([row] * (len(chunk) // width)) + tail, chunk)
 
 
+def _in_chunks(values: list[str]) -> Iterator[tuple[list[str], str]]:
+    """`values` in chunks small enough for one `IN (...)`, each with its placeholders."""
+    for start in range(0, len(values), _CHUNK):
+        chunk = values[start : start + _CHUNK]
+        yield chunk, ",".join("?" * len(chunk))
+
+
 def _existing_seqs(
     conn: sqlite3.Connection, keys: list[tuple[str, str]]
 ) -> dict[tuple[str, str], int]:
@@ -459,9 +460,7 @@ def _existing_seqs(
         by_source.setdefault(source, []).append(event_id)
     found: dict[tuple[str, str], int] = {}
     for source, ids in by_source.items():
-        for start in range(0, len(ids), _CHUNK):
-            chunk = ids[start : start + _CHUNK]
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _in_chunks(ids):
             sql = f"SELECT event_id, seq FROM events WHERE source = ? AND event_id IN ({marks})"
             for event_id, seq in conn.execute(sql, [source, *chunk]):
                 found[(source, event_id)] = seq
