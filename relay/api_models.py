@@ -194,18 +194,19 @@ class StoredEvent(_Shape):
 # -- pages -----------------------------------------------------------------------------------
 
 
+def next_after() -> Any:
+    """The field of a page (of an `AfterQuery`) that says where the next one starts."""
+    return Field(description="Pass as `after` for the next page; null at the end.")
+
+
 class EventLogPage(_Shape):
     items: list[StoredEvent]
-    next_after: int | None = Field(
-        description="Pass as `after` for the next page; null at the end."
-    )
+    next_after: int | None = next_after()
 
 
 class ChangePage(_Shape):
     items: list[Change | RawChange]
-    next_after: int | None = Field(
-        description="Pass as `after` for the next page; null at the end."
-    )
+    next_after: int | None = next_after()
 
 
 class SessionPage(_Shape):
@@ -252,14 +253,18 @@ def _types() -> Any:
     )
 
 
-class EventLogQuery(_Query):
+class AfterQuery(_Query):
+    """A page of a list in id order: `limit` items after a position."""
+
     after: Id = _after()
     limit: int = _limit(100)
 
 
-class ChangesQuery(_Query):
-    after: Id = _after()
-    limit: int = _limit(100)
+class EventLogQuery(AfterQuery):
+    pass
+
+
+class ChangesQuery(AfterQuery):
     type: tuple[str, ...] = _types()
 
 

@@ -11,7 +11,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from relay.api_models import MAX_LIMIT, Id
+from relay.api_models import AfterQuery, next_after
 from relay.timefmt import parse_time
 from relay.webhooks.model import DeliveryStatus, Ordering
 
@@ -52,20 +52,11 @@ class SubscriptionWithSecret(SubscriptionView):
 
 class SubscriptionList(_Shape):
     items: list[SubscriptionView]
-    next_after: int | None = Field(
-        description="Pass as `after` for the next page; null at the end."
-    )
+    next_after: int | None = next_after()
 
 
-class SubscriptionsQuery(BaseModel):
-    """Query parameters; unknown ones are ignored."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    after: int = Field(
-        0, ge=0, description="The `next_after` of the page before (0: from the first)."
-    )
-    limit: int = Field(100, ge=1, le=MAX_LIMIT, description="The most items to return.")
+class SubscriptionsQuery(AfterQuery):
+    pass
 
 
 class AttemptView(_Shape):
@@ -99,23 +90,15 @@ class DeliveryView(_Shape):
 
 class DeliveryPage(_Shape):
     items: list[DeliveryView]
-    next_after: int | None = Field(
-        description="Pass as `after` for the next page; null at the end."
-    )
+    next_after: int | None = next_after()
 
 
 class Requeued(_Shape):
     queued: int = Field(description="How many deliveries were queued.")
 
 
-class DeliveriesQuery(BaseModel):
-    """Query parameters; unknown ones are ignored."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
+class DeliveriesQuery(AfterQuery):
     status: DeliveryStatus | None = Field(None, description="Only deliveries with this status.")
-    after: Id = Field(0, description="Return deliveries after this id (exclusive).")
-    limit: int = Field(100, ge=1, le=MAX_LIMIT, description="The most items to return.")
 
 
 class Recovery(BaseModel):
