@@ -223,6 +223,11 @@ def main() -> None:
         help="also run a relay without per-request log lines",
     )
     parser.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="also run the relay with its store write taken out (bench/ceiling_server.py)",
+    )
+    parser.add_argument(
         "--thread-writer",
         action="store_true",
         help="also run a relay with store.writer = thread (no writer process)",
@@ -249,6 +254,11 @@ def main() -> None:
             config = relay_config(work, port, log_requests, writer)
             command = [sys.executable, "-m", "relay", "serve", "--config", str(config)]
             servers.append(Server(name, command, port, work, work / f"bench-{port}.db"))
+        if args.ceiling:
+            port = free_port()
+            config = relay_config(work, port, True)
+            command = [sys.executable, "-m", "bench.ceiling_server", "--config", str(config)]
+            servers.append(Server("relay, nothing stored", command, port, HERE.parent, None))
         try:
             for server in servers:
                 wait_healthy(server.url)
