@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from relay.state import ChangeType, Readiness, SessionTurnStatus, TurnStatus
 
@@ -21,12 +21,8 @@ MAX_WAIT_SECONDS = 60
 Id = Annotated[int, Field(ge=0, le=MAX_ID)]
 
 
-def _empty_is_none(value: object) -> object:
-    return None if value == "" else value
-
-
-# A change id to resume after; an empty value means none.
-ResumeId = Annotated[Id | None, BeforeValidator(_empty_is_none)]
+# A change id to resume after (an empty parameter, like any, counts as absent).
+ResumeId = Id | None
 
 
 class _Shape(BaseModel):

@@ -203,6 +203,13 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
             f"  stop:  Ctrl-C",
             flush=True,
         )
+        if not settings.sources:
+            print(
+                "relay: no [[sources]] configured, so every ingest gets 404 UNKNOWN_SOURCE"
+                " (was a --config file meant? see config/relay.toml)",
+                file=sys.stderr,
+                flush=True,
+            )
         flusher = asyncio.create_task(_flush_logs_periodically())
         await stop.wait()
         print("relay: shutting down", flush=True)

@@ -139,7 +139,7 @@ def _parse(source: MultiMapping[str], model: type[Params]) -> Params:
         if get_origin(info.annotation) is tuple:
             # Lists may repeat the parameter and may hold comma-separated values.
             data[key] = split_list(values)
-        else:
+        elif values[0] != "":  # `?readiness=` (an empty form field) means "any"
             data[key] = values[0]
     return _validated(model, data, "INVALID_PARAMETER", "parameters")
 

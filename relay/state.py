@@ -28,9 +28,12 @@
 # turn is in `conflict`. `active_turn_id` is the running turn started last (ties: the
 # larger turn id); `last_turn` is the turn with the newest event (same tie rule).
 # Turn events without a turn id, unknown types and events without a session id change
-# nothing. Changes are emitted on status transitions only; a snapshot update without
-# one (e.g. a late `started` filling in `started_at` of a completed turn) bumps the
-# versions but emits no change.
+# nothing. Changes are emitted on status transitions, and for each step of a session
+# that is provisioning: `session.provisioning` when it stops being ready, and again
+# whenever its runtime, scope or worker details change before it is ready, so that a
+# dashboard sees every step. Any other snapshot update (e.g. a late `started` filling
+# in `started_at` of a completed turn) bumps the versions but emits no change: the
+# changes subscribers act on (`turn.completed`, `session.ready`, ...) come once each.
 
 from __future__ import annotations
 
@@ -639,12 +642,22 @@ def apply(record: SessionRecord | None, event: Event) -> tuple[SessionRecord | N
         changes.append(change(ChangeType.SESSION_CREATED))
     if session.readiness == Readiness.READY and (old is None or old.readiness != Readiness.READY):
         changes.append(change(ChangeType.SESSION_READY))
-    if session.readiness == Readiness.PROVISIONING and old and old.readiness == Readiness.READY:
+    if session.readiness == Readiness.PROVISIONING and old and _provisioning_moved(old, session):
         changes.append(change(ChangeType.SESSION_PROVISIONING))
     new_turn = turns.get(event.turn_id) if event.turn_id is not None else None
     if new_turn is not None and (old_turn is None or old_turn.status != new_turn.status):
         changes.append(change(_TURN_CHANGE[new_turn.status], new_turn))
     return SessionRecord(facts, session, turns, summary), changes
+
+
+def _provisioning_moved(old: SessionState, new: SessionState) -> bool:
+    """A provisioning session took a step: it was ready, or a readiness detail changed."""
+    return (
+        old.readiness != new.readiness
+        or old.runtime_reused != new.runtime_reused
+        or old.scope_activated != new.scope_activated
+        or old.worker_ready != new.worker_ready
+    )
 
 
 def derive_session(events: Iterable[Event]) -> SessionRecord | None:

@@ -32,6 +32,8 @@ HMAC_SECRET = "hmac-shared-secret"
 # The changes the fixture lifecycle produces, in order.
 LIFECYCLE_CHANGES = [
     "session.created",
+    "session.provisioning",  # runtime reused
+    "session.provisioning",  # scope activated
     "session.ready",
     "turn.started",
     "turn.completed",

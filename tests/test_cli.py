@@ -82,3 +82,35 @@ def test_serve_on_a_taken_port_exits_with_a_message(tmp_path: Path) -> None:
         done = relay(config, "serve", check=False)
     assert done.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+
+
+def test_serve_without_sources_says_ingest_will_be_refused(tmp_path: Path) -> None:
+    """A relay started with no [[sources]] (say, without the config file meant) starts,
+    and says on stderr that every ingest will get 404 UNKNOWN_SOURCE."""
+    import signal
+    import threading
+
+    config = tmp_path / "relay.toml"
+    config.write_text(f'[server]\nport = 0\n[store]\nurl = "sqlite:///{tmp_path}/t.db"\n')
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay", "serve", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    watchdog = threading.Timer(60, proc.kill)  # bounds the read below if nothing comes
+    watchdog.start()
+    try:
+        assert proc.stderr is not None
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "UNKNOWN_SOURCE" in line:
+                break
+        assert any("no [[sources]] configured" in line for line in lines), lines
+        assert proc.poll() is None  # still serving
+    finally:
+        watchdog.cancel()
+        proc.send_signal(signal.SIGTERM)
+        _, rest = proc.communicate(timeout=60)  # reads stderr to its end, and closes it
+    assert proc.returncode == 0, rest

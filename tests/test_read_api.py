@@ -72,7 +72,7 @@ async def test_changes_follow_the_lifecycle(relay: Relay) -> None:
     changes = (await get(relay, "/v1/changes"))["items"]
     assert [c["type"] for c in changes] == LIFECYCLE_CHANGES
     assert [c["id"] for c in changes] == sorted(c["id"] for c in changes)
-    completed = changes[3]
+    completed = changes[LIFECYCLE_CHANGES.index("turn.completed")]
     assert completed["turn"]["usage"]["input_tokens"] == 5120
     assert completed["session"]["counts"]["completed"] == 1
     assert completed["cause"] == {
@@ -80,7 +80,8 @@ async def test_changes_follow_the_lifecycle(relay: Relay) -> None:
         "source": "casedev",
         "type": "agent.chat.turn.completed",
     }
-    turns_only = (await get(relay, "/v1/changes", type="turn.*", after=changes[2]["id"]))["items"]
+    first_turn = changes[LIFECYCLE_CHANGES.index("turn.started")]["id"]
+    turns_only = (await get(relay, "/v1/changes", type="turn.*", after=first_turn))["items"]
     assert [c["type"] for c in turns_only] == [
         "turn.completed",
         "turn.started",
@@ -126,6 +127,19 @@ async def test_bad_query_parameters_are_400(relay: Relay) -> None:
         resp = await relay.client.get(path, params=params, headers=relay.auth)
         assert resp.status == 400, (path, params)
         assert (await resp.json())["error"]["code"] == "INVALID_PARAMETER"
+
+
+async def test_empty_query_parameters_mean_absent(relay: Relay) -> None:
+    """`?readiness=&turn_status=&limit=&cursor=` (an empty form field) means "any": the
+    same answer as without them, not a 400."""
+    for event in fixture_events():
+        await ingest(relay, event)
+    empty = {"readiness": "", "turn_status": "", "limit": "", "cursor": ""}
+    assert await get(relay, "/v1/sessions", **empty) == await get(relay, "/v1/sessions")
+    assert (await get(relay, "/v1/sessions", **empty))["items"][0]["session_id"] == SESSION
+    changes = await get(relay, "/v1/changes", after="", limit="", type="")
+    assert changes == await get(relay, "/v1/changes")
+    assert len(changes["items"]) == len(LIFECYCLE_CHANGES)
 
 
 def lifecycle(session: str, n: int) -> list[dict[str, Any]]:

@@ -78,7 +78,8 @@ async def test_httpx_sse_client_receives_the_lifecycle_in_order(relay: Relay) ->
     ids = [int(sse.id) for sse in received]
     assert ids == sorted(ids)
     assert retry == 3000
-    assert orjson.loads(received[3].data)["turn"]["status"] == "completed"
+    completed = received[LIFECYCLE_CHANGES.index("turn.completed")]
+    assert orjson.loads(completed.data)["turn"]["status"] == "completed"
 
 
 async def test_resume_replays_the_rest_exactly_once(relay: Relay) -> None:
@@ -196,7 +197,7 @@ async def test_relay_tail_prints_readable_lines_and_resumes(relay: Relay) -> Non
     for event in fixture_events():
         await ingest(relay, event)
     url = str(relay.client.make_url("/")).rstrip("/")
-    after = str((await change_ids(relay))[3])
+    after = str((await change_ids(relay))[LIFECYCLE_CHANGES.index("turn.completed")])
     proc = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "relay", "tail"),
         *("--url", url, "--key", relay.key, "--from", after, "--count", "3", "--type", "turn.*"),

@@ -91,7 +91,7 @@ async def test_browser_eventsource_receives_changes_and_resumes(
         await until(lambda r: r["opens"] >= 2)
         for event in events[5:]:
             await ingest(relay, event)
-        final = await until(lambda r: len(r["seen"]) >= 7)
+        final = await until(lambda r: len(r["seen"]) >= len(LIFECYCLE_CHANGES))
     finally:
         browser.kill()
         await browser.wait()

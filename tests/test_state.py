@@ -200,6 +200,29 @@ def test_scope_after_ready_reprovisions() -> None:
     assert [c.type for c in changes] == [ChangeType.SESSION_READY]
 
 
+def test_each_provisioning_step_is_a_change() -> None:
+    """While provisioning, each new readiness detail is a `session.provisioning` change
+    carrying it; a repeat of a step, or a turn event, is not; ready comes once."""
+    record, changes = apply(None, event(EventType.SESSION_CREATED, 0))
+    assert [c.type for c in changes] == [ChangeType.SESSION_CREATED]
+    assert record is not None
+    steps = [
+        (EventType.RUNTIME_REUSED, 1, "runtime_reused", True),
+        (EventType.SCOPE_ACTIVATED, 2, "scope_activated", True),
+    ]
+    for kind, at, detail, value in steps:
+        record, changes = apply(record, event(kind, at))
+        assert [c.type for c in changes] == [ChangeType.SESSION_PROVISIONING]
+        assert changes[0].to_dict()["session"][detail] == value
+        assert record.session.readiness == Readiness.PROVISIONING
+    record, changes = apply(record, event(EventType.RUNTIME_REUSED, 1.5))  # same detail
+    assert changes == []
+    record, changes = apply(record, event(EventType.TURN_STARTED, 1.6, "t0"))
+    assert [c.type for c in changes] == [ChangeType.TURN_STARTED]
+    record, changes = apply(record, event(EventType.WORKER_READY, 3))
+    assert [c.type for c in changes] == [ChangeType.SESSION_READY]
+
+
 def test_worker_ready_first() -> None:
     """A session whose first event is worker-ready is created ready."""
     assert changes_of([event(EventType.WORKER_READY, 1)]) == ["session.created", "session.ready"]
