@@ -6,7 +6,9 @@ import asyncio
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
+import pytest
 from aiohttp import web
 
 from tests.conftest import LIFECYCLE_CHANGES, RelayFactory, fixture_events
@@ -186,3 +188,32 @@ async def test_changes_before_the_first_subscription_are_never_read_for_delivery
         await eventually(lambda: len(got.at("/after")) == len(wanted))
         await asyncio.sleep(0.2)
         assert sorted(r.change_id for r in got.at("/after")) == wanted
+
+
+async def test_a_410_holds_while_its_result_waits_to_be_written(
+    start_relay: RelayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The subscription a 410 disabled gets nothing more, even when the store is slow to
+    write that result and the dispatcher reloads subscriptions meanwhile (which still read
+    it enabled)."""
+    from relay.webhooks.sqlite_store import SQLiteDeliveryStore
+
+    real_record = SQLiteDeliveryStore.record
+
+    async def slow_record(self: SQLiteDeliveryStore, results: Any) -> None:
+        if any(result.disable_reason for result in results):
+            await asyncio.sleep(1.0)  # several reloads (every 0.2 s) happen before it lands
+        await real_record(self, results)
+
+    monkeypatch.setattr(SQLiteDeliveryStore, "record", slow_record)
+    relay = await start_relay(delivery=FAST_DELIVERY)
+    async with receiver() as got:
+        got.endpoint("/gone", lambda receipt, seen: web.Response(status=410))
+        await subscribe(relay, got, "/gone")
+        events = fixture_events()
+        await ingest(relay, events[0])
+        await eventually(lambda: len(got.at("/gone", delivered=False)) == 1)
+        for event in events[1:]:  # each makes a change; none may be sent
+            await ingest(relay, event)
+        await asyncio.sleep(1.5)
+    assert len(got.at("/gone", delivered=False)) == 1

@@ -97,6 +97,9 @@ class Dispatcher:
         self._dirty: set[str] = set()
         self._next_due: dict[str, float] = {}
         self._results: list[AttemptResult] = []
+        # Results not yet written, per subscription: until they are, the endpoint's
+        # `enabled` and `failing_since` here are newer than the store's.
+        self._unrecorded: Counter[str] = Counter()
         self._changes = asyncio.Event()
         self._work = asyncio.Event()
         self._results_ready = asyncio.Event()
@@ -192,7 +195,12 @@ class Dispatcher:
                 if p.until > now:
                     with contextlib.suppress(SecretBoxError):  # one that cannot sign is left out
                         previous.append((self._box.decrypt(p.secret, binding(s.id)), p.until))
-            endpoints[s.id] = Endpoint(s, secret, tuple(previous), s.enabled, s.failing_since)
+            endpoint = Endpoint(s, secret, tuple(previous), s.enabled, s.failing_since)
+            known = self._endpoints.get(s.id)
+            if known is not None and self._unrecorded[s.id]:
+                # A 410 just disabled it here, say, and the store does not know yet.
+                endpoint.enabled, endpoint.failing_since = known.enabled, known.failing_since
+            endpoints[s.id] = endpoint
         self._unreadable = unreadable
         changed = {
             sid
@@ -306,6 +314,9 @@ class Dispatcher:
                 for result in batch:
                     if result.frees_slot_on_record:
                         self._free_slot(result.subscription_id)
+                    self._unrecorded[result.subscription_id] -= 1
+                    if self._unrecorded[result.subscription_id] <= 0:
+                        del self._unrecorded[result.subscription_id]
                     self._dirty.add(result.subscription_id)
                 self._work.set()
             if self._stopping:
@@ -427,6 +438,7 @@ class Dispatcher:
             self._free_slot(delivery.subscription_id)
             self._dirty.add(delivery.subscription_id)
             self._work.set()
+        self._unrecorded[delivery.subscription_id] += 1
         self._results.append(
             AttemptResult(
                 Attempt(delivery.id, now, status, round(latency_ms, 2), response, error),
