@@ -133,13 +133,14 @@ def _parse(source: MultiMapping[str], model: type[Params]) -> Params:
     data: dict[str, object] = {}
     for name, info in model.model_fields.items():
         key = info.alias or name
-        values = source.getall(key, [])
+        # An empty value (`?readiness=`, an empty form field) counts as absent.
+        values = [value for value in source.getall(key, []) if value]
         if not values:
             continue
         if get_origin(info.annotation) is tuple:
             # Lists may repeat the parameter and may hold comma-separated values.
             data[key] = split_list(values)
-        elif values[0] != "":  # `?readiness=` (an empty form field) means "any"
+        else:
             data[key] = values[0]
     return _validated(model, data, "INVALID_PARAMETER", "parameters")
 

@@ -139,6 +139,10 @@ async def test_empty_query_parameters_mean_absent(relay: Relay) -> None:
     assert (await get(relay, "/v1/sessions", **empty))["items"][0]["session_id"] == SESSION
     changes = await get(relay, "/v1/changes", after="", limit="", type="")
     assert changes == await get(relay, "/v1/changes")
+    either = await relay.client.get(
+        "/v1/sessions?readiness=&readiness=provisioning", headers=relay.auth
+    )
+    assert (await either.json())["items"] == []  # the non-empty value applies
     assert len(changes["items"]) == len(LIFECYCLE_CHANGES)
 
 
@@ -220,3 +224,36 @@ async def test_state_check_notices_a_tampered_snapshot(start_relay: RelayFactory
     assert await store.check_derived_state() == [
         f"session {SESSION}: stored state differs from a rebuild"
     ]
+
+
+async def test_state_check_replays_history_under_the_rule_it_was_written_with(
+    start_relay: RelayFactory,
+) -> None:
+    """A store from before provisioning steps were logged (its change log has no
+    `session.provisioning` for a session not yet ready, and migration 0006 marks where the
+    new rule starts) checks clean; a step missing after that mark is still reported."""
+    relay = await start_relay()
+    store = relay.client.app[STORE]
+    write = store._write  # type: ignore[attr-defined]
+    for event in fixture_events():
+        await ingest(relay, event)
+    # What a relay before migration 0006 had written, and what the migration then recorded.
+    await write("DELETE FROM changes WHERE type = 'session.provisioning'", ())
+    await write(
+        "UPDATE store_facts SET value = (SELECT max(seq) + 1 FROM events)"
+        " WHERE name = 'provisioning_steps_from_seq'",
+        (),
+    )
+    later = [
+        {**event, "id": f"{event['id']}_b", "data": {**event["data"], "chatId": "chat_b"}}
+        for event in fixture_events()
+    ]
+    for event in later:
+        await ingest(relay, event)
+    assert await store.check_derived_state() == []
+    steps = await get(relay, "/v1/changes", type="session.provisioning")
+    assert [c["session_id"] for c in steps["items"]] == ["chat_b", "chat_b"]
+    await write("DELETE FROM changes WHERE id = ?", (steps["items"][0]["id"],))
+    problems = await store.check_derived_state()
+    assert len(problems) == 1, problems
+    assert "session.provisioning" in problems[0]
