@@ -14,6 +14,11 @@ def format_time(moment: datetime) -> str:
     return moment.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
 
 
+def format_unix(seconds: float) -> str:
+    """A unix time (seconds) as the relay writes times."""
+    return format_time(datetime.fromtimestamp(seconds, UTC))
+
+
 def parse_time(text: str) -> datetime:
     return datetime.fromisoformat(text).astimezone(UTC)
 

@@ -217,3 +217,112 @@ async def test_a_410_holds_while_its_result_waits_to_be_written(
             await ingest(relay, event)
         await asyncio.sleep(1.5)
     assert len(got.at("/gone", delivered=False)) == 1
+
+
+async def test_a_410_reaches_the_subscription_a_reload_put_in_its_place(
+    start_relay: RelayFactory,
+) -> None:
+    """A 410 answered after the dispatcher reloaded its subscriptions (every 0.2 s here)
+    still disables the subscription it schedules from: the changes waiting behind that
+    attempt are not sent."""
+    relay = await start_relay(delivery=FAST_DELIVERY)
+
+    async def gone_slowly(receipt: Receipt, seen: int) -> web.Response:
+        await asyncio.sleep(0.5)  # reloads happen while this attempt is out
+        return web.Response(status=410)
+
+    async with receiver() as got:
+        got.endpoint("/gone", gone_slowly)
+        await subscribe(relay, got, "/gone", max_in_flight=1)
+        events = fixture_events()
+        await ingest(relay, events[0])
+        await eventually(lambda: len(got.at("/gone", delivered=False)) == 1)
+        for event in events[1:]:  # they wait behind the attempt out (max_in_flight 1)
+            await ingest(relay, event)
+        await asyncio.sleep(2.0)
+    assert len(got.at("/gone", delivered=False)) == 1
+
+
+def busy_sessions(count: int) -> list[dict[str, Any]]:
+    """The fixture lifecycle for `count` sessions of its own each."""
+    events = []
+    for n in range(count):
+        for event in fixture_events():
+            data = {**event["data"], "chatId": f"chat_{n}"}
+            events.append({**event, "id": f"{event['id']}_{n}", "data": data})
+    return events
+
+
+async def test_a_pause_through_the_api_holds_under_steady_deliveries(
+    start_relay: RelayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PATCH enabled=false stops deliveries at once, also while results of earlier attempts
+    are still being written (a store waiting 50 ms per write, as under ingest load)."""
+    from relay.webhooks.sqlite_store import SQLiteDeliveryStore
+
+    real_record = SQLiteDeliveryStore.record
+
+    async def busy_record(self: SQLiteDeliveryStore, results: Any) -> None:
+        await asyncio.sleep(0.05)
+        await real_record(self, results)
+
+    monkeypatch.setattr(SQLiteDeliveryStore, "record", busy_record)
+    relay = await start_relay(delivery={**FAST_DELIVERY, "poll_interval_seconds": 1.0})
+
+    async def slowish(receipt: Receipt, seen: int) -> web.Response:
+        await asyncio.sleep(0.02)
+        return web.Response(text="ok")
+
+    async with receiver() as got:
+        got.endpoint("/busy", slowish)
+        created = await subscribe(relay, got, "/busy", max_in_flight=4)
+        events = busy_sessions(60)
+        for start in range(0, len(events), 20):
+            await asyncio.gather(*(ingest(relay, event) for event in events[start : start + 20]))
+        await eventually(lambda: len(got.at("/busy")) >= 40)
+        paused = await api(
+            relay, "PATCH", f"/v1/subscriptions/{created['id']}", json={"enabled": False}
+        )
+        assert paused["enabled"] is False
+        answered = time.time()
+        await asyncio.sleep(2.0)
+    late = [r for r in got.receipts if r.at > answered + 0.2]  # the 4 out end well before
+    assert late == []
+    assert len(got.receipts) < len(events) * len(LIFECYCLE_CHANGES) // len(fixture_events())
+
+
+async def test_an_enable_after_a_410_wins_over_the_410_written_later(
+    start_relay: RelayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Enabling through the API after a 410 was answered, but before that result is
+    written, leaves the subscription enabled (the later word wins, in the store as in the
+    dispatcher); the changes made since are delivered."""
+    from relay.webhooks.sqlite_store import SQLiteDeliveryStore
+
+    real_record = SQLiteDeliveryStore.record
+
+    async def slow_disable(self: SQLiteDeliveryStore, results: Any) -> None:
+        if any(result.disable_reason for result in results):
+            await asyncio.sleep(1.0)
+        await real_record(self, results)
+
+    monkeypatch.setattr(SQLiteDeliveryStore, "record", slow_disable)
+    relay = await start_relay(delivery=FAST_DELIVERY)
+
+    def gone_once(receipt: Receipt, seen: int) -> web.Response:
+        return web.Response(status=410) if len(got.receipts) == 1 else web.Response(text="ok")
+
+    async with receiver() as got:
+        got.endpoint("/back", gone_once)
+        created = await subscribe(relay, got, "/back")
+        sub_path = f"/v1/subscriptions/{created['id']}"
+        events = fixture_events()
+        await ingest(relay, events[0])
+        await eventually(lambda: bool(got.receipts) and got.receipts[0].status == 410)
+        enabled = await api(relay, "POST", f"{sub_path}/enable")
+        assert enabled["enabled"] is True
+        for event in events[1:]:
+            await ingest(relay, event)
+        await eventually(lambda: len(got.at("/back")) == len(LIFECYCLE_CHANGES) - 1)
+        await asyncio.sleep(1.5)  # the 410's result has been written by now
+        assert (await api(relay, "GET", sub_path))["enabled"] is True

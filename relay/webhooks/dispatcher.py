@@ -32,6 +32,7 @@ import structlog
 
 from relay.config import DeliverySettings
 from relay.metrics import DeliveryStats
+from relay.timefmt import format_unix
 from relay.webhooks.model import (
     Attempt,
     AttemptResult,
@@ -97,9 +98,10 @@ class Dispatcher:
         self._dirty: set[str] = set()
         self._next_due: dict[str, float] = {}
         self._results: list[AttemptResult] = []
-        # Results not yet written, per subscription: until they are, the endpoint's
-        # `enabled` and `failing_since` here are newer than the store's.
-        self._unrecorded: Counter[str] = Counter()
+        # Subscriptions this dispatcher disabled (a 410, or failing too long), and when, while
+        # that result is not written yet: the store will say so unless the row is changed
+        # through the API after that moment (the later word wins, here and in the store).
+        self._disabling: dict[str, str] = {}
         self._changes = asyncio.Event()
         self._work = asyncio.Event()
         self._results_ready = asyncio.Event()
@@ -197,9 +199,11 @@ class Dispatcher:
                         previous.append((self._box.decrypt(p.secret, binding(s.id)), p.until))
             endpoint = Endpoint(s, secret, tuple(previous), s.enabled, s.failing_since)
             known = self._endpoints.get(s.id)
-            if known is not None and self._unrecorded[s.id]:
-                # A 410 just disabled it here, say, and the store does not know yet.
+            if known is not None and known.subscription == s:
+                # The row is as last read: what attempts found since is newer than it.
                 endpoint.enabled, endpoint.failing_since = known.enabled, known.failing_since
+            elif s.id in self._disabling and s.updated_at <= self._disabling[s.id]:
+                endpoint.enabled = False  # the row changed before our disable, which lands next
             endpoints[s.id] = endpoint
         self._unreadable = unreadable
         changed = {
@@ -207,6 +211,7 @@ class Dispatcher:
             for sid, endpoint in endpoints.items()
             if sid not in self._endpoints
             or self._endpoints[sid].subscription != endpoint.subscription
+            or (endpoint.enabled and not self._endpoints[sid].enabled)
         }
         self._endpoints = endpoints
         if changed:
@@ -314,9 +319,8 @@ class Dispatcher:
                 for result in batch:
                     if result.frees_slot_on_record:
                         self._free_slot(result.subscription_id)
-                    self._unrecorded[result.subscription_id] -= 1
-                    if self._unrecorded[result.subscription_id] <= 0:
-                        del self._unrecorded[result.subscription_id]
+                    if result.disable_reason is not None:
+                        self._disabling.pop(result.subscription_id, None)
                     self._dirty.add(result.subscription_id)
                 self._work.set()
             if self._stopping:
@@ -404,6 +408,9 @@ class Dispatcher:
     ) -> None:
         now = self._clock()
         attempts = delivery.cycle_attempts + 1
+        # The subscription as it is now: a reload may have replaced the one the attempt
+        # was claimed with, and what the attempt found must reach the one the scheduler reads.
+        live = self._endpoints.get(delivery.subscription_id)
         verdict = settle(
             status,
             attempts,
@@ -411,19 +418,20 @@ class Dispatcher:
             self._settings.retry_schedule_seconds,
             retry_after,
             self._rand,
-            endpoint.failing_since if endpoint is not None else None,
+            live.failing_since if live is not None else None,
             self._settings.disable_after_seconds,
             refused,
         )
         if error is None and verdict.outcome is not Outcome.DELIVERED and status is not None:
             error = f"the endpoint answered {status}"
-        if endpoint is not None:
+        if live is not None:
             if verdict.outcome is Outcome.DELIVERED:
-                endpoint.failing_since = None
-            elif endpoint.failing_since is None:
-                endpoint.failing_since = now
+                live.failing_since = None
+            elif live.failing_since is None:
+                live.failing_since = now
             if verdict.disable_reason is not None:
-                endpoint.enabled = False
+                live.enabled = False
+                self._disabling[delivery.subscription_id] = format_unix(now)
                 log.warning(
                     "webhooks.subscription_disabled",
                     subscription_id=delivery.subscription_id,
@@ -438,7 +446,6 @@ class Dispatcher:
             self._free_slot(delivery.subscription_id)
             self._dirty.add(delivery.subscription_id)
             self._work.set()
-        self._unrecorded[delivery.subscription_id] += 1
         self._results.append(
             AttemptResult(
                 Attempt(delivery.id, now, status, round(latency_ms, 2), response, error),

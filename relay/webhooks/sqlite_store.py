@@ -12,7 +12,6 @@ import asyncio
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import orjson
@@ -20,7 +19,7 @@ import orjson
 from relay.changes import RAW_EVENT_COLUMNS, stored_body
 from relay.config import StoreSettings
 from relay.store.sqlite import sqlite_path
-from relay.timefmt import format_time, parse_time
+from relay.timefmt import format_time, format_unix, parse_time
 from relay.webhooks.model import (
     Attempt,
     AttemptResult,
@@ -603,21 +602,15 @@ def _record(conn: sqlite3.Connection, results: list[AttemptResult]) -> None:
                 )
         for result in results:
             if result.disable_reason is not None:
+                # Unless the row was changed (re-enabled, say) after the attempt decided it.
+                at = format_unix(result.attempt.at)
                 conn.execute(
                     "UPDATE subscriptions SET enabled = 0, disabled_reason = ?, updated_at = ?"
-                    " WHERE id = ? AND enabled = 1",
-                    (
-                        result.disable_reason,
-                        format_time_at(result.attempt.at),
-                        result.subscription_id,
-                    ),
+                    " WHERE id = ? AND enabled = 1 AND updated_at <= ?",
+                    (result.disable_reason, at, result.subscription_id, at),
                 )
 
     _transaction(conn, work)
-
-
-def format_time_at(seconds: float) -> str:
-    return format_time(datetime.fromtimestamp(seconds, UTC))
 
 
 def _add_test_delivery(

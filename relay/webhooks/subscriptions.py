@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import secrets
-from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 from yarl import URL
 
-from relay.timefmt import format_time
+from relay.timefmt import format_unix
 from relay.webhooks.dispatcher import previous_secret_binding
 from relay.webhooks.model import (
     Attempt,
@@ -84,7 +83,7 @@ class NewSubscription(SubscriptionFields):
 
 
 def iso(seconds: float | None) -> str | None:
-    return None if seconds is None else format_time(datetime.fromtimestamp(seconds, UTC))
+    return None if seconds is None else format_unix(seconds)
 
 
 async def create_subscription(
