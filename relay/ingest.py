@@ -48,12 +48,13 @@ class IngestContext:
 
 
 async def ingest_event(
-    ctx: IngestContext, source_id: str, request: web.Request, now: float
+    ctx: IngestContext, source_id: str, request: web.Request, clock: Callable[[], float]
 ) -> web.Response:
     source = ctx.sources.get(source_id)
     if source is None:
         raise ApiError(404, "UNKNOWN_SOURCE", f"no source is configured with id {source_id!r}")
     body = await _read_body(request, ctx.max_body_bytes)
+    now = clock()  # received: the whole body is here
     try:
         verify_signature(source.verifier, body, request.headers, now)
     except VerificationError as exc:
@@ -102,7 +103,7 @@ def make_ingest_handler(
         source_id = request.match_info["source_id"]
         label = source_id if source_id in ctx.sources else UNKNOWN_SOURCE_LABEL
         try:
-            response = await ingest_event(ctx, source_id, request, clock())
+            response = await ingest_event(ctx, source_id, request, clock)
         except ApiError as exc:
             record(label, exc.code)
             log.warning("ingest.rejected", source=source_id, code=exc.code, reason=exc.message)

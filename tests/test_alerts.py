@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from relay.app import create_app, source_providers
 from relay.appkeys import STORE
@@ -140,3 +141,31 @@ async def test_deadlines_survive_in_the_store_file(tmp_path: Path) -> None:
         assert [c.session_id for c in fired] == ["chat_d"]
     finally:
         await again.close()
+
+
+async def test_an_event_received_before_the_deadline_but_not_yet_written_ends_the_alert(
+    start_relay: RelayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A turn's completion received before its stall deadline, but still waiting to be
+    written when the deadline passes (a store slow to take that batch), ends the turn:
+    no `turn.stalled` fires for it, before or after."""
+    from relay.store.sqlite import SQLiteStore
+
+    real_write_batch = SQLiteStore._write_batch
+
+    async def slow_for_completions(self: SQLiteStore, writer: Any, batch: Any) -> None:
+        if any(record.event.type == "agent.chat.turn.completed" for record, _ in batch):
+            await asyncio.sleep(0.8)  # the deadline passes while this batch waits
+        await real_write_batch(self, writer, batch)
+
+    monkeypatch.setattr(SQLiteStore, "_write_batch", slow_for_completions)
+    relay = await start_relay(
+        alerts={"turn_stall_seconds": 1.0, "check_interval_seconds": 0.05},
+    )
+    await ingest(relay, now_event("1", "agent.chat.session.created", "chat_q"))
+    await ingest(relay, now_event("2", "agent.chat.turn.started", "chat_q", "turn_1"))
+    await asyncio.sleep(0.6)
+    await ingest(relay, now_event("3", "agent.chat.turn.completed", "chat_q", "turn_1"))
+    await asyncio.sleep(0.6)  # well past the deadline, with the alert loop every 50 ms
+    logged = (await get(relay, "/v1/changes", type="turn.*"))["items"]
+    assert [c["type"] for c in logged] == ["turn.started", "turn.completed"]

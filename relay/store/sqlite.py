@@ -95,6 +95,7 @@ class SQLiteStore:
         self._batch_writer: _BatchChannel | None = None
         self._reader: aiosqlite.Connection | None = None
         self._pending: deque[_Pending] = deque()
+        self._writing: dict[asyncio.Task[None], list[_Pending]] = {}  # batches not yet answered
         self._wakeup = asyncio.Event()
         self._writer_task: asyncio.Task[None] | None = None
         self._checkpoint_task: asyncio.Task[None] | None = None
@@ -187,10 +188,10 @@ class SQLiteStore:
         writer = self._batch_writer
         assert writer is not None
         slots = asyncio.Semaphore(2 if self._settings.writer == "process" else 1)
-        in_flight: set[asyncio.Task[None]] = set()
+        in_flight = self._writing
 
         def finished(task: asyncio.Task[None]) -> None:
-            in_flight.discard(task)
+            in_flight.pop(task, None)
             slots.release()
 
         while True:
@@ -201,7 +202,7 @@ class SQLiteStore:
                 count = min(len(self._pending), self._settings.batch_max)
                 batch = [self._pending.popleft() for _ in range(count)]
                 task = asyncio.create_task(self._write_batch(writer, batch))
-                in_flight.add(task)
+                in_flight[task] = batch
                 task.add_done_callback(finished)
             if self._closing:
                 await asyncio.gather(*in_flight)
@@ -265,6 +266,10 @@ class SQLiteStore:
     async def fire_due_alerts(self, now: float) -> int:
         if self._closing or self._batch_writer is None:
             return 0
+        # An event received before now but not written yet (queued, or in a batch still
+        # committing) may end what an alert is about: alerts wait for what came before them.
+        unwritten = [*self._pending, *(item for batch in self._writing.values() for item in batch)]
+        now = min([now, *(record.received_at.timestamp() for record, _ in unwritten)])
         commit = await self._batch_writer.fire_due_alerts(now)
         self._publish(commit)
         return len(commit.changes)
