@@ -384,3 +384,36 @@ async def test_raw_changes_replay_exactly_as_sent_live(relay: Relay, tmp_path: P
     conn.close()
     assert stored[:3] == [0, 0, 0]  # rebuilt from the events table
     assert stored[3] > 0  # re-encoded on one line, so kept
+
+
+async def test_a_commit_whose_answer_was_lost_still_reaches_streams_in_order(
+    start_relay: RelayFactory, tmp_path: Path
+) -> None:
+    """A batch committed without its answer reaching the relay (a writer process that ended
+    in between) leaves changes the relay never announced; they reach live streams, in id
+    order, before the changes of the next commit, so a stream has no gap."""
+    from datetime import UTC, datetime
+
+    from relay.normalize import decoder, normalise_casedev
+    from relay.store import IngestRecord
+    from relay.store.sqlite_writer import BatchWriter
+
+    relay = await start_relay()
+    events = fixture_events()
+    await ingest(relay, events[0])
+    async with relay.client.get("/v1/stream", headers=relay.auth) as resp:
+        assert (await resp.content.readuntil(b"id: 2\n\n")).endswith(b"id: 2\n\n")
+        # The lost commit: events[1] (a runtime reused) written by a writer of our own.
+        with sqlite3.connect(tmp_path / "relay.db", isolation_level=None) as conn:
+            writer = BatchWriter(conn, decoder({"casedev": "casedev"}), 600, 120)
+            body, now = orjson.dumps(events[1]), datetime.now(UTC)
+            event = normalise_casedev("casedev", orjson.loads(body), now)
+            writer.write([IngestRecord(event, body, now)])
+        conn.close()
+        await ingest(relay, events[2])  # a scope activated, through the relay
+        got = await asyncio.wait_for(read_changes(resp, 2), timeout=10)
+    assert [(f["id"], f["event"]) for f in got] == [
+        ("4", "session.provisioning"),  # 3 is the lost event's raw change
+        ("6", "session.provisioning"),
+    ]
+    assert orjson.loads(got[0]["data"])["cause"]["event_id"] == events[1]["id"]

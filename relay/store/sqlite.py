@@ -80,6 +80,9 @@ def migrations() -> list[tuple[int, str]]:
     return sorted(found)
 
 
+_MISSED_PAGE = 500
+
+
 class SQLiteStore:
     def __init__(
         self, settings: StoreSettings, providers: Mapping[str, str], alerts: AlertSettings
@@ -96,6 +99,8 @@ class SQLiteStore:
         self._reader: aiosqlite.Connection | None = None
         self._pending: deque[_Pending] = deque()
         self._writing: dict[asyncio.Task[None], list[_Pending]] = {}  # batches not yet answered
+        self._published = 0  # the newest change id handed to the commit listeners
+        self._publishing = asyncio.Lock()
         self._wakeup = asyncio.Event()
         self._writer_task: asyncio.Task[None] | None = None
         self._checkpoint_task: asyncio.Task[None] | None = None
@@ -125,6 +130,7 @@ class SQLiteStore:
             )
         self._reader = await aiosqlite.connect(self._path)
         await self._reader.execute(f"PRAGMA busy_timeout = {int(self._settings.busy_timeout_ms)}")
+        self._published = await self.last_change_id()
         self._writer_task = asyncio.create_task(self._write_loop(), name="relay-sqlite-writer")
         if self._settings.writer == "process":
             self._checkpoint_task = asyncio.create_task(
@@ -218,6 +224,7 @@ class SQLiteStore:
             results, commit = await writer.write([record for record, _ in batch])
         except StoreUnavailable as exc:
             _fail(batch, exc)
+            await self._deliver(None)  # the writer may have committed before it ended
             return
         except sqlite3.Error as exc:
             _fail(batch, StoreUnavailable(f"the store cannot write: {exc}"))
@@ -233,7 +240,7 @@ class SQLiteStore:
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
-        self._publish(commit)
+        await self._deliver(commit)
 
     async def _checkpoint_loop(self) -> None:
         """Copy the WAL back into the database file, mostly off the commit path.
@@ -254,7 +261,37 @@ class SQLiteStore:
     def add_commit_listener(self, listener: Callable[[Commit], None]) -> None:
         self._listeners.append(listener)
 
+    async def _deliver(self, commit: Commit | None) -> None:
+        """Hand `commit` to the listeners, in change id order after any change that was
+        committed but never handed over: a writer process that ended after a commit and
+        before its answer leaves such a gap. With no commit, only look for one."""
+        async with self._publishing:  # taken in commit order: answers come in order
+            if commit is None:
+                await self._publish_missed(None)
+                return
+            if commit.changes and commit.changes[0].id > self._published + 1:
+                await self._publish_missed(commit.changes[0].id)
+            self._publish(commit)
+
+    async def _publish_missed(self, before: int | None) -> None:
+        """Publish the stored changes after the last one published (and before `before`)."""
+        while before is None or self._published + 1 < before:
+            limit = (
+                _MISSED_PAGE if before is None else min(_MISSED_PAGE, before - 1 - self._published)
+            )
+            missed = await self.list_changes(self._published, limit)
+            if missed:
+                log.warning("store.unannounced_changes", first=missed[0].id, last=missed[-1].id)
+                sessions = {c.session_id: 0 for c in missed if c.session_id}
+                self._publish(Commit(missed, sessions))
+            if len(missed) < limit:
+                return
+
     def _publish(self, commit: Commit) -> None:
+        if commit.changes and commit.changes[0].id <= self._published:  # handed over already
+            commit = Commit([c for c in commit.changes if c.id > self._published], commit.sessions)
+        if commit.changes:
+            self._published = commit.changes[-1].id
         if not (commit.changes or commit.sessions):
             return
         for listener in self._listeners:
@@ -271,7 +308,7 @@ class SQLiteStore:
         unwritten = [*self._pending, *(item for batch in self._writing.values() for item in batch)]
         now = min([now, *(record.received_at.timestamp() for record, _ in unwritten)])
         commit = await self._batch_writer.fire_due_alerts(now)
-        self._publish(commit)
+        await self._deliver(commit)
         return len(commit.changes)
 
     async def check_derived_state(self) -> list[str]:
