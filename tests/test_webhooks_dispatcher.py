@@ -190,22 +190,27 @@ async def test_changes_before_the_first_subscription_are_never_read_for_delivery
         assert sorted(r.change_id for r in got.at("/after")) == wanted
 
 
+def slow_to_write_disables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The delivery store takes a second to write a result that disables a subscription."""
+    from relay.webhooks.sqlite_store import SQLiteDeliveryStore
+
+    real_record = SQLiteDeliveryStore.record
+
+    async def slow_disable(self: SQLiteDeliveryStore, results: Any) -> None:
+        if any(result.disable_reason for result in results):
+            await asyncio.sleep(1.0)
+        await real_record(self, results)
+
+    monkeypatch.setattr(SQLiteDeliveryStore, "record", slow_disable)
+
+
 async def test_a_410_holds_while_its_result_waits_to_be_written(
     start_relay: RelayFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The subscription a 410 disabled gets nothing more, even when the store is slow to
     write that result and the dispatcher reloads subscriptions meanwhile (which still read
     it enabled)."""
-    from relay.webhooks.sqlite_store import SQLiteDeliveryStore
-
-    real_record = SQLiteDeliveryStore.record
-
-    async def slow_record(self: SQLiteDeliveryStore, results: Any) -> None:
-        if any(result.disable_reason for result in results):
-            await asyncio.sleep(1.0)  # several reloads (every 0.2 s) happen before it lands
-        await real_record(self, results)
-
-    monkeypatch.setattr(SQLiteDeliveryStore, "record", slow_record)
+    slow_to_write_disables(monkeypatch)  # several reloads (every 0.2 s) happen meanwhile
     relay = await start_relay(delivery=FAST_DELIVERY)
     async with receiver() as got:
         got.endpoint("/gone", lambda receipt, seen: web.Response(status=410))
@@ -297,16 +302,7 @@ async def test_an_enable_after_a_410_wins_over_the_410_written_later(
     """Enabling through the API after a 410 was answered, but before that result is
     written, leaves the subscription enabled (the later word wins, in the store as in the
     dispatcher); the changes made since are delivered."""
-    from relay.webhooks.sqlite_store import SQLiteDeliveryStore
-
-    real_record = SQLiteDeliveryStore.record
-
-    async def slow_disable(self: SQLiteDeliveryStore, results: Any) -> None:
-        if any(result.disable_reason for result in results):
-            await asyncio.sleep(1.0)
-        await real_record(self, results)
-
-    monkeypatch.setattr(SQLiteDeliveryStore, "record", slow_disable)
+    slow_to_write_disables(monkeypatch)
     relay = await start_relay(delivery=FAST_DELIVERY)
 
     def gone_once(receipt: Receipt, seen: int) -> web.Response:
@@ -326,3 +322,52 @@ async def test_an_enable_after_a_410_wins_over_the_410_written_later(
         await eventually(lambda: len(got.at("/back")) == len(LIFECYCLE_CHANGES) - 1)
         await asyncio.sleep(1.5)  # the 410's result has been written by now
         assert (await api(relay, "GET", sub_path))["enabled"] is True
+
+
+async def test_an_edit_after_a_410_does_not_undo_it(
+    start_relay: RelayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Editing anything but `enabled` (here the description) while a 410's result waits to
+    be written leaves the subscription disabled: nothing more is sent."""
+    slow_to_write_disables(monkeypatch)
+    relay = await start_relay(delivery=FAST_DELIVERY)
+    async with receiver() as got:
+        got.endpoint("/gone", lambda receipt, seen: web.Response(status=410))
+        created = await subscribe(relay, got, "/gone")
+        sub_path = f"/v1/subscriptions/{created['id']}"
+        events = fixture_events()
+        await ingest(relay, events[0])
+        await eventually(lambda: len(got.receipts) == 1)
+        await api(relay, "PATCH", sub_path, json={"description": "renamed"})
+        for event in events[1:]:
+            await ingest(relay, event)
+        await asyncio.sleep(2.0)
+        final = await api(relay, "GET", sub_path)
+    assert len(got.receipts) == 1
+    assert final["enabled"] is False
+    assert final["description"] == "renamed"
+
+
+async def test_a_410_after_a_re_enable_stops_deliveries_again(
+    start_relay: RelayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Enabled again while its first 410 waits to be written, a subscription whose endpoint
+    is still gone is disabled by the next 410, which holds once the first is written."""
+    slow_to_write_disables(monkeypatch)
+    relay = await start_relay(delivery=FAST_DELIVERY)
+    async with receiver() as got:
+        got.endpoint("/gone", lambda receipt, seen: web.Response(status=410))
+        created = await subscribe(relay, got, "/gone")
+        sub_path = f"/v1/subscriptions/{created['id']}"
+        events = fixture_events()
+        await ingest(relay, events[0])
+        await eventually(lambda: len(got.receipts) == 1)
+        await api(relay, "POST", f"{sub_path}/enable")
+        await ingest(relay, events[1])
+        await eventually(lambda: len(got.receipts) == 2)  # the second 410, after the enable
+        for event in events[2:]:
+            await ingest(relay, event)
+        await asyncio.sleep(2.5)  # both 410s are written by now
+        final = await api(relay, "GET", sub_path)
+    assert len(got.receipts) == 2
+    assert final["enabled"] is False

@@ -274,7 +274,14 @@ class SQLiteStore:
             self._publish(commit)
 
     async def _publish_missed(self, before: int | None) -> None:
-        """Publish the stored changes after the last one published (and before `before`)."""
+        """Publish the stored changes after the last one published (and before `before`);
+        if they cannot be read, say so and go on (the commit in hand is published still)."""
+        try:
+            await self._read_missed(before)
+        except Exception:
+            log.exception("store.missed_changes_unreadable", after=self._published)
+
+    async def _read_missed(self, before: int | None) -> None:
         while before is None or self._published + 1 < before:
             limit = (
                 _MISSED_PAGE if before is None else min(_MISSED_PAGE, before - 1 - self._published)

@@ -32,7 +32,6 @@ import structlog
 
 from relay.config import DeliverySettings
 from relay.metrics import DeliveryStats
-from relay.timefmt import format_unix
 from relay.webhooks.model import (
     Attempt,
     AttemptResult,
@@ -98,10 +97,10 @@ class Dispatcher:
         self._dirty: set[str] = set()
         self._next_due: dict[str, float] = {}
         self._results: list[AttemptResult] = []
-        # Subscriptions this dispatcher disabled (a 410, or failing too long), and when, while
-        # that result is not written yet: the store will say so unless the row is changed
-        # through the API after that moment (the later word wins, here and in the store).
-        self._disabling: dict[str, str] = {}
+        # Subscriptions this dispatcher disabled (a 410, or failing too long), and when (the
+        # newest), while that result is not written yet: the store will say so too, unless
+        # `enabled` is set through the API after that moment (the later word wins).
+        self._disabling: dict[str, float] = {}
         self._changes = asyncio.Event()
         self._work = asyncio.Event()
         self._results_ready = asyncio.Event()
@@ -199,11 +198,13 @@ class Dispatcher:
                         previous.append((self._box.decrypt(p.secret, binding(s.id)), p.until))
             endpoint = Endpoint(s, secret, tuple(previous), s.enabled, s.failing_since)
             known = self._endpoints.get(s.id)
-            if known is not None and known.subscription == s:
-                # The row is as last read: what attempts found since is newer than it.
+            if known is not None and known.subscription.enabled_changed_at == s.enabled_changed_at:
+                # The API has not set `enabled` since the last load; only attempts changed
+                # these, and what they found here is at least as new as the store's row.
                 endpoint.enabled, endpoint.failing_since = known.enabled, known.failing_since
-            elif s.id in self._disabling and s.updated_at <= self._disabling[s.id]:
-                endpoint.enabled = False  # the row changed before our disable, which lands next
+            disabled_at = self._disabling.get(s.id)
+            if disabled_at is not None and (s.enabled_changed_at or 0) < disabled_at:
+                endpoint.enabled = False  # decided after the API's last word; written next
             endpoints[s.id] = endpoint
         self._unreadable = unreadable
         changed = {
@@ -319,8 +320,9 @@ class Dispatcher:
                 for result in batch:
                     if result.frees_slot_on_record:
                         self._free_slot(result.subscription_id)
-                    if result.disable_reason is not None:
-                        self._disabling.pop(result.subscription_id, None)
+                    sid = result.subscription_id
+                    if result.disable_reason and self._disabling.get(sid) == result.attempt.at:
+                        del self._disabling[sid]  # the newest disable is written
                     self._dirty.add(result.subscription_id)
                 self._work.set()
             if self._stopping:
@@ -431,7 +433,7 @@ class Dispatcher:
                 live.failing_since = now
             if verdict.disable_reason is not None:
                 live.enabled = False
-                self._disabling[delivery.subscription_id] = format_unix(now)
+                self._disabling[delivery.subscription_id] = now
                 log.warning(
                     "webhooks.subscription_disabled",
                     subscription_id=delivery.subscription_id,

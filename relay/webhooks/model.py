@@ -50,6 +50,7 @@ class Subscription:
     start_after: int
     created_at: str
     updated_at: str
+    enabled_changed_at: float | None = None  # when the API last set `enabled`
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,7 +38,7 @@ T = TypeVar("T")
 _SUBSCRIPTION_COLUMNS = (
     "id, url, description, types, session_ids, ordering, max_in_flight, enabled,"
     " disabled_reason, secret, previous_secrets, failing_since,"
-    " start_after, created_at, updated_at"
+    " start_after, created_at, updated_at, enabled_changed_at"
 )
 _DELIVERY_COLUMNS = (
     "id, subscription_id, change_id, type, session_id, status, attempts, cycle_attempts,"
@@ -56,6 +56,7 @@ _UPDATABLE = frozenset(
         "disabled_reason",
         "failing_since",
         "updated_at",
+        "enabled_changed_at",
     }
 )
 _CLAIM_BODY = (
@@ -404,7 +405,7 @@ def _add_subscription(conn: sqlite3.Connection, s: Subscription) -> Subscription
         conn.execute(
             f"INSERT INTO subscriptions ({_SUBSCRIPTION_COLUMNS}) VALUES"
             " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-            " (SELECT coalesce(max(id), 0) FROM changes), ?, ?)",
+            " (SELECT coalesce(max(id), 0) FROM changes), ?, ?, ?)",
             (
                 s.id,
                 s.url,
@@ -420,6 +421,7 @@ def _add_subscription(conn: sqlite3.Connection, s: Subscription) -> Subscription
                 s.failing_since,
                 s.created_at,
                 s.updated_at,
+                s.enabled_changed_at,
             ),
         )
         added = _get_subscription(conn, s.id)
@@ -602,12 +604,16 @@ def _record(conn: sqlite3.Connection, results: list[AttemptResult]) -> None:
                 )
         for result in results:
             if result.disable_reason is not None:
-                # Unless the row was changed (re-enabled, say) after the attempt decided it.
-                at = format_unix(result.attempt.at)
+                # Unless `enabled` was set through the API after the attempt decided it.
                 conn.execute(
                     "UPDATE subscriptions SET enabled = 0, disabled_reason = ?, updated_at = ?"
-                    " WHERE id = ? AND enabled = 1 AND updated_at <= ?",
-                    (result.disable_reason, at, result.subscription_id, at),
+                    " WHERE id = ? AND enabled = 1 AND coalesce(enabled_changed_at, 0) < ?",
+                    (
+                        result.disable_reason,
+                        format_unix(result.attempt.at),
+                        result.subscription_id,
+                        result.attempt.at,
+                    ),
                 )
 
     _transaction(conn, work)

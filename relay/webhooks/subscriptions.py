@@ -120,6 +120,7 @@ def updates(fields: SubscriptionFields, now: float) -> dict[str, Any]:
     changed: dict[str, Any] = fields.model_dump(exclude_none=True)
     if "enabled" in changed:
         changed["disabled_reason"] = None if changed["enabled"] else "disabled through the API"
+        changed["enabled_changed_at"] = now
         if changed["enabled"]:
             changed["failing_since"] = None
     changed["updated_at"] = iso(now)
