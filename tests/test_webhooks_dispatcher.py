@@ -371,3 +371,32 @@ async def test_a_410_after_a_re_enable_stops_deliveries_again(
         final = await api(relay, "GET", sub_path)
     assert len(got.receipts) == 2
     assert final["enabled"] is False
+
+
+async def test_an_enable_starts_the_failing_count_afresh_even_before_a_failure_is_written(
+    start_relay: RelayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An enable through the API clears `failing_since`; a failed attempt from before it,
+    written after it, does not set it back (else the relay would count the failing run
+    toward `disable_after_seconds` from before the enable)."""
+    from relay.webhooks.sqlite_store import SQLiteDeliveryStore
+
+    real_record = SQLiteDeliveryStore.record
+
+    async def slow_failures(self: SQLiteDeliveryStore, results: Any) -> None:
+        if any(result.attempt.status_code == 500 for result in results):
+            await asyncio.sleep(1.0)
+        await real_record(self, results)
+
+    monkeypatch.setattr(SQLiteDeliveryStore, "record", slow_failures)
+    relay = await start_relay(delivery={**FAST_DELIVERY, "retry_schedule_seconds": [60]})
+    async with receiver() as got:
+        got.endpoint("/flaky", lambda receipt, seen: web.Response(status=500))
+        created = await subscribe(relay, got, "/flaky")
+        sub_path = f"/v1/subscriptions/{created['id']}"
+        await ingest(relay, fixture_events()[0])
+        await eventually(lambda: len(got.receipts) == 1 and got.receipts[0].status == 500)
+        enabled = await api(relay, "POST", f"{sub_path}/enable")
+        assert enabled["failing_since"] is None
+        await asyncio.sleep(1.5)  # the failure is written by now
+        assert (await api(relay, "GET", sub_path))["failing_since"] is None

@@ -596,17 +596,19 @@ def _record(conn: sqlite3.Connection, results: list[AttemptResult]) -> None:
                     " WHERE id = ? AND failing_since IS NOT NULL",
                     (sid,),
                 )
-            else:
+            else:  # an enable through the API after this attempt started the count afresh
                 conn.execute(
                     "UPDATE subscriptions SET failing_since = ?"
-                    " WHERE id = ? AND failing_since IS NULL",
-                    (result.attempt.at, sid),
+                    " WHERE id = ? AND failing_since IS NULL"
+                    " AND coalesce(enabled_changed_at, 0) < ?",
+                    (result.attempt.at, sid, result.attempt.at),
                 )
         for result in results:
             if result.disable_reason is not None:
                 # Unless `enabled` was set through the API after the attempt decided it.
                 conn.execute(
-                    "UPDATE subscriptions SET enabled = 0, disabled_reason = ?, updated_at = ?"
+                    "UPDATE subscriptions SET enabled = 0, disabled_reason = ?,"
+                    " updated_at = max(updated_at, ?)"
                     " WHERE id = ? AND enabled = 1 AND coalesce(enabled_changed_at, 0) < ?",
                     (
                         result.disable_reason,
