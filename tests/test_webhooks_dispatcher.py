@@ -11,8 +11,16 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.conftest import LIFECYCLE_CHANGES, RelayFactory, fixture_events
-from tests.receivers import FAST_DELIVERY, Receipt, api, eventually, receiver, subscribe
+from tests.conftest import LIFECYCLE_CHANGES, Relay, RelayFactory, fixture_events
+from tests.receivers import (
+    FAST_DELIVERY,
+    Receipt,
+    Receiver,
+    api,
+    eventually,
+    receiver,
+    subscribe,
+)
 from tests.test_read_api import ingest
 
 
@@ -324,6 +332,17 @@ async def test_an_enable_after_a_410_wins_over_the_410_written_later(
         assert (await api(relay, "GET", sub_path))["enabled"] is True
 
 
+async def first_410(relay: Relay, got: Receiver) -> tuple[str, list[dict[str, Any]]]:
+    """Subscribe `/gone` (always 410) and send it its first change; the subscription's path
+    and the fixture events, the first one ingested."""
+    got.endpoint("/gone", lambda receipt, seen: web.Response(status=410))
+    created = await subscribe(relay, got, "/gone")
+    events = fixture_events()
+    await ingest(relay, events[0])
+    await eventually(lambda: len(got.receipts) == 1)
+    return f"/v1/subscriptions/{created['id']}", events
+
+
 async def test_an_edit_after_a_410_does_not_undo_it(
     start_relay: RelayFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -332,12 +351,7 @@ async def test_an_edit_after_a_410_does_not_undo_it(
     slow_to_write_disables(monkeypatch)
     relay = await start_relay(delivery=FAST_DELIVERY)
     async with receiver() as got:
-        got.endpoint("/gone", lambda receipt, seen: web.Response(status=410))
-        created = await subscribe(relay, got, "/gone")
-        sub_path = f"/v1/subscriptions/{created['id']}"
-        events = fixture_events()
-        await ingest(relay, events[0])
-        await eventually(lambda: len(got.receipts) == 1)
+        sub_path, events = await first_410(relay, got)
         await api(relay, "PATCH", sub_path, json={"description": "renamed"})
         for event in events[1:]:
             await ingest(relay, event)
@@ -356,12 +370,7 @@ async def test_a_410_after_a_re_enable_stops_deliveries_again(
     slow_to_write_disables(monkeypatch)
     relay = await start_relay(delivery=FAST_DELIVERY)
     async with receiver() as got:
-        got.endpoint("/gone", lambda receipt, seen: web.Response(status=410))
-        created = await subscribe(relay, got, "/gone")
-        sub_path = f"/v1/subscriptions/{created['id']}"
-        events = fixture_events()
-        await ingest(relay, events[0])
-        await eventually(lambda: len(got.receipts) == 1)
+        sub_path, events = await first_410(relay, got)
         await api(relay, "POST", f"{sub_path}/enable")
         await ingest(relay, events[1])
         await eventually(lambda: len(got.receipts) == 2)  # the second 410, after the enable
