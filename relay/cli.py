@@ -392,6 +392,13 @@ async def _send(settings: Settings, args: argparse.Namespace) -> int:
 
     sources = {s.id: s for s in settings.sources}
     source_id = args.source or next(iter(sources), None)
+    if source_id is None:
+        print(
+            "relay: the configuration has no [[sources]] to sign for"
+            " (give --config, or run where config/relay.toml is)",
+            file=sys.stderr,
+        )
+        return 2
     if source_id not in sources:
         print(f"relay: no source {source_id!r} in the configuration", file=sys.stderr)
         return 2

@@ -118,3 +118,14 @@ def test_serve_without_sources_says_ingest_will_be_refused(tmp_path: Path) -> No
             proc.kill()
             _, rest = proc.communicate()
     assert proc.returncode == 0, rest
+
+
+def test_send_without_sources_says_what_is_missing(tmp_path: Path) -> None:
+    """`relay send` with a configuration that has no source (none found, say) exits 2 and
+    says how to give one, instead of naming a source `None`."""
+    config = tmp_path / "relay.toml"
+    config.write_text(f'[store]\nurl = "sqlite:///{tmp_path}/t.db"\n')
+    done = relay(config, "send", "--demo", "--url", "http://127.0.0.1:9", check=False)
+    assert done.returncode == 2
+    assert "no [[sources]]" in done.stderr
+    assert "None" not in done.stderr
