@@ -15,7 +15,6 @@ from __future__ import annotations
 import sqlite3
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -39,7 +38,7 @@ from relay.state import (
     derive_session,
 )
 from relay.store import IngestRecord, IngestResult
-from relay.timefmt import format_time, parse_time
+from relay.timefmt import format_time, format_unix, parse_time
 
 Decoder = Callable[[str, bytes, str], Event]  # (source, payload, received_at) -> Event
 
@@ -314,7 +313,7 @@ class BatchWriter:
                 turn = record.turns.get(turn_id) if record is not None and turn_id else None
                 body = {
                     "type": kind,
-                    "occurred_at": format_time(datetime.fromtimestamp(now, UTC)),
+                    "occurred_at": format_unix(now),
                     "session_id": session_id,
                     "turn_id": turn_id or None,
                     "session": None if record is None else record.session.to_dict(),

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
 
 import orjson
 
 from relay import __version__
 from relay.sign import sign_standard
-from relay.timefmt import format_time
+from relay.timefmt import format_unix
 
 
 def message_id(change_id: int) -> str:
@@ -29,7 +28,7 @@ def webhook_request(
     timestamp = int(now)
     body = b'{"type":%s,"timestamp":%s,"data":%s}' % (
         orjson.dumps(change_type),
-        orjson.dumps(format_time(datetime.fromtimestamp(now, UTC))),
+        orjson.dumps(format_unix(now)),
         change_body,
     )
     signature = " ".join(sign_standard(secret, msg_id, timestamp, body) for secret in secrets)
