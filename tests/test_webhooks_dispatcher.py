@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 
+from relay.webhooks.model import AttemptResult
 from tests.conftest import LIFECYCLE_CHANGES, Relay, RelayFactory, fixture_events
 from tests.receivers import (
     FAST_DELIVERY,
@@ -198,18 +200,26 @@ async def test_changes_before_the_first_subscription_are_never_read_for_delivery
         assert sorted(r.change_id for r in got.at("/after")) == wanted
 
 
-def slow_to_write_disables(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The delivery store takes a second to write a result that disables a subscription."""
+def slow_writes(
+    monkeypatch: pytest.MonkeyPatch, seconds: float, of: Callable[[AttemptResult], bool]
+) -> None:
+    """The delivery store waits `seconds` before it writes a batch of attempt results
+    holding one that `of` picks (as it would for SQLite's write lock under load)."""
     from relay.webhooks.sqlite_store import SQLiteDeliveryStore
 
     real_record = SQLiteDeliveryStore.record
 
-    async def slow_disable(self: SQLiteDeliveryStore, results: Any) -> None:
-        if any(result.disable_reason for result in results):
-            await asyncio.sleep(1.0)
+    async def slow_record(self: SQLiteDeliveryStore, results: Sequence[AttemptResult]) -> None:
+        if any(of(result) for result in results):
+            await asyncio.sleep(seconds)
         await real_record(self, results)
 
-    monkeypatch.setattr(SQLiteDeliveryStore, "record", slow_disable)
+    monkeypatch.setattr(SQLiteDeliveryStore, "record", slow_record)
+
+
+def slow_to_write_disables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The delivery store takes a second to write a result that disables a subscription."""
+    slow_writes(monkeypatch, 1.0, lambda result: result.disable_reason is not None)
 
 
 async def test_a_410_holds_while_its_result_waits_to_be_written(
@@ -271,15 +281,7 @@ async def test_a_pause_through_the_api_holds_under_steady_deliveries(
 ) -> None:
     """PATCH enabled=false stops deliveries at once, also while results of earlier attempts
     are still being written (a store waiting 50 ms per write, as under ingest load)."""
-    from relay.webhooks.sqlite_store import SQLiteDeliveryStore
-
-    real_record = SQLiteDeliveryStore.record
-
-    async def busy_record(self: SQLiteDeliveryStore, results: Any) -> None:
-        await asyncio.sleep(0.05)
-        await real_record(self, results)
-
-    monkeypatch.setattr(SQLiteDeliveryStore, "record", busy_record)
+    slow_writes(monkeypatch, 0.05, lambda result: True)
     relay = await start_relay(delivery={**FAST_DELIVERY, "poll_interval_seconds": 1.0})
 
     async def slowish(receipt: Receipt, seen: int) -> web.Response:
@@ -304,6 +306,24 @@ async def test_a_pause_through_the_api_holds_under_steady_deliveries(
     assert len(got.receipts) < len(events) * len(LIFECYCLE_CHANGES) // len(fixture_events())
 
 
+async def first_delivery(
+    relay: Relay, got: Receiver, path: str, answer: Callable[[Receipt, int], web.Response]
+) -> tuple[str, list[dict[str, Any]]]:
+    """Subscribe `path` (answering with `answer`) and send it its first change; the
+    subscription's path and the fixture events, the first one ingested."""
+    got.endpoint(path, answer)
+    created = await subscribe(relay, got, path)
+    events = fixture_events()
+    await ingest(relay, events[0])
+    await eventually(lambda: len(got.receipts) == 1)
+    return f"/v1/subscriptions/{created['id']}", events
+
+
+async def first_410(relay: Relay, got: Receiver) -> tuple[str, list[dict[str, Any]]]:
+    """`first_delivery` to `/gone`, which always answers 410."""
+    return await first_delivery(relay, got, "/gone", lambda receipt, seen: web.Response(status=410))
+
+
 async def test_an_enable_after_a_410_wins_over_the_410_written_later(
     start_relay: RelayFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -317,12 +337,8 @@ async def test_an_enable_after_a_410_wins_over_the_410_written_later(
         return web.Response(status=410) if len(got.receipts) == 1 else web.Response(text="ok")
 
     async with receiver() as got:
-        got.endpoint("/back", gone_once)
-        created = await subscribe(relay, got, "/back")
-        sub_path = f"/v1/subscriptions/{created['id']}"
-        events = fixture_events()
-        await ingest(relay, events[0])
-        await eventually(lambda: bool(got.receipts) and got.receipts[0].status == 410)
+        sub_path, events = await first_delivery(relay, got, "/back", gone_once)
+        await eventually(lambda: got.receipts[0].status == 410)
         enabled = await api(relay, "POST", f"{sub_path}/enable")
         assert enabled["enabled"] is True
         for event in events[1:]:
@@ -330,17 +346,6 @@ async def test_an_enable_after_a_410_wins_over_the_410_written_later(
         await eventually(lambda: len(got.at("/back")) == len(LIFECYCLE_CHANGES) - 1)
         await asyncio.sleep(1.5)  # the 410's result has been written by now
         assert (await api(relay, "GET", sub_path))["enabled"] is True
-
-
-async def first_410(relay: Relay, got: Receiver) -> tuple[str, list[dict[str, Any]]]:
-    """Subscribe `/gone` (always 410) and send it its first change; the subscription's path
-    and the fixture events, the first one ingested."""
-    got.endpoint("/gone", lambda receipt, seen: web.Response(status=410))
-    created = await subscribe(relay, got, "/gone")
-    events = fixture_events()
-    await ingest(relay, events[0])
-    await eventually(lambda: len(got.receipts) == 1)
-    return f"/v1/subscriptions/{created['id']}", events
 
 
 async def test_an_edit_after_a_410_does_not_undo_it(
@@ -388,16 +393,7 @@ async def test_an_enable_starts_the_failing_count_afresh_even_before_a_failure_i
     """An enable through the API clears `failing_since`; a failed attempt from before it,
     written after it, does not set it back (else the relay would count the failing run
     toward `disable_after_seconds` from before the enable)."""
-    from relay.webhooks.sqlite_store import SQLiteDeliveryStore
-
-    real_record = SQLiteDeliveryStore.record
-
-    async def slow_failures(self: SQLiteDeliveryStore, results: Any) -> None:
-        if any(result.attempt.status_code == 500 for result in results):
-            await asyncio.sleep(1.0)
-        await real_record(self, results)
-
-    monkeypatch.setattr(SQLiteDeliveryStore, "record", slow_failures)
+    slow_writes(monkeypatch, 1.0, lambda result: result.attempt.status_code == 500)
     relay = await start_relay(delivery={**FAST_DELIVERY, "retry_schedule_seconds": [60]})
     async with receiver() as got:
         got.endpoint("/flaky", lambda receipt, seen: web.Response(status=500))
