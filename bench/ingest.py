@@ -8,6 +8,7 @@ default). Prints requests/s, p50/p99 latency and the ratio relay / bare. Needs `
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import socket
 import sqlite3
@@ -22,9 +23,11 @@ from pathlib import Path
 import orjson
 
 from relay.sign import sign_standard
+from relay.webhooks.secrets import new_webhook_secret
 
 HERE = Path(__file__).resolve().parent
-SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+# A secret made per run (worker processes inherit it through the environment).
+SECRET = os.environ.setdefault("RELAY_BENCH_SECRET", new_webhook_secret())
 
 
 @dataclass

@@ -157,10 +157,18 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 async def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from relay.app import create_app
     from relay.logs import configure_logging, flush_logs
+    from relay.source_secrets import SourceSecretsError, provision
     from relay.tuning import tune_gc
 
     configure_logging(settings.log)
     _raise_open_file_limit()
+    try:
+        settings, generated = provision(settings)
+    except (OSError, SourceSecretsError) as exc:
+        print(f"relay: cannot set up the sources' secrets: {exc}", file=sys.stderr)
+        return 1
+    if generated:
+        _show_generated_secrets(generated)
 
     def show_key(new_key: auth.NewKey) -> None:
         print(
@@ -220,6 +228,17 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
             flusher.cancel()
         flush_logs()
     return 0
+
+
+def _show_generated_secrets(generated: dict[str, str]) -> None:
+    lines = "\n".join(f"    {source_id}: {secret}" for source_id, secret in generated.items())
+    print(
+        "\nFirst start: generated a signing secret for each source configured without one.\n"
+        "`relay send` finds it; a platform that sends to this relay signs with it. It is\n"
+        'shown only this once (configure a platform\'s own secret as secrets = ["env:VAR"]):\n\n'
+        f"{lines}\n",
+        flush=True,
+    )
 
 
 async def _flush_logs_periodically(interval: float = 0.25) -> None:
@@ -389,7 +408,13 @@ async def _tail(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _send(settings: Settings, args: argparse.Namespace) -> int:
     from relay.send import demo_lifecycle, send_events
+    from relay.source_secrets import SourceSecretsError, needs_secret, stored_settings
 
+    try:
+        settings = stored_settings(settings)
+    except SourceSecretsError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 1
     sources = {s.id: s for s in settings.sources}
     source_id = args.source or next(iter(sources), None)
     if source_id is None:
@@ -402,6 +427,14 @@ async def _send(settings: Settings, args: argparse.Namespace) -> int:
     if source_id not in sources:
         print(f"relay: no source {source_id!r} in the configuration", file=sys.stderr)
         return 2
+    source = sources[source_id]
+    if needs_secret(source):
+        print(
+            f"relay: source {source_id!r} has no secret yet: start the relay once"
+            " (relay serve, with this config) to generate one, or configure its secrets",
+            file=sys.stderr,
+        )
+        return 1
     if args.demo:
         events = demo_lifecycle(args.sessions)
         delay = 0.25 if args.delay is None else args.delay

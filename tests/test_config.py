@@ -46,7 +46,6 @@ def test_env_secret_reference_is_resolved(tmp_path: Path, monkeypatch: pytest.Mo
         ('[server]\nport = "eighty"\n', "server.port"),
         ('[[sources]]\nid = "c"\nverify = "md5"\nsecrets = ["x"]\n', "sources.0.verify"),
         ('[[sources]]\nid = "c"\nsecrets = ["env:NOT_SET_ANYWHERE"]\n', "NOT_SET_ANYWHERE"),
-        ('[[sources]]\nid = "c"\nverify = "bearer"\n', "needs at least one secret"),
         ('[[sources]]\nid = "c"\nsecrets = ["whsec_!!!"]\n', "whsec_ followed by base64"),
         (
             '[[sources]]\nid = "c"\nverify = "none"\n[[sources]]\nid = "c"\nverify = "none"\n',

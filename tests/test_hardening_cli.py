@@ -1,0 +1,208 @@
+"""Safe defaults and the first ten minutes: shipped secrets, CLI errors, docs."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from relay.sign import sign_standard
+from relay.verify import parse_standard_secret
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_CONFIG = ROOT / "config" / "relay.toml"
+# The secret the README and the shipped configuration once printed for everyone.
+PUBLISHED_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+WHSEC = re.compile(r"whsec_[A-Za-z0-9+/=]+")
+
+
+class Served:
+    """A `relay serve` subprocess started from a directory, as a user would run it."""
+
+    def __init__(self, cwd: Path, env: dict[str, str] | None = None) -> None:
+        self.cwd = cwd
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "relay", "serve", "--config", "config/relay.toml"],
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "RELAY_SERVER__PORT": "0", **(env or {})},
+        )
+        self.startup = self._read_until_listening()
+        match = re.search(r"listening on (http://\S+)", self.startup)
+        if match is None:
+            self.stop()
+            pytest.fail(f"relay serve did not start:\n{self.startup}")
+        self.url = match.group(1)
+
+    def _read_until_listening(self) -> str:
+        watchdog = threading.Timer(60, self.proc.kill)  # bounds the read if nothing comes
+        watchdog.start()
+        lines = []
+        try:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                lines.append(line)
+                if "listening on" in line:
+                    break
+        finally:
+            watchdog.cancel()
+        return "".join(lines)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+@pytest.fixture
+def checkout(tmp_path: Path) -> Path:
+    """A working directory with the shipped configuration, as after a fresh clone."""
+    (tmp_path / "config").mkdir()
+    shutil.copy(SHIPPED_CONFIG, tmp_path / "config" / "relay.toml")
+    return tmp_path
+
+
+@pytest.fixture
+def served(checkout: Path) -> Iterator[Served]:
+    relay = Served(checkout)
+    try:
+        yield relay
+    finally:
+        relay.stop()
+
+
+def run_cli(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
+
+
+def shipped_files() -> list[Path]:
+    listed = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    return [ROOT / name for name in listed if not name.startswith("tests/")]
+
+
+def usable_standard_secrets(text: str) -> list[str]:
+    usable = []
+    for candidate in WHSEC.findall(text):
+        try:
+            parse_standard_secret(candidate)
+        except ValueError:
+            continue
+        usable.append(candidate)
+    return usable
+
+
+def signed_post(url: str, secret: str, body: bytes) -> httpx.Response:
+    now = int(time.time())
+    headers = {
+        "content-type": "application/json",
+        "webhook-id": "msg_forged",
+        "webhook-timestamp": str(now),
+        "webhook-signature": sign_standard(secret, "msg_forged", now, body),
+    }
+    return httpx.post(f"{url}/v1/ingest/casedev", content=body, headers=headers, timeout=30)
+
+
+EVENT = orjson.dumps(
+    {
+        "id": "evt_forged",
+        "type": "agent.worker.ready",
+        "occurred_at": "2026-11-20T09:00:02.100Z",
+        "data": {"chatId": "chat_forged"},
+    }
+)
+
+
+# -- 1. no published secret ---------------------------------------------------------------
+
+
+def test_shipped_files_carry_no_usable_signing_secret() -> None:
+    """No shipped file (config, Dockerfile, README, docs, examples, code) holds a whsec_
+    secret that would verify."""
+    found = {
+        str(path.relative_to(ROOT)): usable_standard_secrets(path.read_text(errors="replace"))
+        for path in shipped_files()
+        if path.is_file()
+    }
+    assert {path: hits for path, hits in found.items() if hits} == {}
+
+
+def test_first_start_generates_a_private_secret_and_prints_it_once(checkout: Path) -> None:
+    """The first start generates the source's secret into the data directory (0600) and
+    prints it; the second start reuses it without printing it again."""
+    first = Served(checkout)
+    first.stop()
+    stored = orjson.loads((checkout / "data" / "source-secrets.json").read_bytes())
+    secret = stored["casedev"]
+    parse_standard_secret(secret)
+    assert secret in first.startup
+    assert "rk_" in first.startup  # beside the admin key
+    mode = stat.S_IMODE((checkout / "data" / "source-secrets.json").stat().st_mode)
+    assert mode == 0o600
+    second = Served(checkout)
+    try:
+        assert secret not in second.startup
+        assert signed_post(second.url, secret, EVENT).status_code == 202
+    finally:
+        second.stop()
+    assert orjson.loads((checkout / "data" / "source-secrets.json").read_bytes()) == stored
+
+
+def test_demo_is_accepted_by_a_relay_on_the_shipped_config(served: Served) -> None:
+    """`relay send --demo` finds the generated secret and every event gets 202."""
+    done = run_cli(
+        served.cwd, "send", "--demo", "--sessions", "1", "--delay", "0", "--url", served.url
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    statuses = [line.split()[0] for line in done.stdout.splitlines() if line.strip()]
+    assert statuses, done.stdout
+    assert set(statuses) == {"202"}, done.stdout
+
+
+def test_the_published_secret_is_refused(served: Served) -> None:
+    """An event signed with the secret the README once printed gets 401."""
+    answer = signed_post(served.url, PUBLISHED_SECRET, EVENT)
+    assert answer.status_code == 401
+    assert answer.json()["error"]["code"] == "INVALID_SIGNATURE"
+
+
+def test_a_secret_from_the_environment_is_used_and_nothing_generated(checkout: Path) -> None:
+    """A source configured with `env:VAR` verifies with that secret; none is generated."""
+    config = checkout / "config" / "relay.toml"
+    text = config.read_text().replace(
+        'header_prefix = "webhook-"', 'header_prefix = "webhook-"\nsecrets = ["env:MY_SECRET"]'
+    )
+    config.write_text(text)
+    relay = Served(checkout, {"MY_SECRET": PUBLISHED_SECRET.replace("MfKQ", "AbCd")})
+    try:
+        assert "generated a signing secret" not in relay.startup
+        ok = signed_post(relay.url, PUBLISHED_SECRET.replace("MfKQ", "AbCd"), EVENT)
+        assert ok.status_code == 202
+    finally:
+        relay.stop()
+    assert not (checkout / "data" / "source-secrets.json").exists()
