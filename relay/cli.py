@@ -12,6 +12,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 
@@ -32,8 +33,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return 2
-    result: int = _run(args.run(settings, args))
+    try:
+        result: int = _run(args.run(settings, args))
+    except CliError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        # A failure nobody foresaw still gets one line, not a traceback.
+        print(
+            f"relay: {args.command_name} failed: {exc.__class__.__name__}: {exc}",
+            file=sys.stderr,
+        )
+        return 1
     return result
+
+
+class CliError(Exception):
+    """A command cannot go on; the message says why and what to do."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -121,7 +139,7 @@ def _command(
         default=None,
         help=f"TOML config file (default: $RELAY_CONFIG, else {DEFAULT_CONFIG_PATH} if present)",
     )
-    sub.set_defaults(run=run)
+    sub.set_defaults(run=run, command_name=sub.prog.removeprefix("relay "))
     return sub
 
 
@@ -406,6 +424,22 @@ async def _tail(settings: Settings, args: argparse.Namespace) -> int:
 # -- send ------------------------------------------------------------------------------------
 
 
+def _load_events(path: Path) -> list[dict[str, Any]]:
+    """The events in a JSON file: one object, or a list of objects."""
+    try:
+        loaded = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise CliError(f"no file {path}: give the path of a JSON file of events") from None
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except orjson.JSONDecodeError as exc:
+        raise CliError(f"{path} is not valid JSON ({exc}): fix the file") from None
+    events = loaded if isinstance(loaded, list) else [loaded]
+    if not all(isinstance(event, dict) for event in events):
+        raise CliError(f"{path} must hold a JSON object or a list of objects (one per event)")
+    return events
+
+
 async def _send(settings: Settings, args: argparse.Namespace) -> int:
     from relay.send import demo_lifecycle, send_events
     from relay.source_secrets import SourceSecretsError, needs_secret, stored_settings
@@ -439,11 +473,16 @@ async def _send(settings: Settings, args: argparse.Namespace) -> int:
         events = demo_lifecycle(args.sessions)
         delay = 0.25 if args.delay is None else args.delay
     else:
-        loaded = orjson.loads(args.file.read_bytes())
-        events = loaded if isinstance(loaded, list) else [loaded]
+        events = _load_events(args.file)
         delay = args.delay or 0.0
     url = args.url or _base_url((settings.server.host, settings.server.port))
-    answers = await send_events(url, sources[source_id], events, delay)
+    try:
+        answers = await send_events(url, sources[source_id], events, delay)
+    except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+        raise CliError(
+            f"cannot reach a relay at {url} ({exc.__class__.__name__}): start it with"
+            " `relay serve`, or give its address with --url"
+        ) from None
     failed = 0
     for event, (status, answer) in zip(events, answers, strict=True):
         failed += status >= 300

@@ -118,5 +118,14 @@ async def send_events(
             body = orjson.dumps(event)
             target = f"{url.rstrip('/')}/v1/ingest/{source.id}"
             async with http.post(target, data=body, headers=signed_headers(source, body)) as resp:
-                answers.append((resp.status, orjson.loads(await resp.read())))
+                answers.append((resp.status, _answer(await resp.read())))
     return answers
+
+
+def _answer(body: bytes) -> dict[str, Any]:
+    """The relay's JSON answer, or the text of whatever else answered."""
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return {"text": body.decode(errors="replace")[:200]}
+    return answer if isinstance(answer, dict) else {"answer": answer}

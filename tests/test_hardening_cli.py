@@ -206,3 +206,69 @@ def test_a_secret_from_the_environment_is_used_and_nothing_generated(checkout: P
     finally:
         relay.stop()
     assert not (checkout / "data" / "source-secrets.json").exists()
+
+
+# -- 15. one line per CLI failure ------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+@pytest.fixture
+def send_config(tmp_path: Path) -> Path:
+    secret = PUBLISHED_SECRET.replace("MfKQ", "WxYz")
+    path = tmp_path / "relay.toml"
+    path.write_text(
+        f'[server]\nport = {free_port()}\n[store]\nurl = "sqlite:///{tmp_path}/t.db"\n'
+        f'[[sources]]\nid = "casedev"\nprovider = "casedev"\nsecrets = ["{secret}"]\n'
+    )
+    return path
+
+
+def assert_one_line_failure(done: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_send_of_a_missing_file_says_so_in_one_line(send_config: Path, tmp_path: Path) -> None:
+    """`relay send` of a file that does not exist exits 1 with one line naming it."""
+    missing = tmp_path / "nowhere.json"
+    done = run_cli(tmp_path, "send", str(missing), "--config", str(send_config))
+    assert_one_line_failure(done, str(missing))
+
+
+def test_send_of_broken_json_says_so_in_one_line(send_config: Path, tmp_path: Path) -> None:
+    """`relay send` of a file that is not JSON exits 1 with one line saying so."""
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"id": "evt_1", "type": ')
+    done = run_cli(tmp_path, "send", str(broken), "--config", str(send_config))
+    assert_one_line_failure(done, str(broken), "not valid JSON")
+
+
+def test_send_to_a_relay_that_is_not_running_says_what_to_do(
+    send_config: Path, tmp_path: Path
+) -> None:
+    """`relay send` with no relay listening exits 1 with one line naming `relay serve`."""
+    done = run_cli(tmp_path, "send", "--demo", "--sessions", "1", "--config", str(send_config))
+    assert_one_line_failure(done, "relay serve", "--url")
+
+
+def test_send_of_a_list_of_non_objects_says_what_is_expected(
+    send_config: Path, tmp_path: Path
+) -> None:
+    """`relay send` of a JSON list of numbers exits 1 saying events are objects."""
+    numbers = tmp_path / "numbers.json"
+    numbers.write_text("[1, 2]")
+    done = run_cli(tmp_path, "send", str(numbers), "--config", str(send_config))
+    assert_one_line_failure(done, "JSON object")
