@@ -174,6 +174,7 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 
 async def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from relay.app import create_app
+    from relay.http_server import Runner
     from relay.logs import configure_logging, flush_logs
     from relay.source_secrets import SourceSecretsError, provision
     from relay.tuning import tune_gc
@@ -197,7 +198,7 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
         )
 
     app = create_app(settings, on_bootstrap_key=show_key)
-    runner = web.AppRunner(
+    runner = Runner(
         app,
         access_log=None,
         handle_signals=False,

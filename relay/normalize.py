@@ -157,7 +157,7 @@ def _timestamp(body: Mapping[str, Any], received_at: datetime) -> datetime:
             raise InvalidEvent(field, "must be an RFC 3339 timestamp") from None
         if parsed.tzinfo is None:
             raise InvalidEvent(field, "must carry a time zone (e.g. a trailing Z)")
-        out_of_range = InvalidEvent(field, "must lie between the years 1971 and 2999")
+        out_of_range = InvalidEvent(field, _RANGE_MESSAGE)
         try:
             parsed = parsed.astimezone(UTC)
         except OverflowError:
@@ -170,6 +170,10 @@ def _timestamp(body: Mapping[str, Any], received_at: datetime) -> datetime:
 
 _EARLIEST = datetime(1971, 1, 1, tzinfo=UTC)
 _LATEST = datetime(2999, 12, 31, tzinfo=UTC)
+_RANGE_MESSAGE = (
+    f"must lie between {_EARLIEST.strftime('%Y-%m-%dT%H:%M:%SZ')}"
+    f" and {_LATEST.strftime('%Y-%m-%dT%H:%M:%SZ')} inclusive"
+)
 
 
 def _to_ms(moment: datetime) -> datetime:

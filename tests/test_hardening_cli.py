@@ -20,6 +20,7 @@ import pytest
 
 from relay.sign import sign_standard
 from relay.verify import parse_standard_secret
+from tests.conftest import Relay
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_CONFIG = ROOT / "config" / "relay.toml"
@@ -272,3 +273,67 @@ def test_send_of_a_list_of_non_objects_says_what_is_expected(
     numbers.write_text("[1, 2]")
     done = run_cli(tmp_path, "send", str(numbers), "--config", str(send_config))
     assert_one_line_failure(done, "JSON object")
+
+
+# -- 16. aiohttp's own errors in the envelope; occurred_at bounds ---------------------------
+
+
+def raw_exchange(url: str, request: bytes) -> tuple[int, str, dict[str, object]]:
+    """Send raw bytes; return the status, the content type and the JSON body."""
+    import socket
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    with socket.create_connection((where.hostname, where.port), timeout=30) as conn:
+        conn.sendall(request)
+        received = b""
+        while chunk := conn.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    content_type = {k.lower(): v for k, v in headers.items()}.get("content-type", "")
+    return status, content_type, orjson.loads(body)
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        pytest.param(b"NOT A REQUEST LINE\r\n\r\n", id="bad-request-line"),
+        pytest.param(
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 20000 + b"\r\n\r\n",
+            id="header-too-long",
+        ),
+        pytest.param(
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+            + b"".join(b"X-H%d: v\r\n" % i for i in range(200))
+            + b"\r\n",
+            id="too-many-headers",
+        ),
+    ],
+)
+def test_unparseable_requests_get_the_json_envelope(served: Served, request_bytes: bytes) -> None:
+    """A request aiohttp cannot parse gets 400 BAD_REQUEST in the JSON envelope."""
+    status, content_type, body = raw_exchange(served.url, request_bytes)
+    assert status == 400
+    assert content_type.startswith("application/json")
+    error = body["error"]
+    assert isinstance(error, dict)
+    assert error["code"] == "BAD_REQUEST"
+    assert error["message"]
+
+
+async def test_occurred_at_message_states_the_bounds_checked(relay: Relay) -> None:
+    """The INVALID_EVENT message names the bounds that are checked: the upper bound
+    itself is accepted, a moment past it is refused with a message naming it."""
+    event = {"id": "evt_edge", "type": "x.y", "session_id": "s1"}
+    at_bound = {**event, "occurred_at": "2999-12-31T00:00:00Z"}
+    resp = await relay.client.post("/v1/ingest/open", data=orjson.dumps(at_bound))
+    assert resp.status == 202
+    past = {**event, "id": "evt_past", "occurred_at": "2999-12-31T00:00:01Z"}
+    resp = await relay.client.post("/v1/ingest/open", data=orjson.dumps(past))
+    assert resp.status == 400
+    message = (await resp.json())["error"]["message"]
+    assert "2999-12-31T00:00:00Z" in message
+    assert "1971-01-01T00:00:00Z" in message
