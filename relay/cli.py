@@ -111,7 +111,11 @@ def _parser() -> argparse.ArgumentParser:
 
     follow = _command(commands, "tail", "Follow the change stream (SSE) in the terminal.", _tail)
     follow.add_argument("--url", help="relay base URL (default: from server.host/port)")
-    follow.add_argument("--key", help="API key with agent:read (default: $RELAY_API_KEY)")
+    follow.add_argument(
+        "--key",
+        help="API key with agent:read; prefer setting $RELAY_API_KEY (read when --key is"
+        " absent), since arguments show in the process list",
+    )
     follow.add_argument("--type", action="append", default=[], help="change type or glob")
     follow.add_argument("--session", action="append", default=[], help="session id or glob")
     follow.add_argument("--from", dest="last_id", type=int, help="resume after this change id")

@@ -7,7 +7,7 @@ import random
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
@@ -47,15 +47,16 @@ def signed_headers(source: SourceSettings, body: bytes, now: int | None = None) 
 
 
 def demo_lifecycle(
-    sessions: int = 3, start: datetime | None = None, seed: int | None = None
+    sessions: int = 3, end: datetime | None = None, seed: int | None = None
 ) -> list[dict[str, Any]]:
     """A realistic Case.dev-style lifecycle for several chat sessions, in occurrence order.
 
     Of every three sessions the second has a turn rejected with a conflict and the third
     a turn that fails; the rest of their turns complete (with usage), or fail at random.
+    The newest event happened at `end` (default now), so none is dated in the future.
     """
     rng = random.Random(seed)
-    start = start or utcnow()
+    start = datetime(2000, 1, 1, tzinfo=UTC)  # moved to end at `end` below
     events: list[tuple[datetime, dict[str, Any]]] = []
     for index in range(sessions):
         chat = f"chat_demo_{uuid.uuid4().hex[:8]}"
@@ -64,8 +65,9 @@ def demo_lifecycle(
         for event_type, data, at in _session_events(rng, chat, t, kind == 1, kind == 2):
             events.append((at, {"type": event_type, "data": {"chatId": chat, **data}}))
     events.sort(key=lambda pair: pair[0])
+    shift = (end or utcnow()) - events[-1][0] if events else timedelta()
     return [
-        {"id": f"evt_{uuid.uuid4().hex[:16]}", "occurred_at": format_time(t), **body}
+        {"id": f"evt_{uuid.uuid4().hex[:16]}", "occurred_at": format_time(t + shift), **body}
         for t, body in events
     ]
 

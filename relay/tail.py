@@ -10,6 +10,11 @@ from typing import Any, TextIO
 import aiohttp
 import orjson
 
+KEY_HINT = (
+    "give an API key with scope agent:read in the RELAY_API_KEY environment variable"
+    " (or --key, which other users can see in the process list)"
+)
+
 
 def describe(change: dict[str, Any]) -> str:
     """One readable line per change."""
@@ -60,6 +65,9 @@ async def tail(
                         print(f"relay tail: {resp.status}; retrying", file=sys.stderr)
                         await asyncio.sleep(retry_seconds)
                         continue
+                    if resp.status == 401:
+                        print(f"relay tail: 401 {await resp.text()}; {KEY_HINT}", file=sys.stderr)
+                        return 1
                     if resp.status != 200:
                         text = await resp.text()
                         print(f"relay tail: {resp.status} {text}", file=sys.stderr)

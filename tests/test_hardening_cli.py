@@ -337,3 +337,48 @@ async def test_occurred_at_message_states_the_bounds_checked(relay: Relay) -> No
     message = (await resp.json())["error"]["message"]
     assert "2999-12-31T00:00:00Z" in message
     assert "1971-01-01T00:00:00Z" in message
+
+
+# -- 17. the API key from the environment; demo dated up to now ----------------------------
+
+
+def generated_secret(cwd: Path) -> str:
+    secret: str = orjson.loads((cwd / "data" / "source-secrets.json").read_bytes())["casedev"]
+    return secret
+
+
+def test_tail_takes_the_key_from_the_environment(served: Served) -> None:
+    """`relay tail` with RELAY_API_KEY set (no --key) follows the stream."""
+    admin_key = re.search(r"rk_\S+", served.startup)
+    assert admin_key is not None
+    assert signed_post(served.url, generated_secret(served.cwd), EVENT).status_code == 202
+    done = run_cli(
+        served.cwd,
+        *("tail", "--url", served.url, "--from", "0", "--count", "1"),
+        RELAY_API_KEY=admin_key.group(0),
+    )
+    assert done.returncode == 0, done.stderr
+    assert "chat_forged" in done.stdout
+
+
+def test_tail_refused_names_both_ways_to_give_a_key(served: Served) -> None:
+    """`relay tail` with a wrong key exits 1 naming RELAY_API_KEY and --key."""
+    done = run_cli(served.cwd, "tail", "--url", served.url, RELAY_API_KEY="rk_not_a_key")
+    assert done.returncode == 1
+    assert "RELAY_API_KEY" in done.stderr
+    assert "--key" in done.stderr
+
+
+def test_demo_events_are_dated_up_to_now() -> None:
+    """No demo event is dated in the future; the newest happened just now."""
+    from datetime import UTC, datetime, timedelta
+
+    from relay.send import demo_lifecycle
+
+    before = datetime.now(UTC) - timedelta(milliseconds=1)
+    events = demo_lifecycle(6, seed=5)
+    after = datetime.now(UTC)
+    times = [datetime.fromisoformat(event["occurred_at"]) for event in events]
+    assert max(times) <= after
+    assert max(times) >= before - timedelta(seconds=1)
+    assert min(times) < max(times)
