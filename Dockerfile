@@ -12,7 +12,8 @@ USER relay
 VOLUME ["/app/data"]
 EXPOSE 8080
 ENV RELAY_SERVER__HOST=0.0.0.0 RELAY_LOG__FORMAT=json
+# Asks the port the relay is configured with (RELAY_SERVER__PORT or the config file).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
-    CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2).status != 200)"
+    CMD ["relay", "health", "--timeout", "2"]
 ENTRYPOINT ["relay"]
 CMD ["serve", "--config", "config/relay.toml"]

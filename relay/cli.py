@@ -122,6 +122,15 @@ def _parser() -> argparse.ArgumentParser:
     follow.add_argument("--count", type=int, help="stop after this many changes")
     follow.add_argument("--json", action="store_true", help="print each change as JSON")
 
+    health = _command(
+        commands,
+        "health",
+        "Exit 0 if the relay at the configured port answers /healthz (for HEALTHCHECK).",
+        _health,
+    )
+    health.add_argument("--url", help="relay base URL (default: from server.host/port)")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait (3)")
+
     send = _command(commands, "send", "Sign and send events to a running relay.", _send)
     what = send.add_mutually_exclusive_group(required=True)
     what.add_argument("file", nargs="?", type=Path, help="a JSON file: one event or a list")
@@ -424,6 +433,36 @@ async def _tail(settings: Settings, args: argparse.Namespace) -> int:
     url = args.url or _base_url((settings.server.host, settings.server.port))
     key = args.key or os.environ.get("RELAY_API_KEY")
     return await tail(url, key, args.type, args.session, args.last_id, args.count, raw=args.json)
+
+
+# -- health ----------------------------------------------------------------------------------
+
+
+def _local_url(settings: Settings) -> str:
+    """The relay's own address as seen from this host (a wildcard listens on loopback)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(
+        settings.server.host, settings.server.host
+    )
+    return _base_url((host, settings.server.port))
+
+
+async def _health(settings: Settings, args: argparse.Namespace) -> int:
+    url = f"{(args.url or _local_url(settings)).rstrip('/')}/healthz"
+    timeout = aiohttp.ClientTimeout(total=args.timeout)
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as http,
+            http.get(url) as resp,
+        ):
+            status = resp.status
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        print(f"relay: {url} does not answer ({exc.__class__.__name__})", file=sys.stderr)
+        return 1
+    if status != 200:
+        print(f"relay: {url} answered {status}", file=sys.stderr)
+        return 1
+    print(f"{url}: ok")
+    return 0
 
 
 # -- send ------------------------------------------------------------------------------------

@@ -382,3 +382,30 @@ def test_demo_events_are_dated_up_to_now() -> None:
     assert max(times) <= after
     assert max(times) >= before - timedelta(seconds=1)
     assert min(times) < max(times)
+
+
+# -- 18. a health check on the configured port; the README points to docs -----------------
+
+
+def test_health_asks_the_configured_port(checkout: Path) -> None:
+    """`relay health` exits 0 against a relay on the port RELAY_SERVER__PORT names, and
+    1 with one line once nothing answers there."""
+    port = str(free_port())
+    relay = Served(checkout, {"RELAY_SERVER__PORT": port})
+    try:
+        assert relay.url.endswith(f":{port}")
+        done = run_cli(checkout, "health", RELAY_SERVER__PORT=port)
+        assert done.returncode == 0, done.stderr
+    finally:
+        relay.stop()
+    done = run_cli(checkout, "health", RELAY_SERVER__PORT=port)
+    assert_one_line_failure(done, f":{port}/healthz")
+
+
+def test_dockerfile_health_check_follows_the_configured_port() -> None:
+    """The image's HEALTHCHECK runs `relay health` and names no fixed port."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    check = dockerfile[dockerfile.index("HEALTHCHECK") :].split("\nENTRYPOINT")[0]
+    assert "relay" in check
+    assert "health" in check
+    assert "8080" not in check
