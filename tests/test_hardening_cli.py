@@ -409,3 +409,17 @@ def test_dockerfile_health_check_follows_the_configured_port() -> None:
     assert "relay" in check
     assert "health" in check
     assert "8080" not in check
+
+
+def test_readme_is_short_and_its_doc_links_exist() -> None:
+    """The README stays short, prints no whsec_ secret, and every docs/ link it has
+    names a file that exists."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) < 200
+    assert usable_standard_secrets(readme) == []
+    links = re.findall(r"\]\((docs/[^)#]+)", readme)
+    assert {"docs/configuration.md", "docs/api.md", "docs/benchmarks.md"} <= set(links)
+    for link in links:
+        assert (ROOT / link).is_file(), link
+    for name in ("configuration", "api", "operations", "benchmarks", "limits"):
+        assert (ROOT / "docs" / f"{name}.md").is_file()
