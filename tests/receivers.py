@@ -145,3 +145,15 @@ FAST_DELIVERY = {
     "poll_interval_seconds": 0.2,
     "timeout_seconds": 2,
 }
+
+
+async def witness(relay: Relay, got: Receiver) -> Callable[[int], Awaitable[None]]:
+    """A subscription taking every change, made now; the returned wait ends once it has
+    received `count` changes: proof that the dispatcher has gone past those changes (a
+    positive marker to wait for before checking that something else was not sent)."""
+    await subscribe(relay, got, "/witness")
+
+    async def received(count: int) -> None:
+        await eventually(lambda: len(got.at("/witness")) >= count)
+
+    return received

@@ -21,6 +21,7 @@ from tests.receivers import (
     receiver,
     subscribe,
     until,
+    witness,
 )
 from tests.test_read_api import ingest
 
@@ -53,9 +54,15 @@ async def test_receiver_verifies_every_change_of_the_lifecycle(
         }
         svix.Webhook(created["secret"]).verify(first.body, svix_headers)  # raises if forged
         assert first.payload["type"] == "session.created"
-        await asyncio.sleep(0.3)
+        path = f"/v1/subscriptions/{created['id']}/deliveries"
+
+        async def all_written() -> bool:
+            listing = await api(relay, "GET", path, params={"status": "delivered"})
+            return len(listing["items"]) == len(LIFECYCLE_CHANGES)
+
+        await until(all_written)  # no attempt is under way: none can repeat one
         assert len(got.at("/hook", delivered=False)) == len(LIFECYCLE_CHANGES)
-    listing = await api(relay, "GET", f"/v1/subscriptions/{created['id']}/deliveries")
+    listing = await api(relay, "GET", path)
     assert {d["status"] for d in listing["items"]} == {"delivered"}
     assert "secret" not in (await api(relay, "GET", f"/v1/subscriptions/{created['id']}"))
 
@@ -130,8 +137,7 @@ async def test_400_fails_without_retry(start_relay: RelayFactory) -> None:
         async def settled() -> bool:
             return bool(await failed())
 
-        await until(settled)
-        await asyncio.sleep(0.5)  # longer than the whole retry schedule
+        await until(settled)  # failed is final: a retry would have kept it retrying
         assert len(got.at("/bad", delivered=False)) == 1
     [delivery] = await failed()
     assert delivery["attempt_count"] == 1
@@ -165,9 +171,10 @@ async def test_410_disables_the_subscription_until_enabled(start_relay: RelayFac
         subscription = await api(relay, "GET", sub_path)
         assert subscription["enabled"] is False
         assert "410" in subscription["disabled_reason"]
+        witnessed = await witness(relay, got)
         for event in events[1:]:
             await ingest(relay, event)
-        await asyncio.sleep(0.5)
+        await witnessed(len(LIFECYCLE_CHANGES) - 1)  # the dispatcher went past them all
         assert len(got.at("/gone", delivered=False)) == 1
 
         gone[0] = False
@@ -284,11 +291,12 @@ async def test_type_and_session_filters(start_relay: RelayFactory) -> None:
     async with receiver() as got:
         await subscribe(relay, got, "/turns", types=["turn.*"])
         await subscribe(relay, got, "/other", session_ids=["chat_someone_else"])
+        witnessed = await witness(relay, got)
         for event in fixture_events():
             await ingest(relay, event)
         turns = [c for c in LIFECYCLE_CHANGES if c.startswith("turn.")]
         await eventually(lambda: len(got.at("/turns")) == len(turns))
-        await asyncio.sleep(0.3)
+        await witnessed(len(LIFECYCLE_CHANGES))  # the dispatcher went past every change
         assert sorted(r.payload["type"] for r in got.at("/turns")) == sorted(turns)
         assert got.at("/other", delivered=False) == []
 

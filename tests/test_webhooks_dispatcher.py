@@ -22,8 +22,28 @@ from tests.receivers import (
     eventually,
     receiver,
     subscribe,
+    until,
+    witness,
 )
 from tests.test_read_api import ingest
+
+
+async def deliveries(relay: Relay, sub_path: str) -> list[dict[str, Any]]:
+    """The subscription's deliveries, oldest first."""
+    page = await api(relay, "GET", f"{sub_path}/deliveries", params={"limit": 1000})
+    items: list[dict[str, Any]] = page["items"]
+    return items
+
+
+async def written(relay: Relay, sub_path: str, *statuses: str) -> None:
+    """Wait until the subscription's deliveries have these statuses, oldest first: the
+    results of its attempts have been written."""
+
+    async def reached() -> bool:
+        found = [d["status"] for d in await deliveries(relay, sub_path)]
+        return found[: len(statuses)] == list(statuses)
+
+    await until(reached)
 
 
 def delivery_rows(db: Path) -> list[tuple[str, int]]:
@@ -80,20 +100,20 @@ async def test_a_delivery_being_attempted_is_not_claimed_again(start_relay: Rela
 
     async with receiver() as got:
         got.endpoint("/ordered", held)
-        await subscribe(
+        created = await subscribe(
             relay, got, "/ordered", ordering="session", types=["session.created", "session.ready"]
         )
         events = fixture_events()
         await ingest(relay, events[0])
         await eventually(lambda: len(got.receipts) == 1)
         offset[0] = FAST_DELIVERY["timeout_seconds"] + 120  # past the lease
+        witnessed = await witness(relay, got)
         for event in events[1:4]:  # session.ready, which wakes the scheduler
             await ingest(relay, event)
-        await asyncio.sleep(0.6)
-        assert len(got.receipts) == 1
+        await witnessed(3)  # the changes of events[1:4], scheduled after the lease ran out
+        assert len(got.at("/ordered", delivered=False)) == 1
         gate.set()
-        await eventually(lambda: len(got.at("/ordered")) == 2)
-        await asyncio.sleep(0.3)
+        await written(relay, f"/v1/subscriptions/{created['id']}", "delivered", "delivered")
         sent = [r.payload["type"] for r in got.at("/ordered", delivered=False)]
         assert sent == ["session.created", "session.ready"]
 
@@ -181,7 +201,7 @@ async def test_changes_before_the_first_subscription_are_never_read_for_delivery
     assert cursor == 0
     assert before > 0
     async with receiver() as got:
-        await subscribe(relay, got, "/after")
+        created = await subscribe(relay, got, "/after")
         assert cursor_and_last_change() == (before, before)
         for event in events[4:]:
             await ingest(relay, event)
@@ -196,7 +216,7 @@ async def test_changes_before_the_first_subscription_are_never_read_for_delivery
         conn.close()
         assert wanted
         await eventually(lambda: len(got.at("/after")) == len(wanted))
-        await asyncio.sleep(0.2)
+        await written(relay, f"/v1/subscriptions/{created['id']}", *["delivered"] * len(wanted))
         assert sorted(r.change_id for r in got.at("/after")) == wanted
 
 
@@ -218,8 +238,8 @@ def slow_writes(
 
 
 def slow_to_write_disables(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The delivery store takes a second to write a result that disables a subscription."""
-    slow_writes(monkeypatch, 1.0, lambda result: result.disable_reason is not None)
+    """The delivery store takes 0.6 s (three reloads) to write a result that disables."""
+    slow_writes(monkeypatch, 0.6, lambda result: result.disable_reason is not None)
 
 
 async def test_a_410_holds_while_its_result_waits_to_be_written(
@@ -232,13 +252,15 @@ async def test_a_410_holds_while_its_result_waits_to_be_written(
     relay = await start_relay(delivery=FAST_DELIVERY)
     async with receiver() as got:
         got.endpoint("/gone", lambda receipt, seen: web.Response(status=410))
-        await subscribe(relay, got, "/gone")
+        created = await subscribe(relay, got, "/gone")
         events = fixture_events()
         await ingest(relay, events[0])
         await eventually(lambda: len(got.at("/gone", delivered=False)) == 1)
+        witnessed = await witness(relay, got)
         for event in events[1:]:  # each makes a change; none may be sent
             await ingest(relay, event)
-        await asyncio.sleep(1.5)
+        await witnessed(len(LIFECYCLE_CHANGES) - 1)
+        await written(relay, f"/v1/subscriptions/{created['id']}", "failed")
     assert len(got.at("/gone", delivered=False)) == 1
 
 
@@ -256,13 +278,15 @@ async def test_a_410_reaches_the_subscription_a_reload_put_in_its_place(
 
     async with receiver() as got:
         got.endpoint("/gone", gone_slowly)
-        await subscribe(relay, got, "/gone", max_in_flight=1)
+        created = await subscribe(relay, got, "/gone", max_in_flight=1)
         events = fixture_events()
         await ingest(relay, events[0])
         await eventually(lambda: len(got.at("/gone", delivered=False)) == 1)
+        witnessed = await witness(relay, got)
         for event in events[1:]:  # they wait behind the attempt out (max_in_flight 1)
             await ingest(relay, event)
-        await asyncio.sleep(2.0)
+        await written(relay, f"/v1/subscriptions/{created['id']}", "failed")
+        await witnessed(len(LIFECYCLE_CHANGES) - 1)
     assert len(got.at("/gone", delivered=False)) == 1
 
 
@@ -300,10 +324,16 @@ async def test_a_pause_through_the_api_holds_under_steady_deliveries(
         )
         assert paused["enabled"] is False
         answered = time.time()
-        await asyncio.sleep(2.0)
-    late = [r for r in got.receipts if r.at > answered + 0.2]  # the 4 out end well before
-    assert late == []
-    assert len(got.receipts) < len(events) * len(LIFECYCLE_CHANGES) // len(fixture_events())
+        # Proof the dispatcher went on past the pause: a change made after it reaches a
+        # subscription made after it (the paused one's attempts out end meanwhile).
+        witnessed = await witness(relay, got)
+        extra = fixture_events()[0]
+        await ingest(relay, {**extra, "id": "evt_after_pause", "data": {"chatId": "chat_late"}})
+        await witnessed(1)
+    late = [r for r in got.at("/busy", delivered=False) if r.at > answered + 0.2]
+    assert late == []  # the 4 attempts out when it was paused end well before
+    busy = len(got.at("/busy", delivered=False))
+    assert busy < len(events) * len(LIFECYCLE_CHANGES) // len(fixture_events())
 
 
 async def first_delivery(
@@ -344,7 +374,7 @@ async def test_an_enable_after_a_410_wins_over_the_410_written_later(
         for event in events[1:]:
             await ingest(relay, event)
         await eventually(lambda: len(got.at("/back")) == len(LIFECYCLE_CHANGES) - 1)
-        await asyncio.sleep(1.5)  # the 410's result has been written by now
+        await written(relay, sub_path, "failed")  # the 410's result
         assert (await api(relay, "GET", sub_path))["enabled"] is True
 
 
@@ -358,11 +388,13 @@ async def test_an_edit_after_a_410_does_not_undo_it(
     async with receiver() as got:
         sub_path, events = await first_410(relay, got)
         await api(relay, "PATCH", sub_path, json={"description": "renamed"})
+        witnessed = await witness(relay, got)
         for event in events[1:]:
             await ingest(relay, event)
-        await asyncio.sleep(2.0)
+        await witnessed(len(LIFECYCLE_CHANGES) - 1)
+        await written(relay, sub_path, "failed")  # the 410's result
         final = await api(relay, "GET", sub_path)
-    assert len(got.receipts) == 1
+    assert len(got.at("/gone", delivered=False)) == 1
     assert final["enabled"] is False
     assert final["description"] == "renamed"
 
@@ -379,12 +411,18 @@ async def test_a_410_after_a_re_enable_stops_deliveries_again(
         await api(relay, "POST", f"{sub_path}/enable")
         await ingest(relay, events[1])
         await eventually(lambda: len(got.receipts) == 2)  # the second 410, after the enable
+        witnessed = await witness(relay, got)
         for event in events[2:]:
             await ingest(relay, event)
-        await asyncio.sleep(2.5)  # both 410s are written by now
+        await witnessed(len(LIFECYCLE_CHANGES) - 2)
+        await written(relay, sub_path, "failed", "failed")  # both 410s
         final = await api(relay, "GET", sub_path)
-    assert len(got.receipts) == 2
+    assert len(got.at("/gone", delivered=False)) == 2
     assert final["enabled"] is False
+
+
+async def _attempted(relay: Relay, sub_path: str) -> bool:
+    return any(d["attempts"] for d in await deliveries(relay, sub_path))
 
 
 async def test_an_enable_starts_the_failing_count_afresh_even_before_a_failure_is_written(
@@ -393,7 +431,7 @@ async def test_an_enable_starts_the_failing_count_afresh_even_before_a_failure_i
     """An enable through the API clears `failing_since`; a failed attempt from before it,
     written after it, does not set it back (else the relay would count the failing run
     toward `disable_after_seconds` from before the enable)."""
-    slow_writes(monkeypatch, 1.0, lambda result: result.attempt.status_code == 500)
+    slow_writes(monkeypatch, 0.6, lambda result: result.attempt.status_code == 500)
     relay = await start_relay(delivery={**FAST_DELIVERY, "retry_schedule_seconds": [60]})
     async with receiver() as got:
         got.endpoint("/flaky", lambda receipt, seen: web.Response(status=500))
@@ -403,5 +441,5 @@ async def test_an_enable_starts_the_failing_count_afresh_even_before_a_failure_i
         await eventually(lambda: len(got.receipts) == 1 and got.receipts[0].status == 500)
         enabled = await api(relay, "POST", f"{sub_path}/enable")
         assert enabled["failing_since"] is None
-        await asyncio.sleep(1.5)  # the failure is written by now
+        await until(lambda: _attempted(relay, sub_path))  # the failure is written
         assert (await api(relay, "GET", sub_path))["failing_since"] is None
