@@ -108,7 +108,7 @@ async def test_alerts_fire_in_real_time_and_after_a_restart(tmp_path: Path) -> N
     relay = Relay(client, "")
     try:
         assert len(await poll_changes(relay, "session.ready_timeout", seconds=10)) == 1
-        await asyncio.sleep(0.5)
+        # The stall's deadline is the earlier one: fired again, it would be logged by now.
         assert len(await changes(relay, "turn.stalled")) == 1
     finally:
         await client.close()
@@ -164,8 +164,13 @@ async def test_an_event_received_before_the_deadline_but_not_yet_written_ends_th
     )
     await ingest(relay, now_event("1", "agent.chat.session.created", "chat_q"))
     await ingest(relay, now_event("2", "agent.chat.turn.started", "chat_q", "turn_1"))
-    await asyncio.sleep(0.6)
+    # A witness: a turn started just after, never completed, whose stall is due just after.
+    await ingest(relay, now_event("4", "agent.chat.session.created", "chat_r"))
+    await ingest(relay, now_event("5", "agent.chat.turn.started", "chat_r", "turn_1"))
+    await asyncio.sleep(0.6)  # the completion is received before the deadline
     await ingest(relay, now_event("3", "agent.chat.turn.completed", "chat_q", "turn_1"))
-    await asyncio.sleep(0.6)  # well past the deadline, with the alert loop every 50 ms
+    stalled = await poll_changes(relay, "turn.stalled", seconds=10)  # past chat_q's deadline
+    assert [c["session_id"] for c in stalled] == ["chat_r"]
     logged = (await get(relay, "/v1/changes", type="turn.*"))["items"]
-    assert [c["type"] for c in logged] == ["turn.started", "turn.completed"]
+    mine = [c["type"] for c in logged if c["session_id"] == "chat_q"]
+    assert mine == ["turn.started", "turn.completed"]

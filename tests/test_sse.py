@@ -17,6 +17,7 @@ from httpx_sse import aconnect_sse
 
 from relay.appkeys import HUB
 from tests.conftest import LIFECYCLE_CHANGES, Relay, RelayFactory, fixture_events
+from tests.receivers import eventually
 from tests.test_ingest import signed
 from tests.test_read_api import get, ingest
 
@@ -154,8 +155,7 @@ async def test_overflowing_subscriber_is_disconnected_and_can_resume(
     relay = await start_relay(sse={"buffer_bytes": 4096, "socket_send_buffer_bytes": 4096})
     hub = relay.client.app[HUB]
     stalled = await open_stalled_stream(relay)
-    await asyncio.sleep(0.2)
-    assert hub.subscribers == 1
+    await eventually(lambda: hub.subscribers == 1)
     burst = [
         {**fixture_events()[0], "id": f"evt_burst_{n}", "data": {"chatId": f"chat_{n}"}}
         for n in range(200)
@@ -224,6 +224,15 @@ def test_streams_started_after_shutdown_began_end_at_once() -> None:
         assert subscription.closed
 
 
+async def until_no_streams(base_url: str, within: float = 10.0) -> None:
+    """Wait until the relay's metrics count no open stream."""
+    deadline = asyncio.get_running_loop().time() + within
+    async with httpx.AsyncClient() as http:
+        while "relay_sse_subscribers 0.0" not in (await http.get(f"{base_url}/metrics")).text:
+            assert asyncio.get_running_loop().time() < deadline, "a stream stayed open"
+            await asyncio.sleep(0.02)
+
+
 async def test_client_disconnect_is_not_a_server_error(tmp_path: Any) -> None:
     """In `relay serve`, a stream whose client leaves ends quietly: no 500, no traceback."""
     from tests.test_crash import free_port, write_config
@@ -249,7 +258,7 @@ async def test_client_disconnect_is_not_a_server_error(tmp_path: Any) -> None:
         writer.write(b"GET /v1/stream HTTP/1.1\r\nHost: relay\r\n\r\n")
         await reader.readuntil(b"retry: ")
         writer.close()
-        await asyncio.sleep(0.5)  # several heartbeats' time
+        await until_no_streams(f"http://127.0.0.1:{port}")  # the stream's handler has ended
     finally:
         proc.terminate()
         output, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
