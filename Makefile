@@ -3,7 +3,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= config/relay.toml
 
-.PHONY: run test lint typecheck install dev clean bench-ingest bench-longpoll bench-sse bench-sse-idle bench-webhooks
+.PHONY: run test soak lint typecheck install dev clean bench-ingest bench-longpoll bench-sse bench-sse-idle bench-webhooks
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ lint: dev
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+soak: dev
+	$(BIN)/python -m pytest -q -m slow --soak
 
 bench-ingest: dev
 	$(BIN)/python -m bench.ingest --no-request-log --thread-writer --ceiling

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +148,45 @@ async def start_relay(
 @pytest.fixture
 async def relay(start_relay: RelayFactory) -> Relay:
     return await start_relay()
+
+
+# -- slow tests: bounded by default, long with --soak (or RELAY_SOAK=1) ---------------------
+
+
+@dataclass(frozen=True)
+class Load:
+    """How much the slow (crash, WAL, durability) tests push through the relay."""
+
+    crash_events: int  # events sent while the relay is killed or stopped
+    crash_kill_after: int  # acknowledged events before the kill
+    wal_events: int  # ~2 KiB events written without a pause
+    pending_events: int  # events whose deliveries are pending at the kill
+    min_pending: int  # deliveries that must be pending at the kill
+
+
+BOUNDED = Load(
+    crash_events=1200, crash_kill_after=400, wal_events=8000, pending_events=600, min_pending=500
+)
+SOAK = Load(
+    crash_events=20000,
+    crash_kill_after=7000,
+    wal_events=50000,
+    pending_events=4000,
+    min_pending=3000,
+)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak",
+        action="store_true",
+        default=False,
+        help="run the slow tests in their long form (also RELAY_SOAK=1); default: bounded",
+    )
+
+
+@pytest.fixture
+def load(request: pytest.FixtureRequest) -> Load:
+    """The bounded load, or the soak load with --soak or RELAY_SOAK=1."""
+    soak = request.config.getoption("--soak") or os.environ.get("RELAY_SOAK") == "1"
+    return SOAK if soak else BOUNDED

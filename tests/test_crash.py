@@ -17,11 +17,9 @@ import orjson
 import pytest
 
 from relay.sign import sign_standard
-from tests.conftest import SECRET
+from tests.conftest import SECRET, Load
 
-EVENTS = 2000
 CLIENTS = 32
-KILL_AFTER = 700
 
 
 def free_port() -> int:
@@ -155,7 +153,15 @@ def event(number: int) -> bytes:
     )
 
 
-async def send_all(url: str, numbers: list[int], acked: set[str], killed: asyncio.Event) -> None:
+async def send_all(
+    url: str,
+    numbers: list[int],
+    acked: set[str],
+    killed: asyncio.Event,
+    kill_after: int | None = None,
+) -> None:
+    """Send the numbered events from many clients; `killed` is set once `kill_after` of
+    them were acknowledged."""
     queue: asyncio.Queue[int] = asyncio.Queue()
     for number in numbers:
         queue.put_nowait(number)
@@ -175,7 +181,7 @@ async def send_all(url: str, numbers: list[int], acked: set[str], killed: asynci
                     answer: dict[str, Any] = await r.json()
                     if r.status in (200, 202):
                         acked.add(answer["id"])
-                        if len(acked) >= KILL_AFTER:
+                        if kill_after is not None and len(acked) >= kill_after:
                             killed.set()
             except (aiohttp.ClientError, TimeoutError):
                 continue
@@ -200,13 +206,19 @@ async def stored_ids(url: str, key: str) -> list[str]:
             after = page["next_after"]
 
 
-async def test_sigkill_under_load_loses_no_acknowledged_event(relay_process: RelayProcess) -> None:
+@pytest.mark.slow
+async def test_sigkill_under_load_loses_no_acknowledged_event(
+    relay_process: RelayProcess, load: Load
+) -> None:
     """Every event answered 2xx before a SIGKILL is stored after restart, none twice."""
+    events, kill_after = load.crash_events, load.crash_kill_after
     key = relay_process.cli("keys", "create", "--scope", "agent:read").strip().splitlines()[-1]
     await relay_process.start()
     acked: set[str] = set()
     killed = asyncio.Event()
-    sending = asyncio.create_task(send_all(relay_process.url, list(range(EVENTS)), acked, killed))
+    sending = asyncio.create_task(
+        send_all(relay_process.url, list(range(events)), acked, killed, kill_after)
+    )
     await asyncio.wait_for(killed.wait(), timeout=60)
     writers = relay_process.children()
     await relay_process.kill()
@@ -214,8 +226,8 @@ async def test_sigkill_under_load_loses_no_acknowledged_event(relay_process: Rel
     await asyncio.wait_for(sending, timeout=60)
     assert len(writers) == 1
     assert await ended(writers, 10), "the writer process outlived the relay"
-    assert len(acked_before_kill) >= KILL_AFTER
-    assert len(acked_before_kill) < EVENTS, "the kill came after every event was sent"
+    assert len(acked_before_kill) >= kill_after
+    assert len(acked_before_kill) < events, "the kill came after every event was sent"
 
     await relay_process.start()
     after_restart = await stored_ids(relay_process.url, key)
@@ -223,11 +235,11 @@ async def test_sigkill_under_load_loses_no_acknowledged_event(relay_process: Rel
     assert acked <= set(after_restart), f"lost: {sorted(acked - set(after_restart))[:5]}"
 
     # The senders retry what was not acknowledged: in the end every event is there once.
-    missing = [n for n in range(EVENTS) if f"evt_crash_{n:05d}" not in set(after_restart)]
+    missing = [n for n in range(events) if f"evt_crash_{n:05d}" not in set(after_restart)]
     retried: set[str] = set()
     await send_all(relay_process.url, missing, retried, asyncio.Event())
     final = await stored_ids(relay_process.url, key)
-    assert sorted(final) == sorted(f"evt_crash_{n:05d}" for n in range(EVENTS))
+    assert sorted(final) == sorted(f"evt_crash_{n:05d}" for n in range(events))
 
     # Every stored event has its changes, and the state equals a replay of the events.
     await relay_process.stop()
@@ -235,13 +247,19 @@ async def test_sigkill_under_load_loses_no_acknowledged_event(relay_process: Rel
     assert "match the events" in report
 
 
-async def test_sigterm_under_load_shuts_down_cleanly(relay_process: RelayProcess) -> None:
+@pytest.mark.slow
+async def test_sigterm_under_load_shuts_down_cleanly(
+    relay_process: RelayProcess, load: Load
+) -> None:
     """SIGTERM mid-load: the relay exits 0 and every acknowledged event is stored."""
     key = relay_process.cli("keys", "create", "--scope", "agent:read").strip().splitlines()[-1]
     await relay_process.start()
     acked: set[str] = set()
     stopping = asyncio.Event()
-    sending = asyncio.create_task(send_all(relay_process.url, list(range(EVENTS)), acked, stopping))
+    numbers = list(range(load.crash_events))
+    sending = asyncio.create_task(
+        send_all(relay_process.url, numbers, acked, stopping, load.crash_kill_after)
+    )
     await asyncio.wait_for(stopping.wait(), timeout=60)
     assert relay_process.proc is not None
     writers = relay_process.children()

@@ -12,6 +12,7 @@ import pytest
 from relay.config import StoreSettings
 from relay.events import Event
 from relay.store import ApiKey, IngestRecord, Store, StoreUnavailable, open_store
+from tests.conftest import Load
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 
@@ -158,7 +159,8 @@ async def test_a_writer_process_that_dies_is_replaced(tmp_path: Path) -> None:
         await store.close()
 
 
-async def test_the_wal_stays_bounded_under_sustained_ingest(tmp_path: Path) -> None:
+@pytest.mark.slow
+async def test_the_wal_stays_bounded_under_sustained_ingest(tmp_path: Path, load: Load) -> None:
     """Under writes that never pause, the write-ahead log is still checkpointed back to
     the start: it stays within a few MB while far more than that is written."""
     store = open_store(StoreSettings(url=f"sqlite:///{tmp_path}/busy.db", writer="process"))
@@ -166,7 +168,7 @@ async def test_the_wal_stays_bounded_under_sustained_ingest(tmp_path: Path) -> N
     filler = "x" * 2048
     written = 0
     try:
-        for start in range(0, 8000, 64):
+        for start in range(0, load.wal_events, 64):
             records = []
             for n in range(start, start + 64):
                 event = Event("s", f"e{n}", "agent.worker.ready", NOW, f"c{n % 500}")

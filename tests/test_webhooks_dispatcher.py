@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from relay.appkeys import DISPATCHER
 from relay.webhooks.model import AttemptResult
 from tests.conftest import LIFECYCLE_CHANGES, Relay, RelayFactory, fixture_events
 from tests.receivers import (
@@ -194,9 +195,17 @@ async def test_changes_before_the_first_subscription_are_never_read_for_delivery
         conn.close()
         return cursor, last
 
-    for event in events[:4]:
+    dispatcher = relay.client.app[DISPATCHER]
+
+    async def enqueuer_woke() -> None:
+        """The enqueuer took the wake-up of the last commit (it clears the flag first)."""
+        await eventually(lambda: not dispatcher._changes.is_set())
+
+    for event in events[:3]:
         await ingest(relay, event)
-    await asyncio.sleep(0.3)  # several poll intervals of FAST_DELIVERY
+    await enqueuer_woke()
+    await ingest(relay, events[3])
+    await enqueuer_woke()  # so its pass for events[:3] has ended, whatever it did
     cursor, before = cursor_and_last_change()
     assert cursor == 0
     assert before > 0
