@@ -189,7 +189,7 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from relay.app import create_app
     from relay.http_server import Runner
     from relay.logs import configure_logging, flush_logs
-    from relay.source_secrets import SourceSecretsError, provision
+    from relay.source_secrets import SourceSecretsError, provision, secrets_path
     from relay.tuning import tune_gc
 
     configure_logging(settings.log)
@@ -200,7 +200,7 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
         print(f"relay: cannot set up the sources' secrets: {exc}", file=sys.stderr)
         return 1
     if generated:
-        _show_generated_secrets(generated)
+        _show_generated_secrets(generated, secrets_path(settings))
 
     def show_key(new_key: auth.NewKey) -> None:
         print(
@@ -262,12 +262,13 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _show_generated_secrets(generated: dict[str, str]) -> None:
+def _show_generated_secrets(generated: dict[str, str], path: Path) -> None:
     lines = "\n".join(f"    {source_id}: {secret}" for source_id, secret in generated.items())
     print(
-        "\nFirst start: generated a signing secret for each source configured without one.\n"
-        "`relay send` finds it; a platform that sends to this relay signs with it. It is\n"
-        'shown only this once (configure a platform\'s own secret as secrets = ["env:VAR"]):\n\n'
+        "\nFirst start: generated a signing secret for each source configured without one\n"
+        f"(kept in {path}, where `relay send` finds it). A platform that sends to this\n"
+        "relay signs with it; it is shown only this once. To use a platform's own secret\n"
+        'instead, configure the source with secrets = ["env:VAR"].\n\n'
         f"{lines}\n",
         flush=True,
     )
