@@ -19,6 +19,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from relay.app import create_app
 from relay.auth import NewKey
 from relay.config import Settings
+from tests.services import pg_url, redis_namespace
+
+__all__ = ["pg_url", "redis_namespace"]  # fixtures for the cluster tests
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "casedev"
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
