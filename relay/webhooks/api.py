@@ -135,9 +135,11 @@ async def _patch(request: web.Request) -> web.Response:
     fields = await parse_body(request, SubscriptionFields)
     subscription = await _subscription(request)
     now = _now(request)
-    updated = await request.app[DELIVERY_STORE].update_subscription(
-        subscription.id, updates(fields, now)
-    )
+    try:
+        changed = updates(fields, now, subscription, request.app[SECRET_BOX])
+    except ValueError as exc:
+        raise ApiError(400, "INVALID_REQUEST", str(exc)) from None
+    updated = await request.app[DELIVERY_STORE].update_subscription(subscription.id, changed)
     if updated is None:
         raise ApiError(404, "NOT_FOUND", f"no subscription {subscription.id!r}")
     await request.app[DISPATCHER].refresh()
@@ -179,7 +181,8 @@ async def _enable(request: web.Request) -> web.Response:
     subscription = await _subscription(request)
     now = _now(request)
     enabled = await request.app[DELIVERY_STORE].update_subscription(
-        subscription.id, updates(SubscriptionFields(enabled=True), now)
+        subscription.id,
+        updates(SubscriptionFields(enabled=True), now, subscription, request.app[SECRET_BOX]),
     )
     if enabled is None:
         raise ApiError(404, "NOT_FOUND", f"no subscription {subscription.id!r}")
