@@ -180,7 +180,7 @@ def render_slack(change: dict[str, Any], dashboard_url: str | None) -> bytes:
     session = change.get("session") or {}
     turn = _turn_of(change)
     kind = str(change.get("type") or "change")
-    text = _truncate(summary(change), 3000)
+    text = _truncate(_escape(summary(change)), 3000)
     fields = [
         ("Session", change.get("session_id") or "-"),
         ("Turn", change.get("turn_id") or "-"),
@@ -194,7 +194,7 @@ def render_slack(change: dict[str, Any], dashboard_url: str | None) -> bytes:
         },
         {
             "type": "section",
-            "text": {"type": "mrkdwn", "text": _truncate(_escape(text), 3000)},
+            "text": {"type": "mrkdwn", "text": text},
             "fields": [
                 {"type": "mrkdwn", "text": _truncate(f"*{name}*\n{_escape(str(value))}", 2000)}
                 for name, value in fields
