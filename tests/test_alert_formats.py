@@ -11,7 +11,14 @@ import pytest
 from aiohttp import web
 
 from relay.appkeys import STORE
-from relay.webhooks.formats import Action, AlertAction, render_slack
+from relay.webhooks.formats import (
+    Action,
+    AlertAction,
+    decide_actions,
+    incident_effect,
+    render_slack,
+    replay_actions,
+)
 from tests.conftest import RelayFactory
 from tests.receivers import FAST_DELIVERY, Receipt, Receiver, api, eventually, receiver, until
 from tests.test_alerts import now_event
@@ -357,3 +364,56 @@ def test_cli_adds_a_pagerduty_subscription_with_a_header(tmp_path: Path) -> None
     bad = cli(config, "subscriptions", "add", url, "--header", "no colon", check=False)
     assert bad.returncode == 2
     assert "NAME: VALUE" in bad.stderr
+
+
+def test_incident_bookkeeping_resolves_only_what_was_triggered() -> None:
+    """Resolves go out only for open keys; a failure that ends a stall does both."""
+    opened: dict[str, int] = {}
+
+    def step(change_id: int, kind: str, turn: str | None) -> list[tuple[str, str]]:
+        effect = incident_effect(kind, "s", turn)
+        return [(a.action.value, a.dedup_key) for a in decide_actions(effect, opened, change_id)]
+
+    assert step(1, "session.created", None) == []
+    assert step(2, "session.ready", None) == []  # nothing open: not sent
+    assert step(3, "turn.completed", "t1") == []
+    assert step(4, "turn.stalled", "t2") == [("trigger", "relay/s/turn/t2/stalled")]
+    assert step(5, "turn.failed", "t2") == [
+        ("resolve", "relay/s/turn/t2/stalled"),
+        ("trigger", "relay/s/turn_failed"),
+    ]
+    assert step(6, "turn.failed", "t3") == [("trigger", "relay/s/turn_failed")]
+    assert opened == {"relay/s/turn_failed": 6}
+    assert step(7, "turn.completed", "t4") == [("resolve", "relay/s/turn_failed")]
+    assert opened == {}
+    # `recover` replays a past change so the receiver ends up as things are now.
+    assert replay_actions(incident_effect("turn.failed", "s", "t3"), opened) == (
+        AlertAction(Action.RESOLVE, "relay/s/turn/t3/stalled"),
+    )
+
+
+def test_a_long_session_id_gives_a_dedup_key_pagerduty_accepts() -> None:
+    """Dedup keys stay within 255 characters and stay distinct per problem."""
+    long_id = "s" * 400
+    keys = {
+        incident_effect("turn.stalled", long_id, "t").triggers,
+        incident_effect("session.ready_timeout", long_id, None).triggers,
+        incident_effect("turn.failed", long_id, "t").triggers,
+    }
+    assert len(keys) == 3
+    assert all(key is not None and len(key) <= 255 for key in keys)
+
+
+async def test_a_test_event_to_pagerduty_triggers_and_resolves(start_relay: RelayFactory) -> None:
+    """`POST /test` on a PagerDuty subscription sends a valid trigger and its resolve."""
+    relay = await start_relay(delivery=DELIVERY)
+    async with receiver() as got:
+        got.endpoint("/pd", checked(pagerduty_problems))
+        sub = await subscription_with(
+            relay, got, "/pd", format="pagerduty", routing_key=ROUTING_KEY
+        )
+        await api(relay, "POST", f"/v1/subscriptions/{sub['id']}/test", 202)
+        await eventually(lambda: len(got.at("/pd")) == 2)
+        (trigger, first), (resolve, second) = actions(got, "/pd")
+        assert (trigger, resolve) == ("trigger", "resolve")
+        assert first == second

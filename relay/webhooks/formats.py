@@ -161,6 +161,8 @@ def _turn_of(change: dict[str, Any]) -> dict[str, Any] | None:
 def summary(change: dict[str, Any]) -> str:
     """One line saying what happened."""
     kind = change.get("type", "")
+    if kind == "webhook.test":
+        return "webhook.test: a test event from relay"
     session_id = change.get("session_id") or "?"
     turn_id = change.get("turn_id")
     subject = f"turn {turn_id} of session {session_id}" if turn_id else f"session {session_id}"
