@@ -367,7 +367,7 @@ function route() {
     else link.removeAttribute("aria-current");
   }
   if (view === "sessions") {
-    views.current = null;
+    views.leave();
     render();
   } else {
     views.show(view, arg);

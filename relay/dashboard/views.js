@@ -29,6 +29,17 @@ const OUTCOME_TYPES = [
   "turn.failed",
   "turn.stalled",
 ];
+const SESSION_CHANGE_TYPES = [
+  "session.created",
+  "session.provisioning",
+  "session.ready",
+  "session.ready_timeout",
+  "turn.started",
+  "turn.completed",
+  "turn.failed",
+  "turn.conflict",
+  "turn.stalled",
+];
 const PAGE = 1000;
 const ALERT_WIDTHS = [15, 20, 22, 18, 25];
 const MAX_PAGES = 20;
@@ -183,7 +194,16 @@ export class Views {
     }
   }
 
+  // Leave the page shown: its own stream, if any, closes.
+  leave() {
+    this.current = null;
+    if (this.sessionStream) this.sessionStream.close();
+    this.sessionStream = null;
+    clearTimeout(this.renderTimer);
+  }
+
   async show(name, arg) {
+    this.leave();
     this.current = { name, arg };
     if (name === "session") await this.showSession(arg);
     else if (name === "alerts") await this.showAlerts();
@@ -198,9 +218,6 @@ export class Views {
       if (this.current.name === "alerts") this.renderAlerts();
       if (this.current.name === "failures") this.renderFailures();
     }
-    if (this.current.name === "session" && this.session && change.session_id === this.current.arg) {
-      this.sessionChange(change);
-    }
   }
 
   // -- one session -------------------------------------------------------------------------
@@ -211,31 +228,49 @@ export class Views {
     $("session-title").textContent = sessionId;
     $("session-title").title = sessionId;
     const loaded = await this.guard(async () => {
-      const [session, turns, events, changes] = await Promise.all([
+      const [session, turns, events] = await Promise.all([
         api(key, base),
         allPages(key, `${base}/turns`),
         allPages(key, `${base}/events`),
-        allChanges(key, ["session.*", "turn.*"]).then((all) =>
-          all.filter((c) => c.session_id === sessionId),
-        ),
       ]);
-      return { session, turns: new Map(turns.map((t) => [t.turn_id, t])), events, changes };
+      const byId = new Map(turns.map((t) => [t.turn_id, t]));
+      return { session, turns: byId, events, changes: [], seen: new Set() };
     });
-    if (!loaded || this.current?.arg !== sessionId) return;
+    if (!loaded || this.current?.name !== "session" || this.current.arg !== sessionId) return;
     this.session = loaded;
     this.renderSession();
+    // The session's own stream from its first change: its history, then live.
+    const params = new URLSearchParams({ access_token: key, last_event_id: "0" });
+    const stream = new EventSource(`${base}/stream?${params}`);
+    this.sessionStream = stream;
+    const onChange = (event) => {
+      if (stream !== this.sessionStream) return;
+      let change;
+      try {
+        change = JSON.parse(event.data);
+      } catch {
+        return;
+      }
+      this.sessionChange(change);
+    };
+    for (const type of SESSION_CHANGE_TYPES) stream.addEventListener(type, onChange);
   }
 
   sessionChange(change) {
     const data = this.session;
-    if (data.changes.some((c) => c.id === change.id)) return;
+    if (data.seen.has(change.id)) return;
+    data.seen.add(change.id);
     data.changes.push(change);
     if (change.session && change.session.version > data.session.version) data.session = change.session;
     if (change.turn) {
       const known = data.turns.get(change.turn.turn_id);
       if (!known || known.version < change.turn.version) data.turns.set(change.turn.turn_id, change.turn);
     }
-    this.renderSession();
+    // A replayed history comes in a burst: draw once it has come.
+    clearTimeout(this.renderTimer);
+    this.renderTimer = setTimeout(() => {
+      if (this.session === data) this.renderSession();
+    }, 40);
     // The raw events behind the change: read again, shortly.
     clearTimeout(this.eventsTimer);
     this.eventsTimer = setTimeout(async () => {
