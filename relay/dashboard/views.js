@@ -329,7 +329,7 @@ export class Views {
       tr.append(
         cell(clip("span", "mono", turn.turn_id)),
         cell(badge("turn", turn.status)),
-        cell(el("span", "mono", formatTime(turn.started_at))),
+        cell(clip("span", "mono", formatTime(turn.started_at))),
         cell(el("span", "mono", formatDuration(turn.duration_ms))),
         cell(clip("span", "mono", usage)),
         cell(clip("span", turn.status === "failed" ? "error-text" : "sub", error || "—")),
@@ -338,7 +338,7 @@ export class Views {
     });
     $("session-turns").replaceChildren(
       turnRows.length
-        ? table(["Turn", "Status", "Started", "Duration", "Usage", "Error"], turnRows, "fixed turns", [13, 12, 24, 10, 17, 24])
+        ? table(["Turn", "Status", "Started", "Duration", "Usage", "Error"], turnRows, "fixed turns", [12, 10, 17, 9, 16, 36])
         : el("p", "empty", "No turns yet."),
     );
 
@@ -348,25 +348,25 @@ export class Views {
       tr.append(
         cell(el("span", "mono", String(change.id))),
         cell(clip("span", "mono", change.type)),
-        cell(el("span", "mono", formatTime(change.occurred_at))),
+        cell(clip("span", "mono", formatTime(change.occurred_at))),
         cell(clip("span", "mono", change.turn_id || "—")),
       );
       return tr;
     });
     $("session-changes").replaceChildren(
-      table(["Change", "Type", "At", "Turn"], changeRows, "fixed changes", [12, 30, 38, 20]),
+      table(["Id", "Type", "At", "Turn"], changeRows, "fixed changes", [13, 33, 37, 17]),
     );
     const eventRows = [...events].reverse().slice(0, 200).map((event) => {
       const tr = el("tr");
       tr.append(
         cell(clip("span", "mono", event.type)),
-        cell(el("span", "mono", formatTime(event.occurred_at))),
+        cell(clip("span", "mono", formatTime(event.occurred_at))),
         cell(clip("span", "mono", event.source)),
         cell(clip("span", "mono", event.id)),
       );
       return tr;
     });
-    $("session-events").replaceChildren(table(["Event", "Occurred", "Source", "Id"], eventRows, "fixed events", [32, 38, 12, 18]));
+    $("session-events").replaceChildren(table(["Event", "Occurred", "Source", "Id"], eventRows, "fixed events", [36, 37, 12, 15]));
   }
 
   // -- alerts --------------------------------------------------------------------------------
@@ -393,7 +393,7 @@ export class Views {
         cell(clip("span", "mono", change.type)),
         cell(sessionLink(change.session_id)),
         cell(clip("span", null, alertWhat(change))),
-        cell(el("span", "mono", formatTime(change.occurred_at))),
+        cell(clip("span", "mono", formatTime(change.occurred_at))),
         cell(
           resolvedBy
             ? clip("span", "sub", `${resolvedBy.type} at ${formatTime(resolvedBy.occurred_at)}`)
@@ -431,7 +431,7 @@ export class Views {
       tr.append(
         cell(sessionLink(change.session_id)),
         cell(clip("span", "mono", change.turn_id)),
-        cell(el("span", "mono", formatTime(change.occurred_at))),
+        cell(clip("span", "mono", formatTime(change.occurred_at))),
         cell(el("span", "mono", formatDuration(change.turn?.duration_ms))),
         cell(clip("span", "error-text", errorText(change.turn?.error) || "no error given")),
       );
@@ -535,7 +535,7 @@ export class Views {
           cell(clip("span", "mono", d.type)),
           cell(badge("delivery", d.status)),
           cell(el("span", "mono", String(d.attempt_count))),
-          cell(el("span", "mono", formatTime(last ? last.at : d.created_at))),
+          cell(clip("span", "mono", formatTime(last ? last.at : d.created_at))),
           cell(clip("span", "mono", answer)),
           cell(d.status === "failed" || d.status === "delivered" ? retry : null),
         );
