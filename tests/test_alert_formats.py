@@ -417,3 +417,26 @@ async def test_a_test_event_to_pagerduty_triggers_and_resolves(start_relay: Rela
         (trigger, first), (resolve, second) = actions(got, "/pd")
         assert (trigger, resolve) == ("trigger", "resolve")
         assert first == second
+
+
+@pytest.mark.parametrize("fmt", ["pagerduty", "slack"])
+async def test_the_ssrf_guard_refuses_loopback_in_every_alert_format(
+    start_relay: RelayFactory, fmt: str
+) -> None:
+    """Without allow_private_networks an alert to loopback is refused, never sent."""
+    relay = await start_relay(delivery={**DELIVERY, "allow_private_networks": False})
+    async with receiver() as got:
+        got.endpoint("/a")
+        extra = {"routing_key": ROUTING_KEY} if fmt == "pagerduty" else {}
+        sub = await subscription_with(relay, got, "/a", format=fmt, types=["turn.failed"], **extra)
+        await ingest(relay, now_event("1", "agent.chat.turn.failed", "chat_x", "turn_1"))
+        path = f"/v1/subscriptions/{sub['id']}/deliveries"
+
+        async def failed() -> bool:
+            items = (await api(relay, "GET", path))["items"]
+            return bool(items) and items[0]["status"] == "failed"
+
+        await until(failed)
+        delivery = (await api(relay, "GET", path))["items"][0]
+        assert delivery["last_error"].startswith("refused")
+        assert got.receipts == []
