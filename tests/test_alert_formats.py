@@ -173,6 +173,7 @@ async def test_pagerduty_incidents_trigger_and_resolve_with_the_same_dedup_key(
         # Changes that neither trigger nor resolve (created, started, a completion with
         # nothing open) are not queued at all.
         listing = await api(relay, "GET", f"/v1/subscriptions/{sub['id']}/deliveries")
+        assert (await api(relay, "GET", f"/v1/subscriptions/{sub['id']}"))["queue_depth"] == 0
         assert len(listing["items"]) == 6
         assert {d["status"] for d in listing["items"]} == {"delivered"}
 

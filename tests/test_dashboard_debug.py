@@ -243,6 +243,9 @@ async def test_subscriptions_pause_enable_and_retry_from_the_page(
             await page.wait_for(f"{card} && {delivery}.dataset.status === 'failed'")
             assert "400" in await page.evaluate(f"{delivery}.cells[4].textContent")
             assert "answered 400" in await page.evaluate(f"{delivery}.cells[4].textContent")
+            facts = await page.evaluate(f"{card}.querySelector('.facts').textContent")
+            assert "0 waiting · 1 failed" in facts
+            assert "Failing since" in facts
             await no_column_cut_off(page)
             await shoot(page, "subscription-failed.png")
 
@@ -252,19 +255,35 @@ async def test_subscriptions_pause_enable_and_retry_from_the_page(
                 ".dataset.enabled === 'false'"
             )
             assert (await api(relay, "GET", f"/v1/subscriptions/{sub['id']}"))["enabled"] is False
+            # While paused, a new change waits in the queue, and the page says so.
+            await ingest(relay, now_event("2", "agent.chat.session.created", "chat_sub_2"))
+
+            async def queued() -> bool:
+                found = await api(relay, "GET", f"/v1/subscriptions/{sub['id']}")
+                return bool(found["queue_depth"] == 1)
+
+            await until(queued)
+            await page.evaluate("location.hash = '#'; location.hash = '#subscriptions'; true")
+            await page.wait_for(f"{card} && {card}.textContent.includes('1 waiting')")
+            await shoot(page, "subscription-paused.png")
+            answers["status"] = 200
             await page.evaluate(f"{card}.querySelector('[data-action=\"enable\"]').click(); true")
             await page.wait_for(f"{card}.dataset.enabled === 'true'")
             assert (await api(relay, "GET", f"/v1/subscriptions/{sub['id']}"))["enabled"] is True
 
-            answers["status"] = 200
-            await page.evaluate(
-                f"{delivery}.querySelector('[data-action=\"retry\"]').click(); true"
-            )
+            failed = f"{card}.querySelector('tr[data-status=\"failed\"]')"
+            await page.wait_for(f"{card} && {failed} !== null")
+            await page.evaluate(f"{failed}.querySelector('[data-action=\"retry\"]').click(); true")
             await until(lambda: status("delivered"))
             await page.evaluate(
                 "location.hash = '#'; location.hash = '#subscriptions'; true"
             )  # read the page again
-            await page.wait_for(f"{card} && {delivery}.dataset.status === 'delivered'")
+            statuses = (
+                f"[...{card}.querySelectorAll('tr[data-status]')].map((tr) => tr.dataset.status)"
+            )
+            await page.wait_for(
+                f'{card} && JSON.stringify({statuses}) === \'["delivered","delivered"]\''
+            )
             await shoot(page, "subscription-retried.png")
 
 

@@ -495,7 +495,6 @@ export class Views {
       card.dataset.subscriptionId = sub.id;
       card.dataset.enabled = String(sub.enabled);
       const head = el("div", "sub-head");
-      const queued = deliveries.filter((d) => ["pending", "retrying", "delivering"].includes(d.status)).length;
       const failedCount = deliveries.filter((d) => d.status === "failed").length;
       const toggle = el("button", "ghost", sub.enabled ? "Pause" : "Enable");
       toggle.dataset.action = sub.enabled ? "pause" : "enable";
@@ -519,7 +518,7 @@ export class Views {
       fact("URL", sub.url);
       fact("Why disabled", sub.enabled ? "—" : sub.disabled_reason || "—");
       fact("Failing since", formatTime(sub.failing_since));
-      fact("Queue", `${queued} waiting · ${failedCount} failed`);
+      fact("Queue", `${sub.queue_depth} waiting · ${failedCount} failed`);
       fact("Types", sub.types.join(", ") || "all but raw.*");
       const recent = deliveries.slice(-8).reverse().map((d) => {
         const tr = el("tr");

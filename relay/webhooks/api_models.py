@@ -46,6 +46,7 @@ class SubscriptionView(_Shape):
     headers: dict[str, str] = Field(
         description="Static headers; literal values are hidden, `env:VAR` ones shown."
     )
+    queue_depth: int = Field(description="Its deliveries not yet delivered or failed.")
     created_at: datetime
     updated_at: datetime
 

@@ -288,6 +288,21 @@ class SQLiteDeliveryStore:
             queued += count
         return queued
 
+    async def queue_depths(self, subscription_ids: Sequence[str]) -> dict[str, int]:
+        depths = dict.fromkeys(subscription_ids, 0)
+        for start in range(0, len(subscription_ids), 500):
+            chunk = tuple(subscription_ids[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            rows = await self._call(
+                _select,
+                "SELECT subscription_id, count(*) FROM deliveries"
+                f" WHERE subscription_id IN ({marks}) AND next_attempt_at IS NOT NULL"
+                " GROUP BY subscription_id",
+                chunk,
+            )
+            depths.update({sid: int(count) for sid, count in rows})
+        return depths
+
     async def queue_depth(self) -> int:
         rows = await self._call(
             _select, "SELECT count(*) FROM deliveries WHERE next_attempt_at IS NOT NULL", ()

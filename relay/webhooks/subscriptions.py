@@ -220,7 +220,7 @@ async def rotate_secret(
     raise SecretChanged(subscription.id)
 
 
-def subscription_view(s: Subscription, now: float) -> dict[str, Any]:
+def subscription_view(s: Subscription, now: float, queue_depth: int) -> dict[str, Any]:
     until = max((p.until for p in s.previous_secrets), default=None)
     return {
         "id": s.id,
@@ -237,6 +237,7 @@ def subscription_view(s: Subscription, now: float) -> dict[str, Any]:
         "format": s.format.value,
         "routing_key_set": s.routing_key is not None,
         "headers": {name: _shown(value) for name, value in s.headers},
+        "queue_depth": queue_depth,
         "created_at": s.created_at,
         "updated_at": s.updated_at,
     }
