@@ -129,6 +129,7 @@ async def test_pagerduty_incidents_trigger_and_resolve_with_the_same_dedup_key(
         )
         assert sub["format"] == "pagerduty"
         assert sub["routing_key_set"] is True
+        assert sub["ordering"] == "session"  # a resolve never overtakes its trigger
         assert ROUTING_KEY not in str(sub)
         await ingest(relay, now_event("1", "agent.chat.session.created", "chat_pd"))
         await ingest(relay, now_event("2", "agent.chat.turn.started", "chat_pd", "turn_1"))
@@ -303,7 +304,7 @@ async def test_patch_keeps_format_and_routing_key_consistent(start_relay: RelayF
     refused = await api(relay, "PATCH", path, 400, json={"format": "pagerduty"})
     assert "routing_key is required" in refused["error"]["message"]
     pd = await api(relay, "PATCH", path, json={"format": "pagerduty", "routing_key": ROUTING_KEY})
-    assert (pd["format"], pd["routing_key_set"]) == ("pagerduty", True)
+    assert (pd["format"], pd["routing_key_set"], pd["ordering"]) == ("pagerduty", True, "session")
     same = await api(relay, "PATCH", path, json={"description": "pager"})
     assert same["routing_key_set"] is True
     slack = await api(relay, "PATCH", path, json={"format": "slack", "headers": {"X-A": "env:A"}})
@@ -441,3 +442,28 @@ async def test_the_ssrf_guard_refuses_loopback_in_every_alert_format(
         delivery = (await api(relay, "GET", path))["items"][0]
         assert delivery["last_error"].startswith("refused")
         assert got.receipts == []
+
+
+async def test_a_resolve_waits_for_its_trigger_to_be_delivered(
+    start_relay: RelayFactory,
+) -> None:
+    """When the trigger is retried, the resolve queued meanwhile goes only after it."""
+    relay = await start_relay(
+        delivery={**DELIVERY, "retry_schedule_seconds": [0.5, 0.5]}, alerts=ALERTS
+    )
+    store = relay.client.app[STORE]
+
+    def answer(receipt: Receipt, seen: int) -> web.Response:
+        first = len([r for r in got.receipts if r.path == "/pd"]) == 1
+        return web.json_response({"status": "x"}, status=503 if first else 202)
+
+    async with receiver() as got:
+        got.endpoint("/pd", answer)
+        await subscription_with(relay, got, "/pd", format="pagerduty", routing_key=ROUTING_KEY)
+        await ingest(relay, now_event("1", "agent.chat.session.created", "chat_order"))
+        assert await store.fire_due_alerts(time.time() + 130) == 1
+        await eventually(lambda: len(got.receipts) == 1)  # the trigger, answered 503
+        await ingest(relay, now_event("2", "agent.worker.ready", "chat_order"))
+        await eventually(lambda: len(got.at("/pd")) == 2)
+        sent = [(r.payload["event_action"], r.status) for r in got.receipts]
+        assert sent == [("trigger", 503), ("trigger", 202), ("resolve", 202)]

@@ -114,6 +114,12 @@ class NewSubscription(SubscriptionFields):
         return self
 
 
+def default_ordering(fmt: Format | None) -> Ordering:
+    """PagerDuty needs a resolve to follow its trigger: its deliveries go in session order
+    (every dedup key belongs to one session) unless asked otherwise."""
+    return Ordering.SESSION if fmt is Format.PAGERDUTY else Ordering.NONE
+
+
 def format_problem(fmt: Format, has_routing_key: bool) -> str | None:
     """Why a format and a routing key do not go together, or None if they do."""
     if fmt is Format.PAGERDUTY and not has_routing_key:
@@ -141,7 +147,7 @@ async def create_subscription(
             description=fields.description or "",
             types=tuple(fields.types or ()),
             session_ids=tuple(fields.session_ids or ()),
-            ordering=fields.ordering or Ordering.NONE,
+            ordering=fields.ordering or default_ordering(fields.format),
             max_in_flight=fields.max_in_flight or DEFAULT_MAX_IN_FLIGHT,
             enabled=True,
             disabled_reason=None,
@@ -181,6 +187,8 @@ def updates(
         changed["routing_key"] = None
     if "headers" in changed:
         changed["headers"] = check_headers(changed["headers"])
+    if fields.format is Format.PAGERDUTY and fields.ordering is None:
+        changed["ordering"] = default_ordering(fmt)
     if "enabled" in changed:
         changed["disabled_reason"] = None if changed["enabled"] else "disabled through the API"
         changed["enabled_changed_at"] = now
