@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from relay import auth
 from relay.appkeys import STORE
 from tests.browser import Page, needs_chromium, open_page
 from tests.conftest import SECRET, Relay, RelayFactory
@@ -339,3 +340,20 @@ async def test_search_and_the_turn_status_filter_find_sessions(
         await page.wait_for(f"{text_of('#session-title')} === {json.dumps(LONG_ID)}")
         await no_column_cut_off(page)
         await shoot(page, "long-id.png")
+
+
+async def test_subscriptions_page_says_a_read_only_key_may_not_manage_them(
+    start_relay: RelayFactory, tmp_path: Path
+) -> None:
+    """With an agent:read key the subscriptions page says that agent:write is needed."""
+    relay = await start_relay()
+    reader = (await auth.create_key(relay.client.app[STORE], "reader", (auth.READ,))).secret
+    url = f"{relay.client.make_url('/')}?access_token={reader}#subscriptions"
+    async with open_page(tmp_path / "chromium-profile", url, width=WIDTH) as page:
+        await page.wait_for(LIVE)
+        notice = await page.wait_for(
+            f"{text_of('#notice')}.includes('403') && {text_of('#notice')}"
+        )
+        assert "Not allowed with this key (403)" in notice
+        assert "agent:write" in notice
+        assert await page.evaluate("document.getElementById('key-panel').hidden") is True
