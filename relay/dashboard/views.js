@@ -99,7 +99,7 @@ export function deriveAlerts(changes) {
 }
 
 function alertWhat(change) {
-  if (change.type === "turn.stalled") return `turn ${change.turn_id} still running`;
+  if (change.type === "turn.stalled") return `${change.turn_id} still running`;
   const session = change.session || {};
   const missing = [];
   if (!session.worker_ready) missing.push("worker not ready");
