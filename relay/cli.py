@@ -105,6 +105,20 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--description", default="", help="a label for the subscription")
     add.add_argument("--ordering", choices=("none", "session"), default="none")
     add.add_argument("--max-in-flight", type=int, default=None, help="concurrent attempts")
+    add.add_argument(
+        "--format",
+        choices=("standard", "slack", "pagerduty"),
+        default="standard",
+        help="the body's shape: a Standard Webhook (default), a Slack or a PagerDuty message",
+    )
+    add.add_argument("--routing-key", help="PagerDuty integration key (with --format pagerduty)")
+    add.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="a static header for every request (repeat); VALUE may be env:VAR",
+    )
     _command(sub_commands, "list", "List subscriptions (never their secrets).", _subs_list)
     remove = _command(sub_commands, "remove", "Remove a subscription by id.", _subs_remove)
     remove.add_argument("subscription_id", help="the subscription's id (sub_...)")
@@ -384,6 +398,13 @@ async def _subs_add(settings: Settings, args: argparse.Namespace) -> int:
     from relay.webhooks.secrets import SecretBox
     from relay.webhooks.subscriptions import NewSubscription, create_subscription
 
+    headers = {}
+    for header in args.header:
+        name, colon, value = header.partition(":")
+        if not colon or not name.strip():
+            print(f"relay: --header {header!r} is not 'NAME: VALUE'", file=sys.stderr)
+            return 2
+        headers[name.strip()] = value.strip()
     try:
         fields = NewSubscription(
             url=args.url,
@@ -392,6 +413,9 @@ async def _subs_add(settings: Settings, args: argparse.Namespace) -> int:
             description=args.description,
             ordering=args.ordering,
             max_in_flight=args.max_in_flight,
+            format=args.format,
+            routing_key=args.routing_key,
+            headers=headers or None,
         )
     except ValidationError as exc:
         print(f"relay: {field_problem(exc.errors()[0], '')}", file=sys.stderr)
@@ -412,7 +436,10 @@ async def _subs_list(settings: Settings, args: argparse.Namespace) -> int:
     for s in subscriptions:
         state = "enabled" if s.enabled else f"disabled ({s.disabled_reason})"
         types = ",".join(s.types) or "(all but raw.*)"
-        print(f"{s.id}  {s.url}  types={types}  ordering={s.ordering.value}  {state}")
+        print(
+            f"{s.id}  {s.url}  format={s.format.value}  types={types}"
+            f"  ordering={s.ordering.value}  {state}"
+        )
     if not subscriptions:
         print("no subscriptions")
     return 0

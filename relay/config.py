@@ -116,6 +116,8 @@ class DeliverySettings(_Section):
     rotation_overlap_seconds: float = Field(86400, ge=0)  # the old secret signs this long
     poll_interval_seconds: float = Field(1.0, gt=0)  # safety net besides the hub's wake-ups
     shutdown_grace_seconds: float = Field(2.0, ge=0)  # in-flight attempts may finish
+    # The dashboard's public address: Slack and PagerDuty messages link to the session.
+    dashboard_url: str | None = None
 
     @field_validator("encryption_key")
     @classmethod

@@ -20,6 +20,9 @@ from relay.routes import Reply, Route
 _TYPES = {
     "index.html": "text/html",
     "app.js": "text/javascript",
+    "common.js": "text/javascript",
+    "views.js": "text/javascript",
+    "charts.js": "text/javascript",
     "style.css": "text/css",
 }
 # The page runs only its own script and style and talks only to this origin.

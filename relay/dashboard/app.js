@@ -1,3 +1,20 @@
+import {
+  $,
+  AuthError,
+  api,
+  badge,
+  cell,
+  el,
+  formatCost,
+  formatDuration,
+  formatTime,
+  numberFormat,
+  plural,
+  sessionLink,
+  tokens,
+} from "./common.js";
+import { Views } from "./views.js";
+
 // relay's live dashboard: the sessions from `GET /v1/sessions`, kept current by the
 // change frames of `GET /v1/stream`. Each change carries the session's full snapshot
 // and its `version`; a snapshot replaces the one shown only when its version is newer,
@@ -17,8 +34,8 @@ const CHANGE_TYPES = [
   "turn.stalled",
 ];
 const RETRY_MS = [1000, 3000, 10000, 30000];
-
-const $ = (id) => document.getElementById(id);
+const SERVER_TURN_FILTERS = ["idle", "running"]; // the others look at the last turn
+const VIEWS = ["sessions", "session", "alerts", "failures", "subscriptions"];
 
 const state = {
   key: null,
@@ -29,76 +46,21 @@ const state = {
   retryTimer: null,
   listMore: false,
   loading: null,
+  view: "sessions",
 };
 
-// -- formatting ------------------------------------------------------------------------
-
-const numberFormat = new Intl.NumberFormat("en-US");
-
-function formatDuration(ms) {
-  if (ms === null || ms === undefined) return "—";
-  if (ms < 1000) return `${ms} ms`;
-  if (ms < 60000) return `${(ms / 1000).toFixed(1)} s`;
-  const minutes = Math.floor(ms / 60000);
-  return `${minutes} min ${Math.round((ms % 60000) / 1000)} s`;
-}
-
-function formatAgo(iso) {
-  if (!iso) return "—";
-  const seconds = Math.round((Date.now() - Date.parse(iso)) / 1000);
-  if (seconds < 0) return new Date(iso).toLocaleString();
-  if (seconds < 5) return "just now";
-  if (seconds < 60) return `${seconds} s ago`;
-  if (seconds < 3600) return `${Math.floor(seconds / 60)} min ago`;
-  if (seconds < 86400) return `${Math.floor(seconds / 3600)} h ago`;
-  const days = Math.floor(seconds / 86400);
-  return days === 1 ? "yesterday" : `${days} days ago`;
-}
-
-function formatCost(micros) {
-  if (!micros) return "$0";
-  const dollars = micros / 1e6;
-  return `$${dollars.toFixed(dollars < 1 ? 4 : 2)}`;
-}
-
-function tokens(usage) {
-  if (!usage) return 0;
-  return (
-    usage.total_tokens ||
-    (usage.input_tokens || 0) + (usage.output_tokens || 0) + (usage.reasoning_tokens || 0)
-  );
-}
-
-function plural(count, noun) {
-  return `${numberFormat.format(count)} ${noun}${count === 1 ? "" : "s"}`;
-}
+const views = new Views(
+  () => state.key,
+  (error) => authFailed(error),
+  (message, tone) => showNotice(message, tone),
+);
+views.sessions = () => [...state.sessions.values()].map((entry) => entry.session);
 
 // What the "Turn status" column says: running while a turn runs, else how the last
 // turn ended, else idle.
 function turnLabel(session) {
   if (session.turn_status === "running") return "running";
   return session.last_turn ? session.last_turn.status : "idle";
-}
-
-// -- DOM helpers -----------------------------------------------------------------------
-
-function el(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined && text !== null) node.textContent = String(text);
-  return node;
-}
-
-function badge(kind, value) {
-  const node = el("span", `badge badge-${value}`, value);
-  node.dataset.kind = kind;
-  return node;
-}
-
-function cell(...children) {
-  const td = document.createElement("td");
-  for (const child of children) if (child) td.append(child);
-  return td;
 }
 
 function showNotice(message, tone = "error") {
@@ -119,7 +81,15 @@ function setConnection(kind, text) {
 function matchesFilters(session) {
   const readiness = $("filter-readiness").value;
   const turn = $("filter-turn").value;
-  return (!readiness || session.readiness === readiness) && (!turn || session.turn_status === turn);
+  const search = $("search").value.trim().toLowerCase();
+  const turnMatches = SERVER_TURN_FILTERS.includes(turn)
+    ? session.turn_status === turn
+    : turnLabel(session) === turn;
+  return (
+    (!readiness || session.readiness === readiness) &&
+    (!turn || turnMatches) &&
+    (!search || session.session_id.toLowerCase().includes(search))
+  );
 }
 
 function renderRow(entry) {
@@ -132,9 +102,8 @@ function renderRow(entry) {
   tr.dataset.version = String(s.version);
   if (entry.flash) tr.className = "flash";
 
-  const created = el("div", "sub", `created ${formatAgo(s.created_at)}`);
-  created.title = s.created_at;
-  tr.append(cell(el("div", "mono strong", s.session_id), created));
+  const created = el("div", "sub", `created ${formatTime(s.created_at)}`);
+  tr.append(cell(sessionLink(s.session_id), created));
 
   const details = [];
   if (s.runtime_reused !== null) details.push(s.runtime_reused ? "runtime reused" : "new runtime");
@@ -153,7 +122,7 @@ function renderRow(entry) {
     if (last.duration_ms !== null) parts.push(formatDuration(last.duration_ms));
     if (last.error && last.error.message) parts.push(last.error.message);
     lastLine = el("div", "sub", parts.join(" · "));
-    lastLine.title = `last turn ${last.turn_id}: ${last.status}`;
+    lastLine.title = `last turn ${last.turn_id}: ${last.status}: ${parts.join(" · ")}`;
   }
   tr.append(cell(badge("turn", turnLabel(s)), lastLine));
 
@@ -175,8 +144,7 @@ function renderRow(entry) {
   // The snapshot says when the session last moved; which change it was is known only
   // for changes this page has seen.
   const when = entry.change ? entry.change.at : s.last_event_at;
-  const changeTime = el("div", entry.change ? "sub" : "when", formatAgo(when));
-  changeTime.title = when || "";
+  const changeTime = el("div", entry.change ? "sub" : "when", formatTime(when));
   tr.append(cell(entry.change ? el("div", "mono", entry.change.type) : null, changeTime));
 
   const usage = s.usage && (tokens(s.usage) || s.usage.cost_micros) ? s.usage : null;
@@ -247,31 +215,8 @@ function apply(session, change, flash) {
 
 // -- the API ---------------------------------------------------------------------------
 
-class AuthError extends Error {
-  constructor(status, message) {
-    super(message);
-    this.status = status;
-  }
-}
-
-async function getJSON(path) {
-  const response = await fetch(path, {
-    headers: { Authorization: `Bearer ${state.key}`, Accept: "application/json" },
-    cache: "no-store",
-  });
-  let body = null;
-  try {
-    body = await response.json();
-  } catch {
-    body = null;
-  }
-  if (response.status === 401 || response.status === 403) {
-    throw new AuthError(response.status, body?.error?.message || response.statusText);
-  }
-  if (!response.ok) {
-    throw new Error(body?.error?.message || `${response.status} ${response.statusText}`);
-  }
-  return body;
+function getJSON(path) {
+  return api(state.key, path);
 }
 
 function authFailed(error) {
@@ -291,7 +236,7 @@ async function loadSessions() {
   const readiness = $("filter-readiness").value;
   const turn = $("filter-turn").value;
   if (readiness) params.set("readiness", readiness);
-  if (turn) params.set("turn_status", turn);
+  if (SERVER_TURN_FILTERS.includes(turn)) params.set("turn_status", turn);
   try {
     const page = await getJSON(`/v1/sessions?${params}`);
     for (const session of page.items) apply(session, null, false);
@@ -322,6 +267,7 @@ function onChange(event) {
   }
   if (!change || !change.session) return;
   if (apply(change.session, { type: change.type, at: change.occurred_at }, true)) render();
+  views.onChange(change);
 }
 
 function openStream() {
@@ -378,7 +324,8 @@ async function checkThenRetry() {
 // -- the key ---------------------------------------------------------------------------
 
 function askForKey() {
-  $("sessions-panel").hidden = true;
+  for (const view of VIEWS) $(`${view}-panel`).hidden = true;
+  $("nav").hidden = true;
   $("change-key").hidden = true;
   $("key-panel").hidden = false;
   $("key-input").value = "";
@@ -392,11 +339,56 @@ function start(key) {
   state.retries = 0;
   sessionStorage.setItem(KEY_STORAGE, key);
   $("key-panel").hidden = true;
-  $("sessions-panel").hidden = false;
   $("change-key").hidden = false;
+  $("nav").hidden = false;
   showNotice("");
   render();
+  route();
   openStream();
+}
+
+// `#session=<id>`, `#alerts`, `#failures`, `#subscriptions`; anything else: the list.
+function route() {
+  if (!state.key) return;
+  const hash = location.hash.replace(/^#/, "");
+  let view = "sessions";
+  let arg = null;
+  if (hash.startsWith("session=")) {
+    view = "session";
+    arg = decodeURIComponent(hash.slice("session=".length));
+  } else if (VIEWS.includes(hash)) {
+    view = hash;
+  }
+  state.view = view;
+  for (const name of VIEWS) $(`${name}-panel`).hidden = name !== view;
+  for (const link of document.querySelectorAll("#nav a")) {
+    const current = link.dataset.view === view || (view === "session" && link.dataset.view === "sessions");
+    if (current) link.setAttribute("aria-current", "page");
+    else link.removeAttribute("aria-current");
+  }
+  if (view === "sessions") {
+    views.leave();
+    render();
+  } else {
+    views.show(view, arg);
+  }
+}
+
+// Enter in the search box: a session id not in the list is looked up, and opened.
+async function searchExact() {
+  const id = $("search").value.trim();
+  if (!id) return;
+  if (!state.sessions.has(id)) {
+    try {
+      const session = await getJSON(`/v1/sessions/${encodeURIComponent(id)}`);
+      apply(session, null, false);
+    } catch (error) {
+      if (error instanceof AuthError) authFailed(error);
+      else showNotice(`No session ${id}.`, "warning");
+      return;
+    }
+  }
+  location.hash = `#session=${encodeURIComponent(id)}`;
 }
 
 function init() {
@@ -418,6 +410,11 @@ function init() {
     setConnection("idle", "Not connected");
     showNotice("");
     askForKey();
+  });
+  window.addEventListener("hashchange", route);
+  $("search").addEventListener("input", render);
+  $("search").addEventListener("keydown", (event) => {
+    if (event.key === "Enter") searchExact();
   });
   for (const id of ["filter-readiness", "filter-turn"]) {
     $(id).addEventListener("change", () => {

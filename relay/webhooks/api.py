@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -104,6 +105,14 @@ def _now(request: web.Request) -> float:
     return request[_NOW]
 
 
+async def _views(
+    request: web.Request, subscriptions: list[Subscription], now: float
+) -> list[dict[str, Any]]:
+    """The subscriptions as the API shows them, each with its queue depth."""
+    depths = await request.app[DELIVERY_STORE].queue_depths([s.id for s in subscriptions])
+    return [subscription_view(s, now, depths.get(s.id, 0)) for s in subscriptions]
+
+
 # -- handlers --------------------------------------------------------------------------------
 
 
@@ -115,7 +124,8 @@ async def _create(request: web.Request) -> web.Response:
         app[DELIVERY_STORE], app[SECRET_BOX], fields, now
     )
     await app[DISPATCHER].refresh()
-    return json_response({**subscription_view(subscription, now), "secret": secret}, 201)
+    view = (await _views(request, [subscription], now))[0]
+    return json_response({**view, "secret": secret}, 201)
 
 
 async def _list(request: web.Request) -> web.Response:
@@ -123,25 +133,28 @@ async def _list(request: web.Request) -> web.Response:
     store = request.app[DELIVERY_STORE]
     found, next_after = await store.page_subscriptions(query.after, query.limit)
     now = _now(request)
-    items = [subscription_view(s, now) for s in found]
+    items = await _views(request, found, now)
     return json_response({"items": items, "next_after": next_after})
 
 
 async def _get(request: web.Request) -> web.Response:
-    return json_response(subscription_view(await _subscription(request), _now(request)))
+    subscription = await _subscription(request)
+    return json_response((await _views(request, [subscription], _now(request)))[0])
 
 
 async def _patch(request: web.Request) -> web.Response:
     fields = await parse_body(request, SubscriptionFields)
     subscription = await _subscription(request)
     now = _now(request)
-    updated = await request.app[DELIVERY_STORE].update_subscription(
-        subscription.id, updates(fields, now)
-    )
+    try:
+        changed = updates(fields, now, subscription, request.app[SECRET_BOX])
+    except ValueError as exc:
+        raise ApiError(400, "INVALID_REQUEST", str(exc)) from None
+    updated = await request.app[DELIVERY_STORE].update_subscription(subscription.id, changed)
     if updated is None:
         raise ApiError(404, "NOT_FOUND", f"no subscription {subscription.id!r}")
     await request.app[DISPATCHER].refresh()
-    return json_response(subscription_view(updated, now))
+    return json_response((await _views(request, [updated], now))[0])
 
 
 async def _delete(request: web.Request) -> web.Response:
@@ -160,7 +173,8 @@ async def _rotate(request: web.Request) -> web.Response:
     if rotated is None:
         raise ApiError(404, "NOT_FOUND", f"no subscription {subscription.id!r}")
     await app[DISPATCHER].refresh()
-    return json_response({**subscription_view(rotated[0], now), "secret": rotated[1]})
+    view = (await _views(request, [rotated[0]], now))[0]
+    return json_response({**view, "secret": rotated[1]})
 
 
 async def _test(request: web.Request) -> web.Response:
@@ -179,12 +193,13 @@ async def _enable(request: web.Request) -> web.Response:
     subscription = await _subscription(request)
     now = _now(request)
     enabled = await request.app[DELIVERY_STORE].update_subscription(
-        subscription.id, updates(SubscriptionFields(enabled=True), now)
+        subscription.id,
+        updates(SubscriptionFields(enabled=True), now, subscription, request.app[SECRET_BOX]),
     )
     if enabled is None:
         raise ApiError(404, "NOT_FOUND", f"no subscription {subscription.id!r}")
     await request.app[DISPATCHER].refresh()
-    return json_response(subscription_view(enabled, now))
+    return json_response((await _views(request, [enabled], now))[0])
 
 
 async def _recover(request: web.Request) -> web.Response:

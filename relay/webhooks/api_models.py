@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from relay.api_models import AfterQuery, next_after
 from relay.timefmt import parse_time
+from relay.webhooks.formats import Format
 from relay.webhooks.model import DeliveryStatus, Ordering
 
 
@@ -40,6 +41,12 @@ class SubscriptionView(_Shape):
     previous_secret_expires_at: datetime | None = Field(
         description="Until when the rotated-out secret still signs alongside the new one."
     )
+    format: Format = Field(description="`standard`, `slack` or `pagerduty`.")
+    routing_key_set: bool = Field(description="Whether a PagerDuty routing key is set.")
+    headers: dict[str, str] = Field(
+        description="Static headers; literal values are hidden, `env:VAR` ones shown."
+    )
+    queue_depth: int = Field(description="Its deliveries not yet delivered or failed.")
     created_at: datetime
     updated_at: datetime
 

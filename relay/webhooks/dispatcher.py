@@ -32,6 +32,7 @@ import structlog
 
 from relay.config import DeliverySettings
 from relay.metrics import DeliveryStats
+from relay.webhooks.headers import resolve_headers
 from relay.webhooks.model import (
     Attempt,
     AttemptResult,
@@ -40,9 +41,9 @@ from relay.webhooks.model import (
     Ordering,
     Subscription,
 )
+from relay.webhooks.outbound import OutboundRequest, outbound_requests
 from relay.webhooks.retry import Outcome, classify, parse_retry_after, settle
 from relay.webhooks.secrets import SecretBox, SecretBoxError
-from relay.webhooks.signing import webhook_request
 from relay.webhooks.ssrf import BlockedDestination, GuardedResolver, check_url
 from relay.webhooks.store import ClaimRequest, DeliveryStore
 
@@ -69,6 +70,7 @@ class Endpoint:
     previous: tuple[tuple[str, float], ...]  # rotated-out secrets and when each stops signing
     enabled: bool
     failing_since: float | None
+    routing_key: str | None = None  # PagerDuty, in clear
 
     def signing_secrets(self, now: float) -> tuple[str, ...]:
         """The current secret and every previous one that has not ended."""
@@ -196,7 +198,11 @@ class Dispatcher:
                 if p.until > now:
                     with contextlib.suppress(SecretBoxError):  # one that cannot sign is left out
                         previous.append((self._box.decrypt(p.secret, binding(s.id)), p.until))
-            endpoint = Endpoint(s, secret, tuple(previous), s.enabled, s.failing_since)
+            routing_key = None
+            if s.routing_key is not None:
+                with contextlib.suppress(SecretBoxError):  # sent empty: the receiver says 400
+                    routing_key = self._box.decrypt(s.routing_key, routing_key_binding(s.id))
+            endpoint = Endpoint(s, secret, tuple(previous), s.enabled, s.failing_since, routing_key)
             known = self._endpoints.get(s.id)
             if known is not None and known.subscription.enabled_changed_at == s.enabled_changed_at:
                 # The API has not set `enabled` since the last load; only attempts changed
@@ -362,19 +368,48 @@ class Dispatcher:
             refused = True
             error = f"refused: {reason} (set delivery.allow_private_networks to allow it)"
         else:
-            status, response, retry_after, error, refused = await self._post(
-                url, endpoint.signing_secrets(self._clock()), delivery
-            )
+            try:
+                requests = self._requests(endpoint, delivery)
+            except ValueError as exc:  # a header's variable is not set: retried
+                error = str(exc)
+            else:
+                status, response, retry_after, error, refused = await self._post_all(
+                    url, requests, delivery
+                )
         latency_ms = (time.perf_counter() - started) * 1000
         self._finish(delivery, endpoint, status, latency_ms, response, error, refused, retry_after)
 
+    def _requests(self, endpoint: Endpoint, delivery: ClaimedDelivery) -> list[OutboundRequest]:
+        subscription = endpoint.subscription
+        now = self._clock()
+        return outbound_requests(
+            subscription.format,
+            delivery,
+            endpoint.signing_secrets(now),
+            endpoint.routing_key,
+            resolve_headers(subscription.headers),
+            self._settings.dashboard_url,
+            now,
+        )
+
+    async def _post_all(
+        self, url: str, requests: list[OutboundRequest], delivery: ClaimedDelivery
+    ) -> tuple[int | None, str | None, float | None, str | None, bool]:
+        """Send the requests in order, stopping at the first that is not answered 2xx;
+        the answer is that one's, or the last one's."""
+        result: tuple[int | None, str | None, float | None, str | None, bool]
+        result = (None, None, None, "nothing to send in this subscription's format", True)
+        for body, headers in requests:
+            result = await self._post(url, body, headers, delivery)
+            status = result[0]
+            if status is None or classify(status) is not Outcome.DELIVERED:
+                break
+        return result
+
     async def _post(
-        self, url: str, secrets: tuple[str, ...], delivery: ClaimedDelivery
+        self, url: str, body: bytes, headers: dict[str, str], delivery: ClaimedDelivery
     ) -> tuple[int | None, str | None, float | None, str | None, bool]:
         assert self._http is not None
-        body, headers = webhook_request(
-            delivery.message_id, delivery.type, delivery.body, secrets, self._clock()
-        )
         try:
             async with self._http.post(
                 url, data=body, headers=headers, allow_redirects=False
@@ -460,6 +495,11 @@ class Dispatcher:
             )
         )
         self._results_ready.set()
+
+
+def routing_key_binding(subscription_id: str) -> str:
+    """What the encrypted PagerDuty routing key is bound to."""
+    return subscription_id + "#routing_key"
 
 
 def previous_secret_binding(subscription_id: str) -> str:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from relay.changes import glob_pattern
+from relay.webhooks.formats import AlertAction, Format
 from relay.webhooks.signing import message_id
 
 TEST_EVENT_TYPE = "webhook.test"
@@ -51,6 +52,9 @@ class Subscription:
     created_at: str
     updated_at: str
     enabled_changed_at: float | None = None  # when the API last set `enabled`
+    format: Format = Format.STANDARD
+    routing_key: bytes | None = None  # encrypted; PagerDuty only
+    headers: tuple[tuple[str, str], ...] = ()  # static; a value may be `env:VAR`
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +94,7 @@ class ClaimedDelivery:
     type: str
     body: bytes
     cycle_attempts: int
+    alert_actions: tuple[AlertAction, ...] = ()  # PagerDuty: what this change sends
 
     @property
     def message_id(self) -> str:

@@ -20,6 +20,14 @@ from relay.changes import RAW_EVENT_COLUMNS, stored_body
 from relay.config import StoreSettings
 from relay.store.sqlite import sqlite_path
 from relay.timefmt import format_time, format_unix, parse_time
+from relay.webhooks.formats import (
+    Format,
+    actions_from_json,
+    actions_json,
+    decide_actions,
+    incident_effect,
+    replay_actions,
+)
 from relay.webhooks.model import (
     Attempt,
     AttemptResult,
@@ -38,7 +46,7 @@ T = TypeVar("T")
 _SUBSCRIPTION_COLUMNS = (
     "id, url, description, types, session_ids, ordering, max_in_flight, enabled,"
     " disabled_reason, secret, previous_secrets, failing_since,"
-    " start_after, created_at, updated_at, enabled_changed_at"
+    " start_after, created_at, updated_at, enabled_changed_at, format, routing_key, headers"
 )
 _DELIVERY_COLUMNS = (
     "id, subscription_id, change_id, type, session_id, status, attempts, cycle_attempts,"
@@ -57,11 +65,15 @@ _UPDATABLE = frozenset(
         "failing_since",
         "updated_at",
         "enabled_changed_at",
+        "format",
+        "routing_key",
+        "headers",
     }
 )
 _CLAIM_BODY = (
     "SELECT d.id, d.change_id, d.type, coalesce(d.payload, c.body), d.cycle_attempts,"
-    f" {RAW_EVENT_COLUMNS} FROM deliveries d LEFT JOIN changes c ON c.id = d.change_id"
+    f" d.alert_actions, {RAW_EVENT_COLUMNS}"
+    " FROM deliveries d LEFT JOIN changes c ON c.id = d.change_id"
     " LEFT JOIN events e ON c.body = x'' AND e.seq = c.event_seq"
 )
 _CLAIM_ANY = (
@@ -89,8 +101,8 @@ _NEXT_DUE_SESSION_ORDERED = (
 # A new row is its session's head if no older delivery of the session is active.
 _INSERT_DELIVERY = (
     "INSERT OR IGNORE INTO deliveries (subscription_id, change_id, type, session_id, status,"
-    " next_attempt_at, created_at, updated_at, head)"
-    " SELECT ?1, ?2, ?3, ?4, 'pending', ?5, ?6, ?7, NOT EXISTS (SELECT 1 FROM deliveries e"
+    " next_attempt_at, created_at, updated_at, alert_actions, head)"
+    " SELECT ?1, ?2, ?3, ?4, 'pending', ?5, ?6, ?7, ?8, NOT EXISTS (SELECT 1 FROM deliveries e"
     "  WHERE e.subscription_id = ?1 AND e.session_id = ?4 AND e.change_id < ?2"
     "  AND e.next_attempt_at IS NOT NULL)"
 )
@@ -276,6 +288,21 @@ class SQLiteDeliveryStore:
             queued += count
         return queued
 
+    async def queue_depths(self, subscription_ids: Sequence[str]) -> dict[str, int]:
+        depths = dict.fromkeys(subscription_ids, 0)
+        for start in range(0, len(subscription_ids), 500):
+            chunk = tuple(subscription_ids[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            rows = await self._call(
+                _select,
+                "SELECT subscription_id, count(*) FROM deliveries"
+                f" WHERE subscription_id IN ({marks}) AND next_attempt_at IS NOT NULL"
+                " GROUP BY subscription_id",
+                chunk,
+            )
+            depths.update({sid: int(count) for sid, count in rows})
+        return depths
+
     async def queue_depth(self) -> int:
         rows = await self._call(
             _select, "SELECT count(*) FROM deliveries WHERE next_attempt_at IS NOT NULL", ()
@@ -284,6 +311,42 @@ class SQLiteDeliveryStore:
 
 
 # -- functions run on the store's thread ---------------------------------------------------
+
+
+class _Incidents:
+    """The open PagerDuty incidents of subscriptions, read when first needed and written
+    back (what was resolved removed, what was triggered added) in the same transaction."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._read: dict[str, dict[str, int]] = {}
+        self._before: dict[str, frozenset[str]] = {}
+
+    def open(self, subscription_id: str) -> dict[str, int]:
+        found = self._read.get(subscription_id)
+        if found is None:
+            found = dict(
+                self._conn.execute(
+                    "SELECT dedup_key, change_id FROM alert_incidents WHERE subscription_id = ?",
+                    (subscription_id,),
+                ).fetchall()
+            )
+            self._read[subscription_id] = found
+            self._before[subscription_id] = frozenset(found)
+        return found
+
+    def write(self) -> None:
+        for sid, keys in self._read.items():
+            before = self._before[sid]
+            self._conn.executemany(
+                "DELETE FROM alert_incidents WHERE subscription_id = ? AND dedup_key = ?",
+                [(sid, key) for key in before - set(keys)],
+            )
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO alert_incidents (subscription_id, dedup_key, change_id)"
+                " VALUES (?, ?, ?)",
+                [(sid, key, change_id) for key, change_id in keys.items()],
+            )
 
 
 def _transaction(conn: sqlite3.Connection, work: Callable[[], T]) -> T:
@@ -316,7 +379,14 @@ def _subscription(row: Any) -> Subscription:
         disabled_reason,
         secret,
         _previous_secrets(previous),
-        *row[11:],
+        failing_since=row[11],
+        start_after=row[12],
+        created_at=row[13],
+        updated_at=row[14],
+        enabled_changed_at=row[15],
+        format=Format(row[16]),
+        routing_key=row[17],
+        headers=tuple((name, value) for name, value in orjson.loads(row[18])),
     )
 
 
@@ -329,6 +399,10 @@ def _previous_secrets(text: str) -> tuple[PreviousSecret, ...]:
 
 def _previous_json(previous: Sequence[PreviousSecret]) -> str:
     return orjson.dumps([{"secret": p.secret.hex(), "until": p.until} for p in previous]).decode()
+
+
+def _headers_json(headers: Sequence[tuple[str, str]]) -> str:
+    return orjson.dumps([[name, value] for name, value in headers]).decode()
 
 
 def _rotate_secret(
@@ -405,7 +479,7 @@ def _add_subscription(conn: sqlite3.Connection, s: Subscription) -> Subscription
         conn.execute(
             f"INSERT INTO subscriptions ({_SUBSCRIPTION_COLUMNS}) VALUES"
             " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-            " (SELECT coalesce(max(id), 0) FROM changes), ?, ?, ?)",
+            " (SELECT coalesce(max(id), 0) FROM changes), ?, ?, ?, ?, ?, ?)",
             (
                 s.id,
                 s.url,
@@ -422,6 +496,9 @@ def _add_subscription(conn: sqlite3.Connection, s: Subscription) -> Subscription
                 s.created_at,
                 s.updated_at,
                 s.enabled_changed_at,
+                s.format.value,
+                s.routing_key,
+                _headers_json(s.headers),
             ),
         )
         added = _get_subscription(conn, s.id)
@@ -448,6 +525,10 @@ def _update_subscription(
         fields["enabled"] = int(fields["enabled"])
     if "ordering" in fields:
         fields["ordering"] = Ordering(fields["ordering"]).value
+    if "format" in fields:
+        fields["format"] = Format(fields["format"]).value
+    if "headers" in fields:
+        fields["headers"] = _headers_json(fields["headers"])
 
     def work() -> Subscription | None:
         if fields:
@@ -485,26 +566,36 @@ def _enqueue(conn: sqlite3.Connection, limit: int, now: float) -> tuple[int, dic
     def work() -> tuple[int, dict[str, int]]:
         (cursor,) = conn.execute("SELECT last_change_id FROM delivery_cursor").fetchone()
         changes = conn.execute(
-            "SELECT id, type, session_id FROM changes WHERE id > ? ORDER BY id LIMIT ?",
+            "SELECT id, type, session_id, turn_id FROM changes WHERE id > ? ORDER BY id LIMIT ?",
             (cursor, limit),
         ).fetchall()
         if not changes:
             return 0, {}
         subscriptions = [
-            (sid, ChangeFilter(tuple(orjson.loads(t)), tuple(orjson.loads(s))), start)
-            for sid, t, s, start in conn.execute(
+            (sid, ChangeFilter(tuple(orjson.loads(t)), tuple(orjson.loads(s))), start, fmt)
+            for sid, t, s, start, fmt in conn.execute(
                 # Disabled ones too: their deliveries wait, and go once they are enabled.
-                "SELECT id, types, session_ids, start_after FROM subscriptions"
+                "SELECT id, types, session_ids, start_after, format FROM subscriptions"
             )
         ]
+        incidents = _Incidents(conn)
         rows = []
         counts: dict[str, int] = {}
-        for change_id, change_type, session_id in changes:
-            for sid, accepts, start_after in subscriptions:
-                if change_id > start_after and accepts(change_type, session_id):
-                    rows.append((sid, change_id, change_type, session_id, now, now, now))
-                    counts[sid] = counts.get(sid, 0) + 1
+        for change_id, change_type, session_id, turn_id in changes:
+            for sid, accepts, start_after, fmt in subscriptions:
+                if change_id <= start_after or not accepts(change_type, session_id):
+                    continue
+                actions = None
+                if fmt == Format.PAGERDUTY:
+                    effect = incident_effect(change_type, session_id, turn_id)
+                    decided = decide_actions(effect, incidents.open(sid), change_id)
+                    if not decided:
+                        continue  # neither triggers nor resolves: not sent
+                    actions = actions_json(decided)
+                rows.append((sid, change_id, change_type, session_id, now, now, now, actions))
+                counts[sid] = counts.get(sid, 0) + 1
         conn.executemany(_INSERT_DELIVERY, rows)
+        incidents.write()
         conn.execute("UPDATE delivery_cursor SET last_change_id = ?", (changes[-1][0],))
         return len(changes), counts
 
@@ -537,12 +628,18 @@ def _claim(
         claimed: list[ClaimedDelivery] = []
         for request in requests:
             rows = due(request, now, request.limit)
-            for delivery_id, change_id, change_type, body, cycle, *event in rows:
+            for delivery_id, change_id, change_type, body, cycle, actions, *event in rows:
                 if change_id is not None:
                     body = stored_body(change_id, body, tuple(event))
                 claimed.append(
                     ClaimedDelivery(
-                        delivery_id, request.subscription_id, change_id, change_type, body, cycle
+                        delivery_id,
+                        request.subscription_id,
+                        change_id,
+                        change_type,
+                        body,
+                        cycle,
+                        actions_from_json(actions),
                     )
                 )
             if rows:
@@ -726,23 +823,34 @@ def _recover_page(
 
     def work() -> tuple[int, int | None]:
         row = conn.execute(
-            "SELECT types, session_ids FROM subscriptions WHERE id = ?", (subscription_id,)
+            "SELECT types, session_ids, format FROM subscriptions WHERE id = ?",
+            (subscription_id,),
         ).fetchone()
         if row is None:  # removed meanwhile
             return 0, None
         accepts = ChangeFilter(tuple(orjson.loads(row[0])), tuple(orjson.loads(row[1])))
         page = conn.execute(
-            "SELECT id, type, session_id FROM changes WHERE id > ? ORDER BY id LIMIT ?",
+            "SELECT id, type, session_id, turn_id FROM changes WHERE id > ? ORDER BY id LIMIT ?",
             (after, _RECOVER_PAGE),
         ).fetchall()
         if not page:
             return 0, None
         before = conn.total_changes
         inserted = []
-        for cid, ctype, session_id in page:
+        open_keys = _Incidents(conn).open(subscription_id) if row[2] == Format.PAGERDUTY else None
+        for cid, ctype, session_id, turn_id in page:
             if accepts(ctype, session_id):
+                actions = None
+                if open_keys is not None:
+                    replayed = replay_actions(
+                        incident_effect(ctype, session_id, turn_id), open_keys
+                    )
+                    if not replayed:
+                        continue
+                    actions = actions_json(replayed)
                 cursor = conn.execute(
-                    _INSERT_DELIVERY, (subscription_id, cid, ctype, session_id, now, now, now)
+                    _INSERT_DELIVERY,
+                    (subscription_id, cid, ctype, session_id, now, now, now, actions),
                 )
                 if cursor.rowcount:
                     inserted.append(cursor.lastrowid or 0)

@@ -129,6 +129,9 @@ class DeliveryStore(Protocol):
     async def queue_depth(self) -> int:
         """Deliveries not yet delivered or failed."""
 
+    async def queue_depths(self, subscription_ids: Sequence[str]) -> dict[str, int]:
+        """Deliveries not yet delivered or failed, of each of these subscriptions."""
+
 
 def open_delivery_store(settings: StoreSettings) -> DeliveryStore:
     """Build (not yet open) the delivery store next to the main store, by URL scheme."""

@@ -5,11 +5,13 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 from yarl import URL
 
 from relay.timefmt import format_unix
-from relay.webhooks.dispatcher import previous_secret_binding
+from relay.webhooks.dispatcher import previous_secret_binding, routing_key_binding
+from relay.webhooks.formats import Format
+from relay.webhooks.headers import check_headers
 from relay.webhooks.model import (
     Attempt,
     Delivery,
@@ -65,6 +67,29 @@ class SubscriptionFields(BaseModel):
     ordering: Ordering | None = None
     max_in_flight: int | None = Field(None, ge=1, le=1000)
     enabled: bool | None = None
+    format: Format | None = Field(
+        None, description="`standard` (default), `slack` or `pagerduty`: the body's shape."
+    )
+    routing_key: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        pattern=r"^[\x21-\x7e]+$",
+        description="The PagerDuty integration key; required for, and only for, `pagerduty`.",
+    )
+    headers: dict[str, str] | None = Field(
+        None,
+        description="Static headers added to every request; a value `env:VAR` is read from"
+        " the relay's environment when sending. Hop-by-hop, framing and signature headers"
+        " are refused.",
+    )
+
+    @field_validator("headers")
+    @classmethod
+    def _valid_headers(cls, headers: dict[str, str] | None) -> dict[str, str] | None:
+        if headers is not None:
+            check_headers(headers)
+        return headers
 
     @field_validator("url")
     @classmethod
@@ -80,6 +105,28 @@ class SubscriptionFields(BaseModel):
 class NewSubscription(SubscriptionFields):
     url: str = Field(max_length=2048, json_schema_extra=_URL_SCHEMA)
     enabled: None = None  # a new subscription starts enabled
+
+    @model_validator(mode="after")
+    def _routing_key_for_pagerduty(self) -> NewSubscription:
+        problem = format_problem(self.format or Format.STANDARD, self.routing_key is not None)
+        if problem is not None:
+            raise ValueError(problem)
+        return self
+
+
+def default_ordering(fmt: Format | None) -> Ordering:
+    """PagerDuty needs a resolve to follow its trigger: its deliveries go in session order
+    (every dedup key belongs to one session) unless asked otherwise."""
+    return Ordering.SESSION if fmt is Format.PAGERDUTY else Ordering.NONE
+
+
+def format_problem(fmt: Format, has_routing_key: bool) -> str | None:
+    """Why a format and a routing key do not go together, or None if they do."""
+    if fmt is Format.PAGERDUTY and not has_routing_key:
+        return "routing_key is required when format is pagerduty"
+    if fmt is not Format.PAGERDUTY and has_routing_key:
+        return "routing_key is only for format pagerduty"
+    return None
 
 
 def iso(seconds: float | None) -> str | None:
@@ -100,7 +147,7 @@ async def create_subscription(
             description=fields.description or "",
             types=tuple(fields.types or ()),
             session_ids=tuple(fields.session_ids or ()),
-            ordering=fields.ordering or Ordering.NONE,
+            ordering=fields.ordering or default_ordering(fields.format),
             max_in_flight=fields.max_in_flight or DEFAULT_MAX_IN_FLIGHT,
             enabled=True,
             disabled_reason=None,
@@ -110,14 +157,38 @@ async def create_subscription(
             start_after=0,
             created_at=created,
             updated_at=created,
+            format=fields.format or Format.STANDARD,
+            routing_key=None
+            if fields.routing_key is None
+            else box.encrypt(fields.routing_key, routing_key_binding(subscription_id)),
+            headers=tuple(check_headers(fields.headers or {})),
         )
     )
     return subscription, secret
 
 
-def updates(fields: SubscriptionFields, now: float) -> dict[str, Any]:
-    """The columns a PATCH sets."""
+def updates(
+    fields: SubscriptionFields, now: float, current: Subscription, box: SecretBox
+) -> dict[str, Any]:
+    """The columns a PATCH sets; ValueError if the format and routing key would not go
+    together (a PagerDuty one needs a key; switching away from it drops the key)."""
     changed: dict[str, Any] = fields.model_dump(exclude_none=True)
+    fmt = fields.format or current.format
+    routing_key = changed.pop("routing_key", None)
+    has_key = routing_key is not None or (
+        current.routing_key is not None and fields.format in (None, Format.PAGERDUTY)
+    )
+    problem = format_problem(fmt, has_key)
+    if problem is not None:
+        raise ValueError(problem)
+    if routing_key is not None:
+        changed["routing_key"] = box.encrypt(routing_key, routing_key_binding(current.id))
+    elif fmt is not Format.PAGERDUTY and current.routing_key is not None:
+        changed["routing_key"] = None
+    if "headers" in changed:
+        changed["headers"] = check_headers(changed["headers"])
+    if fields.format is Format.PAGERDUTY and fields.ordering is None:
+        changed["ordering"] = default_ordering(fmt)
     if "enabled" in changed:
         changed["disabled_reason"] = None if changed["enabled"] else "disabled through the API"
         changed["enabled_changed_at"] = now
@@ -157,7 +228,7 @@ async def rotate_secret(
     raise SecretChanged(subscription.id)
 
 
-def subscription_view(s: Subscription, now: float) -> dict[str, Any]:
+def subscription_view(s: Subscription, now: float, queue_depth: int) -> dict[str, Any]:
     until = max((p.until for p in s.previous_secrets), default=None)
     return {
         "id": s.id,
@@ -171,9 +242,19 @@ def subscription_view(s: Subscription, now: float) -> dict[str, Any]:
         "disabled_reason": s.disabled_reason,
         "failing_since": iso(s.failing_since),
         "previous_secret_expires_at": iso(until) if until is not None and until > now else None,
+        "format": s.format.value,
+        "routing_key_set": s.routing_key is not None,
+        "headers": {name: _shown(value) for name, value in s.headers},
+        "queue_depth": queue_depth,
         "created_at": s.created_at,
         "updated_at": s.updated_at,
     }
+
+
+def _shown(value: str) -> str:
+    """A header's value as the API shows it: an `env:` reference as it is, a literal
+    value (it may be a token) hidden."""
+    return value if value.startswith("env:") else "********"
 
 
 def attempt_view(a: Attempt) -> dict[str, Any]:
