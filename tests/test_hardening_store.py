@@ -9,6 +9,8 @@ from typing import Any
 import orjson
 
 from tests.conftest import Relay, RelayFactory, fixture_events
+from tests.receivers import FAST_DELIVERY
+from tests.test_cli import relay as run_cli
 from tests.test_ingest import post, signed
 
 
@@ -62,3 +64,43 @@ async def test_unavailable_store_answers_without_internal_detail(
         assert error["code"] == "STORE_UNAVAILABLE"
         assert "retry" in error["message"]
         assert "locked" not in error["message"]
+
+
+NUMERIC_HOSTS = [
+    "http://2130706433/",
+    "http://0177.0.0.1/",
+    "http://0x7f.1/",
+    "http://127.1/",
+    "http://0x7f000001/",
+    "https://hooks.example.123/",
+]
+
+
+async def test_numeric_host_forms_are_refused_at_creation(start_relay: RelayFactory) -> None:
+    """A subscription URL whose host is an integer, octal, hex or short IPv4 form is a 400."""
+    relay = await start_relay(delivery=FAST_DELIVERY)
+    for url in NUMERIC_HOSTS:
+        resp = await relay.client.post("/v1/subscriptions", json={"url": url}, headers=relay.auth)
+        error = (await resp.json())["error"]
+        assert (resp.status, error["code"]) == (400, "INVALID_REQUEST"), url
+        assert "four decimal numbers" in error["message"]
+    for url in ("http://127.0.0.1:9/hook", "https://hooks.example.com/", "http://[::1]/x"):
+        resp = await relay.client.post("/v1/subscriptions", json={"url": url}, headers=relay.auth)
+        assert resp.status == 201, url
+    resp = await relay.client.patch(
+        "/v1/subscriptions/" + (await resp.json())["id"],
+        json={"url": "http://127.1/"},
+        headers=relay.auth,
+    )
+    assert resp.status == 400
+
+
+def test_cli_refuses_numeric_host(tmp_path: Path) -> None:
+    """`relay subscriptions add` refuses an integer host in one line, creating nothing."""
+    config = tmp_path / "relay.toml"
+    config.write_text(f'[store]\nurl = "sqlite:///{tmp_path}/cli.db"\n')
+    added = run_cli(config, "subscriptions", "add", "http://2130706433/", check=False)
+    assert added.returncode != 0
+    assert "four decimal numbers" in added.stderr
+    assert len(added.stderr.strip().splitlines()) == 1
+    assert "no subscriptions" in run_cli(config, "subscriptions", "list").stdout
