@@ -188,8 +188,7 @@ async def _healthz(request: web.Request) -> web.Response:
 async def _readyz(request: web.Request) -> web.Response:
     try:
         await request.app[STORE].check_writable()
-    except StoreUnavailable as exc:
-        log.warning("readyz.not_ready", error=str(exc))
+    except StoreUnavailable:
         return error_response(
             503, "STORE_UNAVAILABLE", STORE_UNAVAILABLE_MESSAGE, {"Retry-After": "5"}
         )

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from tests.conftest import Relay, RelayFactory, fixture_events
-from tests.receivers import FAST_DELIVERY
+from tests.receivers import FAST_DELIVERY, until
 from tests.test_cli import relay as run_cli
 from tests.test_ingest import post, signed
 
@@ -104,3 +108,58 @@ def test_cli_refuses_numeric_host(tmp_path: Path) -> None:
     assert "four decimal numbers" in added.stderr
     assert len(added.stderr.strip().splitlines()) == 1
     assert "no subscriptions" in run_cli(config, "subscriptions", "list").stdout
+
+
+@contextlib.contextmanager
+def immutable(*paths: Path) -> Iterator[None]:
+    """Make files immutable (`chattr +i`), which refuses writes even to root."""
+    names = [str(p) for p in paths]
+    made = subprocess.run(["chattr", "+i", *names], capture_output=True, check=False)
+    if made.returncode != 0:
+        pytest.skip(f"chattr +i is not available here: {made.stderr.decode().strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", *names], check=True)
+
+
+def unique_event(n: int) -> bytes:
+    event = dict(fixture_events()[0])
+    event["id"] = f"evt_unique_{n}"
+    return orjson.dumps(event)
+
+
+@pytest.mark.parametrize("writer", ["process", "thread"])
+@pytest.mark.parametrize("first_write_before", [True, False])
+async def test_writer_recovers_once_the_file_is_writable_again(
+    start_relay: RelayFactory, tmp_path: Path, writer: str, first_write_before: bool
+) -> None:
+    """While the database file refuses writes, ingest and /readyz are 503; after, both recover."""
+    relay = await start_relay(store={"url": f"sqlite:///{tmp_path}/relay.db", "writer": writer})
+    if first_write_before:
+        body = unique_event(0)
+        assert (await post(relay, body, signed(body)))[0] == 202
+    with immutable(tmp_path / "relay.db", tmp_path / "relay.db-wal"):
+        body = unique_event(1)
+        status, answer = await post(relay, body, signed(body))
+        assert (status, answer["error"]["code"]) == (503, "STORE_UNAVAILABLE")
+
+        async def not_ready() -> bool:
+            return (await relay.client.get("/readyz")).status == 503
+
+        await until(not_ready)
+    stored: list[int] = []
+
+    async def accepted() -> bool:
+        body = unique_event(2)
+        status, _ = await post(relay, body, signed(body))
+        stored.append(status)
+        return status in (200, 202)
+
+    await until(accepted)
+
+    async def ready() -> bool:
+        return (await relay.client.get("/readyz")).status == 200
+
+    await until(ready)
+    assert [e["id"] for e in await relay.events()][-1] == "evt_unique_2"

@@ -333,6 +333,18 @@ class BatchWriter:
             raise
         return Commit(changes, {})
 
+    def probe(self) -> None:
+        """Commit a write that changes nothing (the header's user version, rewritten)."""
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            conn.execute(f"PRAGMA user_version = {int(version)}")
+            conn.execute("COMMIT")
+        except BaseException:
+            self._abandon()
+            raise
+
     # -- session records -------------------------------------------------------------------
 
     def _record(self, session_id: str, up_to_seq: int) -> SessionRecord | None:
