@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,6 +15,7 @@ from aiohttp import web
 from relay.api_models import IngestAnswer, ProviderEvent
 from relay.config import SourceSettings
 from relay.errors import ApiError
+from relay.logs import RepeatedWarnings
 from relay.metrics import Metrics
 from relay.normalize import NORMALISERS, InvalidEvent, Normaliser
 from relay.routes import Reply, Route
@@ -49,6 +50,7 @@ class IngestContext:
     store: Store
     metrics: Metrics
     max_body_bytes: int
+    repeated_warnings: RepeatedWarnings = field(default_factory=RepeatedWarnings)
 
 
 async def ingest_event(
@@ -79,7 +81,9 @@ async def ingest_event(
     try:
         result = await ctx.store.ingest(IngestRecord(event, body, received_at))
     except StoreUnavailable as exc:
-        log.warning("ingest.store_unavailable", source=source_id, error=str(exc))
+        held_back = ctx.repeated_warnings.admit("ingest.store_unavailable")
+        if held_back is not None:
+            log.warning("ingest.store_unavailable", error=str(exc), repeats_not_logged=held_back)
         raise ApiError(
             503, "STORE_UNAVAILABLE", STORE_UNAVAILABLE_MESSAGE, {"Retry-After": "5"}
         ) from None

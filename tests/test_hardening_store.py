@@ -5,13 +5,16 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from structlog.testing import capture_logs
 
+from relay.logs import RepeatedWarnings
 from tests.conftest import Relay, RelayFactory, fixture_events
 from tests.receivers import FAST_DELIVERY, until
 from tests.test_cli import relay as run_cli
@@ -163,3 +166,38 @@ async def test_writer_recovers_once_the_file_is_writable_again(
 
     await until(ready)
     assert [e["id"] for e in await relay.events()][-1] == "evt_unique_2"
+
+
+def test_repeated_warnings_are_said_once_per_interval_with_a_count() -> None:
+    """An identical warning passes once per interval and then tells how many were held back."""
+    now = [0.0]
+    repeated = RepeatedWarnings(interval=30.0, clock=lambda: now[0])
+    assert repeated.admit("disk full") == 0
+    held = []
+    for _ in range(120):  # every 250 ms for 30 s
+        now[0] += 0.25
+        held.append(repeated.admit("disk full"))
+    said = [count for count in held if count is not None]
+    assert said == [119]
+    assert repeated.admit("another fault") == 0
+
+
+async def test_lasting_write_fault_logs_each_warning_once(
+    start_relay: RelayFactory, tmp_path: Path
+) -> None:
+    """While every write fails for a second and more, each kind of warning is logged once."""
+    relay = await start_relay()
+    body = unique_event(0)
+    assert (await post(relay, body, signed(body)))[0] == 202
+    with (
+        capture_logs() as logs,
+        immutable(tmp_path / "relay.db", tmp_path / "relay.db-wal"),
+    ):
+        started = time.monotonic()
+        while time.monotonic() - started < 1.5:  # checkpoints run every 200 ms meanwhile
+            body = unique_event(1)
+            assert (await post(relay, body, signed(body)))[0] == 503
+            assert (await relay.client.get("/readyz")).status == 503
+    warnings = [entry["event"] for entry in logs if entry["log_level"] == "warning"]
+    for event in ("store.checkpoint_failed", "ingest.store_unavailable", "store.not_writable"):
+        assert warnings.count(event) == 1, warnings

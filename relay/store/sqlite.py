@@ -27,6 +27,7 @@ import structlog
 
 from relay.changes import RAW_EVENT_COLUMNS, Commit, StoredChange, stored_body
 from relay.config import AlertSettings, StoreSettings
+from relay.logs import RepeatedWarnings
 from relay.normalize import decoder
 from relay.store import (
     ApiKey,
@@ -100,6 +101,7 @@ class SQLiteStore:
         self._writer: Reconnecting | None = None  # used on the writer thread only
         self._writable_until = 0.0  # monotonic time until which a probe's success stands
         self._probing = asyncio.Lock()
+        self._repeated = RepeatedWarnings()
         self._batch_writer: _BatchChannel | None = None
         self._reader: aiosqlite.Connection | None = None
         self._pending: deque[_Pending] = deque()
@@ -350,7 +352,10 @@ class SQLiteStore:
             self._writable_until = time.monotonic() + _PROBE_SECONDS
 
     def _warn(self, event: str, error: str) -> None:
-        log.warning(event, error=error)
+        """Log a warning, at most once per 30 s while it repeats (whatever the error)."""
+        held_back = self._repeated.admit(event)
+        if held_back is not None:
+            log.warning(event, error=error, repeats_not_logged=held_back)
 
     # -- reads ---------------------------------------------------------------------------
 
