@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import sqlite3
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -201,3 +204,78 @@ async def test_lasting_write_fault_logs_each_warning_once(
     warnings = [entry["event"] for entry in logs if entry["log_level"] == "warning"]
     for event in ("store.checkpoint_failed", "ingest.store_unavailable", "store.not_writable"):
         assert warnings.count(event) == 1, warnings
+
+
+def store_config(tmp_path: Path) -> Path:
+    config = tmp_path / "relay.toml"
+    config.write_text(f'[server]\nport = 0\n[store]\nurl = "sqlite:///{tmp_path}/data/t.db"\n')
+    return config
+
+
+def test_second_relay_on_one_store_refuses_to_start(tmp_path: Path) -> None:
+    """A second `relay serve` on a store that one already serves exits 1 naming the store."""
+    config = store_config(tmp_path)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "relay", "serve", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    watchdog = threading.Timer(60, first.kill)  # bounds the read below if nothing comes
+    watchdog.start()
+    try:
+        assert first.stdout is not None
+        for line in first.stdout:
+            if "listening on" in line:
+                break
+        second = run_cli(config, "serve", check=False)
+        assert first.poll() is None  # the first one still serves
+    finally:
+        watchdog.cancel()
+        first.send_signal(signal.SIGTERM)
+        try:
+            first.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            first.kill()
+            first.communicate()
+    assert second.returncode == 1
+    assert "listening" not in second.stdout
+    message = second.stderr.strip().splitlines()
+    assert len(message) == 1, second.stderr
+    assert "already" in message[0]
+    assert str(tmp_path / "data" / "t.db") in message[0]
+    assert first.returncode == 0
+    restarted = run_cli(config, "keys", "list")  # the lock does not bar admin commands
+    assert restarted.returncode == 0
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["keys", "list"],
+        ["keys", "create", "--scope", "agent:read"],
+        ["keys", "revoke", "key_x"],
+        ["subscriptions", "list"],
+        ["subscriptions", "remove", "sub_x"],
+        ["check-state"],
+    ],
+)
+def test_admin_commands_refuse_a_store_that_does_not_exist(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """An admin command on a missing store exits 1 with one line naming it, creating nothing."""
+    config = store_config(tmp_path)
+    done = run_cli(config, *command, check=False)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert str(tmp_path / "data" / "t.db") in lines[0]
+    assert "relay migrate" in lines[0]
+    assert not (tmp_path / "data").exists()
+
+
+def test_migrate_creates_the_store_admin_commands_then_use(tmp_path: Path) -> None:
+    """`relay migrate` creates a missing store; `relay keys list` then reports no keys."""
+    config = store_config(tmp_path)
+    assert run_cli(config, "migrate").returncode == 0
+    assert "no API keys" in run_cli(config, "keys", "list").stdout

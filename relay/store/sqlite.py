@@ -186,6 +186,7 @@ class SQLiteStore:
 
     async def migrate(self) -> list[int]:
         if self._writer is None:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
             self._writer = await self._in_writer(Reconnecting, self._connect_writer)
         return await self._on_connection(_migrate)
 
