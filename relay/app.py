@@ -57,7 +57,9 @@ def create_app(
     )
     app[SETTINGS] = settings
     if store is None:
-        store = open_store(settings.store, source_providers(settings), settings.alerts)
+        store = open_store(
+            settings.store, source_providers(settings), settings.alerts, settings.retention
+        )
     app[STORE] = store
     app[HUB] = hub if hub is not None else InProcessHub()
     app[METRICS] = Metrics()

@@ -13,15 +13,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from structlog.testing import capture_logs
 
 from relay.logs import RepeatedWarnings
+from relay.timefmt import format_unix
 from tests.conftest import Relay, RelayFactory, fixture_events
 from tests.receivers import FAST_DELIVERY, until
 from tests.test_cli import relay as run_cli
 from tests.test_ingest import post, signed
+from tests.test_sse import frames
 
 
 def nested_event(depth: int, newline: bool) -> bytes:
@@ -109,6 +112,7 @@ def test_cli_refuses_numeric_host(tmp_path: Path) -> None:
     """`relay subscriptions add` refuses an integer host in one line, creating nothing."""
     config = tmp_path / "relay.toml"
     config.write_text(f'[store]\nurl = "sqlite:///{tmp_path}/cli.db"\n')
+    run_cli(config, "migrate")
     added = run_cli(config, "subscriptions", "add", "http://2130706433/", check=False)
     assert added.returncode != 0
     assert "four decimal numbers" in added.stderr
@@ -279,3 +283,99 @@ def test_migrate_creates_the_store_admin_commands_then_use(tmp_path: Path) -> No
     config = store_config(tmp_path)
     assert run_cli(config, "migrate").returncode == 0
     assert "no API keys" in run_cli(config, "keys", "list").stdout
+
+
+def session_events(session: int) -> list[bytes]:
+    """A session created, provisioned and ready: three events, several changes."""
+    kinds = ["agent.chat.session.created", "agent.runtime.reused", "agent.worker.ready"]
+    return [
+        orjson.dumps(
+            {
+                "id": f"evt_ret_{session:05d}_{n}",
+                "type": kind,
+                "occurred_at": "2026-11-20T09:00:00.000Z",
+                "data": {"chatId": f"chat_ret_{session:05d}"},
+            }
+        )
+        for n, kind in enumerate(kinds)
+    ]
+
+
+async def ingest_session(relay: Relay, session: int) -> None:
+    for body in session_events(session):
+        assert (await post(relay, body, signed(body)))[0] == 202
+
+
+def count(db: Path, sql: str, *params: object) -> int:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return int(conn.execute(sql, params).fetchone()[0])
+
+
+async def test_rows_stay_bounded_under_steady_ingest(
+    start_relay: RelayFactory, tmp_path: Path
+) -> None:
+    """With a one-second retention, nothing older than two seconds stays while ingest goes on."""
+    relay = await start_relay(
+        retention={"seconds": 1.0, "interval_seconds": 0.1, "batch_rows": 200}
+    )
+    db = tmp_path / "relay.db"
+    started = time.monotonic()
+    session = 0
+    samples: list[tuple[int, int, int, int]] = []
+    while time.monotonic() - started < 5.0:
+        await ingest_session(relay, session)
+        session += 1
+        if time.monotonic() - started > 3.0:  # by now every second of ingest was pruned once
+            old = format_unix(time.time() - 2.0)
+            samples.append(
+                (
+                    count(db, "SELECT count(*) FROM events WHERE received_at < ?", old),
+                    count(db, "SELECT count(*) FROM events"),
+                    count(db, "SELECT count(*) FROM changes"),
+                    count(db, "SELECT count(*) FROM sessions"),
+                )
+            )
+    assert samples, "ingest was too slow to sample"
+    assert max(events for _, events, _, _ in samples) < session * 3 / 2
+    assert all(old == 0 for old, _, _, _ in samples), samples
+    for _, events, changes, sessions in samples:
+        assert changes <= 3 * events + 3
+        assert sessions <= events
+
+
+async def test_resume_from_a_pruned_change_gets_stream_reset(start_relay: RelayFactory) -> None:
+    """A resume from a change id that was pruned gets stream.reset, then the oldest kept change."""
+    relay = await start_relay(
+        retention={"seconds": 0.5, "interval_seconds": 0.05, "batch_rows": 100}
+    )
+    await ingest_session(relay, 0)
+    first = await relay.client.get("/v1/changes", params={"after": 0}, headers=relay.auth)
+    first_ids = [item["id"] for item in (await first.json())["items"]]
+    later = [1]
+
+    async def pruned() -> bool:
+        later[0] += 1
+        await ingest_session(relay, later[0])
+        resp = await relay.client.get(
+            "/v1/changes", params={"after": 0, "limit": 1}, headers=relay.auth
+        )
+        return bool((await resp.json())["items"][0]["id"] > max(first_ids))
+
+    await until(pruned)
+    resp = await relay.client.get(
+        "/v1/stream",
+        headers={**relay.auth, "Last-Event-ID": str(first_ids[0])},
+        timeout=aiohttp.ClientTimeout(total=10),
+    )
+    got: list[dict[str, str]] = []
+    async for frame in frames(resp):
+        if "data" in frame:
+            got.append(frame)
+            if len(got) == 2:
+                break
+    resp.close()
+    reset, change = got
+    assert reset["event"] == "stream.reset"
+    oldest = orjson.loads(reset["data"])["oldest_id"]
+    assert oldest > max(first_ids)
+    assert int(change["id"]) >= oldest  # the oldest kept change the stream's filter takes

@@ -26,7 +26,7 @@ import aiosqlite
 import structlog
 
 from relay.changes import RAW_EVENT_COLUMNS, Commit, StoredChange, stored_body
-from relay.config import AlertSettings, StoreSettings
+from relay.config import AlertSettings, RetentionSettings, StoreSettings
 from relay.logs import RepeatedWarnings
 from relay.normalize import decoder
 from relay.store import (
@@ -39,6 +39,7 @@ from relay.store import (
     StoreUnavailable,
 )
 from relay.store.reconnect import Reconnecting
+from relay.store.retention import Pruned
 from relay.store.sqlite_writer import BatchWriter
 from relay.store.writer_process import WriterProcess
 from relay.timefmt import format_time, utcnow
@@ -89,9 +90,14 @@ _PROBE_SECONDS = 1.0  # how long a readiness probe's outcome stands
 
 class SQLiteStore:
     def __init__(
-        self, settings: StoreSettings, providers: Mapping[str, str], alerts: AlertSettings
+        self,
+        settings: StoreSettings,
+        providers: Mapping[str, str],
+        alerts: AlertSettings,
+        retention: RetentionSettings | None = None,
     ) -> None:
         self._settings = settings
+        self._retention = retention
         self._providers = dict(providers)
         self._decode = decoder(providers)
         self._alerts = alerts
@@ -111,6 +117,7 @@ class SQLiteStore:
         self._wakeup = asyncio.Event()
         self._writer_task: asyncio.Task[None] | None = None
         self._checkpoint_task: asyncio.Task[None] | None = None
+        self._prune_task: asyncio.Task[None] | None = None
         self._closing = False
 
     async def open(self) -> None:
@@ -143,6 +150,11 @@ class SQLiteStore:
             self._checkpoint_task = asyncio.create_task(
                 self._checkpoint_loop(), name="relay-sqlite-checkpoints"
             )
+        if self._retention is not None and self._retention.keep_seconds is not None:
+            self._prune_task = asyncio.create_task(
+                self._prune_loop(self._retention, self._retention.keep_seconds),
+                name="relay-sqlite-retention",
+            )
 
     async def close(self) -> None:
         self._closing = True
@@ -150,11 +162,12 @@ class SQLiteStore:
         if self._writer_task is not None:
             await self._writer_task
             self._writer_task = None
-        if self._checkpoint_task is not None:
-            self._checkpoint_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._checkpoint_task
-            self._checkpoint_task = None
+        for task in (self._checkpoint_task, self._prune_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._checkpoint_task = self._prune_task = None
         if self._batch_writer is not None:
             await self._batch_writer.close()
             self._batch_writer = None
@@ -272,6 +285,25 @@ class SQLiteStore:
                 await self._on_connection(_checkpoint)
             except sqlite3.Error as exc:
                 self._warn("store.checkpoint_failed", str(exc))
+
+    async def _prune_loop(self, retention: RetentionSettings, keep_seconds: float) -> None:
+        """Delete what is older than the retention, in small batches with pauses between
+        them, so that ingest never waits long behind pruning (see `retention`)."""
+        writer = self._batch_writer
+        assert writer is not None
+        pause = retention.interval_seconds
+        while True:
+            await asyncio.sleep(pause)
+            pause = retention.interval_seconds
+            try:
+                pruned = await writer.prune(time.time() - keep_seconds, retention.batch_rows)
+            except Exception as exc:
+                self._warn("store.prune_failed", str(exc))
+                continue
+            if pruned.rows:
+                log.debug("store.pruned", rows=pruned.rows)
+            if pruned.full:
+                pause = retention.batch_pause_seconds
 
     def add_commit_listener(self, listener: Callable[[Commit], None]) -> None:
         self._listeners.append(listener)
@@ -482,6 +514,9 @@ class _BatchChannel(Protocol):
     async def probe(self) -> None:
         """Commit a write that changes nothing."""
 
+    async def prune(self, cutoff: float, limit: int) -> Pruned:
+        """Delete one small batch of what was received before `cutoff`."""
+
     async def close(self) -> None: ...
 
 
@@ -502,6 +537,10 @@ class _ThreadChannel:
 
     async def probe(self) -> None:
         await self._run(self._call, "probe")
+
+    async def prune(self, cutoff: float, limit: int) -> Pruned:
+        pruned: Pruned = await self._run(self._call, "prune", cutoff, limit)
+        return pruned
 
     def _call(self, conn: sqlite3.Connection, method: str, *args: Any) -> Any:
         self._writer.conn = conn

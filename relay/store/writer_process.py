@@ -41,6 +41,7 @@ from relay.config import AlertSettings, StoreSettings
 from relay.normalize import decoder, normaliser_lookup
 from relay.store import IngestRecord, IngestResult, StoreUnavailable
 from relay.store.reconnect import Reconnecting
+from relay.store.retention import Pruned
 from relay.tuning import tune_gc
 
 log = structlog.get_logger("relay.store")
@@ -96,6 +97,10 @@ class WriterProcess:
 
     async def probe(self) -> None:
         await self._call(("probe", None))
+
+    async def prune(self, cutoff: float, limit: int) -> Pruned:
+        rows, full, sessions = await self._call(("prune", (cutoff, limit)))
+        return Pruned(rows, full, tuple(sessions))
 
     async def close(self) -> None:
         async with self._lock:
@@ -217,6 +222,9 @@ def main(fd: int) -> None:
             return write(argument)
         if op == "alerts":
             return ("ok", *_plain(writer.fire_due_alerts(argument)))
+        if op == "prune":
+            pruned = writer.prune(*argument)
+            return ("ok", (pruned.rows, pruned.full, pruned.sessions))
         if op == "probe":
             writer.probe()
             return ("ok", None)
