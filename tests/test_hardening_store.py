@@ -18,6 +18,7 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
+from relay.appkeys import STORE
 from relay.logs import RepeatedWarnings
 from relay.timefmt import format_unix
 from tests.conftest import Relay, RelayFactory, fixture_events
@@ -379,3 +380,38 @@ async def test_resume_from_a_pruned_change_gets_stream_reset(start_relay: RelayF
     oldest = orjson.loads(reset["data"])["oldest_id"]
     assert oldest > max(first_ids)
     assert int(change["id"]) >= oldest  # the oldest kept change the stream's filter takes
+
+
+async def test_retention_keeps_live_sessions_and_prunes_quiet_ones(
+    start_relay: RelayFactory,
+) -> None:
+    """A session with recent activity keeps its state and events; a quiet one is pruned."""
+    relay = await start_relay(
+        retention={"seconds": 1.0, "interval_seconds": 0.05, "batch_rows": 100}
+    )
+    await ingest_session(relay, 0)  # stays live: it gets a turn now and then
+    await ingest_session(relay, 1)  # goes quiet
+    turns = [0]
+
+    async def quiet_one_pruned() -> bool:
+        turns[0] += 1
+        for kind in ("agent.chat.turn.started", "agent.chat.turn.completed"):
+            body = orjson.dumps(
+                {
+                    "id": f"evt_live_{turns[0]}_{kind}",
+                    "type": kind,
+                    "occurred_at": "2026-11-20T09:00:01.000Z",
+                    "data": {"chatId": "chat_ret_00000", "turnId": f"turn_{turns[0]:03d}"},
+                }
+            )
+            assert (await post(relay, body, signed(body)))[0] == 202
+        resp = await relay.client.get("/v1/sessions/chat_ret_00001", headers=relay.auth)
+        return resp.status == 404
+
+    await until(quiet_one_pruned)
+    resp = await relay.client.get("/v1/sessions/chat_ret_00000", headers=relay.auth)
+    live = await resp.json()
+    assert live["readiness"] == "ready"
+    resp = await relay.client.get("/v1/sessions/chat_ret_00000/events", headers=relay.auth)
+    assert (await resp.json())["items"][0]["id"] == "evt_ret_00000_0"
+    assert await relay.client.app[STORE].check_derived_state() == []
