@@ -22,7 +22,7 @@ from relay.appkeys import STORE
 from relay.logs import RepeatedWarnings
 from relay.timefmt import format_unix
 from tests.conftest import Relay, RelayFactory, fixture_events
-from tests.receivers import FAST_DELIVERY, until
+from tests.receivers import FAST_DELIVERY, eventually, receiver, subscribe, until
 from tests.test_cli import relay as run_cli
 from tests.test_ingest import post, signed
 from tests.test_sse import frames
@@ -415,3 +415,32 @@ async def test_retention_keeps_live_sessions_and_prunes_quiet_ones(
     resp = await relay.client.get("/v1/sessions/chat_ret_00000/events", headers=relay.auth)
     assert (await resp.json())["items"][0]["id"] == "evt_ret_00000_0"
     assert await relay.client.app[STORE].check_derived_state() == []
+
+
+async def test_retention_prunes_finished_deliveries_and_attempts(
+    start_relay: RelayFactory, tmp_path: Path
+) -> None:
+    """Deliveries made and their attempts are pruned once older than the retention."""
+    relay = await start_relay(
+        delivery=FAST_DELIVERY,
+        retention={"seconds": 1.0, "interval_seconds": 0.05, "batch_rows": 100},
+    )
+    db = tmp_path / "relay.db"
+    async with receiver() as got:
+        await subscribe(relay, got, "/hook", types=["session.*"])
+        await ingest_session(relay, 0)
+        await eventually(lambda: len(got.at("/hook")) >= 3)
+        assert count(db, "SELECT count(*) FROM delivery_attempts") >= 3
+        later = [0]
+
+        async def pruned() -> bool:
+            later[0] += 1
+            await ingest_session(relay, later[0])  # keeps deliveries (and time) going
+            old = time.time() - 2.0
+            return (
+                count(db, "SELECT count(*) FROM deliveries WHERE session_id = 'chat_ret_00000'")
+                == 0
+                and count(db, "SELECT count(*) FROM delivery_attempts WHERE at < ?", old) == 0
+            )
+
+        await until(pruned)

@@ -58,9 +58,9 @@ def check_derived_state(conn: sqlite3.Connection, decode: EventDecoder) -> list[
 
 
 def _pruned(conn: sqlite3.Connection) -> bool:
-    """Whether retention has deleted the beginning of the change log."""
+    """Whether retention has deleted derived state or the beginning of the change log."""
     (first,) = conn.execute("SELECT min(id) FROM changes").fetchone()
-    return first is not None and first > 1
+    return (first is not None and first > 1) or _fact(conn, "pruned_through_seq") > 0
 
 
 def _fact(conn: sqlite3.Connection, name: str) -> int:

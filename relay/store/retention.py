@@ -9,7 +9,8 @@ Finished deliveries and delivery attempts older than the cutoff go too.
 
 The newest event and the newest change always stay: the next seq and change id are
 counted on from them. An event goes only after every change that points at it (a raw
-change is read back from its event's row).
+change is read back from its event's row), and a change only once the webhook dispatcher
+has queued it and no delivery still has to send it.
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ def _prune_sessions(conn: sqlite3.Connection, old_seq: int, limit: int) -> tuple
         marks = ",".join("?" * len(ids))
         for table in ("turns", "alerts", "sessions"):
             conn.execute(f"DELETE FROM {table} WHERE session_id IN ({marks})", ids)
+        conn.execute(  # for `check-state`: derived state may be missing from here on
+            "INSERT INTO store_facts (name, value) VALUES ('pruned_through_seq', ?)"
+            " ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value)",
+            (old_seq,),
+        )
     return ids
 
 
@@ -69,6 +75,18 @@ def _prune_changes(conn: sqlite3.Connection, old_seq: int, limit: int) -> int:
     )
     if boundary is None:
         return 0
+    # Changes that deliveries still have to send, or that are not queued yet, stay.
+    pending = _one(
+        conn, "SELECT min(change_id) FROM deliveries WHERE next_attempt_at IS NOT NULL", ()
+    )
+    queued = _one(  # the dispatcher idles (its cursor stays) while nobody subscribes
+        conn,
+        "SELECT last_change_id FROM delivery_cursor WHERE EXISTS (SELECT 1 FROM subscriptions)",
+        (),
+    )
+    for keep_from in (pending, None if queued is None else queued + 1):
+        if keep_from is not None:
+            boundary = min(boundary, keep_from - 1)
     return conn.execute(
         "DELETE FROM changes WHERE id <= min(?, (SELECT min(id) FROM changes) + ? - 1)"
         " AND id < (SELECT max(id) FROM changes)",
