@@ -20,7 +20,7 @@ from relay.config import Settings
 from relay.dashboard import routes as dashboard_routes
 from relay.errors import ApiError, error_response, json_response
 from relay.hub import Hub, InProcessHub
-from relay.ingest import IngestContext, Source
+from relay.ingest import STORE_UNAVAILABLE_MESSAGE, IngestContext, Source
 from relay.ingest import route as ingest_route
 from relay.logs import request_line_writer
 from relay.metrics import Metrics
@@ -57,7 +57,9 @@ def create_app(
     )
     app[SETTINGS] = settings
     if store is None:
-        store = open_store(settings.store, source_providers(settings), settings.alerts)
+        store = open_store(
+            settings.store, source_providers(settings), settings.alerts, settings.retention
+        )
     app[STORE] = store
     app[HUB] = hub if hub is not None else InProcessHub()
     app[METRICS] = Metrics()
@@ -188,8 +190,10 @@ async def _healthz(request: web.Request) -> web.Response:
 async def _readyz(request: web.Request) -> web.Response:
     try:
         await request.app[STORE].check_writable()
-    except StoreUnavailable as exc:
-        return error_response(503, "STORE_UNAVAILABLE", str(exc), {"Retry-After": "5"})
+    except StoreUnavailable:
+        return error_response(
+            503, "STORE_UNAVAILABLE", STORE_UNAVAILABLE_MESSAGE, {"Retry-After": "5"}
+        )
     return json_response({"status": "ready"})
 
 

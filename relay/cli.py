@@ -200,11 +200,10 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 
 
 async def _serve(settings: Settings, args: argparse.Namespace) -> int:
-    from relay.app import create_app
-    from relay.http_server import Runner
-    from relay.logs import configure_logging, flush_logs
+    from relay.logs import configure_logging
     from relay.source_secrets import SourceSecretsError, provision, secrets_path
-    from relay.tuning import tune_gc
+    from relay.store.lock import StoreInUse, serving_lock
+    from relay.store.sqlite import sqlite_path
 
     configure_logging(settings.log)
     _raise_open_file_limit()
@@ -223,6 +222,20 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
             f"    {new_key.secret}\n",
             flush=True,
         )
+
+    try:
+        with serving_lock(sqlite_path(settings.store.url)):
+            return await _serve_locked(settings, show_key)
+    except StoreInUse as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _serve_locked(settings: Settings, show_key: Callable[[auth.NewKey], None]) -> int:
+    from relay.app import create_app
+    from relay.http_server import Runner
+    from relay.logs import flush_logs
+    from relay.tuning import tune_gc
 
     app = create_app(settings, on_bootstrap_key=show_key)
     runner = Runner(
@@ -317,9 +330,17 @@ def _base_url(address: Any) -> str:
 
 @contextlib.asynccontextmanager
 async def _opened(settings: Settings) -> Any:
-    """The configured store, opened with the configured sources' normalisers."""
+    """The configured store, opened with the configured sources' normalisers; one that
+    does not exist is not created (that is `relay migrate`'s job)."""
     from relay.app import source_providers
+    from relay.store.sqlite import sqlite_path
 
+    path = sqlite_path(settings.store.url)
+    if not path.exists():
+        raise SystemExit(
+            f"relay: no store at {path.resolve()} (check store.url, or create it with"
+            " `relay migrate`)"
+        )
     store: Store = open_store(settings.store, source_providers(settings), settings.alerts)
     await store.open()
     try:

@@ -141,6 +141,21 @@ class SSESettings(_Section):
     socket_send_buffer_bytes: int = Field(128 * 1024, ge=4096)
 
 
+class RetentionSettings(_Section):
+    days: float = Field(30.0, ge=0)  # events, changes and attempts older are pruned; 0: never
+    seconds: float | None = Field(None, gt=0)  # instead of days, for a retention under a day
+    batch_rows: int = Field(500, ge=1)  # at most this many rows per table and batch
+    batch_pause_seconds: float = Field(0.1, ge=0)  # between batches while there is more
+    interval_seconds: float = Field(60.0, gt=0)  # between passes once nothing is left
+
+    @property
+    def keep_seconds(self) -> float | None:
+        """How long what is received is kept; None to keep everything."""
+        if self.seconds is not None:
+            return self.seconds
+        return self.days * 86400 if self.days else None
+
+
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
@@ -160,6 +175,7 @@ class Settings(BaseSettings):
     alerts: AlertSettings = AlertSettings()
     sse: SSESettings = SSESettings()
     log: LogSettings = LogSettings()
+    retention: RetentionSettings = RetentionSettings()
 
     @field_validator("sources")
     @classmethod

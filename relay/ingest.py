@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 import structlog
@@ -14,6 +15,7 @@ from aiohttp import web
 from relay.api_models import IngestAnswer, ProviderEvent
 from relay.config import SourceSettings
 from relay.errors import ApiError
+from relay.logs import RepeatedWarnings
 from relay.metrics import Metrics
 from relay.normalize import NORMALISERS, InvalidEvent, Normaliser
 from relay.routes import Reply, Route
@@ -23,6 +25,9 @@ from relay.verify import VerificationError, Verifier, verify_signature
 log = structlog.get_logger("relay.ingest")
 
 UNKNOWN_SOURCE_LABEL = "(unknown)"
+# Deeper JSON could not be encoded again (orjson stops at 255 levels): refused up front.
+MAX_NESTING = 200
+STORE_UNAVAILABLE_MESSAGE = "the store cannot take writes right now; retry later"
 _JSON = {"Content-Type": "application/json"}
 
 
@@ -45,6 +50,7 @@ class IngestContext:
     store: Store
     metrics: Metrics
     max_body_bytes: int
+    repeated_warnings: RepeatedWarnings = field(default_factory=RepeatedWarnings)
 
 
 async def ingest_event(
@@ -65,6 +71,8 @@ async def ingest_event(
         raise ApiError(400, "INVALID_JSON", "the body is not valid JSON") from None
     if not isinstance(payload, dict):
         raise ApiError(400, "INVALID_JSON", "the body must be a JSON object")
+    if nested_deeper_than(body, payload, MAX_NESTING):
+        raise ApiError(400, "INVALID_JSON", f"the body is nested deeper than {MAX_NESTING} levels")
     received_at = datetime.fromtimestamp(now, UTC)
     try:
         event = source.normalise(source.id, payload, received_at)
@@ -73,10 +81,32 @@ async def ingest_event(
     try:
         result = await ctx.store.ingest(IngestRecord(event, body, received_at))
     except StoreUnavailable as exc:
-        raise ApiError(503, "STORE_UNAVAILABLE", str(exc), {"Retry-After": "5"}) from None
+        held_back = ctx.repeated_warnings.admit("ingest.store_unavailable")
+        if held_back is not None:
+            log.warning("ingest.store_unavailable", error=str(exc), repeats_not_logged=held_back)
+        raise ApiError(
+            503, "STORE_UNAVAILABLE", STORE_UNAVAILABLE_MESSAGE, {"Retry-After": "5"}
+        ) from None
     answer = {"id": event.id, "seq": result.seq, "duplicate": result.duplicate}
     status = 200 if result.duplicate else 202
     return web.Response(status=status, body=orjson.dumps(answer), headers=_JSON)
+
+
+def nested_deeper_than(body: bytes, payload: dict[str, Any], limit: int) -> bool:
+    """Whether parsed JSON nests objects and arrays more than `limit` levels deep.
+
+    A body with no more brackets than `limit` cannot, which spares the walk most bodies.
+    """
+    if body.count(b"{") + body.count(b"[") <= limit:
+        return False
+    stack: list[tuple[dict[str, Any] | list[Any], int]] = [(payload, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        stack += ((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:

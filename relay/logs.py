@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
@@ -15,6 +17,7 @@ import structlog
 from relay.config import LogSettings
 
 FLUSH_BYTES = 64 * 1024
+REPEAT_INTERVAL_SECONDS = 30.0
 
 
 class BufferedLineLogger:
@@ -125,3 +128,33 @@ def request_line_writer() -> Callable[..., None]:
         sink.msg(orjson.dumps(fields))
 
     return write
+
+
+class RepeatedWarnings:
+    """Lets an identical warning through once per `interval` seconds and counts the rest,
+    so that a lasting fault (a full disk) is said twice a minute, not five times a second.
+    """
+
+    def __init__(
+        self,
+        interval: float = REPEAT_INTERVAL_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+        keep: int = 100,
+    ) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._keep = keep
+        self._said: OrderedDict[str, tuple[float, int]] = OrderedDict()  # when, held back
+
+    def admit(self, key: str) -> int | None:
+        """None to hold this warning back; else how many like it were held back before it."""
+        now = self._clock()
+        said = self._said.get(key)
+        if said is not None and now - said[0] < self._interval:
+            self._said[key] = (said[0], said[1] + 1)
+            return None
+        self._said[key] = (now, 0)
+        self._said.move_to_end(key)
+        while len(self._said) > self._keep:
+            self._said.popitem(last=False)
+        return 0 if said is None else said[1]

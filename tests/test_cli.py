@@ -34,6 +34,7 @@ def test_migrate_applies_once(config: Path) -> None:
 
 def test_keys_create_list_revoke(config: Path) -> None:
     """A created key is listed without its secret, and revoking it marks it revoked."""
+    relay(config, "migrate")
     created = relay(config, "keys", "create", "--scope", "agent:read", "--name", "dash").stdout
     secret = created.strip().splitlines()[-1]
     assert secret.startswith("rk_")

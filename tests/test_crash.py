@@ -124,6 +124,7 @@ async def ended(pids: list[int], seconds: float) -> bool:
 async def relay_process(tmp_path: Path) -> AsyncIterator[RelayProcess]:
     port = free_port()
     process = RelayProcess(write_config(tmp_path, port), port)
+    process.cli("migrate")  # admin commands need the store to exist
     yield process
     await process.stop()
 

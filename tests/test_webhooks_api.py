@@ -184,6 +184,7 @@ def test_cli_adds_lists_and_removes_subscriptions(tmp_path: Path) -> None:
     """`relay subscriptions add` prints the secret last; list shows it; remove deletes it."""
     config = tmp_path / "relay.toml"
     config.write_text(f'[store]\nurl = "sqlite:///{tmp_path}/cli.db"\n')
+    run_cli(config, "migrate")
     added = run_cli(
         config, "subscriptions", "add", "https://example.com/hook", "--type", "turn.*"
     ).stdout

@@ -73,6 +73,7 @@ async def test_sigkill_with_pending_deliveries_loses_none(tmp_path: Path, load: 
     the receiver, and the session-ordered subscription still gets each session in order."""
     port = free_port()
     relay = RelayProcess(write_config(tmp_path, port), port)
+    relay.cli("migrate")  # admin commands need the store to exist
     key = relay.cli("keys", "create", "--scope", "agent:read", "--scope", "agent:write")
     headers = {"Authorization": f"Bearer {key.strip().splitlines()[-1]}"}
     up = [False]

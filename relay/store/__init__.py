@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
-from relay.config import AlertSettings, StoreSettings
+from relay.config import AlertSettings, RetentionSettings, StoreSettings
 from relay.events import Event
 
 if TYPE_CHECKING:
@@ -141,15 +141,17 @@ def open_store(
     settings: StoreSettings,
     providers: Mapping[str, str] | None = None,
     alerts: AlertSettings | None = None,
+    retention: RetentionSettings | None = None,
 ) -> Store:
     """Build (not yet open) the backend named by the URL's scheme.
 
     `providers` maps source ids to provider names, to read stored events back with
-    their source's normaliser; `alerts` sets the thresholds.
+    their source's normaliser; `alerts` sets the thresholds; with `retention`, what is
+    older is pruned in the background while the store is open.
     """
     scheme = settings.url.partition("://")[0]
     if scheme == "sqlite":
         from relay.store.sqlite import SQLiteStore
 
-        return SQLiteStore(settings, providers or {}, alerts or AlertSettings())
+        return SQLiteStore(settings, providers or {}, alerts or AlertSettings(), retention)
     raise ValueError(f"no store backend for URL scheme {scheme!r}")

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import re
 import sqlite3
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,8 @@ import aiosqlite
 import structlog
 
 from relay.changes import RAW_EVENT_COLUMNS, Commit, StoredChange, stored_body
-from relay.config import AlertSettings, StoreSettings
+from relay.config import AlertSettings, RetentionSettings, StoreSettings
+from relay.logs import RepeatedWarnings
 from relay.normalize import decoder
 from relay.store import (
     ApiKey,
@@ -36,6 +38,8 @@ from relay.store import (
     StoredEvent,
     StoreUnavailable,
 )
+from relay.store.reconnect import Reconnecting
+from relay.store.retention import Pruned
 from relay.store.sqlite_writer import BatchWriter
 from relay.store.writer_process import WriterProcess
 from relay.timefmt import format_time, utcnow
@@ -81,20 +85,29 @@ def migrations() -> list[tuple[int, str]]:
 
 
 _MISSED_PAGE = 500
+_PROBE_SECONDS = 1.0  # how long a readiness probe's outcome stands
 
 
 class SQLiteStore:
     def __init__(
-        self, settings: StoreSettings, providers: Mapping[str, str], alerts: AlertSettings
+        self,
+        settings: StoreSettings,
+        providers: Mapping[str, str],
+        alerts: AlertSettings,
+        retention: RetentionSettings | None = None,
     ) -> None:
         self._settings = settings
+        self._retention = retention
         self._providers = dict(providers)
         self._decode = decoder(providers)
         self._alerts = alerts
         self._listeners: list[Callable[[Commit], None]] = []
         self._path = sqlite_path(settings.url)
         self._executor = _writer_thread()
-        self._writer: sqlite3.Connection | None = None
+        self._writer: Reconnecting | None = None  # used on the writer thread only
+        self._writable_until = 0.0  # monotonic time until which a probe's success stands
+        self._probing = asyncio.Lock()
+        self._repeated = RepeatedWarnings()
         self._batch_writer: _BatchChannel | None = None
         self._reader: aiosqlite.Connection | None = None
         self._pending: deque[_Pending] = deque()
@@ -104,6 +117,7 @@ class SQLiteStore:
         self._wakeup = asyncio.Event()
         self._writer_task: asyncio.Task[None] | None = None
         self._checkpoint_task: asyncio.Task[None] | None = None
+        self._prune_task: asyncio.Task[None] | None = None
         self._closing = False
 
     async def open(self) -> None:
@@ -111,7 +125,7 @@ class SQLiteStore:
             return
         self._closing = False
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = await self._in_writer(self._connect_writer)
+        self._writer = await self._in_writer(Reconnecting, self._connect_writer)
         if self._settings.auto_migrate:
             await self.migrate()
         if self._settings.writer == "process":
@@ -121,12 +135,12 @@ class SQLiteStore:
         else:
             self._batch_writer = _ThreadChannel(
                 BatchWriter(
-                    self._writer,
+                    self._writer.conn,
                     self._decode,
                     self._alerts.turn_stall_seconds,
                     self._alerts.ready_timeout_seconds,
                 ),
-                self._in_writer,
+                self._on_connection,
             )
         self._reader = await aiosqlite.connect(self._path)
         await self._reader.execute(f"PRAGMA busy_timeout = {int(self._settings.busy_timeout_ms)}")
@@ -136,6 +150,11 @@ class SQLiteStore:
             self._checkpoint_task = asyncio.create_task(
                 self._checkpoint_loop(), name="relay-sqlite-checkpoints"
             )
+        if self._retention is not None and self._retention.keep_seconds is not None:
+            self._prune_task = asyncio.create_task(
+                self._prune_loop(self._retention, self._retention.keep_seconds),
+                name="relay-sqlite-retention",
+            )
 
     async def close(self) -> None:
         self._closing = True
@@ -143,11 +162,12 @@ class SQLiteStore:
         if self._writer_task is not None:
             await self._writer_task
             self._writer_task = None
-        if self._checkpoint_task is not None:
-            self._checkpoint_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._checkpoint_task
-            self._checkpoint_task = None
+        for task in (self._checkpoint_task, self._prune_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._checkpoint_task = self._prune_task = None
         if self._batch_writer is not None:
             await self._batch_writer.close()
             self._batch_writer = None
@@ -170,10 +190,18 @@ class SQLiteStore:
     async def _in_writer(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
+    async def _on_connection(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(connection, *args)` on the writer thread; a connection that fails for
+        another reason than contention is opened again before its next use."""
+        if self._writer is None:
+            raise StoreUnavailable("the store is not open")
+        return await self._in_writer(_use, self._writer, fn, *args)
+
     async def migrate(self) -> list[int]:
         if self._writer is None:
-            self._writer = await self._in_writer(self._connect_writer)
-        return await self._in_writer(_migrate, self._writer)
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = await self._in_writer(Reconnecting, self._connect_writer)
+        return await self._on_connection(_migrate)
 
     # -- ingest: group commit ----------------------------------------------------------
 
@@ -254,9 +282,28 @@ class SQLiteStore:
         while True:
             await asyncio.sleep(self._settings.checkpoint_interval_seconds)
             try:
-                await self._in_writer(_checkpoint, self._writer)
+                await self._on_connection(_checkpoint)
             except sqlite3.Error as exc:
-                log.warning("store.checkpoint_failed", error=str(exc))
+                self._warn("store.checkpoint_failed", str(exc))
+
+    async def _prune_loop(self, retention: RetentionSettings, keep_seconds: float) -> None:
+        """Delete what is older than the retention, in small batches with pauses between
+        them, so that ingest never waits long behind pruning (see `retention`)."""
+        writer = self._batch_writer
+        assert writer is not None
+        pause = retention.interval_seconds
+        while True:
+            await asyncio.sleep(pause)
+            pause = retention.interval_seconds
+            try:
+                pruned = await writer.prune(time.time() - keep_seconds, retention.batch_rows)
+            except Exception as exc:
+                self._warn("store.prune_failed", str(exc))
+                continue
+            if pruned.rows:
+                log.debug("store.pruned", rows=pruned.rows)
+            if pruned.full:
+                pause = retention.batch_pause_seconds
 
     def add_commit_listener(self, listener: Callable[[Commit], None]) -> None:
         self._listeners.append(listener)
@@ -321,16 +368,27 @@ class SQLiteStore:
     async def check_derived_state(self) -> list[str]:
         from relay.store.rebuild import check_derived_state
 
-        assert self._writer is not None
-        return await self._in_writer(check_derived_state, self._writer, self._decode)
+        return await self._on_connection(check_derived_state, self._decode)
 
     async def check_writable(self) -> None:
-        if self._closing or self._writer is None:
-            raise StoreUnavailable("the store is closed")
-        try:
-            await self._in_writer(_probe_write, self._writer)
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"the store cannot write: {exc}") from exc
+        """Commit a write that changes nothing through the ingest writer: ready means that
+        writes commit, not that the file opens. A success stands for `_PROBE_SECONDS`."""
+        async with self._probing:
+            if self._closing or self._batch_writer is None:
+                raise StoreUnavailable("the store is closed")
+            if time.monotonic() < self._writable_until:
+                return
+            error = await _probe(self._batch_writer)
+            if error is not None:
+                self._warn("store.not_writable", str(error))
+                raise error
+            self._writable_until = time.monotonic() + _PROBE_SECONDS
+
+    def _warn(self, event: str, error: str) -> None:
+        """Log a warning, at most once per 30 s while it repeats (whatever the error)."""
+        held_back = self._repeated.admit(event)
+        if held_back is not None:
+            log.warning(event, error=error, repeats_not_logged=held_back)
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -443,9 +501,7 @@ class SQLiteStore:
         return _api_key(rows[0]) if rows else None
 
     async def _write(self, sql: str, params: tuple[Any, ...]) -> int:
-        if self._writer is None:
-            raise StoreUnavailable("the store is not open")
-        return await self._in_writer(_execute_write, self._writer, sql, params)
+        return await self._on_connection(_execute_write, sql, params)
 
 
 class _BatchChannel(Protocol):
@@ -455,21 +511,40 @@ class _BatchChannel(Protocol):
 
     async def fire_due_alerts(self, now: float) -> Commit: ...
 
+    async def probe(self) -> None:
+        """Commit a write that changes nothing."""
+
+    async def prune(self, cutoff: float, limit: int) -> Pruned:
+        """Delete one small batch of what was received before `cutoff`."""
+
     async def close(self) -> None: ...
 
 
 class _ThreadChannel:
+    """The batch writer on the store's writer thread, on the store's current connection."""
+
     def __init__(self, writer: BatchWriter, run: Callable[..., Awaitable[Any]]) -> None:
         self._writer = writer
-        self._run = run
+        self._run = run  # runs a function of the connection on the writer thread
 
     async def write(self, batch: list[IngestRecord]) -> tuple[list[IngestResult], Commit]:
-        result: tuple[list[IngestResult], Commit] = await self._run(self._writer.write, batch)
+        result: tuple[list[IngestResult], Commit] = await self._run(self._call, "write", batch)
         return result
 
     async def fire_due_alerts(self, now: float) -> Commit:
-        commit: Commit = await self._run(self._writer.fire_due_alerts, now)
+        commit: Commit = await self._run(self._call, "fire_due_alerts", now)
         return commit
+
+    async def probe(self) -> None:
+        await self._run(self._call, "probe")
+
+    async def prune(self, cutoff: float, limit: int) -> Pruned:
+        pruned: Pruned = await self._run(self._call, "prune", cutoff, limit)
+        return pruned
+
+    def _call(self, conn: sqlite3.Connection, method: str, *args: Any) -> Any:
+        self._writer.conn = conn
+        return getattr(self._writer, method)(*args)
 
     async def close(self) -> None:
         pass
@@ -493,6 +568,17 @@ def _api_key(row: Any) -> ApiKey:
 # -- functions run on the writer thread -----------------------------------------------------
 
 
+def _use(link: Reconnecting, fn: Callable[..., T], *args: Any) -> T:
+    conn = link.current()
+    try:
+        result = fn(conn, *args)
+    except sqlite3.Error as exc:
+        link.failed(exc)
+        raise
+    link.succeeded()
+    return result
+
+
 def _execute_write(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> int:
     return conn.execute(sql, params).rowcount
 
@@ -501,9 +587,14 @@ def _checkpoint(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
-def _probe_write(conn: sqlite3.Connection) -> None:
-    conn.execute("BEGIN IMMEDIATE")
-    conn.execute("ROLLBACK")
+async def _probe(writer: _BatchChannel) -> StoreUnavailable | None:
+    try:
+        await writer.probe()
+    except StoreUnavailable as exc:
+        return exc
+    except Exception as exc:
+        return StoreUnavailable(f"the store cannot write: {exc}")
+    return None
 
 
 def _migrate(conn: sqlite3.Connection) -> list[int]:

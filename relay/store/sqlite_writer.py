@@ -38,6 +38,7 @@ from relay.state import (
     derive_session,
 )
 from relay.store import IngestRecord, IngestResult
+from relay.store.retention import Pruned, prune_batch
 from relay.timefmt import format_time, format_unix, parse_time
 
 Decoder = Callable[[str, bytes, str], Event]  # (source, payload, received_at) -> Event
@@ -332,6 +333,33 @@ class BatchWriter:
             self._abandon()
             raise
         return Commit(changes, {})
+
+    def prune(self, cutoff: float, limit: int) -> Pruned:
+        """Delete one small batch of what was received before `cutoff` (see `retention`)."""
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            pruned = prune_batch(conn, cutoff, limit)
+            conn.execute("COMMIT")
+        except BaseException:
+            self._abandon()
+            raise
+        for session_id in pruned.sessions:
+            self.cache.pop(session_id, None)
+            self.alert_keys.pop(session_id, None)
+        return pruned
+
+    def probe(self) -> None:
+        """Commit a write that changes nothing (the header's user version, rewritten)."""
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            conn.execute(f"PRAGMA user_version = {int(version)}")
+            conn.execute("COMMIT")
+        except BaseException:
+            self._abandon()
+            raise
 
     # -- session records -------------------------------------------------------------------
 

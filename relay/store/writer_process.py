@@ -40,6 +40,8 @@ from relay.changes import Commit, StoredChange
 from relay.config import AlertSettings, StoreSettings
 from relay.normalize import decoder, normaliser_lookup
 from relay.store import IngestRecord, IngestResult, StoreUnavailable
+from relay.store.reconnect import Reconnecting
+from relay.store.retention import Pruned
 from relay.tuning import tune_gc
 
 log = structlog.get_logger("relay.store")
@@ -92,6 +94,13 @@ class WriterProcess:
     async def fire_due_alerts(self, now: float) -> Commit:
         changes, versions = await self._call(("alerts", now))
         return _commit(changes, versions)
+
+    async def probe(self) -> None:
+        await self._call(("probe", None))
+
+    async def prune(self, cutoff: float, limit: int) -> Pruned:
+        rows, full, sessions = await self._call(("prune", (cutoff, limit)))
+        return Pruned(rows, full, tuple(sessions))
 
     async def close(self) -> None:
         async with self._lock:
@@ -186,19 +195,9 @@ def main(fd: int) -> None:
 
     config = json.loads(sys.stdin.read())
     providers: dict[str, str] = config["providers"]
-    conn = sqlite3.connect(config["path"], isolation_level=None)
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute(f"PRAGMA synchronous = {config['synchronous']}")
-    conn.execute(f"PRAGMA busy_timeout = {int(config['busy_timeout_ms'])}")
-    # The relay copies the WAL back into the database in the background; the writer
-    # checkpoints too once the WAL holds 2,000 pages (8 MiB), which then costs it little.
-    # Only a checkpoint by the one writer, between its own transactions, lets the WAL start
-    # over from its beginning: under writes that never pause, background checkpoints alone
-    # never catch up with the end of the log, and the WAL would grow without bound.
-    conn.execute("PRAGMA wal_autocheckpoint = 2000")
-    conn.execute("PRAGMA cache_size = -65536")  # 64 MiB: the indexes new events go into
+    link = Reconnecting(lambda: _connect(config))
     writer = BatchWriter(
-        conn,
+        link.conn,
         decoder(providers),
         config["turn_stall_seconds"],
         config["ready_timeout_seconds"],
@@ -218,15 +217,28 @@ def main(fd: int) -> None:
         results, commit = writer.write(records)
         return ("ok", [tuple(r) for r in results], *_plain(commit))
 
+    def run(op: str, argument: Any) -> tuple[Any, ...]:
+        if op == "write":
+            return write(argument)
+        if op == "alerts":
+            return ("ok", *_plain(writer.fire_due_alerts(argument)))
+        if op == "prune":
+            pruned = writer.prune(*argument)
+            return ("ok", (pruned.rows, pruned.full, pruned.sessions))
+        if op == "probe":
+            writer.probe()
+            return ("ok", None)
+        return ("error", "other", f"unknown request {op!r}")
+
     def answer(request: tuple[str, Any]) -> tuple[Any, ...]:
         op, argument = request
         try:
-            if op == "write":
-                return write(argument)
-            if op == "alerts":
-                return ("ok", *_plain(writer.fire_due_alerts(argument)))
-            return ("error", "other", f"unknown request {op!r}")
+            writer.conn = link.current()
+            reply = run(op, argument)
+            link.succeeded()
+            return reply
         except sqlite3.Error as exc:
+            link.failed(exc)
             return ("error", "sqlite", str(exc))
         except Exception as exc:
             return ("error", "other", f"{type(exc).__name__}: {exc}")
@@ -237,7 +249,22 @@ def main(fd: int) -> None:
             reply = pickle.dumps(answer(pickle.loads(stream.read(size))), pickle.HIGHEST_PROTOCOL)
             stream.write(_HEADER.pack(len(reply)) + reply)
             stream.flush()
-    conn.close()
+    link.close()
+
+
+def _connect(config: dict[str, Any]) -> sqlite3.Connection:
+    conn = sqlite3.connect(config["path"], isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(f"PRAGMA synchronous = {config['synchronous']}")
+    conn.execute(f"PRAGMA busy_timeout = {int(config['busy_timeout_ms'])}")
+    # The relay copies the WAL back into the database in the background; the writer
+    # checkpoints too once the WAL holds 2,000 pages (8 MiB), which then costs it little.
+    # Only a checkpoint by the one writer, between its own transactions, lets the WAL start
+    # over from its beginning: under writes that never pause, background checkpoints alone
+    # never catch up with the end of the log, and the WAL would grow without bound.
+    conn.execute("PRAGMA wal_autocheckpoint = 2000")
+    conn.execute("PRAGMA cache_size = -65536")  # 64 MiB: the indexes new events go into
+    return conn
 
 
 def _plain(commit: Commit) -> tuple[list[tuple[Any, ...]], dict[str, int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 from typing import Any
 
@@ -25,6 +26,7 @@ from relay.webhooks.store import DeliveryStore, SecretChanged
 
 DEFAULT_MAX_IN_FLIGHT = 10
 _ROTATION_TRIES = 5
+_HEX = frozenset("0123456789abcdef")
 _Globs = list[str]
 _URL_SCHEMA: dict[str, JsonValue] = {
     "format": "uri",
@@ -41,7 +43,32 @@ def _check_url(url: str) -> str:
         raise ValueError("must be an absolute http or https URL")
     if parsed.user is not None or parsed.password is not None:
         raise ValueError("must not carry credentials")
+    problem = numeric_host_problem(parsed.host)
+    if problem is not None:
+        raise ValueError(problem)
     return url
+
+
+def numeric_host_problem(host: str) -> str | None:
+    """Why a host that ends in a number is unusable: it must then be a dotted-quad IPv4.
+
+    Integer, octal, hex and shortened forms (`2130706433`, `0177.0.0.1`, `0x7f.1`,
+    `127.1`) are read differently by different resolvers, and no client connects to them.
+    """
+    last = host.split(".")[-1].lower()
+    numeric = last.isdigit() or (last.startswith("0x") and all(c in _HEX for c in last[2:]))
+    if not numeric or ":" in host:
+        return None
+    try:
+        canonical = str(ipaddress.IPv4Address(host))
+    except ValueError:
+        canonical = ""
+    if canonical == host:
+        return None
+    return (
+        f"host {host!r} ends in a number but is not an IPv4 address written as four"
+        " decimal numbers (like 192.0.2.1)"
+    )
 
 
 def _check_globs(values: _Globs | None) -> _Globs | None:
