@@ -100,6 +100,11 @@ class TurnCounts(_Shape):
     conflicts: int
 
 
+class ToolCalls(_Shape):
+    count: int = Field(description="Tool calls the turn made.")
+    running: list[str] = Field(description="Names of the tools running now.")
+
+
 class TurnState(_Shape):
     """One chat turn's derived status."""
 
@@ -113,7 +118,8 @@ class TurnState(_Shape):
     error: TurnError | None
     active_turn_id: str | None = Field(description="The turn that was active (conflicts only).")
     retry_after_seconds: float | None = Field(description="When to retry (conflicts only).")
-    updated_at: datetime
+    updated_at: datetime = Field(description="The turn's last activity.")
+    tool_calls: ToolCalls
     version: int = Field(description="Grows by one on every change of this turn.")
 
 
@@ -121,6 +127,7 @@ class SessionState(_Shape):
     """One session's derived readiness and turn status."""
 
     session_id: str
+    provider: str | None = Field(description="The provider of the session's sources.")
     readiness: Readiness
     runtime_reused: bool | None
     scope_activated: bool
