@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import orjson
 import structlog
@@ -15,10 +14,12 @@ from relay.api_models import IngestAnswer, ProviderEvent
 from relay.config import SourceSettings
 from relay.errors import ApiError
 from relay.metrics import Metrics
-from relay.normalize import NORMALISERS, InvalidEvent, Normaliser
+from relay.normalize import NORMALISERS, Normaliser, normalise_generic
+from relay.pipeline import Request, StoredFrames, ingest_body
+from relay.providers import Provider, build_provider
 from relay.routes import Reply, Route
-from relay.store import IngestRecord, Store, StoreUnavailable
-from relay.verify import VerificationError, Verifier, verify_signature
+from relay.store import Store
+from relay.verify import Verifier
 
 log = structlog.get_logger("relay.ingest")
 
@@ -33,10 +34,18 @@ class Source:
     id: str
     verifier: Verifier
     normalise: Normaliser
+    provider: Provider
+    header_prefix: str = "webhook-"
 
     @classmethod
     def from_settings(cls, settings: SourceSettings) -> Source:
-        return cls(settings.id, Verifier.from_settings(settings), NORMALISERS[settings.provider])
+        return cls(
+            settings.id,
+            Verifier.from_settings(settings),
+            NORMALISERS.get(settings.provider, normalise_generic),
+            build_provider(settings),
+            settings.header_prefix,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,27 +64,19 @@ async def ingest_event(
         raise ApiError(404, "UNKNOWN_SOURCE", f"no source is configured with id {source_id!r}")
     body = await _read_body(request, ctx.max_body_bytes)
     now = clock()  # received: the whole body is here
-    try:
-        verify_signature(source.verifier, body, request.headers, now)
-    except VerificationError as exc:
-        raise ApiError(401, exc.code, exc.message) from None
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise ApiError(400, "INVALID_JSON", "the body is not valid JSON") from None
-    if not isinstance(payload, dict):
-        raise ApiError(400, "INVALID_JSON", "the body must be a JSON object")
-    received_at = datetime.fromtimestamp(now, UTC)
-    try:
-        event = source.normalise(source.id, payload, received_at)
-    except InvalidEvent as exc:
-        raise ApiError(400, "INVALID_EVENT", str(exc)) from None
-    try:
-        result = await ctx.store.ingest(IngestRecord(event, body, received_at))
-    except StoreUnavailable as exc:
-        raise ApiError(503, "STORE_UNAVAILABLE", str(exc), {"Retry-After": "5"}) from None
-    answer = {"id": event.id, "seq": result.seq, "duplicate": result.duplicate}
-    status = 200 if result.duplicate else 202
+    session_id = request.query.get("session_id") or None
+    stored = await ingest_body(
+        ctx.store, source, Request(request.headers, body, request.content_type, session_id), now
+    )
+    if isinstance(stored, StoredFrames):
+        answer: dict[str, object] = {
+            "events": stored.events,
+            "stored": stored.stored,
+            "duplicates": stored.duplicates,
+        }
+        return web.Response(status=202, body=orjson.dumps(answer), headers=_JSON)
+    answer = {"id": stored.id, "seq": stored.seq, "duplicate": stored.duplicate}
+    status = 200 if stored.duplicate else 202
     return web.Response(status=status, body=orjson.dumps(answer), headers=_JSON)
 
 
