@@ -53,8 +53,8 @@ class Event:
     the provider-specific fields the state machine needs are lifted out of `data`.
     Tool events name their call (`tool_call_id`, `tool_name`); an activity event (text a
     turn streamed) only moves the turn's last activity. `provider` names the provider
-    that produced the event. Not `frozen`: a frozen dataclass's __init__ costs several times more, and one
-    Event is built for every ingest request.
+    that produced the event. Not `frozen`: a frozen dataclass's __init__ costs several
+    times more, and one Event is built for every ingest request.
     """
 
     source: str
