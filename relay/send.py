@@ -18,17 +18,24 @@ from relay.sign import sign_hmac_hex, sign_standard
 from relay.timefmt import format_time, utcnow
 
 
-def signed_headers(source: SourceSettings, body: bytes, now: int | None = None) -> dict[str, str]:
-    """The headers that make `body` pass `source`'s verification."""
+def signed_headers(
+    source: SourceSettings,
+    body: bytes,
+    now: int | None = None,
+    msg_id: str | None = None,
+    content_type: str = "application/json",
+) -> dict[str, str]:
+    """The headers that make `body` pass `source`'s verification; `msg_id` is the
+    request's id (for a forwarded stream, the stream's)."""
     now = int(time.time()) if now is None else now
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": content_type}
     secret = next(iter(source.secrets), "")
     match source.verify:
         case VerifyScheme.STANDARD_WEBHOOKS:
             secret = next((s for s in source.secrets if not s.startswith("whpk_")), "")
             if not secret:
                 raise ValueError(f"source {source.id!r} has no whsec_ secret to sign with")
-            msg_id = "msg_" + uuid.uuid4().hex
+            msg_id = msg_id or "msg_" + uuid.uuid4().hex
             prefix = source.header_prefix
             headers[prefix + "id"] = msg_id
             headers[prefix + "timestamp"] = str(now)

@@ -92,3 +92,16 @@ def observed(record: SessionRecord, want: dict[str, Any]) -> dict[str, Any]:
         got["turns"][turn_id] = {k: turn.get(k) for k in fields}
     got["turns"] = {**got["turns"], **{t: "?" for t in record.turns if t not in want["turns"]}}
     return got
+
+
+def observed_dict(
+    session: dict[str, Any], turns: dict[str, dict[str, Any]], want: dict[str, Any]
+) -> dict[str, Any]:
+    """`observed` for a session and its turns as the read API shows them."""
+    got: dict[str, Any] = {k: session[k] for k in want if k != "turns"}
+    got["turns"] = {
+        turn_id: {k: turns.get(turn_id, {}).get(k) for k in fields}
+        for turn_id, fields in want["turns"].items()
+    }
+    got["turns"] = {**got["turns"], **{t: "?" for t in turns if t not in want["turns"]}}
+    return got
