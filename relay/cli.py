@@ -16,6 +16,8 @@ import orjson
 from aiohttp import web
 
 from relay import __version__, auth
+from relay.cli_sources import add_commands as add_source_commands
+from relay.cli_sources import send_provider_demo
 from relay.config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings
 from relay.store import Store, open_store
 from relay.timefmt import format_time, utcnow
@@ -108,6 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--source", help="source id to send to (default: the first configured)")
     send.add_argument("--url", help="relay base URL (default: from server.host/port)")
     send.add_argument("--delay", type=float, default=None, help="seconds between events")
+    send.add_argument("--provider", help="with --demo: a demo of this provider's payloads")
+    add_source_commands(commands, _command)
     return parser
 
 
@@ -390,7 +394,13 @@ async def _tail(settings: Settings, args: argparse.Namespace) -> int:
 async def _send(settings: Settings, args: argparse.Namespace) -> int:
     from relay.send import demo_lifecycle, send_events
 
+    url = args.url or _base_url((settings.server.host, settings.server.port))
+    if args.demo and args.provider not in (None, "casedev", "generic"):
+        delay = 0.25 if args.delay is None else args.delay
+        return await send_provider_demo(settings, args, url, delay)
     sources = {s.id: s for s in settings.sources}
+    if args.provider:
+        sources = {k: s for k, s in sources.items() if s.provider == args.provider}
     source_id = args.source or next(iter(sources), None)
     if source_id is None:
         print(
@@ -409,7 +419,6 @@ async def _send(settings: Settings, args: argparse.Namespace) -> int:
         loaded = orjson.loads(args.file.read_bytes())
         events = loaded if isinstance(loaded, list) else [loaded]
         delay = args.delay or 0.0
-    url = args.url or _base_url((settings.server.host, settings.server.port))
     answers = await send_events(url, sources[source_id], events, delay)
     failed = 0
     for event, (status, answer) in zip(events, answers, strict=True):

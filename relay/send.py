@@ -14,6 +14,7 @@ import aiohttp
 import orjson
 
 from relay.config import SourceSettings, VerifyScheme
+from relay.providers.demo import DemoRequest
 from relay.sign import sign_hmac_hex, sign_standard
 from relay.timefmt import format_time, utcnow
 
@@ -125,5 +126,26 @@ async def send_events(
             body = orjson.dumps(event)
             target = f"{url.rstrip('/')}/v1/ingest/{source.id}"
             async with http.post(target, data=body, headers=signed_headers(source, body)) as resp:
+                answers.append((resp.status, orjson.loads(await resp.read())))
+    return answers
+
+
+async def send_requests(
+    url: str, source: SourceSettings, requests: Sequence[DemoRequest], delay: float = 0.0
+) -> list[tuple[int, dict[str, Any]]]:
+    """Post each request signed (its id, for a stream, is the stream's); return (status,
+    answer) per request."""
+    answers = []
+    timeout = aiohttp.ClientTimeout(total=30)
+    target = f"{url.rstrip('/')}/v1/ingest/{source.id}"
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        for index, request in enumerate(requests):
+            if index and delay:
+                await asyncio.sleep(delay)
+            headers = signed_headers(
+                source, request.body, msg_id=request.stream_id, content_type=request.content_type
+            )
+            params = {"session_id": request.session_id} if request.session_id else None
+            async with http.post(target, data=request.body, headers=headers, params=params) as resp:
                 answers.append((resp.status, orjson.loads(await resp.read())))
     return answers
