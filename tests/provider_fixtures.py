@@ -69,16 +69,20 @@ def expected(provider: str) -> dict[str, Any]:
 def stored_events(provider: str) -> list[Event]:
     """The fixture's canonical events as the store reads them back."""
     settings = source_settings(provider)
+    return [e for item in requests(provider) for e in request_events(settings, item)]
+
+
+def request_events(settings: SourceSettings, item: FixtureRequest) -> list[Event]:
+    """One request's canonical events as the store reads them back."""
     source = Source.from_settings(settings)
     decode = decoder({settings.id: settings.provider})
+    headers = {} if item.stream_id is None else {"webhook-id": item.stream_id}
+    request = Request(headers, item.body, item.content_type, item.session_id)
     events = []
-    for item in requests(provider):
-        headers = {} if item.stream_id is None else {"webhook-id": item.stream_id}
-        request = Request(headers, item.body, item.content_type, item.session_id)
-        for event in to_events(source, request, item.received_at):
-            single = item.content_type == "application/json" and provider in WEBHOOK_PROVIDERS
-            payload = item.body if single else encode(event)
-            events.append(decode(source.id, payload, format_time(item.received_at)))
+    for event in to_events(source, request, item.received_at):
+        single = item.content_type == "application/json" and settings.provider in WEBHOOK_PROVIDERS
+        payload = item.body if single else encode(event)
+        events.append(decode(source.id, payload, format_time(item.received_at)))
     return events
 
 
