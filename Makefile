@@ -33,7 +33,7 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 bench-ingest: dev
-	$(BIN)/python -m bench.ingest --no-request-log --thread-writer --ceiling
+	$(BIN)/python -m bench.ingest --no-request-log --thread-writer --ceiling --forward
 
 bench-longpoll: dev
 	$(BIN)/python -m bench.longpoll

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from relay.state import ChangeType, Readiness, SessionTurnStatus, TurnStatus
 
@@ -62,6 +62,19 @@ class IngestAnswer(_Shape):
     id: str = Field(description="The event's id, as the provider sent it.")
     seq: int = Field(description="The event's position in the relay's event log.")
     duplicate: bool = Field(description="True when this (source, event id) was stored before.")
+
+
+class ForwardAnswer(_Shape):
+    """The answer to frames: a forwarded stream, or a provider's payload that gives
+    several events (a Motus callback)."""
+
+    events: int = Field(description="Canonical events the frames gave.")
+    stored: int = Field(description="Of those, stored now.")
+    duplicates: int = Field(description="Of those, stored before (same source and event id).")
+
+
+class IngestAccepted(RootModel[IngestAnswer | ForwardAnswer]):
+    """One event stored (`id`, `seq`, `duplicate`), or frames stored (their counts)."""
 
 
 class ProviderEvent(BaseModel):

@@ -10,7 +10,7 @@ import orjson
 import structlog
 from aiohttp import web
 
-from relay.api_models import IngestAnswer, ProviderEvent
+from relay.api_models import IngestAccepted, IngestAnswer, ProviderEvent
 from relay.config import SourceSettings
 from relay.errors import ApiError
 from relay.metrics import Metrics
@@ -126,7 +126,10 @@ def route(ctx: IngestContext, clock: Callable[[], float]) -> Route:
         tag="ingest",
         body=ProviderEvent,
         replies={
-            202: Reply("Stored.", IngestAnswer),
+            202: Reply(
+                "Stored; frames (a forwarded stream, a provider's callback) answer with counts.",
+                IngestAccepted,
+            ),
             200: Reply("Stored before: the original `seq`, with `duplicate: true`.", IngestAnswer),
         },
         errors={
@@ -139,5 +142,11 @@ def route(ctx: IngestContext, clock: Callable[[], float]) -> Route:
         description="The signature is checked on the raw body as the source is configured: "
         "Standard Webhooks (`webhook-id`, `webhook-timestamp`, `webhook-signature`, or with the "
         "source's header prefix), HMAC-SHA256 in a header, or a bearer token. The answer comes "
-        "only after the event is committed.",
+        "only after the event is committed.\n\nForward: a body of `Content-Type: "
+        "text/event-stream` (the frames as received) or `application/x-ndjson` (one frame a "
+        'line, its data or `{"event", "id", "data"}`), signed over the whole body, is a '
+        "stream: the request's `{prefix}id` names it, a frame without its own id is event "
+        "`{stream id}:{frame index}`, frames that name no session take the `session_id` query "
+        "parameter. Its events are stored in one transaction; one malformed frame refuses the "
+        "request with 400 `INVALID_EVENT` naming the frame, and nothing is stored.",
     )
