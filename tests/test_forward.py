@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
-from relay.config import SourceSettings
+from relay.app import STORE
+from relay.changes import Commit
+from relay.config import SourceSettings, StoreSettings
+from relay.ingest import Source
+from relay.pipeline import Request, to_events
+from relay.providers.canonical import encode
 from relay.providers.frames import parse_frames
 from relay.send import signed_headers
+from relay.store import IngestRecord, open_store
 from tests.conftest import BEARER_TOKEN, SECRET, Relay, RelayFactory
 from tests.provider_fixtures import (
     PROVIDERS,
@@ -187,6 +196,7 @@ async def test_fixture_over_http_gives_expected_state(
     )
     turns = {t["turn_id"]: t for t in (await resp.json())["items"]}
     assert observed_dict(session, turns, want) == want
+    assert await relay.client.app[STORE].check_derived_state() == []
 
 
 async def test_motus_callbacks_with_the_token_are_turns(start_relay: RelayFactory) -> None:
@@ -221,3 +231,25 @@ async def test_motus_callback_without_the_token_is_refused(
     resp = await relay.client.post("/v1/ingest/motus", data=body, headers=headers)
     assert resp.status == 401
     assert await relay.events() == []
+
+
+@pytest.mark.parametrize("writer", ["process", "thread"])
+async def test_a_stream_is_one_transaction(tmp_path: Path, writer: str) -> None:
+    """A stream's events commit together, even when they outnumber a batch."""
+    settings = StoreSettings(url=f"sqlite:///{tmp_path}/one.db", writer=writer, batch_max=2)
+    store = open_store(settings, {"scriberr": "scriberr"})
+    commits: list[Commit] = []
+    store.add_commit_listener(commits.append)
+    await store.open()
+    try:
+        source = Source.from_settings(source_settings("scriberr"))
+        request = Request({"webhook-id": "req_1"}, SCRIBERR_RUN, SSE)
+        events = to_events(source, request, datetime.now(UTC))
+        records = [IngestRecord(e, encode(e), datetime.now(UTC)) for e in events]
+        singles = [store.ingest(r) for r in records[:1]]
+        results, *_ = await asyncio.gather(store.ingest_many(records[1:]), *singles)
+        assert [r.duplicate for r in results] == [False] * (len(records) - 1)
+    finally:
+        await store.close()
+    raw = [[c.type for c in commit.changes if c.type.startswith("raw.")] for commit in commits]
+    assert sorted(len(r) for r in raw if r) == [1, len(records) - 1]
