@@ -91,7 +91,7 @@ def to_events(source: Source, request: Request, received_at: datetime) -> list[E
         if not stream and source.provider.name in WEBHOOK_PROVIDERS:
             return [source.normalise(source.id, frames[0].data, received_at)]
         stream_id = request.headers.get(source.header_prefix + "id") or None
-        ctx = Context(source.id, received_at, stream_id, request.session_id, request.body)
+        ctx = Context(source.id, received_at, stream_id, request.session_id)
         return source.provider.events(frames, ctx)
     except InvalidEvent as exc:
         raise ApiError(400, "INVALID_EVENT", str(exc)) from None

@@ -36,7 +36,6 @@ class Context:
     received_at: datetime
     stream_id: str | None = None  # the request's `{prefix}id` header
     session_id: str | None = None  # the `session_id` query parameter
-    body: bytes = b""
 
 
 class Provider(Protocol):

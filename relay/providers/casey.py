@@ -53,7 +53,7 @@ class Casey:
                     out.add(frame, EventType.TURN_FAILED, session, turn, error=error)
                 elif kind == "done" and error is None:
                     out.add(frame, EventType.TURN_COMPLETED, session, turn)
-                elif kind in ("token", "widget", "sources"):
+                else:  # token, widget, sources, the `done` after an error, others
                     out.text(frame, session, turn)
         return [e if e.session_id else _with_session(e, session) for e in out.result()]
 

@@ -15,8 +15,6 @@ from relay.events import Event, EventType, TurnError, Usage
 from relay.normalize import InvalidEvent, optional_id, read_usage
 from relay.providers.base import Context, Events, Frame, at_frame, before, frame_id, frame_type
 
-_TEXT = {"text", "thinking", "text_delta", "thinking_delta"}
-
 
 class LlamaCloud:
     name = "llamacloud"
@@ -42,7 +40,7 @@ class LlamaCloud:
                     ended = kind == "tool_result"
                     tool_kind = EventType.TOOL_COMPLETED if ended else EventType.TOOL_STARTED
                     out.add(frame, tool_kind, session, turn, tool=(call, name))
-                elif kind in _TEXT:
+                else:  # text, thinking, their deltas, others
                     out.text(frame, session, turn)
         if opened is not None:
             _start(out, opened, session, turn, None)

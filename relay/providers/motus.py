@@ -3,13 +3,17 @@ trace_metrics: {trace_id, total_duration, total_tokens, has_error}}`, with a bea
 
 Motus gives no turn id but the trace id, and no times: the turn ends when the callback
 arrives and started `total_duration` seconds before. Without a trace id, the turn id is
-a hash of the body, so the same callback sent twice is the same turn.
+a hash of the callback (its JSON with sorted keys), so the same callback sent twice is
+the same turn.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orjson
 
 from relay.events import Event, EventType, TurnError, Usage
 from relay.normalize import InvalidEvent, optional_id, read_error
@@ -38,7 +42,7 @@ def _callback(out: Events, frame: Frame, ctx: Context) -> None:
     metrics = data.get("trace_metrics") or {}
     if not isinstance(metrics, dict):
         raise InvalidEvent("trace_metrics", "must be an object")
-    turn = optional_id(metrics, "trace_id") or "motus_" + hashlib.sha256(ctx.body).hexdigest()[:32]
+    turn = optional_id(metrics, "trace_id") or _stable_id(data)
     frame = Frame(frame.index, data, turn, frame.name)  # ids: `{turn id}:{what}`
     status = data.get("status")
     ended = out.time(frame)
@@ -77,3 +81,8 @@ def _callback(out: Events, frame: Frame, ctx: Context) -> None:
         out.add(
             frame, EventType.TURN_COMPLETED, session, turn, suffix=":ended", at=ended, usage=usage
         )
+
+
+def _stable_id(data: Mapping[str, Any]) -> str:
+    canonical = orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
+    return "motus_" + hashlib.sha256(canonical).hexdigest()[:32]
