@@ -52,9 +52,8 @@ def at_frame(frame: Frame) -> Iterator[None]:
     try:
         yield
     except InvalidEvent as exc:
-        raise InvalidEvent(
-            f"frame {frame.index}: {exc.field}", str(exc).partition(": ")[2]
-        ) from None
+        message = str(exc)[len(exc.field) + 2 :]  # InvalidEvent reads "{field}: {message}"
+        raise InvalidEvent(f"frame {frame.index}: {exc.field}", message) from None
 
 
 def frame_type(frame: Frame) -> str:

@@ -28,6 +28,8 @@ class LlamaCloud:
                 session = optional_id(frame.data, "session_id") or session
                 kind = frame_type(frame)
                 if kind == "user_input":
+                    if opened is not None:  # the turn before it never stopped
+                        _start(out, opened, session, turn, None)
                     turn, opened = frame_id(frame, ctx), frame
                 elif kind == "stop":
                     _stop(out, frame, session, turn, opened)
