@@ -36,7 +36,7 @@ soak: dev
 	$(BIN)/python -m pytest -q -m slow --soak
 
 bench-ingest: dev
-	$(BIN)/python -m bench.ingest --no-request-log --thread-writer --ceiling
+	$(BIN)/python -m bench.ingest --no-request-log --thread-writer --ceiling --forward
 
 bench-longpoll: dev
 	$(BIN)/python -m bench.longpoll

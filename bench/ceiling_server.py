@@ -34,6 +34,9 @@ class UnstoredIngest(SQLiteStore):
     async def ingest(self, record: IngestRecord) -> IngestResult:
         return IngestResult(next(self._seqs), False)
 
+    async def ingest_many(self, records: list[IngestRecord]) -> list[IngestResult]:
+        return [IngestResult(next(self._seqs), False) for _ in records]
+
 
 def _open_store(
     settings: StoreSettings,

@@ -8,6 +8,7 @@ default). Prints requests/s, p50/p99 latency and the ratio relay / bare. Needs `
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import re
 import socket
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import orjson
 
+from bench import forward
 from relay.sign import sign_standard
 from relay.webhooks.secrets import new_webhook_secret
 
@@ -207,7 +209,7 @@ id = "casedev"
 provider = "casedev"
 secrets = ["{SECRET}"]
 tolerance_seconds = 3600
-"""
+{forward.SOURCE_TOML}"""
     )
     return config
 
@@ -235,7 +237,15 @@ def main() -> None:
         action="store_true",
         help="also run a relay with store.writer = thread (no writer process)",
     )
+    parser.add_argument(
+        "--forward",
+        action="store_true",
+        help="also forward 200-frame SSE streams to the relay (bench/forward.py)",
+    )
+    parser.add_argument("--smoke", action="store_true", help="one short round, to try it out")
     args = parser.parse_args()
+    if args.smoke:
+        args.rounds, args.duration, args.warmup, args.per_round = 1, 1, 1, 2000
 
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
         work = Path(tmp)
@@ -274,6 +284,13 @@ def main() -> None:
                     )
                 figures = "  ".join(f"{s.name}: {s.rounds[-1].rps:.0f}/s" for s in servers)
                 print(f"round {round_number}: {figures}", flush=True)
+            streamed = None
+            if args.forward:
+                streams = forward.signed_requests(200 if args.smoke else 5000)
+                seconds = args.duration * args.rounds
+                streamed = asyncio.run(
+                    forward.measure(servers[1].url, streams, seconds, args.connections // 4 or 1)
+                )
         finally:
             for server in servers:
                 server.stop()
@@ -295,6 +312,8 @@ def main() -> None:
         print(f"{r.name:<26} {figures} {r.rps / base.rps:>6.2f}")
     for name, count in stored.items():
         print(f"{name}: {count} events stored")
+    if streamed is not None:
+        print(f"\n{streamed.row()}  (relay, {args.connections // 4 or 1} connections)")
     relay = results[1]
     ok = relay.rps / base.rps >= 0.6 and relay.p99_ms <= 25
     print(f"\ntarget ratio >= 0.60 and p99 <= 25 ms: {'met' if ok else 'NOT met'}")

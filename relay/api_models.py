@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from relay.state import ChangeType, Readiness, SessionTurnStatus, TurnStatus
 
@@ -64,6 +64,19 @@ class IngestAnswer(_Shape):
     duplicate: bool = Field(description="True when this (source, event id) was stored before.")
 
 
+class ForwardAnswer(_Shape):
+    """The answer to frames: a forwarded stream, or a provider's payload that gives
+    several events (a Motus callback)."""
+
+    events: int = Field(description="Canonical events the frames gave.")
+    stored: int = Field(description="Of those, stored now.")
+    duplicates: int = Field(description="Of those, stored before (same source and event id).")
+
+
+class IngestAccepted(RootModel[IngestAnswer | ForwardAnswer]):
+    """One event stored (`id`, `seq`, `duplicate`), or frames stored (their counts)."""
+
+
 class ProviderEvent(BaseModel):
     """A provider's event as it sends it; Case.dev's envelope is shown, other fields pass."""
 
@@ -100,6 +113,11 @@ class TurnCounts(_Shape):
     conflicts: int
 
 
+class ToolCalls(_Shape):
+    count: int = Field(description="Tool calls the turn made.")
+    running: list[str] = Field(description="Names of the tools running now.")
+
+
 class TurnState(_Shape):
     """One chat turn's derived status."""
 
@@ -113,7 +131,8 @@ class TurnState(_Shape):
     error: TurnError | None
     active_turn_id: str | None = Field(description="The turn that was active (conflicts only).")
     retry_after_seconds: float | None = Field(description="When to retry (conflicts only).")
-    updated_at: datetime
+    updated_at: datetime = Field(description="The turn's last activity.")
+    tool_calls: ToolCalls
     version: int = Field(description="Grows by one on every change of this turn.")
 
 
@@ -121,6 +140,7 @@ class SessionState(_Shape):
     """One session's derived readiness and turn status."""
 
     session_id: str
+    provider: str | None = Field(description="The provider of the session's sources.")
     readiness: Readiness
     runtime_reused: bool | None
     scope_activated: bool

@@ -20,11 +20,12 @@ from relay.config import Settings
 from relay.dashboard import routes as dashboard_routes
 from relay.errors import ApiError, error_response, json_response
 from relay.hub import Hub, InProcessHub
-from relay.ingest import STORE_UNAVAILABLE_MESSAGE, IngestContext, Source
+from relay.ingest import IngestContext, Source
 from relay.ingest import route as ingest_route
 from relay.logs import request_line_writer
 from relay.metrics import Metrics
 from relay.openapi import openapi_handler
+from relay.pipeline import STORE_UNAVAILABLE_MESSAGE
 from relay.read_api import routes as read_routes
 from relay.routes import Handler, Reply, Route, add_routes
 from relay.sse import routes as stream_routes

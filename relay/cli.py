@@ -17,6 +17,8 @@ import orjson
 from aiohttp import web
 
 from relay import __version__, auth
+from relay.cli_sources import add_commands as add_source_commands
+from relay.cli_sources import send_provider_demo
 from relay.config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings
 from relay.store import Store, open_store
 from relay.timefmt import format_time, utcnow
@@ -153,6 +155,8 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--source", help="source id to send to (default: the first configured)")
     send.add_argument("--url", help="relay base URL (default: from server.host/port)")
     send.add_argument("--delay", type=float, default=None, help="seconds between events")
+    send.add_argument("--provider", help="with --demo: a demo of this provider's payloads")
+    add_source_commands(commands, _command)
     return parser
 
 
@@ -533,6 +537,13 @@ def _load_events(path: Path) -> list[dict[str, Any]]:
     return events
 
 
+def _unreachable(url: str, exc: BaseException) -> str:
+    return (
+        f"cannot reach a relay at {url} ({exc.__class__.__name__}): start it with"
+        " `relay serve`, or give its address with --url"
+    )
+
+
 async def _send(settings: Settings, args: argparse.Namespace) -> int:
     from relay.send import demo_lifecycle, send_events
     from relay.source_secrets import SourceSecretsError, needs_secret, stored_settings
@@ -542,7 +553,16 @@ async def _send(settings: Settings, args: argparse.Namespace) -> int:
     except SourceSecretsError as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return 1
+    url = args.url or _base_url((settings.server.host, settings.server.port))
+    if args.demo and args.provider not in (None, "casedev", "generic"):
+        delay = 0.25 if args.delay is None else args.delay
+        try:
+            return await send_provider_demo(settings, args, url, delay)
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            raise CliError(_unreachable(url, exc)) from None
     sources = {s.id: s for s in settings.sources}
+    if args.provider:
+        sources = {k: s for k, s in sources.items() if s.provider == args.provider}
     source_id = args.source or next(iter(sources), None)
     if source_id is None:
         print(
@@ -568,14 +588,10 @@ async def _send(settings: Settings, args: argparse.Namespace) -> int:
     else:
         events = _load_events(args.file)
         delay = args.delay or 0.0
-    url = args.url or _base_url((settings.server.host, settings.server.port))
     try:
         answers = await send_events(url, sources[source_id], events, delay)
     except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-        raise CliError(
-            f"cannot reach a relay at {url} ({exc.__class__.__name__}): start it with"
-            " `relay serve`, or give its address with --url"
-        ) from None
+        raise CliError(_unreachable(url, exc)) from None
     failed = 0
     for event, (status, answer) in zip(events, answers, strict=True):
         failed += status >= 300

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from relay.errors import field_problem
+from relay.providers.mapping import MappingSettings
 
 DEFAULT_CONFIG_PATH = Path("config/relay.toml")
 
@@ -80,7 +81,10 @@ class AuthSettings(_Section):
 
 class SourceSettings(_Section):
     id: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
-    provider: Literal["casedev", "generic"] = "generic"
+    provider: Literal[
+        "casedev", "generic", "motus", "llamacloud", "scriberr", "casey", "mapping"
+    ] = "generic"
+    mapping: MappingSettings | None = None  # provider "mapping": where each field is
     verify: VerifyScheme = VerifyScheme.STANDARD_WEBHOOKS
     header_prefix: str = "webhook-"
     secrets: tuple[str, ...] = ()
@@ -93,6 +97,14 @@ class SourceSettings(_Section):
     @classmethod
     def _resolve_secrets(cls, secrets: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(resolve_secret(s) for s in secrets)
+
+    @model_validator(mode="after")
+    def _mapping_fits_provider(self) -> SourceSettings:
+        if self.provider == "mapping" and self.mapping is None:
+            raise ValueError('provider = "mapping" needs a [sources.mapping] table')
+        if self.provider != "mapping" and self.mapping is not None:
+            raise ValueError('[sources.mapping] is only read with provider = "mapping"')
+        return self
 
     @model_validator(mode="after")
     def _secrets_fit_scheme(self) -> SourceSettings:

@@ -21,6 +21,9 @@ class EventType(StrEnum):
     TURN_COMPLETED = "agent.chat.turn.completed"
     TURN_FAILED = "agent.chat.turn.failed"
     TURN_CONFLICT = "agent.chat.turn.conflict"
+    TOOL_STARTED = "agent.chat.turn.tool.started"
+    TOOL_COMPLETED = "agent.chat.turn.tool.completed"
+    TURN_ACTIVITY = "agent.chat.turn.activity"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,8 +51,10 @@ class Event:
 
     `occurred_at` is when the provider says it happened (timezone-aware UTC);
     the provider-specific fields the state machine needs are lifted out of `data`.
-    Not `frozen`: a frozen dataclass's __init__ costs several times more, and one
-    Event is built for every ingest request.
+    Tool events name their call (`tool_call_id`, `tool_name`); an activity event (text a
+    turn streamed) only moves the turn's last activity. `provider` names the provider
+    that produced the event. Not `frozen`: a frozen dataclass's __init__ costs several
+    times more, and one Event is built for every ingest request.
     """
 
     source: str
@@ -63,3 +68,6 @@ class Event:
     error: TurnError | None = None
     active_turn_id: str | None = None
     retry_after_seconds: float | None = None
+    tool_call_id: str | None = None
+    tool_name: str | None = None
+    provider: str | None = None

@@ -5,29 +5,26 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any
 
 import orjson
 import structlog
 from aiohttp import web
 
-from relay.api_models import IngestAnswer, ProviderEvent
+from relay.api_models import IngestAccepted, IngestAnswer, ProviderEvent
 from relay.config import SourceSettings
 from relay.errors import ApiError
 from relay.logs import RepeatedWarnings
 from relay.metrics import Metrics
-from relay.normalize import NORMALISERS, InvalidEvent, Normaliser
+from relay.normalize import NORMALISERS, Normaliser, normalise_generic
+from relay.pipeline import Request, StoredFrames, ingest_body
+from relay.providers import Provider, build_provider
 from relay.routes import Reply, Route
-from relay.store import IngestRecord, Store, StoreUnavailable
-from relay.verify import VerificationError, Verifier, verify_signature
+from relay.store import Store
+from relay.verify import Verifier
 
 log = structlog.get_logger("relay.ingest")
 
 UNKNOWN_SOURCE_LABEL = "(unknown)"
-# Deeper JSON could not be encoded again (orjson stops at 255 levels): refused up front.
-MAX_NESTING = 200
-STORE_UNAVAILABLE_MESSAGE = "the store cannot take writes right now; retry later"
 _JSON = {"Content-Type": "application/json"}
 
 
@@ -38,10 +35,18 @@ class Source:
     id: str
     verifier: Verifier
     normalise: Normaliser
+    provider: Provider
+    header_prefix: str = "webhook-"
 
     @classmethod
     def from_settings(cls, settings: SourceSettings) -> Source:
-        return cls(settings.id, Verifier.from_settings(settings), NORMALISERS[settings.provider])
+        return cls(
+            settings.id,
+            Verifier.from_settings(settings),
+            NORMALISERS.get(settings.provider, normalise_generic),
+            build_provider(settings),
+            settings.header_prefix,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,52 +66,20 @@ async def ingest_event(
         raise ApiError(404, "UNKNOWN_SOURCE", f"no source is configured with id {source_id!r}")
     body = await _read_body(request, ctx.max_body_bytes)
     now = clock()  # received: the whole body is here
-    try:
-        verify_signature(source.verifier, body, request.headers, now)
-    except VerificationError as exc:
-        raise ApiError(401, exc.code, exc.message) from None
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise ApiError(400, "INVALID_JSON", "the body is not valid JSON") from None
-    if not isinstance(payload, dict):
-        raise ApiError(400, "INVALID_JSON", "the body must be a JSON object")
-    if nested_deeper_than(body, payload, MAX_NESTING):
-        raise ApiError(400, "INVALID_JSON", f"the body is nested deeper than {MAX_NESTING} levels")
-    received_at = datetime.fromtimestamp(now, UTC)
-    try:
-        event = source.normalise(source.id, payload, received_at)
-    except InvalidEvent as exc:
-        raise ApiError(400, "INVALID_EVENT", str(exc)) from None
-    try:
-        result = await ctx.store.ingest(IngestRecord(event, body, received_at))
-    except StoreUnavailable as exc:
-        held_back = ctx.repeated_warnings.admit("ingest.store_unavailable")
-        if held_back is not None:
-            log.warning("ingest.store_unavailable", error=str(exc), repeats_not_logged=held_back)
-        raise ApiError(
-            503, "STORE_UNAVAILABLE", STORE_UNAVAILABLE_MESSAGE, {"Retry-After": "5"}
-        ) from None
-    answer = {"id": event.id, "seq": result.seq, "duplicate": result.duplicate}
-    status = 200 if result.duplicate else 202
+    session_id = request.query.get("session_id") or None
+    stored = await ingest_body(
+        ctx.store, source, Request(request.headers, body, request.content_type, session_id), now
+    )
+    if isinstance(stored, StoredFrames):
+        answer: dict[str, object] = {
+            "events": stored.events,
+            "stored": stored.stored,
+            "duplicates": stored.duplicates,
+        }
+        return web.Response(status=202, body=orjson.dumps(answer), headers=_JSON)
+    answer = {"id": stored.id, "seq": stored.seq, "duplicate": stored.duplicate}
+    status = 200 if stored.duplicate else 202
     return web.Response(status=status, body=orjson.dumps(answer), headers=_JSON)
-
-
-def nested_deeper_than(body: bytes, payload: dict[str, Any], limit: int) -> bool:
-    """Whether parsed JSON nests objects and arrays more than `limit` levels deep.
-
-    A body with no more brackets than `limit` cannot, which spares the walk most bodies.
-    """
-    if body.count(b"{") + body.count(b"[") <= limit:
-        return False
-    stack: list[tuple[dict[str, Any] | list[Any], int]] = [(payload, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if depth > limit:
-            return True
-        children = value.values() if isinstance(value, dict) else value
-        stack += ((c, depth + 1) for c in children if isinstance(c, (dict, list)))
-    return False
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
@@ -136,7 +109,16 @@ def make_ingest_handler(
             response = await ingest_event(ctx, source_id, request, clock)
         except ApiError as exc:
             record(label, exc.code)
-            log.warning("ingest.rejected", source=source_id, code=exc.code, reason=exc.message)
+            if exc.code == "STORE_UNAVAILABLE":
+                held_back = ctx.repeated_warnings.admit("ingest.store_unavailable")
+                if held_back is not None:
+                    log.warning(
+                        "ingest.store_unavailable",
+                        error=str(exc.__cause__),
+                        repeats_not_logged=held_back,
+                    )
+            else:
+                log.warning("ingest.rejected", source=source_id, code=exc.code, reason=exc.message)
             raise
         outcome = "duplicate" if response.status == 200 else "stored"
         record(label, outcome, time.perf_counter() - started)
@@ -155,7 +137,10 @@ def route(ctx: IngestContext, clock: Callable[[], float]) -> Route:
         tag="ingest",
         body=ProviderEvent,
         replies={
-            202: Reply("Stored.", IngestAnswer),
+            202: Reply(
+                "Stored; frames (a forwarded stream, a provider's callback) answer with counts.",
+                IngestAccepted,
+            ),
             200: Reply("Stored before: the original `seq`, with `duplicate: true`.", IngestAnswer),
         },
         errors={
@@ -168,5 +153,11 @@ def route(ctx: IngestContext, clock: Callable[[], float]) -> Route:
         description="The signature is checked on the raw body as the source is configured: "
         "Standard Webhooks (`webhook-id`, `webhook-timestamp`, `webhook-signature`, or with the "
         "source's header prefix), HMAC-SHA256 in a header, or a bearer token. The answer comes "
-        "only after the event is committed.",
+        "only after the event is committed.\n\nForward: a body of `Content-Type: "
+        "text/event-stream` (the frames as received) or `application/x-ndjson` (one frame a "
+        'line, its data or `{"event", "id", "data"}`), signed over the whole body, is a '
+        "stream: the request's `{prefix}id` names it, a frame without its own id is event "
+        "`{stream id}:{frame index}`, frames that name no session take the `session_id` query "
+        "parameter. Its events are stored in one transaction; one malformed frame refuses the "
+        "request with 400 `INVALID_EVENT` naming the frame, and nothing is stored.",
     )

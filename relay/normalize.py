@@ -71,6 +71,7 @@ def normalise_casedev(source: str, body: Mapping[str, Any], received_at: datetim
         None if error is None else _error(error),
         active_turn_id,
         retry_after,
+        provider="casedev",
     )
 
 
@@ -79,14 +80,31 @@ def _is_id(value: object) -> TypeGuard[str]:
 
 
 def normalise_generic(source: str, body: Mapping[str, Any], received_at: datetime) -> Event:
-    """Already-canonical JSON: `{id, type, occurred_at, session_id, turn_id, data}`."""
+    """Already-canonical JSON: `{id, type, occurred_at, session_id, turn_id, provider,
+    data}`; `data` may name a tool call (`tool_call_id`, `tool_name`). Events a provider
+    minted are stored in this form."""
     event = normalise_casedev(source, body, received_at)
-    turn_id = _optional_id(body, "turn_id")
-    return event if turn_id is None else replace(event, turn_id=turn_id)
+    data = event.data or {}
+    return replace(
+        event,
+        turn_id=_optional_id(body, "turn_id") or event.turn_id,
+        tool_call_id=_optional_id(data, "tool_call_id"),
+        tool_name=_optional_id(data, "tool_name"),
+        provider=_optional_id(body, "provider") or "generic",
+    )
+
+
+def normalise_casedev_or_canonical(
+    source: str, body: Mapping[str, Any], received_at: datetime
+) -> Event:
+    """A Case.dev webhook, or one of its stream frames stored in canonical form."""
+    if "provider" in body:
+        return normalise_generic(source, body, received_at)
+    return normalise_casedev(source, body, received_at)
 
 
 NORMALISERS: Mapping[str, Normaliser] = MappingProxyType(
-    {"casedev": normalise_casedev, "generic": normalise_generic}
+    {"casedev": normalise_casedev_or_canonical, "generic": normalise_generic}
 )
 
 
@@ -94,7 +112,10 @@ def normaliser_lookup(providers: Mapping[str, str]) -> Callable[[str], Normalise
     """Source id -> its provider's normaliser (`providers` maps ids to provider names); a
     source no longer configured is read with the casedev normaliser, which reads canonical
     events too."""
-    normalisers = {source: NORMALISERS[provider] for source, provider in providers.items()}
+    normalisers = {
+        source: NORMALISERS.get(provider, normalise_generic)  # the others store canonical events
+        for source, provider in providers.items()
+    }
     return lambda source: normalisers.get(source, normalise_casedev)
 
 
@@ -234,3 +255,10 @@ def _error(error: Any) -> TurnError | None:
             code=str(code) if code is not None else None,
         )
     raise InvalidEvent("error", "must be a string or an object {message, code}")
+
+
+# The helpers providers share to read their frames.
+read_time = _timestamp
+read_usage = _usage
+read_error = _error
+optional_id = _optional_id

@@ -14,21 +14,29 @@ import aiohttp
 import orjson
 
 from relay.config import SourceSettings, VerifyScheme
+from relay.providers.demo import DemoRequest
 from relay.sign import sign_hmac_hex, sign_standard
 from relay.timefmt import format_time, utcnow
 
 
-def signed_headers(source: SourceSettings, body: bytes, now: int | None = None) -> dict[str, str]:
-    """The headers that make `body` pass `source`'s verification."""
+def signed_headers(
+    source: SourceSettings,
+    body: bytes,
+    now: int | None = None,
+    msg_id: str | None = None,
+    content_type: str = "application/json",
+) -> dict[str, str]:
+    """The headers that make `body` pass `source`'s verification; `msg_id` is the
+    request's id (for a forwarded stream, the stream's)."""
     now = int(time.time()) if now is None else now
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": content_type}
     secret = next(iter(source.secrets), "")
     match source.verify:
         case VerifyScheme.STANDARD_WEBHOOKS:
             secret = next((s for s in source.secrets if not s.startswith("whpk_")), "")
             if not secret:
                 raise ValueError(f"source {source.id!r} has no whsec_ secret to sign with")
-            msg_id = "msg_" + uuid.uuid4().hex
+            msg_id = msg_id or "msg_" + uuid.uuid4().hex
             prefix = source.header_prefix
             headers[prefix + "id"] = msg_id
             headers[prefix + "timestamp"] = str(now)
@@ -120,6 +128,27 @@ async def send_events(
             body = orjson.dumps(event)
             target = f"{url.rstrip('/')}/v1/ingest/{source.id}"
             async with http.post(target, data=body, headers=signed_headers(source, body)) as resp:
+                answers.append((resp.status, _answer(await resp.read())))
+    return answers
+
+
+async def send_requests(
+    url: str, source: SourceSettings, requests: Sequence[DemoRequest], delay: float = 0.0
+) -> list[tuple[int, dict[str, Any]]]:
+    """Post each request signed (its id, for a stream, is the stream's); return (status,
+    answer) per request."""
+    answers = []
+    timeout = aiohttp.ClientTimeout(total=30)
+    target = f"{url.rstrip('/')}/v1/ingest/{source.id}"
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        for index, request in enumerate(requests):
+            if index and delay:
+                await asyncio.sleep(delay)
+            headers = signed_headers(
+                source, request.body, msg_id=request.stream_id, content_type=request.content_type
+            )
+            params = {"session_id": request.session_id} if request.session_id else None
+            async with http.post(target, data=request.body, headers=headers, params=params) as resp:
                 answers.append((resp.status, _answer(await resp.read())))
     return answers
 

@@ -10,7 +10,10 @@
 # wins over anything else, and between two terminals the newer wins, a tie in
 # `occurred_at` goes to `failed`, then the larger (event id, source). A `conflict` is
 # not terminal: the newer of the newest conflict and the newest start decides (a tie
-# goes to `conflict`), so a turn id retried after a conflict can run again.
+# goes to `conflict`), so a turn id retried after a conflict can run again. Tool calls
+# are sets of (call id, tool name), started and ended ones; a call runs while it is
+# started and not ended and its turn is `running`. Activity events (text a turn
+# streamed) and tool events move only the turn's `updated_at`, its last activity.
 #
 # Nothing here depends on arrival order. Each event only ever joins into `Facts`:
 # every fact is "the newest (or oldest) event of a kind", chosen by a total order on
@@ -48,7 +51,14 @@ from relay.timefmt import format_time
 
 _RUNTIME = {EventType.RUNTIME_REUSED, EventType.RUNTIME_STARTED}
 _TERMINAL = {EventType.TURN_COMPLETED, EventType.TURN_FAILED}
-_TURN = {EventType.TURN_STARTED, EventType.TURN_CONFLICT, *_TERMINAL}
+_TOOL = {EventType.TOOL_STARTED, EventType.TOOL_COMPLETED}
+_TURN = {
+    EventType.TURN_STARTED,
+    EventType.TURN_CONFLICT,
+    *_TERMINAL,
+    *_TOOL,
+    EventType.TURN_ACTIVITY,
+}
 _KNOWN = set(EventType)
 _MS = timedelta(milliseconds=1)
 
@@ -124,6 +134,9 @@ class TurnFacts:
     conflict: Event | None = None
     terminal: Event | None = None
     usage: Event | None = None
+    latest: Event | None = None
+    tools_started: frozenset[tuple[str, str]] = frozenset()
+    tools_ended: frozenset[tuple[str, str]] = frozenset()
 
     def merge(self, event: Event) -> TurnFacts:
         """The joined facts; `self` itself when the event adds nothing."""
@@ -132,14 +145,25 @@ class TurnFacts:
         conflict = _newest(self.conflict, event, kind == EventType.TURN_CONFLICT)
         terminal = _newest(self.terminal, event, kind in _TERMINAL, _terminal_key)
         usage = _newest(self.usage, event, event.usage is not None)
+        latest = _newest(self.latest, event, True)
+        tools_started, tools_ended = self.tools_started, self.tools_ended
+        if kind in _TOOL and event.tool_call_id is not None:
+            call = (event.tool_call_id, event.tool_name or "")
+            if kind == EventType.TOOL_STARTED and call not in tools_started:
+                tools_started = tools_started | {call}
+            elif kind == EventType.TOOL_COMPLETED and call not in tools_ended:
+                tools_ended = tools_ended | {call}
         if (
             started is self.started
             and conflict is self.conflict
             and terminal is self.terminal
             and usage is self.usage
+            and latest is self.latest
+            and tools_started is self.tools_started
+            and tools_ended is self.tools_ended
         ):
             return self
-        return TurnFacts(started, conflict, terminal, usage)
+        return TurnFacts(started, conflict, terminal, usage, latest, tools_started, tools_ended)
 
 
 _NO_TURN_FACTS = TurnFacts()
@@ -158,6 +182,7 @@ class Facts:
     first_ready: Event | None = None
     last_ready: Event | None = None
     turns: Mapping[str, TurnFacts] = field(default_factory=dict)
+    providers: frozenset[str] = frozenset()
 
     def merge(self, event: Event) -> Facts:
         """The joined facts; `self` itself when the event adds nothing.
@@ -179,6 +204,9 @@ class Facts:
         scope = _newest(self.scope, event, kind == EventType.SCOPE_ACTIVATED)
         first_ready = _oldest(self.first_ready, event, ready)
         last_ready = _newest(self.last_ready, event, ready)
+        providers = self.providers
+        if event.provider is not None and event.provider not in providers:
+            providers = providers | {event.provider}
         if (
             turns is self.turns
             and first_event_at is self.first_event_at
@@ -188,6 +216,7 @@ class Facts:
             and scope is self.scope
             and first_ready is self.first_ready
             and last_ready is self.last_ready
+            and providers is self.providers
         ):
             return self
         return Facts(
@@ -200,6 +229,7 @@ class Facts:
             first_ready,
             last_ready,
             turns,
+            providers,
         )
 
 
@@ -216,6 +246,8 @@ class TurnState:
     active_turn_id: str | None
     retry_after_seconds: float | None
     updated_at: datetime
+    tool_calls: int
+    tools_running: tuple[str, ...]
     version: int = field(compare=False)  # equal snapshots are equal at any version
 
     def to_dict(self) -> dict[str, Any]:
@@ -233,6 +265,7 @@ class TurnState:
             "active_turn_id": self.active_turn_id,
             "retry_after_seconds": self.retry_after_seconds,
             "updated_at": format_time(self.updated_at),
+            "tool_calls": {"count": self.tool_calls, "running": list(self.tools_running)},
             "version": self.version,
         }
 
@@ -248,6 +281,7 @@ class TurnCounts:
 @dataclass(frozen=True, slots=True)
 class SessionState:
     session_id: str
+    provider: str | None
     readiness: Readiness
     runtime_reused: bool | None
     scope_activated: bool
@@ -268,6 +302,7 @@ class SessionState:
         counts = self.counts
         return {
             "session_id": self.session_id,
+            "provider": self.provider,
             "readiness": self.readiness.value,
             "runtime_reused": self.runtime_reused,
             "scope_activated": self.scope_activated,
@@ -370,7 +405,13 @@ def _project_turn(session_id: str, turn_id: str, facts: TurnFacts, version: int)
     if started_at is not None and ended_at is not None:
         duration = max(0, (ended_at - started_at) // _MS)
     shown = conflict if status == TurnStatus.CONFLICT else None
-    events = [e for e in (started, conflict, terminal, facts.usage) if e is not None]
+    events = [e for e in (started, conflict, terminal, facts.usage, facts.latest) if e]
+    ended = {call_id for call_id, _ in facts.tools_ended}
+    running: dict[str, str] = {}
+    if status == TurnStatus.RUNNING:
+        for call_id, name in sorted(facts.tools_started):
+            if call_id not in ended:
+                running.setdefault(call_id, name)
     return TurnState(
         session_id=session_id,
         turn_id=turn_id,
@@ -383,6 +424,8 @@ def _project_turn(session_id: str, turn_id: str, facts: TurnFacts, version: int)
         active_turn_id=None if shown is None else shown.active_turn_id,
         retry_after_seconds=None if shown is None else shown.retry_after_seconds,
         updated_at=max(e.occurred_at for e in events),
+        tool_calls=len({call_id for call_id, _ in facts.tools_started} | ended),
+        tools_running=tuple(running.values()),
         version=version,
     )
 
@@ -405,6 +448,7 @@ def _project_session(
     )
     return SessionState(
         session_id=facts.session_id,
+        provider=",".join(sorted(facts.providers)) or None,
         readiness=Readiness.READY if ready else Readiness.PROVISIONING,
         runtime_reused=(
             None if facts.runtime is None else facts.runtime.type == EventType.RUNTIME_REUSED
@@ -512,10 +556,13 @@ class SessionRecord:
             "first_event_at": f.first_event_at.isoformat(),
             "last_event_at": f.last_event_at.isoformat(),
             **{k: _event_to_json(getattr(f, k)) for k in _SESSION_SLOTS},
+            "providers": sorted(f.providers),
             "turns": {
                 turn_id: {
                     "version": self.turns[turn_id].version,
                     **{k: _event_to_json(getattr(t, k)) for k in _TURN_SLOTS},
+                    "tools_started": sorted(t.tools_started),
+                    "tools_ended": sorted(t.tools_ended),
                 }
                 for turn_id, t in f.turns.items()
             },
@@ -532,9 +579,14 @@ class SessionRecord:
             last_event_at=datetime.fromisoformat(data["last_event_at"]),
             **{k: _event_from_json(data[k], sid) for k in _SESSION_SLOTS},
             turns={
-                turn_id: TurnFacts(**{k: _event_from_json(t[k], sid) for k in _TURN_SLOTS})
+                turn_id: TurnFacts(
+                    **{k: _event_from_json(t.get(k), sid) for k in _TURN_SLOTS},
+                    tools_started=_calls(t.get("tools_started")),
+                    tools_ended=_calls(t.get("tools_ended")),
+                )
                 for turn_id, t in data["turns"].items()
             },
+            providers=frozenset(data.get("providers", ())),
         )
         turns = {
             turn_id: _project_turn(sid, turn_id, t, data["turns"][turn_id]["version"])
@@ -545,14 +597,23 @@ class SessionRecord:
 
 
 _SESSION_SLOTS = ("created", "runtime", "scope", "first_ready", "last_ready")
-_TURN_SLOTS = ("started", "conflict", "terminal", "usage")
+_TURN_SLOTS = ("started", "conflict", "terminal", "usage", "latest")
 _EVENT_FIELDS = ("source", "id", "type", "turn_id", "active_turn_id", "retry_after_seconds")
+_EVENT_EXTRA = ("tool_call_id", "tool_name", "provider")  # absent from older records
+
+
+def _calls(pairs: Any) -> frozenset[tuple[str, str]]:
+    return frozenset((call_id, name) for call_id, name in pairs or ())
 
 
 def _event_to_json(event: Event | None) -> dict[str, Any] | None:
     if event is None:
         return None
-    data = {f.name: getattr(event, f.name) for f in fields(event) if f.name in _EVENT_FIELDS}
+    data = {
+        f.name: getattr(event, f.name)
+        for f in fields(event)
+        if f.name in _EVENT_FIELDS or f.name in _EVENT_EXTRA
+    }
     data["occurred_at"] = event.occurred_at.isoformat()
     data["usage"] = None if event.usage is None else asdict(event.usage)
     data["error"] = None if event.error is None else asdict(event.error)
@@ -563,8 +624,9 @@ def _event_from_json(data: Mapping[str, Any] | None, session_id: str) -> Event |
     if data is None:
         return None
     usage, error = data["usage"], data["error"]
+    named: dict[str, Any] = {name: data.get(name) for name in (*_EVENT_FIELDS, *_EVENT_EXTRA)}
     return Event(
-        **{name: data[name] for name in _EVENT_FIELDS},
+        **named,
         session_id=session_id,
         occurred_at=datetime.fromisoformat(data["occurred_at"]),
         usage=None if usage is None else Usage(**usage),
@@ -606,6 +668,9 @@ def apply(record: SessionRecord | None, event: Event) -> tuple[SessionRecord | N
         event.error,
         event.active_turn_id,
         event.retry_after_seconds,
+        event.tool_call_id,
+        event.tool_name,
+        event.provider,
     )
     if record is None:
         facts = Facts(session_id, event.occurred_at, event.occurred_at).merge(event)

@@ -154,7 +154,8 @@ async def test_an_event_received_before_the_deadline_but_not_yet_written_ends_th
     real_write_batch = SQLiteStore._write_batch
 
     async def slow_for_completions(self: SQLiteStore, writer: Any, batch: Any) -> None:
-        if any(record.event.type == "agent.chat.turn.completed" for record, _ in batch):
+        records = [record for group, _ in batch for record in group]
+        if any(record.event.type == "agent.chat.turn.completed" for record in records):
             await asyncio.sleep(0.8)  # the deadline passes while this batch waits
         await real_write_batch(self, writer, batch)
 

@@ -332,6 +332,9 @@ TURN_TYPES = {
     EventType.TURN_COMPLETED,
     EventType.TURN_FAILED,
     EventType.TURN_CONFLICT,
+    EventType.TOOL_STARTED,
+    EventType.TOOL_COMPLETED,
+    EventType.TURN_ACTIVITY,
 }
 KINDS = [*EventType, *TURN_TYPES, *TURN_TYPES, "agent.unknown"]
 
@@ -347,6 +350,9 @@ def lifecycles(draw: st.DrawFn) -> list[Event]:
             extra["usage"] = Usage(*(draw(numbers) for _ in range(5)))
         if kind == EventType.TURN_FAILED and draw(st.booleans()):
             extra["error"] = TurnError(f"boom {i}", draw(st.none() | st.just("E_TOOL")))
+        if kind in (EventType.TOOL_STARTED, EventType.TOOL_COMPLETED):
+            extra["tool_call_id"] = draw(st.sampled_from(["call_1", "call_2"]))
+            extra["tool_name"] = draw(st.sampled_from(["search", "ocr"]))
         if kind == EventType.TURN_CONFLICT:
             extra["active_turn_id"] = draw(st.sampled_from(["t1", "t2", "t3"]))
             extra["retry_after_seconds"] = draw(st.none() | st.integers(1, 9))
@@ -445,23 +451,36 @@ def reference(session_id: str, events: list[Event]) -> dict[str, Any] | None:
             status = "running"
         with_usage = [e for e in mine if e.usage is not None]
         usage = last({e.type for e in with_usage}, with_usage)
-        started = starts[-1] if starts else None
+        first = starts[-1] if starts else None
         shown = conflict if status == "conflict" else None
+        tools = {
+            kind: {(e.tool_call_id, e.tool_name or "") for e in mine if e.type == kind}
+            for kind in (EventType.TOOL_STARTED, EventType.TOOL_COMPLETED)
+        }
+        ended = {call_id for call_id, _ in tools[EventType.TOOL_COMPLETED] if call_id}
+        started = {call_id for call_id, _ in tools[EventType.TOOL_STARTED] if call_id}
+        running: dict[str, str] = {}
+        for call_id, name in sorted(c for c in tools[EventType.TOOL_STARTED] if c[0]):
+            if status == "running" and call_id not in ended:
+                running.setdefault(call_id, name)
         turns[tid] = {
             "session_id": session_id,
             "turn_id": tid,
             "status": status,
-            "started_at": started,
+            "started_at": first,
             "ended_at": end and end.occurred_at,
-            "duration_ms": ms(end.occurred_at - started) if end and started else None,
+            "duration_ms": ms(end.occurred_at - first) if end and first else None,
             "usage": usage and usage.usage,
             "error": end.error if end and status == "failed" else None,
             "active_turn_id": shown and shown.active_turn_id,
             "retry_after_seconds": shown and shown.retry_after_seconds,
             "updated_at": max(e.occurred_at for e in mine),
+            "tool_calls": {"count": len(started | ended), "running": list(running.values())},
         }
     running = [t for t in turns.values() if t["status"] == "running"]
-    active = max(running, key=lambda t: (t["started_at"], t["turn_id"]), default=None)
+    active = max(
+        running, key=lambda t: (t["started_at"] or t["updated_at"], t["turn_id"]), default=None
+    )
     latest = max(turns.values(), key=lambda t: (t["updated_at"], t["turn_id"]), default=None)
     usages = [t["usage"] for t in turns.values() if t["usage"]]
     counts = [t["status"] for t in turns.values()]
@@ -473,6 +492,7 @@ def reference(session_id: str, events: list[Event]) -> dict[str, Any] | None:
     return {
         "session": {
             "session_id": session_id,
+            "provider": ",".join(sorted({e.provider for e in known if e.provider})) or None,
             "readiness": "ready" if is_ready else "provisioning",
             "runtime_reused": None if runtime is None else runtime.type == EventType.RUNTIME_REUSED,
             "scope_activated": bool(scopes),

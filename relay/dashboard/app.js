@@ -102,7 +102,8 @@ function renderRow(entry) {
   tr.dataset.version = String(s.version);
   if (entry.flash) tr.className = "flash";
 
-  const created = el("div", "sub", `created ${formatTime(s.created_at)}`);
+  const from = s.provider ? `${s.provider} · ` : "";
+  const created = el("div", "sub", `${from}created ${formatTime(s.created_at)}`);
   tr.append(cell(sessionLink(s.session_id), created));
 
   const details = [];
@@ -120,6 +121,9 @@ function renderRow(entry) {
   if (last) {
     const parts = [last.turn_id];
     if (last.duration_ms !== null) parts.push(formatDuration(last.duration_ms));
+    const tools = last.tool_calls;
+    if (tools && tools.count) parts.push(plural(tools.count, "tool call"));
+    if (tools && tools.running.length) parts.push(`running ${tools.running.join(", ")}`);
     if (last.error && last.error.message) parts.push(last.error.message);
     lastLine = el("div", "sub", parts.join(" · "));
     lastLine.title = `last turn ${last.turn_id}: ${last.status}: ${parts.join(" · ")}`;

@@ -91,6 +91,9 @@ class Store(Protocol):
     async def ingest(self, record: IngestRecord) -> IngestResult:
         """Store an event once per (source, id); return only after it is committed."""
 
+    async def ingest_many(self, records: list[IngestRecord]) -> list[IngestResult]:
+        """Store events in one transaction, each once per (source, id)."""
+
     async def list_events(self, after: int, limit: int) -> list[StoredEvent]:
         """Events with `seq > after`, oldest first."""
 

@@ -51,7 +51,8 @@ _EVENT_COLUMNS = (
     "seq, source, event_id, type, session_id, turn_id, occurred_at, received_at, payload"
 )
 
-_Pending = tuple[IngestRecord, "asyncio.Future[IngestResult]"]
+# The records of one request, written in one transaction, and where their results go.
+_Pending = tuple[list[IngestRecord], "asyncio.Future[list[IngestResult]]"]
 _SESSION_PAGE = """
 SELECT session_id, version, snapshot, act FROM (
     SELECT s.session_id, s.version, s.snapshot, CASE
@@ -206,10 +207,13 @@ class SQLiteStore:
     # -- ingest: group commit ----------------------------------------------------------
 
     async def ingest(self, record: IngestRecord) -> IngestResult:
+        return (await self.ingest_many([record]))[0]
+
+    async def ingest_many(self, records: list[IngestRecord]) -> list[IngestResult]:
         if self._closing or self._writer_task is None or self._writer_task.done():
             raise StoreUnavailable("the store is closed")
-        future: asyncio.Future[IngestResult] = asyncio.get_running_loop().create_future()
-        self._pending.append((record, future))
+        future: asyncio.Future[list[IngestResult]] = asyncio.get_running_loop().create_future()
+        self._pending.append((records, future))
         self._wakeup.set()
         return await future
 
@@ -233,8 +237,11 @@ class SQLiteStore:
             self._wakeup.clear()
             while self._pending:
                 await slots.acquire()
-                count = min(len(self._pending), self._settings.batch_max)
-                batch = [self._pending.popleft() for _ in range(count)]
+                batch = [self._pending.popleft()]  # a request's records are never split
+                size = len(batch[0][0])
+                while self._pending and size + len(self._pending[0][0]) <= self._settings.batch_max:
+                    size += len(self._pending[0][0])
+                    batch.append(self._pending.popleft())
                 task = asyncio.create_task(self._write_batch(writer, batch))
                 in_flight[task] = batch
                 task.add_done_callback(finished)
@@ -249,7 +256,7 @@ class SQLiteStore:
         event at a time, so that one event the writer cannot handle fails alone.
         """
         try:
-            results, commit = await writer.write([record for record, _ in batch])
+            results, commit = await writer.write([r for records, _ in batch for r in records])
         except StoreUnavailable as exc:
             _fail(batch, exc)
             await self._deliver(None)  # the writer may have committed before it ended
@@ -262,12 +269,14 @@ class SQLiteStore:
                 for item in batch:
                     await self._write_batch(writer, [item])
                 return
-            log.exception("store.event_failed", event_id=batch[0][0].event.id)
+            log.exception("store.event_failed", event_id=batch[0][0][0].event.id)
             _fail(batch, StoreUnavailable(f"the store could not take this event: {exc}"))
             return
-        for (_, future), result in zip(batch, results, strict=True):
+        start = 0
+        for records, future in batch:
             if not future.done():
-                future.set_result(result)
+                future.set_result(results[start : start + len(records)])
+            start += len(records)
         await self._deliver(commit)
 
     async def _checkpoint_loop(self) -> None:
@@ -360,7 +369,7 @@ class SQLiteStore:
         # An event received before now but not written yet (queued, or in a batch still
         # committing) may end what an alert is about: alerts wait for what came before them.
         unwritten = [*self._pending, *(item for batch in self._writing.values() for item in batch)]
-        now = min([now, *(record.received_at.timestamp() for record, _ in unwritten)])
+        now = min([now, *(r.received_at.timestamp() for records, _ in unwritten for r in records)])
         commit = await self._batch_writer.fire_due_alerts(now)
         await self._deliver(commit)
         return len(commit.changes)
