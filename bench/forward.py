@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import subprocess
 import sys
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -21,8 +22,10 @@ import aiohttp
 import orjson
 
 from relay.sign import sign_standard
+from relay.webhooks.secrets import new_webhook_secret
 
-SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+# A secret made per run (worker processes inherit it through the environment).
+SECRET = os.environ.setdefault("RELAY_BENCH_SECRET", new_webhook_secret())
 SOURCE = "stream"
 FRAMES = 200
 SOURCE_TOML = f"""
