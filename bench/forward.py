@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import subprocess
 import sys
-import os
 import tempfile
 import time
 from dataclasses import dataclass
