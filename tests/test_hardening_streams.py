@@ -1,0 +1,76 @@
+"""Hardening: bounded work before authentication, safe frames, exact streams."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import time
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from multidict import CIMultiDict
+
+from relay.config import SourceSettings
+from relay.verify import MAX_SIGNATURE_ENTRIES, VerificationError, Verifier, verify_signature
+from tests.conftest import ED25519_KEY, source_table
+
+BODY = b'{"id":"evt_1","type":"agent.worker.ready","data":{"chatId":"chat_1"}}'
+
+
+class CountingKey:
+    """A real ed25519 public key that counts the verifications asked of it."""
+
+    def __init__(self, key: Ed25519PublicKey) -> None:
+        self.key = key
+        self.calls = 0
+
+    def verify(self, signature: bytes, data: bytes) -> None:
+        self.calls += 1
+        self.key.verify(signature, data)
+
+
+def counting_verifier() -> tuple[Verifier, CountingKey]:
+    casedev = next(s for s in source_table() if s["id"] == "casedev")
+    verifier = Verifier.from_settings(SourceSettings(**casedev))
+    key = CountingKey(ED25519_KEY.public_key())
+    return dataclasses.replace(verifier, public_keys=(key,)), key  # type: ignore[arg-type]
+
+
+def v1a_headers(ts: int, entries: int) -> CIMultiDict[str]:
+    forged = "v1a," + base64.b64encode(bytes(64)).decode()
+    return CIMultiDict(
+        {
+            "webhook-id": "msg_1",
+            "webhook-timestamp": str(ts),
+            "webhook-signature": " ".join([forged] * entries),
+        }
+    )
+
+
+def refusal(verifier: Verifier, headers: CIMultiDict[str], now: float) -> VerificationError:
+    try:
+        verify_signature(verifier, BODY, headers, now)
+    except VerificationError as exc:
+        return exc
+    raise AssertionError("the request was accepted")
+
+
+def test_a_thousand_v1a_entries_are_refused_without_verifying_them() -> None:
+    """A signature header with 1000 v1a entries is INVALID_SIGNATURE after no verification."""
+    verifier, key = counting_verifier()
+    now = time.time()
+    error = refusal(verifier, v1a_headers(int(now), 1000), now)
+    assert error.code == "INVALID_SIGNATURE"
+    assert f"at most {MAX_SIGNATURE_ENTRIES}" in error.message
+    assert key.calls == 0
+    error = refusal(verifier, v1a_headers(int(now), MAX_SIGNATURE_ENTRIES), now)
+    assert error.code == "INVALID_SIGNATURE"
+    assert key.calls == MAX_SIGNATURE_ENTRIES  # up to the bound, each entry is tried
+
+
+def test_a_stale_timestamp_is_refused_before_any_verification() -> None:
+    """A timestamp out of tolerance is refused before any signature is verified."""
+    verifier, key = counting_verifier()
+    now = time.time()
+    error = refusal(verifier, v1a_headers(int(now) - 3600, 2), now)
+    assert error.code == "TIMESTAMP_OUT_OF_TOLERANCE"
+    assert key.calls == 0
