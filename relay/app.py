@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -34,6 +35,8 @@ from relay.webhooks.api import setup_webhooks
 
 log = structlog.get_logger("relay.http")
 REQUEST_ID = web.RequestKey("request_id", str)
+# A client's X-Request-Id is echoed in a header and a log line only if it is plain text.
+_CLIENT_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
 _STATUS_CODES = {
     404: "NOT_FOUND",
@@ -141,7 +144,9 @@ def _envelope_middleware(log_requests: bool) -> Callable[..., Awaitable[web.Stre
     @web.middleware
     async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
-        request_id = request.headers.get("X-Request-Id") or f"{prefix}-{next(counter):x}"
+        request_id = request.headers.get("X-Request-Id", "")
+        if not _CLIENT_REQUEST_ID.fullmatch(request_id):
+            request_id = f"{prefix}-{next(counter):x}"
         request[REQUEST_ID] = request_id
         try:
             response = await handler(request)

@@ -33,8 +33,7 @@ class StoredChange:
         """The change as one Server-Sent Events frame, encoded once for every subscriber
         (on first use: most changes, the raw ones above all, may never be streamed)."""
         if not self._frame:
-            frame = b"id: %d\nevent: %s\ndata: %s\n\n" % (self.id, self.type.encode(), self.body)
-            object.__setattr__(self, "_frame", frame)
+            object.__setattr__(self, "_frame", sse_frame(self.id, self.type, self.body))
         return self._frame
 
     @property
@@ -43,6 +42,26 @@ class StoredChange:
         if not self._chunk:
             object.__setattr__(self, "_chunk", as_chunk(self.frame))
         return self._chunk
+
+
+_FRAME_BREAKING = re.compile("[\x00-\x1f\x7f]")
+_LINE_BREAKS = re.compile(rb"\r\n|\r|\n")
+
+
+def sse_frame(change_id: int, event_type: str, data: bytes) -> bytes:
+    """One Server-Sent Events frame that no stored value can split into more: control
+    characters in the name are written as `\\xNN`, and data with line breaks (never the
+    case for JSON written by the relay) goes on several `data:` lines, which a client joins
+    back together."""
+    if _FRAME_BREAKING.search(event_type) is not None:
+        event_type = _FRAME_BREAKING.sub(lambda m: f"\\x{ord(m.group()):02x}", event_type)
+    if b"\n" in data or b"\r" in data:
+        data = b"\ndata: ".join(_LINE_BREAKS.split(data))
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (
+        change_id,
+        event_type.encode("utf-8", "backslashreplace"),
+        data,
+    )
 
 
 def as_chunk(data: bytes) -> bytes:

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import re
 import time
+from typing import Any
 
+import orjson
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from multidict import CIMultiDict
 
+from relay.changes import StoredChange
 from relay.config import SourceSettings
 from relay.verify import MAX_SIGNATURE_ENTRIES, VerificationError, Verifier, verify_signature
-from tests.conftest import ED25519_KEY, source_table
+from tests.conftest import ED25519_KEY, Relay, source_table
+from tests.test_ingest import post, signed
 
 BODY = b'{"id":"evt_1","type":"agent.worker.ready","data":{"chatId":"chat_1"}}'
 
@@ -74,3 +80,62 @@ def test_a_stale_timestamp_is_refused_before_any_verification() -> None:
     error = refusal(verifier, v1a_headers(int(now) - 3600, 2), now)
     assert error.code == "TIMESTAMP_OUT_OF_TOLERANCE"
     assert key.calls == 0
+
+
+def sse_events(stream: bytes) -> list[dict[str, str]]:
+    """The events an SSE client dispatches from `stream` (the WHATWG parsing rules)."""
+    events: list[dict[str, str]] = []
+    event: dict[str, str] = {}
+    for line in re.split(r"\r\n|\r|\n", stream.decode()):
+        if not line:
+            if "data" in event:
+                events.append(event)
+            event = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            event[name] = event[name] + "\n" + value if name == "data" and name in event else value
+    return events
+
+
+HOSTILE = [
+    "x\nid: 999\nevent: forged\ndata: {}\n\nevent: another",
+    "x\rdata: {}\r\rid: 7",
+    "x\r\n\r\nevent: forged",
+    "x\x00y",
+    "x\x85y",
+]
+
+
+@pytest.mark.parametrize(
+    ("field", "where"), [("type", ""), ("id", ""), ("chatId", "data"), ("turnId", "data")]
+)
+@pytest.mark.parametrize("value", HOSTILE)
+async def test_control_characters_in_types_and_ids_are_refused(
+    relay: Relay, field: str, where: str, value: str
+) -> None:
+    """A type or id with a control character is 400 INVALID_EVENT naming the field."""
+    event: dict[str, Any] = {
+        "id": "evt_ctl",
+        "type": "agent.worker.ready",
+        "data": {"chatId": "chat_ctl", "turnId": "turn_1"},
+    }
+    (event[where] if where else event)[field] = value
+    body = orjson.dumps(event)
+    status, answer = await post(relay, body, signed(body))
+    assert status == 400
+    assert answer["error"]["code"] == "INVALID_EVENT"
+    assert answer["error"]["message"].startswith(f"{field}: ")
+    assert "control characters" in answer["error"]["message"]
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_the_frame_encoder_never_emits_more_than_one_event(value: str) -> None:
+    """A change with a hostile type or data is still exactly one SSE event, its own."""
+    change = StoredChange(42, "raw." + value, "chat_1", None, b'{"a":\n"b"\r}')
+    events = sse_events(change.frame)
+    assert len(events) == 1
+    assert events[0]["id"] == "42"
+    assert orjson.loads(events[0]["data"]) == {"a": "b"}
+    assert "\n" not in events[0]["event"]
+    assert "\r" not in events[0]["event"]
