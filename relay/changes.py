@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -83,6 +82,23 @@ def excluded_types(globs: tuple[str, ...]) -> tuple[str, ...]:
     return () if globs else RAW_TYPES
 
 
+# Globs have two wildcards: `*` (any run of characters) and `?` (any one character).
+# Everything else, `[` and `]` included, stands for itself, in the store's queries
+# (`sql_glob`) and in the fan-out (`glob_pattern`) alike.
+
+
+def glob_regex(glob: str) -> str:
+    """The regular expression (for `fullmatch`, with DOTALL) that `glob` means."""
+    return "".join(
+        ".*" if char == "*" else "." if char == "?" else re.escape(char) for char in glob
+    )
+
+
+def sql_glob(glob: str) -> str:
+    """`glob` for SQLite's GLOB operator, whose `[...]` sets are not part of relay's globs."""
+    return glob.replace("[", "[[]")
+
+
 @lru_cache(maxsize=256)
 def glob_pattern(globs: tuple[str, ...]) -> re.Pattern[str]:
     """One regular expression matching any of the exact names or globs (`turn.*`).
@@ -91,7 +107,7 @@ def glob_pattern(globs: tuple[str, ...]) -> re.Pattern[str]:
     """
     if not globs:
         return re.compile(r"(?!raw\.).*", re.DOTALL)
-    return re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs))
+    return re.compile("|".join(f"(?:{glob_regex(g)})" for g in globs), re.DOTALL)
 
 
 # The body stored for a raw change whose JSON is rebuilt, byte for byte, from its event's

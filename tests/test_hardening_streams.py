@@ -16,8 +16,10 @@ from multidict import CIMultiDict
 from relay.changes import StoredChange
 from relay.config import SourceSettings
 from relay.verify import MAX_SIGNATURE_ENTRIES, VerificationError, Verifier, verify_signature
-from tests.conftest import ED25519_KEY, Relay, source_table
+from tests.conftest import ED25519_KEY, Relay, fixture_events, source_table
 from tests.test_ingest import post, signed
+from tests.test_read_api import get, ingest
+from tests.test_sse import frames
 
 BODY = b'{"id":"evt_1","type":"agent.worker.ready","data":{"chatId":"chat_1"}}'
 
@@ -139,3 +141,39 @@ def test_the_frame_encoder_never_emits_more_than_one_event(value: str) -> None:
     assert orjson.loads(events[0]["data"]) == {"a": "b"}
     assert "\n" not in events[0]["event"]
     assert "\r" not in events[0]["event"]
+
+
+async def stream_ids(relay: Relay, type_filter: str, newest: int) -> set[int]:
+    """Ids of the changes a stream resumed from 0 replays for `type_filter`."""
+    ids: set[int] = set()
+    params = {"type": type_filter, "last_event_id": "0"}
+    async with relay.client.get("/v1/stream", params=params, headers=relay.auth) as resp:
+        assert resp.status == 200
+        async for frame in frames(resp):
+            change = "data" in frame and not frame.get("event", "").startswith("stream.")
+            if change:
+                ids.add(int(frame["id"]))
+            elif frame.get("id") == str(newest):
+                return ids  # the position after the replay
+    raise AssertionError("the stream ended before the replay did")
+
+
+GLOBS = ["[!r]*", "turn.[cs]*", "raw.agent.[x]", "*.?tarted", "session.*", "raw.*[*", "*"]
+
+
+async def test_type_globs_select_the_same_changes_in_the_log_and_in_streams(relay: Relay) -> None:
+    """A type glob selects the same changes from /v1/changes as from a stream."""
+    for event in fixture_events():
+        await ingest(relay, event)
+    await ingest(relay, {"id": "evt_brackets", "type": "agent.[x]", "data": {"chatId": "c1"}})
+    everything = await get(relay, "/v1/changes", type="*", limit=1000)
+    newest = everything["items"][-1]["id"]
+    selected = {}
+    for pattern in GLOBS:
+        page = await get(relay, "/v1/changes", type=pattern, limit=1000)
+        selected[pattern] = {change["id"] for change in page["items"]}
+        assert await stream_ids(relay, pattern, newest) == selected[pattern], pattern
+    assert selected["[!r]*"] == set()  # brackets are literal characters
+    assert selected["turn.[cs]*"] == set()
+    assert len(selected["raw.agent.[x]"]) == 1
+    assert len(selected["*.?tarted"]) == 4  # turn.started and its raw event, twice
