@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import re
 import time
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from httpx_sse import ServerSentEvent, aconnect_sse
+from httpx_sse._decoders import SSEDecoder
 from multidict import CIMultiDict
 
 from relay.changes import StoredChange
 from relay.config import SourceSettings
 from relay.verify import MAX_SIGNATURE_ENTRIES, VerificationError, Verifier, verify_signature
-from tests.conftest import ED25519_KEY, Relay, fixture_events, source_table
+from tests.conftest import (
+    ED25519_KEY,
+    LIFECYCLE_CHANGES,
+    Relay,
+    RelayFactory,
+    fixture_events,
+    source_table,
+)
 from tests.test_ingest import post, signed
 from tests.test_read_api import get, ingest
 from tests.test_sse import frames
@@ -177,3 +188,73 @@ async def test_type_globs_select_the_same_changes_in_the_log_and_in_streams(rela
     assert selected["turn.[cs]*"] == set()
     assert len(selected["raw.agent.[x]"]) == 1
     assert len(selected["*.?tarted"]) == 4  # turn.started and its raw event, twice
+
+
+async def sse_until_ready(
+    relay: Relay, headers: dict[str, str], event: dict[str, Any]
+) -> list[ServerSentEvent]:
+    """What httpx-sse hands over on /v1/stream until a session.ready that `event`,
+    ingested once the stream is live, makes."""
+    url = str(relay.client.make_url("/v1/stream"))
+    received: list[ServerSentEvent] = []
+    async with (
+        httpx.AsyncClient(headers={**relay.auth, **headers}, timeout=10) as http,
+        aconnect_sse(http, "GET", url) as source,
+        asyncio.timeout(10),
+    ):
+        async for sse in source.aiter_sse():
+            received.append(sse)
+            if sse.event == "stream.position":
+                await ingest(relay, event)
+            live = any(seen.event == "stream.position" for seen in received)
+            if sse.event == "session.ready" and live:
+                return received
+    raise AssertionError("the stream ended")
+
+
+async def test_every_event_a_client_library_hands_over_has_json_data(relay: Relay) -> None:
+    """httpx-sse gets only changes and named stream.* events, each with JSON data."""
+    events = fixture_events()
+    await ingest(relay, events[0])
+    for resume in ({}, {"Last-Event-ID": "0"}):
+        ready = {**events[3], "id": f"evt_ready_{len(resume)}", "data": {"chatId": str(resume)}}
+        received = await sse_until_ready(relay, resume, ready)
+        for sse in received:
+            assert sse.event.startswith("stream.") or sse.event in LIFECYCLE_CHANGES
+            assert isinstance(orjson.loads(sse.data), dict)
+        position = [sse for sse in received if sse.event == "stream.position"]
+        assert len(position) == 1
+        assert orjson.loads(position[0].data) == {"id": int(position[0].id)}
+        assert received[0].retry == 3000
+
+
+async def test_a_resume_id_ahead_of_the_log_resets_and_goes_on_live(relay: Relay) -> None:
+    """Last-Event-ID beyond the newest change gets stream.reset, then live changes."""
+    events = fixture_events()
+    await ingest(relay, events[0])
+    newest = (await get(relay, "/v1/changes", type="*"))["items"][-1]["id"]
+    received = await sse_until_ready(relay, {"Last-Event-ID": str(newest + 1000)}, events[3])
+    assert [sse.event for sse in received] == ["stream.reset", "stream.position", "session.ready"]
+    assert orjson.loads(received[0].data) == {"newest_id": newest}
+    assert received[1].id == str(newest)
+    assert newest < int(received[-1].id) < newest + 1000
+
+
+async def test_heartbeats_are_no_events_for_a_client_library(start_relay: RelayFactory) -> None:
+    """httpx-sse's decoder finds no event without data in a stream with heartbeats."""
+    relay = await start_relay(sse={"heartbeat_seconds": 0.05})
+    await ingest(relay, fixture_events()[0])
+    stream = b""
+    headers = {**relay.auth, "Last-Event-ID": "0"}
+    async with (
+        relay.client.get("/v1/stream", headers=headers) as resp,
+        asyncio.timeout(10),
+    ):
+        while stream.count(b": heartbeat") < 3:
+            stream += await resp.content.readany()
+    decoder = SSEDecoder()
+    lines = re.split(r"\r\n|\r|\n", stream.decode())[:-1]  # the last one is not complete
+    events = [decoder.decode(line) for line in lines]
+    handed_over = [event for event in events if event is not None]
+    assert [event.event for event in handed_over] == ["session.created", "stream.position"]
+    assert all(orjson.loads(event.data) for event in handed_over)
