@@ -186,6 +186,7 @@ def routes() -> list[Route]:
             replies={200: _STREAM},
             errors=errors,
             head=False,
+            query_token=True,
             description="Resume with `Last-Event-ID` (or `?last_event_id=`): every matching "
             "change after it, exactly once, in id order, then live. If that id is older than "
             "the retained history, `event: stream.reset` comes first with the oldest id; if it "

@@ -30,7 +30,7 @@ from tests.conftest import (
 )
 from tests.test_ingest import post, signed
 from tests.test_read_api import get, ingest
-from tests.test_sse import frames
+from tests.test_sse import frames, read_changes
 
 BODY = b'{"id":"evt_1","type":"agent.worker.ready","data":{"chatId":"chat_1"}}'
 
@@ -258,3 +258,27 @@ async def test_heartbeats_are_no_events_for_a_client_library(start_relay: RelayF
     handed_over = [event for event in events if event is not None]
     assert [event.event for event in handed_over] == ["session.created", "stream.position"]
     assert all(orjson.loads(event.data) for event in handed_over)
+
+
+async def test_access_token_is_refused_outside_event_streams(relay: Relay) -> None:
+    """?access_token= is 401 on write routes and JSON reads, and opens an event stream."""
+    token = {"access_token": relay.key}
+    new = {"url": "https://example.com/hook"}
+    for resp in (
+        await relay.client.post("/v1/subscriptions", params=token, json=new),
+        await relay.client.get("/v1/subscriptions", params=token),
+        await relay.client.get("/v1/events", params=token),
+        await relay.client.get("/v1/changes", params=token),
+    ):
+        assert resp.status == 401
+        error = (await resp.json())["error"]
+        assert error["code"] == "UNAUTHORIZED"
+        assert "only on event streams" in error["message"]
+    assert (
+        await relay.client.post("/v1/subscriptions", json=new, headers=relay.auth)
+    ).status == 201
+    await ingest(relay, fixture_events()[0])
+    async with relay.client.get("/v1/stream", params={**token, "last_event_id": "0"}) as resp:
+        assert resp.status == 200
+        got = await asyncio.wait_for(read_changes(resp, 1), timeout=10)
+    assert got[0]["event"] == "session.created"
