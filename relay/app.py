@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from relay import auth
 from relay.api_models import Health, Readyz
-from relay.appkeys import HUB, METRICS, SETTINGS, STORE
+from relay.appkeys import HUB, METRICS, SETTINGS, STORE, STREAM_KEYS
 from relay.config import Settings
 from relay.dashboard import routes as dashboard_routes
 from relay.errors import ApiError, error_response, json_response
@@ -28,8 +28,10 @@ from relay.metrics import Metrics
 from relay.openapi import openapi_handler
 from relay.read_api import routes as read_routes
 from relay.routes import Handler, Reply, Route, add_routes
+from relay.sse import revocation_watch
 from relay.sse import routes as stream_routes
 from relay.store import Store, StoreUnavailable, open_store
+from relay.stream_keys import StreamKeys
 from relay.webhooks.api import routes as webhook_routes
 from relay.webhooks.api import setup_webhooks
 
@@ -64,11 +66,13 @@ def create_app(
     app[STORE] = store
     app[HUB] = hub if hub is not None else InProcessHub()
     app[METRICS] = Metrics()
+    app[STREAM_KEYS] = StreamKeys()
     store.add_commit_listener(app[HUB].publish)
     store.add_commit_listener(app[METRICS].observe_commit)
     app[METRICS].sse_subscribers.set_function(lambda: app[HUB].subscribers)
     app.cleanup_ctx.append(_store_lifetime(on_bootstrap_key))
     app.cleanup_ctx.append(_alert_loop(clock))
+    app.cleanup_ctx.append(revocation_watch)
     setup_webhooks(app, clock)
 
     sources = {s.id: Source.from_settings(s) for s in settings.sources}

@@ -18,6 +18,10 @@ SCOPES = (READ, WRITE)
 KEY_PREFIX = "rk_"
 
 
+# The key a request was authorised with (absent when auth is disabled).
+API_KEY = web.RequestKey("api_key", ApiKey)
+
+
 @dataclass(frozen=True, slots=True)
 class NewKey:
     key: ApiKey
@@ -72,4 +76,5 @@ async def authorize(
         raise ApiError(401, "UNAUTHORIZED", message)
     if scope not in key.scopes:
         raise ApiError(403, "FORBIDDEN", f"this API key lacks the {scope} scope")
+    request[API_KEY] = key
     return key

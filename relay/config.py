@@ -140,6 +140,9 @@ class SSESettings(_Section):
     # Caps the kernel's send buffer per stream (it grows to 4 MiB by default), so that a
     # stalled client holds little memory anywhere and is noticed, and cut off, sooner.
     socket_send_buffer_bytes: int = Field(128 * 1024, ge=4096)
+    # How often open streams are checked against revoked API keys (a revoked key's
+    # streams end within about this long).
+    key_check_seconds: float = Field(2.0, gt=0)
 
 
 class LogSettings(_Section):

@@ -13,16 +13,21 @@ import asyncio
 import contextlib
 import re
 import socket
+from collections.abc import AsyncIterator
 
+import structlog
 from aiohttp import web
 
 from relay import auth
 from relay.api_models import StreamHeaders, StreamQuery
-from relay.appkeys import HUB, SETTINGS, STORE
+from relay.appkeys import HUB, SETTINGS, STORE, STREAM_KEYS
 from relay.changes import StoredChange, as_chunk, excluded_types, glob_pattern
 from relay.errors import ApiError
 from relay.hub import Subscription
 from relay.routes import Reply, Route, parse_headers, parse_query
+from relay.stream_keys import end_revoked
+
+log = structlog.get_logger("relay.sse")
 
 REPLAY_PAGE = 500
 HEADERS = {
@@ -72,12 +77,37 @@ async def stream_changes(request: web.Request) -> web.StreamResponse:
     if sock is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.socket_send_buffer_bytes)
     # The client may go away (or be cut off for not reading): nothing to answer then.
+    key = request.get(auth.API_KEY)
     with (
         request.app[HUB].subscribe(accepts, settings.buffer_changes, disconnect) as subscription,
+        request.app[STREAM_KEYS].track(key.id, subscription) if key else contextlib.nullcontext(),
         contextlib.suppress(ConnectionResetError),
     ):
         await _serve(request, response, subscription, accepts, last_id)
     return response
+
+
+async def revocation_watch(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: end the streams of revoked API keys, checking every
+    `sse.key_check_seconds` while any stream is open."""
+    streams = app[STREAM_KEYS]
+
+    async def run() -> None:
+        while True:
+            await asyncio.sleep(app[SETTINGS].sse.key_check_seconds)
+            try:
+                ended = await end_revoked(app[STORE], streams)
+            except Exception:
+                log.exception("sse.key_check_failed")
+                continue
+            if ended:
+                log.info("sse.revoked_key_streams_ended", streams=ended)
+
+    task = asyncio.create_task(run(), name="relay-stream-keys")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _serve(

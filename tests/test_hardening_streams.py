@@ -17,6 +17,8 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 from httpx_sse._decoders import SSEDecoder
 from multidict import CIMultiDict
 
+from relay.appkeys import STORE
+from relay.auth import READ, create_key
 from relay.changes import StoredChange
 from relay.config import SourceSettings
 from relay.verify import MAX_SIGNATURE_ENTRIES, VerificationError, Verifier, verify_signature
@@ -282,3 +284,28 @@ async def test_access_token_is_refused_outside_event_streams(relay: Relay) -> No
         assert resp.status == 200
         got = await asyncio.wait_for(read_changes(resp, 1), timeout=10)
     assert got[0]["event"] == "session.created"
+
+
+async def test_revoking_a_key_ends_its_open_streams(start_relay: RelayFactory) -> None:
+    """A stream opened with a key that is then revoked ends within seconds; others go on."""
+    relay = await start_relay(sse={"key_check_seconds": 0.2})
+    store = relay.client.app[STORE]
+    reader = await create_key(store, "reader", (READ,))
+    url = str(relay.client.make_url("/v1/stream"))
+    revoked = {"Authorization": f"Bearer {reader.secret}"}
+    async with (
+        httpx.AsyncClient(timeout=10) as http,
+        aconnect_sse(http, "GET", url, headers=revoked) as doomed,
+        aconnect_sse(http, "GET", url, headers=relay.auth) as kept,
+    ):
+        doomed_events, kept_events = doomed.aiter_sse(), kept.aiter_sse()
+        assert (await anext(doomed_events)).event == "stream.position"
+        assert (await anext(kept_events)).event == "stream.position"
+        assert await store.revoke_api_key(reader.key.id, "2026-12-01T00:00:00.000Z")
+        async with asyncio.timeout(5):
+            assert [sse async for sse in doomed_events] == []  # the stream ended
+        await ingest(relay, fixture_events()[0])
+        async with asyncio.timeout(5):
+            assert (await anext(kept_events)).event == "session.created"
+    again = await relay.client.get("/v1/stream", headers=revoked)
+    assert again.status == 401
