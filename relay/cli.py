@@ -157,6 +157,7 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 async def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from relay.app import create_app
     from relay.logs import configure_logging, flush_logs
+    from relay.server import app_runner
     from relay.tuning import tune_gc
 
     configure_logging(settings.log)
@@ -171,15 +172,7 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
         )
 
     app = create_app(settings, on_bootstrap_key=show_key)
-    runner = web.AppRunner(
-        app,
-        access_log=None,
-        handle_signals=False,
-        # A client that goes away ends its handler at once (an SSE stream then leaves
-        # the hub immediately, not at its next write).
-        handler_cancellation=True,
-        shutdown_timeout=settings.server.shutdown_timeout_seconds,
-    )
+    runner = app_runner(app, settings.server)
     flusher: asyncio.Task[None] | None = None
     try:
         await runner.setup()

@@ -52,6 +52,9 @@ class ServerSettings(_Section):
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(1024 * 1024, gt=0)
     shutdown_timeout_seconds: float = Field(10.0, ge=0)
+    # A connection with no request in progress for this long is closed: an idle keep-alive
+    # connection, or one whose request headers have not all arrived in that time.
+    idle_timeout_seconds: float = Field(30.0, gt=0)
 
 
 class StoreSettings(_Section):

@@ -7,20 +7,25 @@ import base64
 import dataclasses
 import re
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import pytest
+from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from httpx_sse import ServerSentEvent, aconnect_sse
 from httpx_sse._decoders import SSEDecoder
 from multidict import CIMultiDict
 
+from relay.app import create_app
 from relay.appkeys import STORE
 from relay.auth import READ, create_key
 from relay.changes import StoredChange
 from relay.config import SourceSettings
+from relay.server import app_runner
 from relay.verify import MAX_SIGNATURE_ENTRIES, VerificationError, Verifier, verify_signature
 from tests.conftest import (
     ED25519_KEY,
@@ -28,8 +33,10 @@ from tests.conftest import (
     Relay,
     RelayFactory,
     fixture_events,
+    make_settings,
     source_table,
 )
+from tests.test_crash import free_port
 from tests.test_ingest import post, signed
 from tests.test_read_api import get, ingest
 from tests.test_sse import frames, read_changes
@@ -309,3 +316,51 @@ async def test_revoking_a_key_ends_its_open_streams(start_relay: RelayFactory) -
             assert (await anext(kept_events)).event == "session.created"
     again = await relay.client.get("/v1/stream", headers=revoked)
     assert again.status == 401
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[int]:
+    """A relay run as `relay serve` runs it, with a 1 s idle timeout; yields its port."""
+    settings = make_settings(tmp_path, server={"idle_timeout_seconds": 1.0})
+    runner = app_runner(create_app(settings), settings.server)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield port
+    finally:
+        await runner.cleanup()
+
+
+async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bytes:
+    """Everything the server sends until it closes the connection, within `seconds`."""
+    async with asyncio.timeout(seconds):
+        return await reader.read()
+
+
+async def test_a_client_trickling_headers_is_disconnected(served: int) -> None:
+    """A connection sending its headers a byte at a time is closed, unanswered, in time."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", served)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n")
+
+    async def trickle() -> None:
+        for byte in b"X-Slow: " + b"a" * 100:
+            writer.write(bytes([byte]))
+            await asyncio.sleep(0.25)
+
+    trickling = asyncio.create_task(trickle())
+    try:
+        assert await closed_within(reader, 5) == b""
+    finally:
+        trickling.cancel()
+        writer.close()
+
+
+async def test_an_idle_keep_alive_connection_is_closed(served: int) -> None:
+    """A keep-alive connection with no next request is closed after the idle timeout."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", served)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+    answer = await closed_within(reader, 5)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert answer.endswith(b'{"status":"ok"}')
