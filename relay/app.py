@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from relay import auth
 from relay.api_models import Health, Readyz
-from relay.appkeys import HUB, METRICS, SETTINGS, STORE
+from relay.appkeys import HUB, METRICS, SETTINGS, STORE, STREAM_KEYS
 from relay.config import Settings
 from relay.dashboard import routes as dashboard_routes
 from relay.errors import ApiError, error_response, json_response
@@ -28,13 +29,17 @@ from relay.openapi import openapi_handler
 from relay.pipeline import STORE_UNAVAILABLE_MESSAGE
 from relay.read_api import routes as read_routes
 from relay.routes import Handler, Reply, Route, add_routes
+from relay.sse import revocation_watch
 from relay.sse import routes as stream_routes
 from relay.store import Store, StoreUnavailable, open_store
+from relay.stream_keys import StreamKeys
 from relay.webhooks.api import routes as webhook_routes
 from relay.webhooks.api import setup_webhooks
 
 log = structlog.get_logger("relay.http")
 REQUEST_ID = web.RequestKey("request_id", str)
+# A client's X-Request-Id is echoed in a header and a log line only if it is plain text.
+_CLIENT_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
 _STATUS_CODES = {
     404: "NOT_FOUND",
@@ -64,11 +69,13 @@ def create_app(
     app[STORE] = store
     app[HUB] = hub if hub is not None else InProcessHub()
     app[METRICS] = Metrics()
+    app[STREAM_KEYS] = StreamKeys()
     store.add_commit_listener(app[HUB].publish)
     store.add_commit_listener(app[METRICS].observe_commit)
     app[METRICS].sse_subscribers.set_function(lambda: app[HUB].subscribers)
     app.cleanup_ctx.append(_store_lifetime(on_bootstrap_key))
     app.cleanup_ctx.append(_alert_loop(clock))
+    app.cleanup_ctx.append(revocation_watch)
     setup_webhooks(app, clock)
 
     sources = {s.id: Source.from_settings(s) for s in settings.sources}
@@ -144,7 +151,9 @@ def _envelope_middleware(log_requests: bool) -> Callable[..., Awaitable[web.Stre
     @web.middleware
     async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
-        request_id = request.headers.get("X-Request-Id") or f"{prefix}-{next(counter):x}"
+        request_id = request.headers.get("X-Request-Id", "")
+        if not _CLIENT_REQUEST_ID.fullmatch(request_id):
+            request_id = f"{prefix}-{next(counter):x}"
         request[REQUEST_ID] = request_id
         try:
             response = await handler(request)

@@ -18,6 +18,10 @@ SCOPES = (READ, WRITE)
 KEY_PREFIX = "rk_"
 
 
+# The key a request was authorised with (absent when auth is disabled).
+API_KEY = web.RequestKey("api_key", ApiKey)
+
+
 @dataclass(frozen=True, slots=True)
 class NewKey:
     key: ApiKey
@@ -51,18 +55,26 @@ async def bootstrap_key(store: Store) -> NewKey | None:
     return await create_key(store, "bootstrap admin", SCOPES)
 
 
-def presented_key(request: web.Request) -> str | None:
+def presented_key(request: web.Request, query_token: bool = False) -> str | None:
+    """The key in `Authorization: Bearer`, or with `query_token` in `?access_token=` (for
+    event streams, which a browser's EventSource opens without headers)."""
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
-    return request.query.get("access_token") or None
+    return (request.query.get("access_token") or None) if query_token else None
 
 
-async def authorize(store: Store, request: web.Request, scope: str) -> ApiKey:
-    secret = presented_key(request)
+async def authorize(
+    store: Store, request: web.Request, scope: str, query_token: bool = False
+) -> ApiKey:
+    secret = presented_key(request, query_token)
     key = await store.find_api_key(hash_key(secret)) if secret else None
     if key is None or key.revoked_at is not None:
-        raise ApiError(401, "UNAUTHORIZED", "a valid API key is required (Authorization: Bearer)")
+        message = "a valid API key is required (Authorization: Bearer)"
+        if not query_token and "access_token" in request.query:
+            message += "; ?access_token= is accepted only on event streams"
+        raise ApiError(401, "UNAUTHORIZED", message)
     if scope not in key.scopes:
         raise ApiError(403, "FORBIDDEN", f"this API key lacks the {scope} scope")
+    request[API_KEY] = key
     return key

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -33,8 +32,7 @@ class StoredChange:
         """The change as one Server-Sent Events frame, encoded once for every subscriber
         (on first use: most changes, the raw ones above all, may never be streamed)."""
         if not self._frame:
-            frame = b"id: %d\nevent: %s\ndata: %s\n\n" % (self.id, self.type.encode(), self.body)
-            object.__setattr__(self, "_frame", frame)
+            object.__setattr__(self, "_frame", sse_frame(self.id, self.type, self.body))
         return self._frame
 
     @property
@@ -43,6 +41,26 @@ class StoredChange:
         if not self._chunk:
             object.__setattr__(self, "_chunk", as_chunk(self.frame))
         return self._chunk
+
+
+_FRAME_BREAKING = re.compile("[\x00-\x1f\x7f]")
+_LINE_BREAKS = re.compile(rb"\r\n|\r|\n")
+
+
+def sse_frame(change_id: int, event_type: str, data: bytes) -> bytes:
+    """One Server-Sent Events frame that no stored value can split into more: control
+    characters in the name are written as `\\xNN`, and data with line breaks (never the
+    case for JSON written by the relay) goes on several `data:` lines, which a client joins
+    back together."""
+    if _FRAME_BREAKING.search(event_type) is not None:
+        event_type = _FRAME_BREAKING.sub(lambda m: f"\\x{ord(m.group()):02x}", event_type)
+    if b"\n" in data or b"\r" in data:
+        data = b"\ndata: ".join(_LINE_BREAKS.split(data))
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (
+        change_id,
+        event_type.encode("utf-8", "backslashreplace"),
+        data,
+    )
 
 
 def as_chunk(data: bytes) -> bytes:
@@ -64,6 +82,23 @@ def excluded_types(globs: tuple[str, ...]) -> tuple[str, ...]:
     return () if globs else RAW_TYPES
 
 
+# Globs have two wildcards: `*` (any run of characters) and `?` (any one character).
+# Everything else, `[` and `]` included, stands for itself, in the store's queries
+# (`sql_glob`) and in the fan-out (`glob_pattern`) alike.
+
+
+def glob_regex(glob: str) -> str:
+    """The regular expression (for `fullmatch`, with DOTALL) that `glob` means."""
+    return "".join(
+        ".*" if char == "*" else "." if char == "?" else re.escape(char) for char in glob
+    )
+
+
+def sql_glob(glob: str) -> str:
+    """`glob` for SQLite's GLOB operator, whose `[...]` sets are not part of relay's globs."""
+    return glob.replace("[", "[[]")
+
+
 @lru_cache(maxsize=256)
 def glob_pattern(globs: tuple[str, ...]) -> re.Pattern[str]:
     """One regular expression matching any of the exact names or globs (`turn.*`).
@@ -72,7 +107,7 @@ def glob_pattern(globs: tuple[str, ...]) -> re.Pattern[str]:
     """
     if not globs:
         return re.compile(r"(?!raw\.).*", re.DOTALL)
-    return re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs))
+    return re.compile("|".join(f"(?:{glob_regex(g)})" for g in globs), re.DOTALL)
 
 
 # The body stored for a raw change whose JSON is rebuilt, byte for byte, from its event's

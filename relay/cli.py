@@ -237,20 +237,12 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _serve_locked(settings: Settings, show_key: Callable[[auth.NewKey], None]) -> int:
     from relay.app import create_app
-    from relay.http_server import Runner
     from relay.logs import flush_logs
+    from relay.server import app_runner
     from relay.tuning import tune_gc
 
     app = create_app(settings, on_bootstrap_key=show_key)
-    runner = Runner(
-        app,
-        access_log=None,
-        handle_signals=False,
-        # A client that goes away ends its handler at once (an SSE stream then leaves
-        # the hub immediately, not at its next write).
-        handler_cancellation=True,
-        shutdown_timeout=settings.server.shutdown_timeout_seconds,
-    )
+    runner = app_runner(app, settings.server)
     flusher: asyncio.Task[None] | None = None
     try:
         await runner.setup()

@@ -53,6 +53,9 @@ class ServerSettings(_Section):
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(1024 * 1024, gt=0)
     shutdown_timeout_seconds: float = Field(10.0, ge=0)
+    # A connection with no request in progress for this long is closed: an idle keep-alive
+    # connection, or one whose request headers have not all arrived in that time.
+    idle_timeout_seconds: float = Field(30.0, gt=0)
 
 
 class StoreSettings(_Section):
@@ -151,6 +154,9 @@ class SSESettings(_Section):
     # Caps the kernel's send buffer per stream (it grows to 4 MiB by default), so that a
     # stalled client holds little memory anywhere and is noticed, and cut off, sooner.
     socket_send_buffer_bytes: int = Field(128 * 1024, ge=4096)
+    # How often open streams are checked against revoked API keys (a revoked key's
+    # streams end within about this long).
+    key_check_seconds: float = Field(2.0, gt=0)
 
 
 class RetentionSettings(_Section):

@@ -36,6 +36,9 @@ class Subscription(Protocol):
     def overflow(self) -> None:
         """Give up on this subscriber (its sink could not keep up)."""
 
+    def close(self) -> None:
+        """End this subscription cleanly (shutdown, or its API key was revoked)."""
+
 
 class Hub(Protocol):
     def publish(self, commit: Commit) -> None: ...

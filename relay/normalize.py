@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -16,6 +17,10 @@ from relay.timefmt import parse_time
 MAX_ID_LENGTH = 256
 MAX_COUNT = 10**12  # tokens or micro-dollars in one usage field; sums stay far below 2**63
 MAX_SECONDS = 10**7
+# C0 and C1 control characters (line breaks and NUL among them): never in a type or an id,
+# which reach SSE frames, log lines and headers.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_NO_CONTROL = "must not contain control characters (line breaks, NUL, ...)"
 
 Normaliser = Callable[[str, Mapping[str, Any], datetime], Event]
 
@@ -76,7 +81,7 @@ def normalise_casedev(source: str, body: Mapping[str, Any], received_at: datetim
 
 
 def _is_id(value: object) -> TypeGuard[str]:
-    return type(value) is str and 0 < len(value) <= MAX_ID_LENGTH
+    return type(value) is str and 0 < len(value) <= MAX_ID_LENGTH and _CONTROL.search(value) is None
 
 
 def normalise_generic(source: str, body: Mapping[str, Any], received_at: datetime) -> Event:
@@ -131,12 +136,18 @@ def decoder(providers: Mapping[str, str]) -> Callable[[str, bytes, str], Event]:
 
 def _required_id(body: Mapping[str, Any], field: str) -> str:
     value = body.get(field)
-    if type(value) is str and 0 < len(value) <= MAX_ID_LENGTH:
+    if _is_id(value):
         return value
     if value is None or value == "":
         raise InvalidEvent(field, "is required")
+    return _checked_id(value, field)
+
+
+def _checked_id(value: object, field: str) -> str:
     if not isinstance(value, str) or len(value) > MAX_ID_LENGTH:
         raise InvalidEvent(field, f"must be a string of at most {MAX_ID_LENGTH} characters")
+    if _CONTROL.search(value) is not None:
+        raise InvalidEvent(field, _NO_CONTROL)
     return value
 
 
@@ -145,13 +156,11 @@ def _optional_id(body: Mapping[str, Any], *fields: str) -> str | None:
         value = body.get(field)
         if value is None or value == "":
             continue
-        if type(value) is str and len(value) <= MAX_ID_LENGTH:
+        if _is_id(value):
             return value
         if isinstance(value, int) and not isinstance(value, bool):
             return str(value)
-        if not isinstance(value, str) or len(value) > MAX_ID_LENGTH:
-            raise InvalidEvent(field, f"must be a string of at most {MAX_ID_LENGTH} characters")
-        return value
+        return _checked_id(value, field)
     return None
 
 

@@ -27,8 +27,8 @@ _SECURITY_SCHEMES = {
         "type": "apiKey",
         "in": "query",
         "name": "access_token",
-        "description": "The same key as a query parameter, for clients that cannot set "
-        "headers (browser `EventSource`).",
+        "description": "The same key as a query parameter, on event streams only, for "
+        "clients that cannot set headers (browser `EventSource`).",
     },
 }
 _ERRORS = {
@@ -97,7 +97,9 @@ def _operation(route: Route, refs: dict[Any, Any], schemas: dict[str, Any]) -> d
         schema = refs[(route.body, "validation")]
         operation["requestBody"] = {"required": True, "content": {JSON: {"schema": schema}}}
     if route.scope is not None:
-        operation["security"] = [{"bearer": [route.scope]}, {"accessToken": [route.scope]}]
+        operation["security"] = [{"bearer": [route.scope]}]
+        if route.query_token:
+            operation["security"].append({"accessToken": [route.scope]})
     else:
         operation["security"] = []
     responses = {

@@ -65,6 +65,7 @@ class Route:
     errors: Mapping[int, tuple[str, ...]] = field(default_factory=dict)  # status -> codes
     description: str = ""
     head: bool = True  # GET routes also answer HEAD (not streams: their body never ends)
+    query_token: bool = False  # the key may come as ?access_token= (event streams only)
 
     def error_codes(self) -> dict[int, tuple[str, ...]]:
         """Every error status the route can answer, with the codes it uses for each."""
@@ -86,7 +87,9 @@ def add_routes(app: web.Application, routes: Iterable[Route]) -> None:
     """Register `routes` on the app's router, each behind its scope check."""
     declared = app.setdefault(ROUTES, [])
     for route in routes:
-        handler = route.handler if route.scope is None else scoped(route.scope, route.handler)
+        handler = route.handler
+        if route.scope is not None:
+            handler = scoped(route.scope, route.handler, route.query_token)
         if route.method == "GET" and route.head:
             app.router.add_get(route.path, handler)
         else:
@@ -94,13 +97,14 @@ def add_routes(app: web.Application, routes: Iterable[Route]) -> None:
         declared.append(route)
 
 
-def scoped(scope: str, handler: Handler) -> Handler:
-    """Require an API key with `scope` (unless auth is disabled) before `handler` runs."""
+def scoped(scope: str, handler: Handler, query_token: bool = False) -> Handler:
+    """Require an API key with `scope` (unless auth is disabled) before `handler` runs;
+    with `query_token`, also as `?access_token=`."""
 
     async def guarded(request: web.Request) -> web.StreamResponse:
         app = request.app
         if app[SETTINGS].auth.enabled:
-            await auth.authorize(app[STORE], request, scope)
+            await auth.authorize(app[STORE], request, scope, query_token)
         return await handler(request)
 
     return guarded

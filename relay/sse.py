@@ -13,16 +13,21 @@ import asyncio
 import contextlib
 import re
 import socket
+from collections.abc import AsyncIterator
 
+import structlog
 from aiohttp import web
 
 from relay import auth
 from relay.api_models import StreamHeaders, StreamQuery
-from relay.appkeys import HUB, SETTINGS, STORE
+from relay.appkeys import HUB, SETTINGS, STORE, STREAM_KEYS
 from relay.changes import StoredChange, as_chunk, excluded_types, glob_pattern
 from relay.errors import ApiError
 from relay.hub import Subscription
 from relay.routes import Reply, Route, parse_headers, parse_query
+from relay.stream_keys import end_revoked
+
+log = structlog.get_logger("relay.sse")
 
 REPLAY_PAGE = 500
 HEADERS = {
@@ -72,12 +77,37 @@ async def stream_changes(request: web.Request) -> web.StreamResponse:
     if sock is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.socket_send_buffer_bytes)
     # The client may go away (or be cut off for not reading): nothing to answer then.
+    key = request.get(auth.API_KEY)
     with (
         request.app[HUB].subscribe(accepts, settings.buffer_changes, disconnect) as subscription,
+        request.app[STREAM_KEYS].track(key.id, subscription) if key else contextlib.nullcontext(),
         contextlib.suppress(ConnectionResetError),
     ):
         await _serve(request, response, subscription, accepts, last_id)
     return response
+
+
+async def revocation_watch(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: end the streams of revoked API keys, checking every
+    `sse.key_check_seconds` while any stream is open."""
+    streams = app[STREAM_KEYS]
+
+    async def run() -> None:
+        while True:
+            await asyncio.sleep(app[SETTINGS].sse.key_check_seconds)
+            try:
+                ended = await end_revoked(app[STORE], streams)
+            except Exception:
+                log.exception("sse.key_check_failed")
+                continue
+            if ended:
+                log.info("sse.revoked_key_streams_ended", streams=ended)
+
+    task = asyncio.create_task(run(), name="relay-stream-keys")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _serve(
@@ -89,18 +119,23 @@ async def _serve(
 ) -> None:
     settings = request.app[SETTINGS].sse
     await response.prepare(request)
-    await response.write(b"retry: %d\n\n" % settings.retry_ms)
+    # No blank line after `retry:`: it joins the first event rather than be a block of
+    # its own, which client libraries would hand over as an event without data.
+    await response.write(b"retry: %d\n" % settings.retry_ms)
     sent = await _replay(request, response, accepts, last_id)
-    # An id without data moves the client's last event id without dispatching anything
-    # (SSE spec), so a client that reconnects before its first change still resumes here.
-    await response.write(b"id: %d\n\n" % sent)
+    # The position the live part starts from, as a control event with an id, so a client
+    # that reconnects before its first change still resumes here (an id-only frame would
+    # do that too, but client libraries hand it over as an empty event).
+    await response.write(b'id: %d\nevent: stream.position\ndata: {"id": %d}\n\n' % (sent, sent))
 
     # From here on changes are written to the socket as they are published, each one a
     # frame (and chunk) encoded once for all subscribers: no task wakes per change.
     transport = request.transport
     assert transport is not None
     chunked = response.headers.get("Transfer-Encoding") == "chunked"
-    heartbeat = as_chunk(b": heartbeat\n\n") if chunked else b": heartbeat\n\n"
+    # A comment line alone, with no blank line: after an id, some client libraries hand a
+    # blank line over as an event without data.
+    heartbeat = as_chunk(b": heartbeat\n") if chunked else b": heartbeat\n"
     last = [sent]
 
     def write(change: StoredChange) -> None:
@@ -129,8 +164,14 @@ async def _replay(
 ) -> int:
     """Send the stored changes after `last_id`; return the id the live part continues from."""
     store = request.app[STORE]
+    newest = await store.last_change_id()
     if last_id is None:
-        return await store.last_change_id()
+        return newest
+    if last_id > newest:
+        # Ahead of the log (a client from before a restore, or a made-up id): waiting for
+        # ids above it would drop every change until then. Start over from the newest.
+        await response.write(b'event: stream.reset\ndata: {"newest_id": %d}\n\n' % newest)
+        last_id = newest
     after = last_id
     oldest = await store.list_changes(0, 1)
     if oldest and last_id < oldest[0].id - 1:
@@ -150,7 +191,11 @@ async def _replay(
 
 _STREAM = Reply(
     "A stream of Server-Sent Events: `id: <change id>`, `event: <change type>`, "
-    "`data: <the change as one line of JSON>` (see the `Change` schema); it does not end.",
+    "`data: <the change as one line of JSON>` (see the `Change` schema); it does not end. "
+    "Control events are named `stream.*` and carry JSON data too: `stream.position` "
+    '(`{"id": N}`, with `id: N`) where the replay ends and the live part begins, '
+    '`stream.reset` (`{"oldest_id": N}` or `{"newest_id": N}`) before a replay that cannot '
+    "continue exactly from the id the client gave.",
     content_types=("text/event-stream",),
 )
 
@@ -171,9 +216,12 @@ def routes() -> list[Route]:
             replies={200: _STREAM},
             errors=errors,
             head=False,
+            query_token=True,
             description="Resume with `Last-Event-ID` (or `?last_event_id=`): every matching "
             "change after it, exactly once, in id order, then live. If that id is older than "
-            "the retained history, `event: stream.reset` comes first with the oldest id.",
+            "the retained history, `event: stream.reset` comes first with the oldest id; if it "
+            "is newer than the newest change, `stream.reset` with the newest id, and the stream "
+            "goes on from there.",
         )
 
     return [

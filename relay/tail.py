@@ -74,10 +74,11 @@ async def tail(
                         return 1
                     if on_connect is not None:
                         on_connect()
-                    async for data, change_id in _frames(resp):
-                        last_id = change_id
-                        if data is None:
-                            continue  # a position only (sent after the replay)
+                    async for event, data, change_id in _frames(resp):
+                        if change_id is not None:
+                            last_id = change_id
+                        if data is None or event.startswith("stream."):
+                            continue  # a control event (the position after the replay, ...)
                         change = orjson.loads(data)
                         print(data.decode() if raw else describe(change), file=out, flush=True)
                         shown += 1
@@ -90,15 +91,17 @@ async def tail(
 
 
 async def _frames(resp: aiohttp.ClientResponse) -> Any:
-    """(data or None, id) for each frame that carries an id."""
-    change_id, data = None, b""
+    """(event name, data or None, id or None) for each frame that carries data or an id."""
+    event, change_id, data = "", None, b""
     async for line in resp.content:
         line = line.rstrip(b"\r\n")
         if not line:
-            if change_id is not None:
-                yield (data or None), change_id
-            change_id, data = None, b""
+            if change_id is not None or data:
+                yield event, (data or None), change_id
+            event, change_id, data = "", None, b""
         elif line.startswith(b"id: "):
             change_id = int(line[4:])
+        elif line.startswith(b"event: "):
+            event = line[7:].decode("utf-8", "replace")
         elif line.startswith(b"data: "):
             data = line[6:]

@@ -20,6 +20,9 @@ from relay.sign import HmacSha256
 MISSING_SIGNATURE = "MISSING_SIGNATURE"
 INVALID_SIGNATURE = "INVALID_SIGNATURE"
 TIMESTAMP_OUT_OF_TOLERANCE = "TIMESTAMP_OUT_OF_TOLERANCE"
+# The most `v1`/`v1a` entries one signature header may carry: each may cost a full
+# verification of the body, before the sender is known to be anyone.
+MAX_SIGNATURE_ENTRIES = 8
 
 
 class VerificationError(Exception):
@@ -117,20 +120,29 @@ def _verify_standard(
             MISSING_SIGNATURE,
             f"headers {id_header}, {timestamp_header} and {signature_header} are required",
         )
+    # Cheap checks first: no hashing or signature verification for a stale request or an
+    # oversized list of candidates.
+    _check_timestamp(timestamp, now, verifier.tolerance_seconds)
+    entries = signatures.split()
+    if len(entries) > MAX_SIGNATURE_ENTRIES:
+        raise VerificationError(
+            INVALID_SIGNATURE,
+            f"{signature_header} carries {len(entries)} signatures; "
+            f"at most {MAX_SIGNATURE_ENTRIES} are accepted",
+        )
     signed = b"%s.%s.%s" % (_header_bytes(msg_id), _header_bytes(timestamp), body)
     digests = [key.digest(signed) for key in verifier.hmac_keys]
-    if not _any_standard_signature_matches(signatures, signed, digests, verifier.public_keys):
+    if not _any_standard_signature_matches(entries, signed, digests, verifier.public_keys):
         raise VerificationError(INVALID_SIGNATURE, "no signature matches a configured secret")
-    _check_timestamp(timestamp, now, verifier.tolerance_seconds)
 
 
 def _any_standard_signature_matches(
-    signatures: str,
+    entries: list[str],
     signed: bytes,
     digests: list[bytes],
     public_keys: tuple[Ed25519PublicKey, ...],
 ) -> bool:
-    for entry in signatures.split(" "):
+    for entry in entries:
         version, _, encoded = entry.partition(",")
         candidate = _b64decode(encoded)
         if candidate is None:
@@ -157,6 +169,8 @@ def _verify_hmac(verifier: Verifier, body: bytes, headers: Mapping[str, str], no
         if verifier.timestamp_header:
             needed += f" and {verifier.timestamp_header}"
         raise VerificationError(MISSING_SIGNATURE, f"header {needed} is required")
+    if timestamp:
+        _check_timestamp(timestamp, now, verifier.tolerance_seconds)
     signed = b"%s.%s" % (_header_bytes(timestamp), body) if timestamp else body
     try:
         candidate = bytes.fromhex(header.strip().removeprefix(verifier.signature_prefix))
@@ -165,8 +179,6 @@ def _verify_hmac(verifier: Verifier, body: bytes, headers: Mapping[str, str], no
     digests = (key.digest(signed) for key in verifier.hmac_keys)
     if not any(hmac.compare_digest(candidate, digest) for digest in digests):
         raise VerificationError(INVALID_SIGNATURE, "no signature matches a configured secret")
-    if timestamp:
-        _check_timestamp(timestamp, now, verifier.tolerance_seconds)
 
 
 def _verify_bearer(verifier: Verifier, headers: Mapping[str, str]) -> None:

@@ -25,9 +25,10 @@ async def test_missing_or_unknown_key_is_401(relay: Relay) -> None:
 
 
 async def test_access_token_query_parameter_is_accepted(relay: Relay) -> None:
-    """The key may be given as ?access_token= (for EventSource)."""
-    resp = await relay.client.get("/v1/events", params={"access_token": relay.key})
-    assert resp.status == 200
+    """The key may be given as ?access_token= on a stream (for EventSource)."""
+    params = {"access_token": relay.key}
+    async with relay.client.get("/v1/stream", params=params) as resp:
+        assert resp.status == 200
 
 
 async def test_wrong_scope_is_403_and_revoked_key_is_401(relay: Relay) -> None:

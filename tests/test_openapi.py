@@ -111,7 +111,7 @@ async def test_webhook_routes_need_the_write_scope_and_name_their_answers(relay:
         if operation["tags"] == ["webhooks"]
     }
     assert len(webhooks) == 12
-    write = [{"bearer": ["agent:write"]}, {"accessToken": ["agent:write"]}]
+    write = [{"bearer": ["agent:write"]}]  # no ?access_token= outside event streams
     for operation in webhooks.values():
         assert operation["security"] == write
         assert {"401", "403"} <= set(operation["responses"])

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import Relay, RelayFactory
 from tests.test_ingest import signed
-from tests.test_sse import frames
+from tests.test_sse import frames, is_change
 
 SESSIONS = 84  # x 24 changes each: 2,016 changes
 EVENTS_PER_SESSION = 25  # created, reused, ready, then started/completed turns
@@ -73,7 +73,7 @@ async def test_client_resuming_20_times_during_load_gets_every_change_once(
             async for frame in frames(resp):
                 if "id" in frame:
                     last_id = int(frame["id"])
-                if "data" in frame:
+                if is_change(frame):
                     received.append(orjson.loads(frame["data"]))
                 if final is None and producing.done():
                     final = await _last_matching(relay, type_filter)

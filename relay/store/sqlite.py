@@ -25,7 +25,7 @@ from typing import Any, Protocol, TypeVar
 import aiosqlite
 import structlog
 
-from relay.changes import RAW_EVENT_COLUMNS, Commit, StoredChange, stored_body
+from relay.changes import RAW_EVENT_COLUMNS, Commit, StoredChange, sql_glob, stored_body
 from relay.config import AlertSettings, RetentionSettings, StoreSettings
 from relay.logs import RepeatedWarnings
 from relay.normalize import decoder
@@ -467,7 +467,7 @@ class SQLiteStore:
             + (f" AND ({where})" if where else "")
             + " AND c.type NOT GLOB ?" * len(exclude)
             + " ORDER BY c.id LIMIT ?",
-            (after, *types, *exclude, limit),
+            (after, *map(sql_glob, types), *map(sql_glob, exclude), limit),
         )
         return [
             StoredChange(row[0], row[1], row[2], row[3], stored_body(row[0], row[4], row[5:]))
