@@ -353,6 +353,7 @@ def test_cli_adds_a_pagerduty_subscription_with_a_header(tmp_path: Path) -> None
     """`relay subscriptions add --format pagerduty --routing-key K --header 'X-A: b'`."""
     config = tmp_path / "relay.toml"
     config.write_text(f'[store]\nurl = "sqlite:///{tmp_path}/cli.db"\n')
+    cli(config, "migrate")  # admin commands need a store that exists
     url = "https://example.com/pd"
     added = cli(
         config, "subscriptions", "add", url, "--format", "pagerduty",
