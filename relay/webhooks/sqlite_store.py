@@ -32,6 +32,7 @@ from relay.webhooks.model import (
     Subscription,
 )
 from relay.webhooks.store import ClaimRequest, DeliveryNotRetryable, SecretChanged
+from relay.webhooks.store_rows import UPDATABLE, previous_secrets_from_json, previous_secrets_json
 
 T = TypeVar("T")
 
@@ -43,21 +44,6 @@ _SUBSCRIPTION_COLUMNS = (
 _DELIVERY_COLUMNS = (
     "id, subscription_id, change_id, type, session_id, status, attempts, cycle_attempts,"
     " next_attempt_at, last_status, last_error, created_at, updated_at"
-)
-_UPDATABLE = frozenset(
-    {
-        "url",
-        "description",
-        "types",
-        "session_ids",
-        "ordering",
-        "max_in_flight",
-        "enabled",
-        "disabled_reason",
-        "failing_since",
-        "updated_at",
-        "enabled_changed_at",
-    }
 )
 _CLAIM_BODY = (
     "SELECT d.id, d.change_id, d.type, coalesce(d.payload, c.body), d.cycle_attempts,"
@@ -186,7 +172,7 @@ class SQLiteDeliveryStore:
     async def update_subscription(
         self, subscription_id: str, fields: Mapping[str, Any]
     ) -> Subscription | None:
-        unknown = set(fields) - _UPDATABLE
+        unknown = set(fields) - UPDATABLE
         if unknown:
             raise ValueError(f"not updatable: {', '.join(sorted(unknown))}")
         return await self._call(_update_subscription, subscription_id, dict(fields))
@@ -315,20 +301,9 @@ def _subscription(row: Any) -> Subscription:
         bool(enabled),
         disabled_reason,
         secret,
-        _previous_secrets(previous),
+        previous_secrets_from_json(previous),
         *row[11:],
     )
-
-
-def _previous_secrets(text: str) -> tuple[PreviousSecret, ...]:
-    return tuple(
-        PreviousSecret(bytes.fromhex(entry["secret"]), float(entry["until"]))
-        for entry in orjson.loads(text)
-    )
-
-
-def _previous_json(previous: Sequence[PreviousSecret]) -> str:
-    return orjson.dumps([{"secret": p.secret.hex(), "until": p.until} for p in previous]).decode()
 
 
 def _rotate_secret(
@@ -352,7 +327,7 @@ def _rotate_secret(
         conn.execute(
             "UPDATE subscriptions SET secret = ?, previous_secrets = ?, updated_at = ?"
             " WHERE id = ?",
-            (new, _previous_json(kept), updated_at, subscription_id),
+            (new, previous_secrets_json(kept), updated_at, subscription_id),
         )
         return _get_subscription(conn, subscription_id)
 
@@ -417,7 +392,7 @@ def _add_subscription(conn: sqlite3.Connection, s: Subscription) -> Subscription
                 int(s.enabled),
                 s.disabled_reason,
                 s.secret,
-                _previous_json(s.previous_secrets),
+                previous_secrets_json(s.previous_secrets),
                 s.failing_since,
                 s.created_at,
                 s.updated_at,
