@@ -4,6 +4,8 @@ with plain INSERTs: the store under test only reads them."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -137,6 +139,19 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture
 async def backend(store_url: str) -> AsyncIterator[Backend]:
+    async with opened_backend(store_url) as found:
+        yield found
+
+
+@pytest.fixture
+async def pg(pg_url: str) -> AsyncIterator[Backend]:
+    """PostgreSQL only: a backend that can open other instances on its database."""
+    async with opened_backend(pg_url) as found:
+        yield found
+
+
+@contextlib.asynccontextmanager
+async def opened_backend(store_url: str) -> AsyncIterator[Backend]:
     if store_url.startswith("sqlite"):
         settings = StoreSettings(url=store_url, writer="thread")
         main = SQLiteStore(settings, {}, AlertSettings())
@@ -147,8 +162,7 @@ async def backend(store_url: str) -> AsyncIterator[Backend]:
         await migrate_postgres(store_url)
     store = open_delivery_store(settings)
     await store.open()
-    name = store_url.partition(":")[0]
-    found = Backend(name, store, settings, stores=[store])
+    found = Backend(store_url.partition(":")[0], store, settings, stores=[store])
     try:
         yield found
     finally:
@@ -537,3 +551,185 @@ async def test_deleting_a_subscription_removes_its_deliveries(backend: Backend) 
     assert await store.get_delivery(claimed.id) is None
     assert await store.list_attempts([claimed.id]) == {claimed.id: []}
     assert await store.queue_depth() == 0
+
+
+# -- PostgreSQL only: several instances on one database ------------------------------------
+
+
+async def test_two_instances_claiming_at_once_never_claim_the_same_delivery(pg: Backend) -> None:
+    """Concurrent claims from two instances split the due deliveries between them."""
+    other = await pg.another_instance()
+    await pg.store.add_subscription(subscription("sub_a", max_in_flight=1000))
+    await pg.add_changes([("turn.started", f"s{n}") for n in range(300)])
+    await pg.store.enqueue(1000, T0)
+    taken: dict[int, list[int]] = {0: [], 1: []}
+
+    async def take(index: int, store: DeliveryStore) -> None:
+        while True:
+            claimed = await claim_all(store, "sub_a", Clock(), limit=7)
+            if not claimed:
+                return
+            taken[index] += [d.id for d in claimed]
+
+    await asyncio.gather(*(take(i % 2, s) for i, s in enumerate([pg.store, other] * 3)))
+    assert taken[0]
+    assert taken[1]
+    assert not set(taken[0]) & set(taken[1])
+    assert len(taken[0]) + len(taken[1]) == len(set(taken[0]) | set(taken[1])) == 300
+
+
+async def test_an_ended_lease_is_taken_over_by_another_instance(pg: Backend) -> None:
+    """A dead instance's delivery is claimed by another once its lease ends; the first
+    instance's late result is logged but does not move the new claim on."""
+    other = await pg.another_instance()
+    await pg.store.add_subscription(subscription("sub_a"))
+    await pg.add_changes([("turn.started", "chat_1")])
+    await pg.store.enqueue(100, T0)
+    (first,) = await claim_all(pg.store, "sub_a", Clock(T0))
+    claimed, next_due = await other.claim([ClaimRequest("sub_a", 10, False)], Clock(T0 + 10), LEASE)
+    assert claimed == []
+    assert next_due == {"sub_a": T0 + LEASE}  # the other instance comes back when it ends
+    (second,) = await claim_all(other, "sub_a", Clock(T0 + LEASE))
+    assert second.id == first.id
+    await deliver(pg.store, [first], T0 + LEASE + 1)  # the first instance, late
+    still = await pg.store.get_delivery(first.id)
+    assert still is not None
+    assert still.status is DeliveryStatus.DELIVERING
+    assert still.next_attempt_at == T0 + 2 * LEASE
+    await deliver(other, [second], T0 + LEASE + 2)
+    done = await pg.store.get_delivery(first.id)
+    assert done is not None
+    assert done.status is DeliveryStatus.DELIVERED
+    assert len((await pg.store.list_attempts([first.id]))[first.id]) == 2
+
+
+async def test_release_claims_leaves_leases_that_have_not_ended(pg: Backend) -> None:
+    """An instance that starts releases only ended leases: others may be attempting the rest."""
+    other = await pg.another_instance()
+    await pg.store.add_subscription(subscription("sub_a"))
+    await pg.add_changes([("turn.started", "chat_1")])
+    await pg.store.enqueue(100, T0)
+    (claimed,) = await claim_all(pg.store, "sub_a", Clock(T0))
+    assert await other.release_claims(T0 + LEASE - 1) == 0
+    leased = await other.get_delivery(claimed.id)
+    assert leased is not None
+    assert leased.status is DeliveryStatus.DELIVERING
+    assert await claim_all(other, "sub_a", Clock(T0 + LEASE - 1)) == []
+    assert await other.release_claims(T0 + LEASE) == 1
+
+
+async def test_max_in_flight_and_session_order_hold_across_instances(pg: Backend) -> None:
+    """Deliveries leased by one instance count against max_in_flight and hold their
+    sessions for the other."""
+    other = await pg.another_instance()
+    await pg.store.add_subscription(
+        subscription("sub_a", ordering=Ordering.SESSION, max_in_flight=2)
+    )
+    a1, b1, c1, a2 = await pg.add_changes([("x", "a"), ("x", "b"), ("x", "c"), ("x", "a")])
+    await pg.store.enqueue(100, T0)
+    first = await claim_all(pg.store, "sub_a", Clock(), limit=2, ordered=True)
+    assert [d.change_id for d in first] == [a1, b1]
+    assert await claim_all(other, "sub_a", Clock(), limit=2, ordered=True) == []  # slots full
+    await deliver(pg.store, first[1:], T0 + 1)  # b1 done: one slot free
+    assert [d.change_id for d in await claim_all(other, "sub_a", Clock(), ordered=True)] == [c1]
+    await deliver(pg.store, first[:1], T0 + 2)  # a1 done: a2 may go
+    (last,) = await claim_all(other, "sub_a", Clock(), ordered=True)
+    assert last.change_id == a2
+
+
+async def test_concurrent_instances_keep_session_order_and_max_in_flight(pg: Backend) -> None:
+    """Two instances claiming and recording at once never exceed max_in_flight, never
+    attempt a session's change before the previous one is recorded, and deliver all."""
+    other = await pg.another_instance()
+    limit = 3
+    await pg.store.add_subscription(
+        subscription("sub_a", ordering=Ordering.SESSION, max_in_flight=limit)
+    )
+    ids = await pg.add_changes([("x", f"s{n % 5}") for n in range(60)])
+    session_of = {cid: f"s{(cid - ids[0]) % 5}" for cid in ids}
+    await pg.store.enqueue(1000, T0)
+    in_flight = 0
+    most = 0
+    order: dict[str, list[int]] = {}
+
+    async def work(store: DeliveryStore) -> None:
+        nonlocal in_flight, most
+        idle = 0
+        while idle < 3:
+            claimed = await claim_all(store, "sub_a", Clock(), limit=limit, ordered=True)
+            # Each claim's window here lies inside its lease, so overlaps here are real.
+            in_flight += len(claimed)
+            most = max(most, in_flight)
+            for d in claimed:
+                order.setdefault(session_of[d.change_id or 0], []).append(d.change_id or 0)
+            idle = 0 if claimed else idle + 1
+            await asyncio.sleep(0)
+            in_flight -= len(claimed)
+            if claimed:
+                await deliver(store, claimed, T0 + 1)
+
+    await asyncio.gather(work(pg.store), work(other), work(pg.store), work(other))
+    for _ in range(10):  # workers that went idle early may have left heads freed late
+        if not await pg.store.queue_depth():
+            break
+        await work(pg.store)
+    assert await pg.store.queue_depth() == 0
+    assert 0 < most <= limit
+    assert sorted(cid for seen in order.values() for cid in seen) == ids  # each once
+    assert all(seen == sorted(seen) for seen in order.values())
+
+
+async def test_a_subscription_disabled_on_one_instance_is_not_claimed_on_another(
+    pg: Backend,
+) -> None:
+    """A 410 recorded by one instance, or a disable through another, stops every claim."""
+    other = await pg.another_instance()
+    await pg.store.add_subscription(subscription("sub_a"))
+    await pg.add_changes([("x", "a"), ("x", "b")])
+    await pg.store.enqueue(100, T0)
+    (first,) = await claim_all(pg.store, "sub_a", Clock(), limit=1)
+    await pg.store.record(
+        [result(first, T0 + 1, DeliveryStatus.FAILED, code=410, disable_reason="410 Gone")]
+    )
+    claimed, next_due = await other.claim([ClaimRequest("sub_a", 10, False)], Clock(), LEASE)
+    assert claimed == []
+    assert next_due == {}
+    await other.update_subscription("sub_a", {"enabled": True, "enabled_changed_at": T0 + 2})
+    assert len(await claim_all(pg.store, "sub_a", Clock(), limit=1)) == 1
+    await other.delete_subscription("sub_a")
+    assert await claim_all(pg.store, "sub_a", Clock()) == []
+
+
+async def test_enqueue_from_two_instances_at_once_queues_each_change_once(pg: Backend) -> None:
+    """Concurrent enqueues share one cursor: every change is turned into deliveries once."""
+    other = await pg.another_instance()
+    await pg.store.add_subscription(subscription("all"))
+    await pg.store.add_subscription(subscription("turns", types=("turn.*",)))
+    await pg.add_changes(
+        [("turn.started" if n % 2 else "session.ready", f"s{n}") for n in range(400)]
+    )
+    reads: list[int] = []
+    counts: dict[str, int] = {}
+
+    async def drain(store: DeliveryStore) -> None:
+        while True:
+            read, got = await store.enqueue(37, T0)
+            reads.append(read)
+            for sid, count in got.items():
+                counts[sid] = counts.get(sid, 0) + count
+            if not read:
+                return
+
+    await asyncio.gather(drain(pg.store), drain(other), drain(pg.store), drain(other))
+    assert sum(reads) == 400
+    assert counts == {"all": 400, "turns": 200}
+    assert await pg.store.queue_depth() == 600
+
+
+async def test_instances_starting_together_migrate_once(pg_url: str) -> None:
+    """Concurrent migration runs apply each version once; the others find it done."""
+    runs = await asyncio.gather(*(migrate_postgres(pg_url) for _ in range(3)))
+    applied = [run for run in runs if run]
+    assert len(applied) == 1
+    assert 3 in applied[0]
+    assert await migrate_postgres(pg_url) == []
