@@ -645,36 +645,51 @@ async def test_concurrent_instances_keep_session_order_and_max_in_flight(pg: Bac
     await pg.store.add_subscription(
         subscription("sub_a", ordering=Ordering.SESSION, max_in_flight=limit)
     )
-    ids = await pg.add_changes([("x", f"s{n % 5}") for n in range(60)])
-    session_of = {cid: f"s{(cid - ids[0]) % 5}" for cid in ids}
+    ids = await pg.add_changes([("x", f"s{n % 4}") for n in range(80)])
+    session_of = {cid: f"s{(cid - ids[0]) % 4}" for cid in ids}
     await pg.store.enqueue(1000, T0)
-    in_flight = 0
+    # Each attempt's window here lies inside its lease, so what overlaps here overlapped
+    # there too.
+    attempting: list[str] = []
     most = 0
+    together: list[str] = []  # a session attempted twice at once
     order: dict[str, list[int]] = {}
+    claims = 0
+    claimed_since = asyncio.Condition()
 
     async def work(store: DeliveryStore) -> None:
-        nonlocal in_flight, most
+        nonlocal most, claims
         idle = 0
         while idle < 3:
             claimed = await claim_all(store, "sub_a", Clock(), limit=limit, ordered=True)
-            # Each claim's window here lies inside its lease, so overlaps here are real.
-            in_flight += len(claimed)
-            most = max(most, in_flight)
-            for d in claimed:
-                order.setdefault(session_of[d.change_id or 0], []).append(d.change_id or 0)
+            async with claimed_since:
+                claims += 1
+                mine = claims
+                claimed_since.notify_all()
+            sessions = [session_of[d.change_id or 0] for d in claimed]
+            together.extend(s for s in sessions if s in attempting)
+            attempting.extend(sessions)
+            most = max(most, len(attempting))
+            for d, session in zip(claimed, sessions, strict=True):
+                order.setdefault(session, []).append(d.change_id or 0)
             idle = 0 if claimed else idle + 1
-            await asyncio.sleep(0)
-            in_flight -= len(claimed)
+            if claimed:  # the attempt: it lasts until another claim came (or 2 s)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2), claimed_since:
+                        await claimed_since.wait_for(lambda: claims > mine)  # noqa: B023
+            for session in sessions:
+                attempting.remove(session)
             if claimed:
                 await deliver(store, claimed, T0 + 1)
 
-    await asyncio.gather(work(pg.store), work(other), work(pg.store), work(other))
+    await asyncio.gather(*(work(store) for store in (pg.store, other, pg.store, other)))
     for _ in range(10):  # workers that went idle early may have left heads freed late
         if not await pg.store.queue_depth():
             break
         await work(pg.store)
     assert await pg.store.queue_depth() == 0
     assert 0 < most <= limit
+    assert together == []
     assert sorted(cid for seen in order.values() for cid in seen) == ids  # each once
     assert all(seen == sorted(seen) for seen in order.values())
 
