@@ -625,12 +625,12 @@ async def test_max_in_flight_and_session_order_hold_across_instances(pg: Backend
     await pg.store.add_subscription(
         subscription("sub_a", ordering=Ordering.SESSION, max_in_flight=2)
     )
-    a1, b1, c1, a2 = await pg.add_changes([("x", "a"), ("x", "b"), ("x", "c"), ("x", "a")])
+    a1, b1, a2, c1 = await pg.add_changes([("x", "a"), ("x", "b"), ("x", "a"), ("x", "c")])
     await pg.store.enqueue(100, T0)
     first = await claim_all(pg.store, "sub_a", Clock(), limit=2, ordered=True)
     assert [d.change_id for d in first] == [a1, b1]
     assert await claim_all(other, "sub_a", Clock(), limit=2, ordered=True) == []  # slots full
-    await deliver(pg.store, first[1:], T0 + 1)  # b1 done: one slot free
+    await deliver(pg.store, first[1:], T0 + 1)  # b1 done: one slot free, a2 still waits
     assert [d.change_id for d in await claim_all(other, "sub_a", Clock(), ordered=True)] == [c1]
     await deliver(pg.store, first[:1], T0 + 2)  # a1 done: a2 may go
     (last,) = await claim_all(other, "sub_a", Clock(), ordered=True)
