@@ -618,6 +618,29 @@ async def test_release_claims_leaves_leases_that_have_not_ended(pg: Backend) -> 
     assert await other.release_claims(T0 + LEASE) == 1
 
 
+async def test_a_starting_instance_releases_the_leases_of_instances_that_are_gone(
+    pg: Backend,
+) -> None:
+    """Leases of an instance whose connection ended are released at once on a start;
+    a live instance's are kept until they end."""
+    live = await pg.another_instance()
+    await pg.store.add_subscription(subscription("sub_a"))
+    await pg.add_changes([("x", "a"), ("x", "b")])
+    await pg.store.enqueue(100, T0)
+    (gone,) = await claim_all(pg.store, "sub_a", Clock(T0), limit=1)
+    (kept,) = await claim_all(live, "sub_a", Clock(T0), limit=1)
+    await pg.store.close()  # its liveness lock goes with its connection
+    starting = await pg.another_instance()
+    assert await starting.release_claims(T0 + 1) == 1
+    released = await starting.get_delivery(gone.id)
+    assert released is not None
+    assert released.status is DeliveryStatus.PENDING
+    still = await starting.get_delivery(kept.id)
+    assert still is not None
+    assert still.status is DeliveryStatus.DELIVERING
+    assert [d.id for d in await claim_all(starting, "sub_a", Clock(T0 + 1))] == [gone.id]
+
+
 async def test_max_in_flight_and_session_order_hold_across_instances(pg: Backend) -> None:
     """Deliveries leased by one instance count against max_in_flight and hold their
     sessions for the other."""

@@ -7,7 +7,6 @@ copy of a subscription. The schema is `relay/store/postgres_migrations/0003_*`.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -52,18 +51,27 @@ class PostgresDeliveryStore:
         self._url = settings.url
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
+        self._alive: asyncpg.Connection | None = None
         # Names this instance's leases: a late result of a lease that ended and was
         # taken over elsewhere is logged, but does not move the new claim on.
-        self.owner = uuid.uuid4().hex
+        self.owner = ""
 
     async def open(self) -> None:
-        if self._pool is None:
-            self._pool = await asyncpg.create_pool(self._url, min_size=1, max_size=self._pool_size)
+        if self._pool is not None:
+            return
+        # Held while this instance runs: an instance that starts releases the leases of
+        # instances whose connection (so whose lock) is gone, not only ended ones.
+        self._alive = await asyncpg.connect(self._url)
+        self.owner = await queue.hold_liveness_lock(self._alive)
+        self._pool = await asyncpg.create_pool(self._url, min_size=1, max_size=self._pool_size)
 
     async def close(self) -> None:
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
+        if self._alive is not None:
+            await self._alive.close()
+            self._alive = None
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -73,7 +81,7 @@ class PostgresDeliveryStore:
 
     async def release_claims(self, now: float) -> int:
         async with self.pool.acquire() as conn:
-            return await queue.release_expired(conn, now)
+            return await queue.release_claims(conn, now)
 
     # -- subscriptions -------------------------------------------------------------------
 
