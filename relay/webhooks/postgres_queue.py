@@ -12,6 +12,7 @@ row, locked while changes are turned into deliveries, so each change is enqueued
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -255,17 +256,36 @@ def _attempt_args(result: AttemptResult) -> tuple[Any, ...]:
     return (a.delivery_id, a.at, a.status_code, a.latency_ms, a.response, a.error)
 
 
-async def release_expired(conn: asyncpg.Connection, now: float) -> int:
-    """Make deliveries whose lease has ended due now, as pending or retrying again.
+# The instances alive now: each holds the advisory lock (LIVENESS_LOCK, its key) on a
+# connection of its own for as long as it runs; PostgreSQL drops it when that ends.
+LIVENESS_LOCK = 0x72656C61
+_LIVE_OWNERS = (
+    "SELECT objid::bigint::text FROM pg_locks WHERE locktype = 'advisory' AND granted"
+    " AND classid::bigint = $2 AND objsubid = 2"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+)
 
-    Only ended leases: another instance may be attempting the others right now. (Claims
-    take ended leases anyway; this sets their status right for readers.)
-    """
+
+async def release_claims(conn: asyncpg.Connection, now: float) -> int:
+    """Make deliveries due now, as pending or retrying again, whose lease has ended or
+    whose instance is gone (its liveness lock is free): the others may be attempted
+    elsewhere right now."""
     async with conn.transaction():
         result = await conn.execute(
             "UPDATE deliveries SET next_attempt_at = $1, lease_owner = NULL,"
             " status = CASE WHEN cycle_attempts > 0 THEN 'retrying' ELSE 'pending' END"
-            " WHERE status = 'delivering' AND next_attempt_at <= $1",
+            " WHERE status = 'delivering' AND (next_attempt_at <= $1 OR lease_owner IS NULL"
+            f" OR lease_owner NOT IN ({_LIVE_OWNERS}))",
             now,
+            LIVENESS_LOCK,
         )
     return int(result.split()[-1])
+
+
+async def hold_liveness_lock(conn: asyncpg.Connection) -> str:
+    """Take a liveness lock no other instance holds, on `conn`; return its key (the
+    instance's lease owner name)."""
+    while True:
+        key = secrets.randbelow(2**31)
+        if await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", LIVENESS_LOCK, key):
+            return str(key)
