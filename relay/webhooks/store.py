@@ -103,8 +103,9 @@ class DeliveryStore(Protocol):
         more than `max_in_flight` minus the deliveries leased on every instance.
 
         Returns the deliveries, and for each subscription asked about that still has
-        deliveries waiting, when the earliest one is due. A session-ordered request
-        gets only the oldest unfinished delivery of each session.
+        deliveries waiting, when the earliest one is due (shared: a lease held by another
+        instance counts as due when it ends; a disabled subscription has none). A
+        session-ordered request gets only the oldest unfinished delivery of each session.
         """
 
     async def record(self, results: Sequence[AttemptResult]) -> None:
