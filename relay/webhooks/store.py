@@ -49,7 +49,8 @@ class DeliveryStore(Protocol):
     async def release_claims(self, now: float) -> int:
         """Make claimed deliveries due now (after a restart: their attempts were lost).
         Embedded: every claimed one. Shared by several instances: only those whose lease
-        has ended (the others may be attempted elsewhere right now)."""
+        has ended or whose instance is gone (the others may be attempted elsewhere right
+        now)."""
 
     async def add_subscription(self, subscription: Subscription) -> Subscription:
         """Store it; it receives changes after the newest one in the log (its `start_after`)."""
