@@ -82,16 +82,38 @@ class Cluster:
     async def add_changes(self, sessions: list[str]) -> list[int]:
         conn = await asyncpg.connect(self.url)
         try:
-            first = await conn.fetchval("SELECT coalesce(max(id), 0) + 1 FROM changes")
-            ids = list(range(first, first + len(sessions)))
-            await conn.executemany(
-                "INSERT INTO changes (id, type, session_id, turn_id, event_seq, body)"
-                " VALUES ($1, 'turn.started', $2, NULL, NULL, $3)",
-                [
-                    (cid, session, orjson.dumps({"id": cid, "session_id": session}))
-                    for cid, session in zip(ids, sessions, strict=True)
-                ],
-            )
+            return await self._insert_changes(conn, sessions)
+        finally:
+            await conn.close()
+
+    async def _insert_changes(self, conn: asyncpg.Connection, sessions: list[str]) -> list[int]:
+        first = await conn.fetchval("SELECT coalesce(max(id), 0) + 1 FROM changes")
+        ids = list(range(first, first + len(sessions)))
+        await conn.executemany(
+            "INSERT INTO changes (id, type, session_id, turn_id, event_seq, body)"
+            " VALUES ($1, 'turn.started', $2, NULL, NULL, $3)",
+            [
+                (cid, session, orjson.dumps({"id": cid, "session_id": session}))
+                for cid, session in zip(ids, sessions, strict=True)
+            ],
+        )
+        return ids
+
+    async def queue_elsewhere(self, sessions: list[str], now: float) -> list[int]:
+        """Append changes and queue their deliveries in one transaction, as another
+        instance's ingest and enqueue would leave them (no dispatcher here sees it)."""
+        conn = await asyncpg.connect(self.url)
+        try:
+            async with conn.transaction():
+                await conn.execute("SELECT 1 FROM delivery_cursor FOR UPDATE")
+                ids = await self._insert_changes(conn, sessions)
+                await conn.executemany(
+                    "INSERT INTO deliveries (subscription_id, change_id, type, session_id,"
+                    " status, next_attempt_at, created_at, updated_at)"
+                    " VALUES ('sub_hook', $1, 'turn.started', $2, 'pending', $3, $3, $3)",
+                    [(cid, session, now) for cid, session in zip(ids, sessions, strict=True)],
+                )
+                await conn.execute("UPDATE delivery_cursor SET last_change_id = $1", ids[-1])
         finally:
             await conn.close()
         return ids
@@ -167,3 +189,16 @@ async def test_an_instance_that_starts_takes_over_a_dead_instances_claims_at_onc
     await cluster.dispatcher(clock)
     await eventually(lambda: len(cluster.got.at("/hook")) == 1)
     assert [r.change_id for r in cluster.got.at("/hook")] == ids
+
+
+async def test_deliveries_another_instance_queued_are_delivered_by_a_running_one(
+    cluster: Cluster,
+) -> None:
+    """Deliveries another instance queued (and died before claiming) reach the receiver
+    through an instance that was already running and had nothing to do."""
+    clock = Clock()
+    await cluster.subscribe(await cluster.instance(), "/hook", max_in_flight=10)
+    await cluster.dispatcher(clock)
+    ids = await cluster.queue_elsewhere(["chat_1", "chat_2"], clock())
+    await eventually(lambda: len(cluster.got.at("/hook")) == 2)
+    assert sorted(r.change_id for r in cluster.got.at("/hook")) == ids

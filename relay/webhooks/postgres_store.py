@@ -47,6 +47,8 @@ POOL_SIZE = 4
 
 
 class PostgresDeliveryStore:
+    shared = True
+
     def __init__(self, settings: StoreSettings, pool_size: int = POOL_SIZE) -> None:
         self._url = settings.url
         self._pool_size = pool_size

@@ -109,6 +109,8 @@ _RECOVER_PAGE = 1000
 
 
 class SQLiteDeliveryStore:
+    shared = False
+
     def __init__(self, settings: StoreSettings) -> None:
         self._settings = settings
         self._path = sqlite_path(settings.url)

@@ -41,6 +41,10 @@ class ClaimRequest:
 
 
 class DeliveryStore(Protocol):
+    # Several instances share it: deliveries appear, are released and change state
+    # through other instances too, so a dispatcher looks at every subscription each poll.
+    shared: bool
+
     async def open(self) -> None:
         """Connect (the schema is the main store's migrations)."""
 
