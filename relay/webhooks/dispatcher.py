@@ -251,6 +251,11 @@ class Dispatcher:
             await asyncio.sleep(self._settings.poll_interval_seconds)
             try:
                 await self._reload()
+                if self._store.shared:
+                    # Other instances queue deliveries, leave them behind when they die
+                    # and schedule retries this one has not seen: look at them all.
+                    self._dirty.update(self._endpoints)
+                    self._work.set()
                 self._stats.queue_depth = await self._store.queue_depth()
             except Exception:
                 log.exception("webhooks.poll_failed")

@@ -40,6 +40,12 @@ from relay.webhooks.model import (
     Subscription,
 )
 from relay.webhooks.store import ClaimRequest, DeliveryNotRetryable, SecretChanged
+from relay.webhooks.store_rows import (
+    UPDATABLE,
+    headers_json,
+    previous_secrets_from_json,
+    previous_secrets_json,
+)
 
 T = TypeVar("T")
 
@@ -51,24 +57,6 @@ _SUBSCRIPTION_COLUMNS = (
 _DELIVERY_COLUMNS = (
     "id, subscription_id, change_id, type, session_id, status, attempts, cycle_attempts,"
     " next_attempt_at, last_status, last_error, created_at, updated_at"
-)
-_UPDATABLE = frozenset(
-    {
-        "url",
-        "description",
-        "types",
-        "session_ids",
-        "ordering",
-        "max_in_flight",
-        "enabled",
-        "disabled_reason",
-        "failing_since",
-        "updated_at",
-        "enabled_changed_at",
-        "format",
-        "routing_key",
-        "headers",
-    }
 )
 _CLAIM_BODY = (
     "SELECT d.id, d.change_id, d.type, coalesce(d.payload, c.body), d.cycle_attempts,"
@@ -135,6 +123,8 @@ _RECOVER_PAGE = 1000
 
 
 class SQLiteDeliveryStore:
+    shared = False
+
     def __init__(self, settings: StoreSettings) -> None:
         self._settings = settings
         self._path = sqlite_path(settings.url)
@@ -198,7 +188,7 @@ class SQLiteDeliveryStore:
     async def update_subscription(
         self, subscription_id: str, fields: Mapping[str, Any]
     ) -> Subscription | None:
-        unknown = set(fields) - _UPDATABLE
+        unknown = set(fields) - UPDATABLE
         if unknown:
             raise ValueError(f"not updatable: {', '.join(sorted(unknown))}")
         return await self._call(_update_subscription, subscription_id, dict(fields))
@@ -378,7 +368,7 @@ def _subscription(row: Any) -> Subscription:
         bool(enabled),
         disabled_reason,
         secret,
-        _previous_secrets(previous),
+        previous_secrets_from_json(previous),
         failing_since=row[11],
         start_after=row[12],
         created_at=row[13],
@@ -388,21 +378,6 @@ def _subscription(row: Any) -> Subscription:
         routing_key=row[17],
         headers=tuple((name, value) for name, value in orjson.loads(row[18])),
     )
-
-
-def _previous_secrets(text: str) -> tuple[PreviousSecret, ...]:
-    return tuple(
-        PreviousSecret(bytes.fromhex(entry["secret"]), float(entry["until"]))
-        for entry in orjson.loads(text)
-    )
-
-
-def _previous_json(previous: Sequence[PreviousSecret]) -> str:
-    return orjson.dumps([{"secret": p.secret.hex(), "until": p.until} for p in previous]).decode()
-
-
-def _headers_json(headers: Sequence[tuple[str, str]]) -> str:
-    return orjson.dumps([[name, value] for name, value in headers]).decode()
 
 
 def _rotate_secret(
@@ -426,7 +401,7 @@ def _rotate_secret(
         conn.execute(
             "UPDATE subscriptions SET secret = ?, previous_secrets = ?, updated_at = ?"
             " WHERE id = ?",
-            (new, _previous_json(kept), updated_at, subscription_id),
+            (new, previous_secrets_json(kept), updated_at, subscription_id),
         )
         return _get_subscription(conn, subscription_id)
 
@@ -491,14 +466,14 @@ def _add_subscription(conn: sqlite3.Connection, s: Subscription) -> Subscription
                 int(s.enabled),
                 s.disabled_reason,
                 s.secret,
-                _previous_json(s.previous_secrets),
+                previous_secrets_json(s.previous_secrets),
                 s.failing_since,
                 s.created_at,
                 s.updated_at,
                 s.enabled_changed_at,
                 s.format.value,
                 s.routing_key,
-                _headers_json(s.headers),
+                headers_json(s.headers),
             ),
         )
         added = _get_subscription(conn, s.id)
@@ -528,7 +503,7 @@ def _update_subscription(
     if "format" in fields:
         fields["format"] = Format(fields["format"]).value
     if "headers" in fields:
-        fields["headers"] = _headers_json(fields["headers"])
+        fields["headers"] = headers_json(fields["headers"])
 
     def work() -> Subscription | None:
         if fields:

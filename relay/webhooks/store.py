@@ -1,8 +1,10 @@
 """The delivery store interface: subscriptions, the delivery queue and the attempt log.
 
-The embedded backend keeps them in the relay's SQLite file, on connections of its own;
-a PostgreSQL backend (cluster mode) will implement the same methods, claiming rows with
-`FOR UPDATE SKIP LOCKED` where SQLite relies on its single writer.
+The embedded backend keeps them in the relay's SQLite file, on connections of its own.
+The PostgreSQL backend (cluster mode) implements the same methods for several instances
+at once: the rows decide what may be claimed (a claim checks the subscription's state and
+the deliveries in flight on every instance, and takes rows `FOR UPDATE SKIP LOCKED`),
+where SQLite relies on its single writer and the dispatcher's own view.
 """
 
 from __future__ import annotations
@@ -39,13 +41,20 @@ class ClaimRequest:
 
 
 class DeliveryStore(Protocol):
+    # Several instances share it: deliveries appear, are released and change state
+    # through other instances too, so a dispatcher looks at every subscription each poll.
+    shared: bool
+
     async def open(self) -> None:
         """Connect (the schema is the main store's migrations)."""
 
     async def close(self) -> None: ...
 
     async def release_claims(self, now: float) -> int:
-        """Make every claimed delivery due now (after a restart: their attempts were lost)."""
+        """Make claimed deliveries due now (after a restart: their attempts were lost).
+        Embedded: every claimed one. Shared by several instances: only those whose lease
+        has ended or whose instance is gone (the others may be attempted elsewhere right
+        now)."""
 
     async def add_subscription(self, subscription: Subscription) -> Subscription:
         """Store it; it receives changes after the newest one in the log (its `start_after`)."""
@@ -92,12 +101,16 @@ class DeliveryStore(Protocol):
         self, requests: Sequence[ClaimRequest], clock: Callable[[], float], lease_seconds: float
     ) -> tuple[list[ClaimedDelivery], dict[str, float]]:
         """Take deliveries due at `clock()` (read when the claim runs) for an attempt, marking
-        them delivering for `lease_seconds`. A delivering row is never claimed again: only
-        `release_claims` (on start) makes it due.
+        them delivering for `lease_seconds`. Embedded, a delivering row is never claimed
+        again: only `release_claims` (on start) makes it due. Shared by several instances,
+        it is claimed again once its lease has ended (its instance is presumed gone), and
+        the claim itself skips a subscription that is disabled or removed and takes no
+        more than `max_in_flight` minus the deliveries leased on every instance.
 
         Returns the deliveries, and for each subscription asked about that still has
-        deliveries waiting, when the earliest one is due. A session-ordered request
-        gets only the oldest unfinished delivery of each session.
+        deliveries waiting, when the earliest one is due (shared: a lease held by another
+        instance counts as due when it ends; a disabled subscription has none). A
+        session-ordered request gets only the oldest unfinished delivery of each session.
         """
 
     async def record(self, results: Sequence[AttemptResult]) -> None:
@@ -140,4 +153,8 @@ def open_delivery_store(settings: StoreSettings) -> DeliveryStore:
         from relay.webhooks.sqlite_store import SQLiteDeliveryStore
 
         return SQLiteDeliveryStore(settings)
+    if scheme in ("postgresql", "postgres"):
+        from relay.webhooks.postgres_store import PostgresDeliveryStore
+
+        return PostgresDeliveryStore(settings)
     raise ValueError(f"no delivery store backend for URL scheme {scheme!r}")

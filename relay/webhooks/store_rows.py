@@ -1,0 +1,47 @@
+"""Row encodings every delivery store backend shares."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import orjson
+
+from relay.webhooks.model import PreviousSecret
+
+# The subscription columns `update_subscription` may set.
+UPDATABLE = frozenset(
+    {
+        "url",
+        "description",
+        "types",
+        "session_ids",
+        "ordering",
+        "max_in_flight",
+        "enabled",
+        "disabled_reason",
+        "failing_since",
+        "updated_at",
+        "enabled_changed_at",
+        "format",
+        "routing_key",
+        "headers",
+    }
+)
+
+
+def previous_secrets_from_json(text: str) -> tuple[PreviousSecret, ...]:
+    """Rotated-out secrets from their column: [{"secret": hex, "until": unix seconds}]."""
+    return tuple(
+        PreviousSecret(bytes.fromhex(entry["secret"]), float(entry["until"]))
+        for entry in orjson.loads(text)
+    )
+
+
+def previous_secrets_json(previous: Sequence[PreviousSecret]) -> str:
+    """The column text of rotated-out secrets."""
+    return orjson.dumps([{"secret": p.secret.hex(), "until": p.until} for p in previous]).decode()
+
+
+def headers_json(headers: Sequence[tuple[str, str]]) -> str:
+    """The column text of a subscription's static headers: [[name, value], ...]."""
+    return orjson.dumps([[name, value] for name, value in headers]).decode()
