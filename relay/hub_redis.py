@@ -123,11 +123,14 @@ class RedisHub:
         ]
 
     async def stop(self) -> None:
+        # The Redis client may swallow a cancellation arriving mid-command (the task then
+        # goes on), so each task is cancelled until it has ended.
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.1)
             with contextlib.suppress(asyncio.CancelledError):
-                await task
+                task.result()
         self._tasks = []
         if self._redis is not None:
             await self._redis.aclose()
