@@ -44,7 +44,9 @@ def change(change_id: int, session_id: str = "s1", kind: str = "turn.started") -
 
 
 def redis_hub(url: str, prefix: str, log: ChangeLog, **settings: Any) -> RedisHub:
-    return RedisHub(HubSettings(url=url, prefix=prefix, **settings), log.read_changes, log.last_change_id)
+    return RedisHub(
+        HubSettings(url=url, prefix=prefix, **settings), log.read_changes, log.last_change_id
+    )
 
 
 @asynccontextmanager

@@ -119,7 +119,9 @@ async def test_close_ends_every_subscription(hub_and_log: tuple[Hub, ChangeLog])
     with hub.subscribe(everything, 10, nothing) as open_one:
         assert hub.subscribers == 1
         hub.close()
-        assert open_one.closed and await open_one.ended(0.01)
+        assert open_one.closed
+        assert await open_one.ended(0.01)
         with hub.subscribe(everything, 10, nothing) as late:
-            assert late.closed and await late.ended(0.01)
+            assert late.closed
+            assert await late.ended(0.01)
     assert hub.subscribers == 0
