@@ -1,0 +1,277 @@
+"""The Redis hub across instances: order, gaps, large commits, and Redis going away."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from relay.appkeys import HUB, STORE
+from relay.changes import Commit, StoredChange
+from relay.config import HubSettings, Settings
+from relay.hub import InProcessHub, open_hub
+from relay.hub_redis import MAX_MESSAGE_BYTES, RedisHub, Throttle, backoff
+from relay.hub_wire import BadMessage, decode, encode
+from tests.conftest import RelayFactory, fixture_events
+from tests.hub_support import ChangeLog, Received, change, everything, nothing, redis_hub, running
+from tests.receivers import eventually
+from tests.redis_server import RedisServer
+from tests.test_read_api import ingest
+
+QUIET = 3600.0  # a catch-up interval that never elapses: only Redis carries changes
+
+
+async def connected(*hubs: RedisHub) -> None:
+    await eventually(lambda: all(hub.stats.connected for hub in hubs))
+
+
+def test_message_round_trips_bodies_byte_for_byte() -> None:
+    """A commit decodes from its message with the exact bodies, ids and sessions."""
+    bodies = [b'{"a":"x\\ny"}', '{"é":1}'.encode(), b"{}"]
+    changes = [StoredChange(n + 1, "t", "s", None if n else "u", b) for n, b in enumerate(bodies)]
+    message = decode(encode("me", Commit(changes, {"s": 4}), 1000))
+    assert message.origin == "me"
+    assert message.commit == Commit(changes, {"s": 4})
+    assert [c.body for c in message.commit.changes] == bodies
+    assert message.through is None
+
+
+def test_large_commit_goes_as_ids_only() -> None:
+    """A commit over the size limit is sent without its changes, naming the last id."""
+    message = decode(encode("me", Commit([change(7), change(8)], {"s1": 2}), 10))
+    assert message.commit == Commit([], {"s1": 2})
+    assert message.through == 8
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"not json\n",
+        b'{"o":"x"}\n',
+        b'{"o":"x","s":{},"c":[[1,"t","s",null,5]]}\nab',
+        b'{"o":"x","s":{},"c":[[0,"t","s",null,0]]}\n',
+        b'{"o":"x","s":{},"r":true}\n',
+    ],
+)
+def test_bad_messages_are_refused(data: bytes) -> None:
+    """Anything but a well-formed commit message is BadMessage."""
+    with pytest.raises(BadMessage):
+        decode(data)
+
+
+def test_backoff_doubles_up_to_a_cap() -> None:
+    """Reconnect delays double from 0.1 s and stay under 6 s, jitter included."""
+    assert backoff(0, lambda: 0.0) == pytest.approx(0.1)
+    assert backoff(3, lambda: 0.0) == pytest.approx(0.8)
+    assert backoff(40, lambda: 1.0) == pytest.approx(6.0)
+
+
+def test_throttle_lets_one_warning_through_per_interval() -> None:
+    """A throttled warning passes once per interval and reports how many it held back."""
+    now = [0.0]
+    throttle = Throttle(10.0, lambda: now[0])
+    assert throttle.allow() == 0
+    assert throttle.allow() is None
+    assert throttle.allow() is None
+    now[0] = 10.0
+    assert throttle.allow() == 2
+
+
+async def test_open_hub_chooses_by_url_scheme() -> None:
+    """memory:// gives the in-process hub, redis:// the Redis hub."""
+    log = ChangeLog()
+    memory = open_hub(HubSettings(), log.read_changes, log.last_change_id)
+    assert isinstance(memory, InProcessHub)
+    redis = open_hub(HubSettings(url="redis://127.0.0.1:1/0"), log.read_changes, log.last_change_id)
+    assert isinstance(redis, RedisHub)
+
+
+def test_config_refuses_unknown_hub_urls() -> None:
+    """A hub URL of another scheme is a configuration error."""
+    with pytest.raises(ValueError, match="hub URLs"):
+        Settings(hub={"url": "kafka://broker"})
+
+
+@pytest.fixture
+async def hubs(redis_namespace: tuple[str, str]) -> AsyncIterator[tuple[ChangeLog, list[RedisHub]]]:
+    """Three running Redis hubs on one namespace (three relay instances), one change log."""
+    url, prefix = redis_namespace
+    log = ChangeLog()
+    three = [redis_hub(url, prefix, log, catch_up_interval_seconds=QUIET) for _ in range(3)]
+    async with running(three[0]), running(three[1]), running(three[2]):
+        await connected(*three)
+        await eventually(lambda: log.reads >= 3)  # each has caught up once on connecting
+        yield log, three
+
+
+async def test_commit_on_one_instance_reaches_the_others(
+    hubs: tuple[ChangeLog, list[RedisHub]],
+) -> None:
+    """Subscribers, session watches and commit listeners on another instance get a commit
+    through Redis, in id order."""
+    log, (a, b, _) = hubs
+    got, woken = Received(), []
+    b.add_commit_listener(lambda commit: woken.extend(c.id for c in commit.changes))
+    with b.subscribe(everything, 100, nothing) as subscription, b.watch_session("s9") as watch:
+        subscription.deliver_to(got)
+        a.publish(log.append(2, "s1"))
+        a.publish(log.append(3, "s9"))
+        assert await watch.wait(10)
+        await eventually(lambda: len(got.ids) >= 5)
+    assert got.ids == woken == [1, 2, 3, 4, 5]
+    assert b.stats.received == 2
+    assert b.last_delivered == 5
+
+
+async def test_commits_out_of_id_order_are_delivered_in_order(
+    hubs: tuple[ChangeLog, list[RedisHub]],
+) -> None:
+    """A commit that arrives before a lower one is delivered after the missing ids, read
+    from the log; the late commit is then dropped, not delivered twice."""
+    log, (a, b, c) = hubs
+    received = [Received() for _ in range(3)]
+    first, second = log.append(3), log.append(3)
+    with (
+        a.subscribe(everything, 100, nothing) as on_a,
+        b.subscribe(everything, 100, nothing) as on_b,
+        c.subscribe(everything, 100, nothing) as on_c,
+    ):
+        for subscription, into in zip((on_a, on_b, on_c), received, strict=True):
+            subscription.deliver_to(into)
+        c.publish(second)
+        await eventually(lambda: len(received[1].ids) >= 6)
+        a.publish(first)
+        await eventually(lambda: b.stats.received == 2 and c.stats.received == 1)
+        await eventually(lambda: all(len(r.ids) >= 6 for r in received))
+        assert b.stats.received == 2  # the late commit came, and was dropped
+    for into in received:
+        assert into.ids == [1, 2, 3, 4, 5, 6]
+    assert b.last_delivered == 6
+
+
+async def test_interleaved_commits_from_many_instances_arrive_once_in_order(
+    hubs: tuple[ChangeLog, list[RedisHub]],
+) -> None:
+    """Commits published in shuffled order from three instances reach every instance's
+    subscriber each once, in id order."""
+    log, three = hubs
+    commits = [log.append(random.randint(1, 4), f"s{n % 7}") for n in range(120)]
+    order = list(enumerate(commits))
+    random.Random(12).shuffle(order)
+    received = [Received() for _ in three]
+    with (
+        three[0].subscribe(everything, 10_000, nothing) as s0,
+        three[1].subscribe(everything, 10_000, nothing) as s1,
+        three[2].subscribe(everything, 10_000, nothing) as s2,
+    ):
+        for subscription, into in zip((s0, s1, s2), received, strict=True):
+            subscription.deliver_to(into)
+        for position, (n, commit) in enumerate(order):
+            three[n % 3].publish(commit)
+            if position % 10 == 0:
+                await asyncio.sleep(0)  # let the publishers and listeners run in between
+        total = len(log.changes)
+        await eventually(lambda: all(len(r.ids) >= total for r in received))
+    for into in received:
+        assert into.ids == list(range(1, total + 1))
+
+
+async def test_a_commit_too_large_for_a_message_is_read_from_the_log(
+    hubs: tuple[ChangeLog, list[RedisHub]],
+) -> None:
+    """A commit over the message size reaches other instances through the log."""
+    log, (a, b, _) = hubs
+    big = StoredChange(1, "turn.started", "s1", None, b'{"x":"' + b"y" * MAX_MESSAGE_BYTES + b'"}')
+    log.changes.append(big)
+    got = Received()
+    with b.subscribe(everything, 10, nothing) as subscription:
+        subscription.deliver_to(got)
+        a.publish(Commit([big], {"s1": 1}))
+        await eventually(lambda: got.ids == [1])
+    assert got.changes[0].body == big.body
+    assert b.stats.received == 1
+
+
+async def test_streams_go_on_through_a_redis_outage(tmp_path: Path) -> None:
+    """With Redis killed for a while and started again, publishing never fails, every
+    subscriber gets every change once, in order, during the outage and after, and
+    session watches still wake."""
+    server = RedisServer(tmp_path)
+    await server.start()
+    log = ChangeLog()
+    a, b = (redis_hub(server.url, "outage", log, catch_up_interval_seconds=0.2) for _ in "ab")
+    got_a, got_b = Received(), Received()
+
+    async def publish_for(seconds: float, count: int) -> None:
+        """Publish `count` commits, spread over `seconds`, alternating instances."""
+        for n in range(count):
+            (a, b)[n % 2].publish(log.append(1, f"s{n % 5}"))
+            await asyncio.sleep(seconds / count)
+
+    try:
+        async with running(a), running(b):
+            await connected(a, b)
+            with (
+                a.subscribe(everything, 10_000, nothing) as on_a,
+                b.subscribe(everything, 10_000, nothing) as on_b,
+            ):
+                on_a.deliver_to(got_a)
+                on_b.deliver_to(got_b)
+                await publish_for(0.5, 50)
+                await eventually(lambda: len(got_a.ids) == len(got_b.ids) == 50)
+                server.stop()
+                outage_started = time.monotonic()
+                await publish_for(2.0, 100)
+                # Redis is down: the changes arrive all the same (from the log).
+                await eventually(lambda: len(got_a.ids) == len(got_b.ids) == 150)
+                assert not a.stats.connected
+                assert not b.stats.connected
+                with b.watch_session("waiting") as watch:
+                    a.publish(log.append(1, "waiting"))
+                    assert await watch.wait(10)
+                assert time.monotonic() - outage_started >= 2.0
+                received_before = b.stats.received
+                await server.start()
+                await eventually(lambda: a.stats.connected and b.stats.connected, within=20)
+                await publish_for(0.5, 50)
+                await eventually(lambda: len(got_a.ids) == len(got_b.ids) == 201)
+                await eventually(lambda: b.stats.received > received_before)  # Redis again
+    finally:
+        server.stop()
+    assert got_a.ids == got_b.ids == list(range(1, 202))
+    assert a.stats.dropped + b.stats.dropped > 0  # the outage did cost messages
+    assert a.stats.connects >= 2
+    assert b.stats.connects >= 2
+
+
+async def test_relay_publishes_its_commits_to_other_instances(
+    start_relay: RelayFactory, redis_namespace: tuple[str, str]
+) -> None:
+    """A relay with a redis:// hub sends its committed changes to another instance."""
+    url, prefix = redis_namespace
+    relay = await start_relay(hub={"url": url, "prefix": prefix})
+    hub = relay.client.app[HUB]
+    assert isinstance(hub, RedisHub)
+    store = relay.client.app[STORE]
+    other = RedisHub(
+        HubSettings(url=url, prefix=prefix, catch_up_interval_seconds=QUIET),
+        store.list_changes,
+        store.last_change_id,
+    )
+    got = Received()
+    async with running(other):
+        await connected(hub, other)
+        with other.subscribe(everything, 1000, nothing) as subscription:
+            subscription.deliver_to(got)
+            for event in fixture_events():
+                await ingest(relay, event)
+            logged = [c.id for c in await store.list_changes(0, 1000)]
+            await eventually(lambda: got.ids == logged)
+    assert other.stats.received > 0
+    assert orjson.loads(got.changes[0].body)["id"] == logged[0]
