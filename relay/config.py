@@ -145,6 +145,9 @@ class HubSettings(_Section):
     url: str = "memory://"
     prefix: str = Field("relay", pattern=r"^[A-Za-z0-9._:-]{1,64}$")  # of channel names
     catch_up_interval_seconds: float = Field(1.0, gt=0)  # reads the store besides Redis
+    # How long a commit that arrives before a lower one waits for it before the missing
+    # ids are read from the store.
+    gap_wait_seconds: float = Field(0.02, ge=0)
     publish_queue: int = Field(10_000, ge=1)  # commits waiting for Redis; more are dropped
 
     @field_validator("url")

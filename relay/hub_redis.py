@@ -84,6 +84,9 @@ class _CatchUp:
     through: int | None = None
 
 
+_FILL = _CatchUp(-1)  # the held commits are due: fill their gaps from the log
+
+
 class RedisHub:
     def __init__(
         self, settings: HubSettings, read_changes: ReadChanges, last_change_id: LastChangeId
@@ -93,7 +96,7 @@ class RedisHub:
         self._channel = f"{settings.prefix}:changes"
         self._origin = uuid.uuid4().hex
         self._local = InProcessHub()
-        self._sequencer = Sequencer(self._local.publish, read_changes)
+        self._sequencer = Sequencer(self._local.publish, read_changes, settings.gap_wait_seconds)
         self._inbox: asyncio.Queue[Commit | _CatchUp] = asyncio.Queue()
         self._outbox: asyncio.Queue[Commit] = asyncio.Queue(settings.publish_queue)
         self._catching_up = False
@@ -174,9 +177,14 @@ class RedisHub:
 
     async def _run_deliveries(self) -> None:
         while True:
-            item = await self._inbox.get()
             try:
-                if isinstance(item, _CatchUp):
+                item = await asyncio.wait_for(self._inbox.get(), self._sequencer.fill_due_in())
+            except TimeoutError:
+                item = _FILL
+            try:
+                if item is _FILL:
+                    await self._sequencer.fill()
+                elif isinstance(item, _CatchUp):
                     self._catching_up = False
                     await self._sequencer.catch_up(item.through)
                 else:

@@ -15,6 +15,7 @@ from relay.appkeys import HUB, STORE
 from relay.changes import Commit, StoredChange
 from relay.config import HubSettings, Settings
 from relay.hub import InProcessHub, open_hub
+from relay.hub_order import Sequencer
 from relay.hub_redis import MAX_MESSAGE_BYTES, RedisHub, Throttle, backoff
 from relay.hub_wire import BadMessage, decode, encode
 from tests.conftest import RelayFactory, fixture_events
@@ -275,3 +276,61 @@ async def test_relay_publishes_its_commits_to_other_instances(
             await eventually(lambda: got.ids == logged)
     assert other.stats.received > 0
     assert orjson.loads(got.changes[0].body)["id"] == logged[0]
+
+
+class Delivered:
+    """What a sequencer hands to the local hub."""
+
+    def __init__(self) -> None:
+        self.commits: list[Commit] = []
+
+    def __call__(self, commit: Commit) -> None:
+        self.commits.append(commit)
+
+    @property
+    def ids(self) -> list[int]:
+        return [c.id for commit in self.commits for c in commit.changes]
+
+
+async def test_sequencer_holds_a_commit_until_the_one_before_it_arrives() -> None:
+    """A commit ahead of a gap waits; the missing commit then releases both, in order,
+    without reading the log."""
+    log, delivered, now = ChangeLog(), Delivered(), [0.0]
+    first, second = log.append(2), log.append(2)
+    sequencer = Sequencer(delivered, log.read_changes, gap_wait=0.02, clock=lambda: now[0])
+    await sequencer.offer(second)
+    assert delivered.ids == []
+    assert sequencer.fill_due_in() == pytest.approx(0.02)
+    await sequencer.offer(first)
+    assert delivered.ids == [1, 2, 3, 4]
+    assert sequencer.fill_due_in() is None
+    assert log.reads == 0
+
+
+async def test_sequencer_fills_a_gap_from_the_log_when_the_wait_is_over() -> None:
+    """When the missing ids do not come in time they are read from the log, and the
+    commit that comes late is then dropped."""
+    log, delivered, now = ChangeLog(), Delivered(), [0.0]
+    first, second = log.append(2, "a"), log.append(2, "b")
+    sequencer = Sequencer(delivered, log.read_changes, gap_wait=0.02, clock=lambda: now[0])
+    await sequencer.offer(second)
+    now[0] = 0.03
+    assert sequencer.fill_due_in() == 0.0
+    await sequencer.fill()
+    assert delivered.ids == [1, 2, 3, 4]
+    assert delivered.commits[0].sessions == {"a": 0}  # the filled changes wake their sessions
+    await sequencer.offer(first)
+    assert delivered.ids == [1, 2, 3, 4]
+    assert sequencer.filled == 2
+
+
+async def test_sequencer_goes_past_a_hole_in_the_log() -> None:
+    """Ids the log does not hold (pruned) do not stop delivery."""
+    log, delivered = ChangeLog(), Delivered()
+    log.append(5)
+    del log.changes[1:3]  # ids 2 and 3 are gone
+    sequencer = Sequencer(delivered, log.read_changes)
+    await sequencer.offer(Commit([log.changes[-1]], {"s1": 5}))
+    assert delivered.ids == [1, 4, 5]
+    await sequencer.catch_up()
+    assert delivered.ids == [1, 4, 5]
