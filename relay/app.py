@@ -66,6 +66,7 @@ def create_app(
     store.add_commit_listener(app[HUB].publish)
     store.add_commit_listener(app[METRICS].observe_commit)
     app[METRICS].sse_subscribers.set_function(lambda: app[HUB].subscribers)
+    app[METRICS].watch_hub(hub.counters)
     app.cleanup_ctx.append(_store_lifetime(on_bootstrap_key))
     app.cleanup_ctx.append(_hub_lifetime)
     app.cleanup_ctx.append(_alert_loop(clock))

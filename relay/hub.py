@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
 
@@ -80,6 +80,9 @@ class Hub(Protocol):
     @property
     def watching(self) -> int:
         """How many session watches are open (on this instance)."""
+
+    def counters(self) -> Mapping[str, int]:
+        """Counts for metrics (commits published, dropped, received...); none in process."""
 
 
 class _Watch:
@@ -161,6 +164,9 @@ class InProcessHub:
 
     async def stop(self) -> None:
         return None
+
+    def counters(self) -> Mapping[str, int]:
+        return {}
 
     def add_commit_listener(self, listener: Callable[[Commit], None]) -> None:
         self._listeners.append(listener)

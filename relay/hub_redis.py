@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import redis.asyncio as aioredis
 import structlog
@@ -105,6 +105,9 @@ class RedisHub:
         self._publish_warning = Throttle(LOG_EVERY_SECONDS)
         self._listen_warning = Throttle(LOG_EVERY_SECONDS)
         self.stats = HubStats()
+
+    def counters(self) -> dict[str, int]:
+        return {name: int(value) for name, value in asdict(self.stats).items()}
 
     @property
     def last_delivered(self) -> int:

@@ -276,6 +276,18 @@ async def test_relay_publishes_its_commits_to_other_instances(
             await eventually(lambda: got.ids == logged)
     assert other.stats.received > 0
     assert orjson.loads(got.changes[0].body)["id"] == logged[0]
+    metrics = await (await relay.client.get("/metrics", headers=relay.auth)).text()
+    published = metrics.split('relay_hub_commits_total{outcome="published"} ')[1].split()[0]
+    assert float(published) >= 1
+    assert "relay_hub_connected 1.0" in metrics
+
+
+async def test_embedded_relay_has_no_hub_metrics(start_relay: RelayFactory) -> None:
+    """With the in-process hub, no cross-instance hub metrics are exposed."""
+    relay = await start_relay()
+    metrics = await (await relay.client.get("/metrics", headers=relay.auth)).text()
+    assert "relay_sse_subscribers" in metrics
+    assert "relay_hub_" not in metrics
 
 
 class Delivered:
