@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from relay import hub_wire
@@ -40,6 +41,7 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # larger commits go as ids only
 PUBLISH_BATCH = 256
 CONNECT_TIMEOUT_SECONDS = 2.0
 LOG_EVERY_SECONDS = 10.0
+PING_EVERY_SECONDS = 5.0  # of silence on the subscription
 _FAILURES = (RedisError, OSError, TimeoutError)
 
 
@@ -77,6 +79,7 @@ class HubStats:
     bad_messages: int = 0
     connects: int = 0  # times the listener subscribed (the first time, and reconnects)
     connected: bool = False  # the listener is subscribed
+    pings: int = 0  # asked whether the connection is alive after a silence
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,9 +92,14 @@ _FILL = _CatchUp(-1)  # the held commits are due: fill their gaps from the log
 
 class RedisHub:
     def __init__(
-        self, settings: HubSettings, read_changes: ReadChanges, last_change_id: LastChangeId
+        self,
+        settings: HubSettings,
+        read_changes: ReadChanges,
+        last_change_id: LastChangeId,
+        ping_every: float = PING_EVERY_SECONDS,
     ) -> None:
         self._settings = settings
+        self._ping_every = ping_every
         self._last_change_id = last_change_id
         self._channel = f"{settings.prefix}:changes"
         self._origin = uuid.uuid4().hex
@@ -268,10 +276,23 @@ class RedisHub:
             self.stats.connected = True
             self.stats.connects += 1
             self._catch_up()  # what was published while nobody listened is in the log
+            heard = time.monotonic()  # when Redis last said anything (a message or a pong)
             while True:
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                if message is not None and message["type"] == "message":
-                    self._received(message["data"])
+                wait = min(1.0, self._ping_every)
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
+                if message is not None:
+                    heard = time.monotonic()
+                    if message["type"] == "message":
+                        self._received(message["data"])
+                    continue
+                # A connection can die without a word (a partition): ask, and give up on
+                # it when Redis has said nothing for three pings.
+                silent = time.monotonic() - heard
+                if silent > 3 * self._ping_every:
+                    raise RedisConnectionError(f"no answer from Redis for {silent:.1f} s")
+                if silent > self._ping_every:
+                    await pubsub.ping()
+                    self.stats.pings += 1
 
     def _received(self, data: bytes) -> None:
         try:

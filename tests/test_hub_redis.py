@@ -346,3 +346,16 @@ async def test_sequencer_goes_past_a_hole_in_the_log() -> None:
     assert delivered.ids == [1, 4, 5]
     await sequencer.catch_up()
     assert delivered.ids == [1, 4, 5]
+
+
+async def test_idle_subscription_stays_connected_through_pings(
+    redis_namespace: tuple[str, str],
+) -> None:
+    """A quiet subscription is pinged and, while Redis answers, kept (no reconnects)."""
+    url, prefix = redis_namespace
+    log = ChangeLog()
+    hub = RedisHub(HubSettings(url=url, prefix=prefix), log.read_changes, log.last_change_id, 0.05)
+    async with running(hub):
+        await eventually(lambda: hub.stats.pings >= 8)
+        assert hub.stats.connects == 1
+        assert hub.stats.connected
