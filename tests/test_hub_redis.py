@@ -21,7 +21,7 @@ from relay.hub_wire import BadMessage, decode, encode
 from tests.conftest import RelayFactory, fixture_events
 from tests.hub_support import ChangeLog, Received, change, everything, nothing, redis_hub, running
 from tests.receivers import eventually
-from tests.redis_server import RedisServer
+from tests.redis_server import FreezingProxy, RedisServer
 from tests.test_read_api import ingest
 
 QUIET = 3600.0  # a catch-up interval that never elapses: only Redis carries changes
@@ -359,3 +359,42 @@ async def test_idle_subscription_stays_connected_through_pings(
         await eventually(lambda: hub.stats.pings >= 8)
         assert hub.stats.connects == 1
         assert hub.stats.connected
+
+
+async def test_silent_partition_is_noticed_and_caught_up(
+    redis_namespace: tuple[str, str],
+) -> None:
+    """When Redis goes silent without closing the connection, the hub notices, keeps its
+    streams going from the log, and resubscribes once Redis answers again."""
+    url, prefix = redis_namespace
+    proxy = FreezingProxy("127.0.0.1", int(url.rsplit(":", 1)[1].split("/")[0]))
+    await proxy.start()
+    log = ChangeLog()
+    cut_off = RedisHub(
+        HubSettings(url=proxy.url, prefix=prefix, catch_up_interval_seconds=0.2),
+        log.read_changes,
+        log.last_change_id,
+        ping_every=0.1,
+    )
+    sender = redis_hub(url, prefix, log, catch_up_interval_seconds=QUIET)
+    got = Received()
+    try:
+        async with running(cut_off), running(sender):
+            await connected(cut_off, sender)
+            with cut_off.subscribe(everything, 1000, nothing) as subscription:
+                subscription.deliver_to(got)
+                sender.publish(log.append(1))
+                await eventually(lambda: cut_off.stats.received == 1)
+                proxy.freeze()
+                await eventually(lambda: not cut_off.stats.connected)
+                sender.publish(log.append(2))
+                await eventually(lambda: len(got.ids) >= 3)  # from the log meanwhile
+                proxy.thaw()
+                await eventually(lambda: cut_off.stats.connected, within=20)
+                sender.publish(log.append(2))
+                await eventually(lambda: cut_off.stats.received >= 2)
+                await eventually(lambda: len(got.ids) >= 5)
+    finally:
+        await proxy.stop()
+    assert got.ids == [1, 2, 3, 4, 5]
+    assert cut_off.stats.connects >= 2
