@@ -275,6 +275,8 @@ class RedisHub:
             await pubsub.subscribe(self._channel)
             self.stats.connected = True
             self.stats.connects += 1
+            if self.stats.connects > 1:
+                log.info("hub.reconnected", catching_up_after=self._sequencer.last)
             self._catch_up()  # what was published while nobody listened is in the log
             heard = time.monotonic()  # when Redis last said anything (a message or a pong)
             while True:
