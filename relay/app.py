@@ -20,7 +20,7 @@ from relay.appkeys import HUB, METRICS, SETTINGS, STORE, STREAM_KEYS
 from relay.config import Settings
 from relay.dashboard import routes as dashboard_routes
 from relay.errors import ApiError, error_response, json_response
-from relay.hub import Hub, InProcessHub
+from relay.hub import Hub, open_hub
 from relay.ingest import IngestContext, Source
 from relay.ingest import route as ingest_route
 from relay.logs import request_line_writer
@@ -67,13 +67,17 @@ def create_app(
             settings.store, source_providers(settings), settings.alerts, settings.retention
         )
     app[STORE] = store
-    app[HUB] = hub if hub is not None else InProcessHub()
+    if hub is None:
+        hub = open_hub(settings.hub, store.list_changes, store.last_change_id)
+    app[HUB] = hub
     app[METRICS] = Metrics()
     app[STREAM_KEYS] = StreamKeys()
     store.add_commit_listener(app[HUB].publish)
     store.add_commit_listener(app[METRICS].observe_commit)
     app[METRICS].sse_subscribers.set_function(lambda: app[HUB].subscribers)
+    app[METRICS].watch_hub(hub.counters)
     app.cleanup_ctx.append(_store_lifetime(on_bootstrap_key))
+    app.cleanup_ctx.append(_hub_lifetime)
     app.cleanup_ctx.append(_alert_loop(clock))
     app.cleanup_ctx.append(revocation_watch)
     setup_webhooks(app, clock)
@@ -112,6 +116,13 @@ def _store_lifetime(
         await store.close()
 
     return lifetime
+
+
+async def _hub_lifetime(app: web.Application) -> AsyncIterator[None]:
+    """The hub runs while the store is open (it starts at the log's last change)."""
+    await app[HUB].start()
+    yield
+    await app[HUB].stop()
 
 
 def source_providers(settings: Settings) -> dict[str, str]:

@@ -174,6 +174,25 @@ class RetentionSettings(_Section):
         return self.days * 86400 if self.days else None
 
 
+class HubSettings(_Section):
+    # "memory://": in this process only (embedded mode); "redis://host:port/db" (or
+    # "rediss://") carries changes and wake-ups to every relay instance.
+    url: str = "memory://"
+    prefix: str = Field("relay", pattern=r"^[A-Za-z0-9._:-]{1,64}$")  # of channel names
+    catch_up_interval_seconds: float = Field(1.0, gt=0)  # reads the store besides Redis
+    # How long a commit that arrives before a lower one waits for it before the missing
+    # ids are read from the store.
+    gap_wait_seconds: float = Field(0.02, ge=0)
+    publish_queue: int = Field(10_000, ge=1)  # commits waiting for Redis; more are dropped
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        if not url.startswith(("memory://", "redis://", "rediss://")):
+            raise ValueError("hub URLs are memory:// or redis://host:port/db (rediss:// too)")
+        return url
+
+
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
@@ -192,6 +211,7 @@ class Settings(BaseSettings):
     delivery: DeliverySettings = DeliverySettings()
     alerts: AlertSettings = AlertSettings()
     sse: SSESettings = SSESettings()
+    hub: HubSettings = HubSettings()
     log: LogSettings = LogSettings()
     retention: RetentionSettings = RetentionSettings()
 

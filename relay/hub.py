@@ -1,8 +1,8 @@
 """The fan-out hub: where committed changes go to reach subscribers.
 
-In embedded mode it lives in the process; a Redis implementation will carry the same
-interface across relay instances. The ingest path only publishes; long-poll readers
-(and, later, SSE streams and the webhook dispatcher) consume.
+In embedded mode it lives in the process; the Redis hub (`relay.hub_redis`) carries the
+same interface across relay instances. The ingest path only publishes; SSE streams,
+long-poll readers and the webhook dispatcher consume. `open_hub` picks the hub by URL.
 """
 
 from __future__ import annotations
@@ -10,11 +10,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
 
 from relay.changes import Commit, StoredChange
+from relay.config import HubSettings
+
+# Reads the change log: changes with `id > after`, oldest first, at most `limit`.
+ReadChanges = Callable[[int, int], Awaitable[list[StoredChange]]]
+LastChangeId = Callable[[], Awaitable[int]]
 
 
 class SessionWatch(Protocol):
@@ -41,7 +46,17 @@ class Subscription(Protocol):
 
 
 class Hub(Protocol):
-    def publish(self, commit: Commit) -> None: ...
+    async def start(self) -> None:
+        """Begin carrying changes (after the store has opened)."""
+
+    async def stop(self) -> None:
+        """Stop carrying changes and let go of connections (before the store closes)."""
+
+    def publish(self, commit: Commit) -> None:
+        """Hand a commit to every instance; never blocks and never raises."""
+
+    def add_commit_listener(self, listener: Callable[[Commit], None]) -> None:
+        """Call `listener` with each commit as it reaches this instance, in id order."""
 
     def subscribe(
         self,
@@ -64,6 +79,13 @@ class Hub(Protocol):
 
     def watch_session(self, session_id: str) -> AbstractContextManager[SessionWatch]:
         """A watch to open *before* reading the session, so no change falls between."""
+
+    @property
+    def watching(self) -> int:
+        """How many session watches are open (on this instance)."""
+
+    def counters(self) -> Mapping[str, int]:
+        """Counts for metrics (commits published, dropped, received...); none in process."""
 
 
 class _Watch:
@@ -137,7 +159,20 @@ class InProcessHub:
     def __init__(self) -> None:
         self._watches: defaultdict[str, set[_Watch]] = defaultdict(set)
         self._subscriptions: set[_Subscription] = set()
+        self._listeners: list[Callable[[Commit], None]] = []
         self._closed = False
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    def counters(self) -> Mapping[str, int]:
+        return {}
+
+    def add_commit_listener(self, listener: Callable[[Commit], None]) -> None:
+        self._listeners.append(listener)
 
     def publish(self, commit: Commit) -> None:
         for session_id in commit.sessions:
@@ -147,6 +182,8 @@ class InProcessHub:
             for subscription in list(self._subscriptions):
                 for change in commit.changes:
                     subscription.offer(change)
+        for listener in self._listeners:
+            listener(commit)
 
     @contextmanager
     def subscribe(
@@ -188,3 +225,12 @@ class InProcessHub:
     @property
     def watching(self) -> int:
         return sum(len(watches) for watches in self._watches.values())
+
+
+def open_hub(settings: HubSettings, read_changes: ReadChanges, last_change_id: LastChangeId) -> Hub:
+    """The hub `settings.url` names; the Redis client is imported only when used."""
+    if settings.url.startswith("memory://"):
+        return InProcessHub()
+    from relay.hub_redis import RedisHub
+
+    return RedisHub(settings, read_changes, last_change_id)

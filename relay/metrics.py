@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -88,6 +88,40 @@ class DeliveryStats(Collector):
         )
 
 
+class HubStats(Collector):
+    """The cross-instance hub's counters, read from it when scraped (the in-process hub
+    has none, and then nothing is exposed)."""
+
+    OUTCOMES = ("published", "dropped", "received", "bad_messages")
+
+    def __init__(self, counters: Callable[[], Mapping[str, int]]) -> None:
+        self._counters = counters
+
+    def collect(self) -> Iterator[Metric]:
+        counters = self._counters()
+        if not counters:
+            return
+        messages = CounterMetricFamily(
+            "relay_hub_commits",
+            "Commits carried between instances: published, dropped (Redis unreachable; the "
+            "others read them from the store), received, bad_messages.",
+            labels=["outcome"],
+        )
+        for outcome in self.OUTCOMES:
+            messages.add_metric([outcome], counters.get(outcome, 0))
+        yield messages
+        yield CounterMetricFamily(
+            "relay_hub_connects",
+            "Times the hub subscribed to Redis (the first time, then each reconnect).",
+            value=counters.get("connects", 0),
+        )
+        yield GaugeMetricFamily(
+            "relay_hub_connected",
+            "1 while the hub is subscribed to Redis.",
+            value=counters.get("connected", 0),
+        )
+
+
 def _bound(value: float) -> str:
     return "+Inf" if value == float("inf") else repr(value)
 
@@ -126,6 +160,10 @@ class Metrics:
         )
         self.deliveries = DeliveryStats()
         self.registry.register(self.deliveries)
+
+    def watch_hub(self, counters: Callable[[], Mapping[str, int]]) -> None:
+        """Expose the hub's counters (`Hub.counters`)."""
+        self.registry.register(HubStats(counters))
 
     def observe_commit(self, commit: Commit) -> None:
         """Count a commit's changes; time readiness and finished turns (a commit listener)."""

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from relay import auth
 from relay.api_models import MAX_ID
-from relay.appkeys import DELIVERY_STORE, DISPATCHER, METRICS, SECRET_BOX, SETTINGS, STORE
+from relay.appkeys import DELIVERY_STORE, DISPATCHER, HUB, METRICS, SECRET_BOX, SETTINGS
 from relay.errors import ApiError, json_response
 from relay.routes import Handler, Reply, Route, parse_body, parse_query
 from relay.store.sqlite import sqlite_path
@@ -72,8 +72,9 @@ def _dispatcher_lifetime(
             store, app[SECRET_BOX], settings.delivery, app[METRICS].deliveries, clock
         )
         app[DISPATCHER] = dispatcher
-        # Commits only wake the enqueuer, which reads the durable change log.
-        app[STORE].add_commit_listener(lambda commit: dispatcher.changes_committed())
+        # Commits (on any instance, through the hub) only wake the enqueuer, which reads
+        # the durable change log.
+        app[HUB].add_commit_listener(lambda commit: dispatcher.changes_committed())
         await dispatcher.start()
         yield
         await dispatcher.stop()
