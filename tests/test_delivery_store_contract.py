@@ -20,7 +20,7 @@ from relay.config import AlertSettings, StoreSettings
 from relay.store.postgres_migrate import migrate_postgres
 from relay.store.sqlite import SQLiteStore
 from relay.webhooks.dispatcher import routing_key_binding
-from relay.webhooks.formats import Action, AlertAction, Format
+from relay.webhooks.formats import Action, AlertAction, Format, decide_actions, incident_effect
 from relay.webhooks.model import (
     Attempt,
     AttemptResult,
@@ -943,3 +943,54 @@ async def test_instances_starting_together_migrate_once(pg_url: str) -> None:
     assert len(applied) == 1
     assert 3 in applied[0]
     assert await migrate_postgres(pg_url) == []
+
+
+async def test_enqueue_from_two_instances_keeps_incidents_in_change_order(pg: Backend) -> None:
+    """Concurrent enqueues decide PagerDuty actions exactly as one enqueuer reading the
+    changes in order would: each resolve follows its trigger, none is lost or doubled."""
+    other = await pg.another_instance()
+    await pg.store.add_subscription(pagerduty("pd", max_in_flight=1000))
+    kinds = ["turn.stalled", "turn.failed", "turn.completed", "turn.stalled", "turn.completed"]
+    changes = [(kinds[n % 5], f"s{n % 3}", f"t{n // 5}") for n in range(300)]
+    ids = await pg.add_changes(changes)
+    expected: dict[int, list[tuple[str, str]]] = {}
+    open_keys: dict[str, int] = {}
+    for change_id, (kind, session, turn) in zip(ids, changes, strict=True):
+        decided = decide_actions(incident_effect(kind, session, turn), open_keys, change_id)
+        if decided:
+            expected[change_id] = [(a.action.value, a.dedup_key) for a in decided]
+
+    async def drain(store: DeliveryStore) -> None:
+        while (await store.enqueue(7, T0))[0]:
+            pass
+
+    await asyncio.gather(drain(pg.store), drain(other), drain(pg.store), drain(other))
+    claimed = await claim_all(pg.store, "pd", Clock(), limit=1000)
+    assert actions_by_change(claimed) == expected
+    assert any(action == "resolve" for got in expected.values() for action, _ in got)
+
+
+async def test_a_subscription_removed_during_an_enqueue_does_not_fail_it(pg: Backend) -> None:
+    """An enqueue that meets a removal in progress waits for it, then queues for the
+    subscriptions that remain."""
+    await pg.store.add_subscription(pagerduty("gone"))
+    await pg.store.add_subscription(subscription("kept"))
+    await pg.add_changes([("turn.stalled", "s1", "t1")])
+    remover = await asyncpg.connect(pg.settings.url)
+    try:
+        removal = remover.transaction()
+        await removal.start()
+        await remover.execute("DELETE FROM subscriptions WHERE id = 'gone'")
+        enqueue = asyncio.create_task(pg.store.enqueue(100, T0))
+        deadline = asyncio.get_running_loop().time() + 10
+        while not await remover.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            " AND datname = current_database()"
+        ):
+            assert asyncio.get_running_loop().time() < deadline, "the enqueue never waited"
+            await asyncio.sleep(0.02)
+        await removal.commit()
+    finally:
+        await remover.close()
+    assert await enqueue == (1, {"kept": 1})
+    assert await pg.store.queue_depths(["gone", "kept"]) == {"gone": 0, "kept": 1}
