@@ -1,10 +1,14 @@
-"""The PostgreSQL migration runner: versions with gaps, and a version that comes late."""
+"""The PostgreSQL migration runner: versions with gaps, a version that comes late, and
+an upgrade of a database made before alert formats."""
 
 from __future__ import annotations
 
 import asyncpg
 
+from relay.config import StoreSettings
 from relay.store.postgres_migrate import migrate_connection, postgres_migrations
+from relay.webhooks.formats import Format
+from relay.webhooks.store import open_delivery_store
 
 
 async def test_the_packaged_migrations_apply_with_a_gap_in_their_versions(pg_url: str) -> None:
@@ -34,3 +38,28 @@ async def test_a_version_below_one_applied_is_applied_by_the_next_run(pg_url: st
         assert sorted(row[0] for row in tables) == ["a", "b", "c", "d"]
     finally:
         await conn.close()
+
+
+async def test_subscriptions_made_before_alert_formats_are_standard_ones(pg_url: str) -> None:
+    """After the alert formats' migration, an older subscription is a standard one with no
+    routing key and no headers."""
+    conn = await asyncpg.connect(pg_url)
+    try:
+        older = [(v, sql) for v, sql in postgres_migrations() if v < 4]
+        await migrate_connection(conn, older)
+        await conn.execute(
+            "INSERT INTO subscriptions (id, url, types, session_ids, ordering, max_in_flight,"
+            " enabled, secret, start_after, created_at, updated_at) VALUES ('sub_old',"
+            " 'https://example.com/', '[]', '[]', 'none', 10, true, '\\x00'::bytea, 0, 't', 't')"
+        )
+        assert await migrate_connection(conn) == [4]
+    finally:
+        await conn.close()
+    store = open_delivery_store(StoreSettings(url=pg_url))
+    await store.open()
+    try:
+        found = await store.get_subscription("sub_old")
+    finally:
+        await store.close()
+    assert found is not None
+    assert (found.format, found.routing_key, found.headers) == (Format.STANDARD, None, ())
