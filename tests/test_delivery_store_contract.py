@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,8 @@ import pytest
 from relay.config import AlertSettings, StoreSettings
 from relay.store.postgres_migrate import migrate_postgres
 from relay.store.sqlite import SQLiteStore
+from relay.webhooks.dispatcher import routing_key_binding
+from relay.webhooks.formats import Action, AlertAction, Format, decide_actions, incident_effect
 from relay.webhooks.model import (
     Attempt,
     AttemptResult,
@@ -28,6 +30,7 @@ from relay.webhooks.model import (
     PreviousSecret,
     Subscription,
 )
+from relay.webhooks.secrets import SecretBox
 from relay.webhooks.store import (
     ClaimRequest,
     DeliveryNotRetryable,
@@ -95,17 +98,20 @@ class Backend:
         return self._next_seq
 
     async def add_changes(
-        self, changes: Sequence[tuple[str, str]], event_seq: int | None = None
+        self,
+        changes: Sequence[tuple[str, str] | tuple[str, str, str]],
+        event_seq: int | None = None,
     ) -> list[int]:
-        """Append (type, session id) changes; return their ids."""
+        """Append (type, session id[, turn id]) changes; return their ids."""
         rows = []
-        for change_type, session_id in changes:
+        for change_type, session_id, *turn in changes:
             self._next_change += 1
             body = orjson.dumps({"id": self._next_change, "type": change_type})
-            rows.append((self._next_change, change_type, session_id, event_seq, body))
+            turn_id = turn[0] if turn else None
+            rows.append((self._next_change, change_type, session_id, turn_id, event_seq, body))
         await self.sql(
             "INSERT INTO changes (id, type, session_id, turn_id, event_seq, body)"
-            " VALUES (?, ?, ?, NULL, ?, ?)",
+            " VALUES (?, ?, ?, ?, ?, ?)",
             rows,
         )
         return [row[0] for row in rows]
@@ -553,6 +559,172 @@ async def test_deleting_a_subscription_removes_its_deliveries(backend: Backend) 
     assert await store.queue_depth() == 0
 
 
+# -- alert formats -------------------------------------------------------------------------
+
+ROUTING_KEY = "R0UT1NGKEY0123456789abcdef012345"
+TRIGGER, RESOLVE = Action.TRIGGER, Action.RESOLVE
+
+
+def pagerduty(sid: str, routing_key: bytes = b"encrypted-key", **fields: Any) -> Subscription:
+    return replace(subscription(sid, **fields), format=Format.PAGERDUTY, routing_key=routing_key)
+
+
+def actions_by_change(claimed: Sequence[ClaimedDelivery]) -> dict[int, list[tuple[str, str]]]:
+    return {
+        d.change_id or 0: [(a.action.value, a.dedup_key) for a in d.alert_actions] for d in claimed
+    }
+
+
+async def test_format_routing_key_and_headers_are_stored_and_updated(backend: Backend) -> None:
+    """A PagerDuty subscription's encrypted routing key and its headers come back as stored,
+    and updates change the format, drop the key and replace the headers."""
+    store = backend.store
+    box = SecretBox(bytes(range(32)))
+    key = box.encrypt(ROUTING_KEY, routing_key_binding("pd"))
+    headers = (("X-Team", "agents"), ("Authorization", "env:PD_TOKEN"))
+    await store.add_subscription(replace(pagerduty("pd", key), headers=headers))
+    await store.add_subscription(subscription("std"))
+    got = await store.get_subscription("pd")
+    assert got is not None
+    assert got.format is Format.PAGERDUTY
+    assert got.routing_key == key
+    assert ROUTING_KEY.encode() not in got.routing_key
+    assert box.decrypt(got.routing_key, routing_key_binding("pd")) == ROUTING_KEY
+    assert got.headers == headers
+    listed = {s.id: s for s in await store.list_subscriptions()}
+    assert listed["pd"] == got
+    assert (listed["std"].format, listed["std"].routing_key, listed["std"].headers) == (
+        Format.STANDARD,
+        None,
+        (),
+    )
+    updated = await store.update_subscription(
+        "pd", {"format": "slack", "routing_key": None, "headers": [("X-Other", "1")]}
+    )
+    assert updated is not None
+    assert (updated.format, updated.routing_key, updated.headers) == (
+        Format.SLACK,
+        None,
+        (("X-Other", "1"),),
+    )
+    again = await store.update_subscription("std", {"format": Format.PAGERDUTY, "routing_key": key})
+    assert again is not None
+    assert (again.format, again.routing_key) == (Format.PAGERDUTY, key)
+
+
+async def test_pagerduty_deliveries_trigger_and_resolve_the_same_dedup_keys(
+    backend: Backend,
+) -> None:
+    """Enqueue decides each PagerDuty delivery's actions from the subscription's open
+    incidents: problems trigger, recoveries resolve the same keys, and changes that do
+    neither are not queued; retries carry the same actions."""
+    store = backend.store
+    clock = Clock()
+    await store.add_subscription(pagerduty("pd"))
+    await store.add_subscription(subscription("std"))
+    first = await backend.add_changes(
+        [
+            ("session.created", "s1"),
+            ("session.ready_timeout", "s1"),
+            ("turn.started", "s1", "t1"),
+            ("turn.stalled", "s1", "t1"),
+        ]
+    )
+    assert await store.enqueue(100, T0) == (4, {"pd": 2, "std": 4})
+    await store.add_subscription(pagerduty("late"))  # opened nothing so far
+    second = await backend.add_changes(
+        [
+            ("turn.failed", "s1", "t1"),
+            ("turn.completed", "s1", "t2"),
+            ("session.ready", "s1"),
+            ("turn.completed", "s1", "t3"),
+            ("session.ready", "s1"),
+        ]
+    )
+    assert await store.enqueue(2, T0) == (2, {"pd": 2, "std": 2, "late": 2})
+    assert await store.enqueue(100, T0) == (3, {"pd": 1, "std": 3})
+    ready, stalled, failed = (
+        "relay/s1/ready_timeout",
+        "relay/s1/turn/t1/stalled",
+        "relay/s1/turn_failed",
+    )
+    claimed = await claim_all(store, "pd", clock)
+    assert actions_by_change(claimed) == {
+        first[1]: [("trigger", ready)],
+        first[3]: [("trigger", stalled)],
+        second[0]: [("resolve", stalled), ("trigger", failed)],
+        second[1]: [("resolve", failed)],
+        second[2]: [("resolve", ready)],
+    }
+    assert actions_by_change(await claim_all(store, "late", clock)) == {
+        second[0]: [("trigger", failed)],
+        second[1]: [("resolve", failed)],
+    }
+    assert all(d.alert_actions == () for d in await claim_all(store, "std", clock))
+    assert await store.queue_depths(["pd", "std", "late"]) == {"pd": 5, "std": 9, "late": 2}
+    (retried,) = [d for d in claimed if d.change_id == second[0]]
+    await store.record(
+        [result(retried, T0 + 1, DeliveryStatus.RETRYING, next_attempt_at=T0 + 2, code=500)]
+    )
+    clock.now = T0 + 2
+    (again,) = await claim_all(store, "pd", clock)
+    assert (again.id, again.alert_actions) == (retried.id, retried.alert_actions)
+    assert again.alert_actions == (
+        AlertAction(RESOLVE, stalled),
+        AlertAction(TRIGGER, failed),
+    )
+
+
+async def test_queue_depths_count_each_subscriptions_unfinished_deliveries(
+    backend: Backend,
+) -> None:
+    """Queue depth per subscription counts deliveries not yet delivered or failed (leased
+    ones too), and 0 for a subscription with none or none known."""
+    store = backend.store
+    clock = Clock()
+    await store.add_subscription(subscription("all"))
+    await store.add_subscription(subscription("failed", types=("turn.failed",)))
+    await store.add_subscription(pagerduty("pd"))
+    await store.add_subscription(subscription("idle", types=("session.ready",)))
+    await backend.add_changes(
+        [("turn.started", "s1", "t1"), ("turn.failed", "s1", "t1"), ("turn.started", "s2", "t2")]
+    )
+    await store.enqueue(100, T0)
+    sids = ["all", "failed", "pd", "idle", "nope"]
+    assert await store.queue_depths(sids) == {"all": 3, "failed": 1, "pd": 1, "idle": 0, "nope": 0}
+    claimed = await claim_all(store, "all", clock, limit=2)
+    assert (await store.queue_depths(["all"]))["all"] == 3
+    await store.record(
+        [
+            result(claimed[0], T0 + 1, DeliveryStatus.DELIVERED),
+            result(claimed[1], T0 + 1, DeliveryStatus.FAILED, code=400),
+        ]
+    )
+    assert await store.queue_depths(sids) == {"all": 1, "failed": 1, "pd": 1, "idle": 0, "nope": 0}
+    assert await store.queue_depths([]) == {}
+
+
+async def test_recover_to_pagerduty_sends_what_brings_incidents_to_now(backend: Backend) -> None:
+    """Recovered PagerDuty deliveries resolve what is no longer open and trigger nothing
+    that was not opened; a change that would do neither is not queued."""
+    store = backend.store
+    new = await backend.add_event("agent.turn", "s1", "2027-01-15T09:00:00Z")
+    stalled_t1, failed_t1 = await backend.add_changes(
+        [("turn.stalled", "s1", "t1"), ("turn.failed", "s1", "t1")], event_seq=new
+    )
+    await store.add_subscription(pagerduty("pd"))
+    (stalled_t2,) = await backend.add_changes([("turn.stalled", "s1", "t2")], event_seq=new)
+    await store.enqueue(100, T0)
+    assert await store.recover("pd", "2027-01-15T08:00:00Z", T0 + 1) == 1
+    claimed = await claim_all(store, "pd", Clock(T0 + 1))
+    assert actions_by_change(claimed) == {
+        failed_t1: [("resolve", "relay/s1/turn/t1/stalled")],
+        stalled_t2: [("trigger", "relay/s1/turn/t2/stalled")],
+    }
+    assert stalled_t1 not in actions_by_change(claimed)
+    assert await store.recover("pd", "2027-01-15T08:00:00Z", T0 + 2) == 0
+
+
 # -- PostgreSQL only: several instances on one database ------------------------------------
 
 
@@ -771,3 +943,54 @@ async def test_instances_starting_together_migrate_once(pg_url: str) -> None:
     assert len(applied) == 1
     assert 3 in applied[0]
     assert await migrate_postgres(pg_url) == []
+
+
+async def test_enqueue_from_two_instances_keeps_incidents_in_change_order(pg: Backend) -> None:
+    """Concurrent enqueues decide PagerDuty actions exactly as one enqueuer reading the
+    changes in order would: each resolve follows its trigger, none is lost or doubled."""
+    other = await pg.another_instance()
+    await pg.store.add_subscription(pagerduty("pd", max_in_flight=1000))
+    kinds = ["turn.stalled", "turn.failed", "turn.completed", "turn.stalled", "turn.completed"]
+    changes = [(kinds[n % 5], f"s{n % 3}", f"t{n // 5}") for n in range(300)]
+    ids = await pg.add_changes(changes)
+    expected: dict[int, list[tuple[str, str]]] = {}
+    open_keys: dict[str, int] = {}
+    for change_id, (kind, session, turn) in zip(ids, changes, strict=True):
+        decided = decide_actions(incident_effect(kind, session, turn), open_keys, change_id)
+        if decided:
+            expected[change_id] = [(a.action.value, a.dedup_key) for a in decided]
+
+    async def drain(store: DeliveryStore) -> None:
+        while (await store.enqueue(7, T0))[0]:
+            pass
+
+    await asyncio.gather(drain(pg.store), drain(other), drain(pg.store), drain(other))
+    claimed = await claim_all(pg.store, "pd", Clock(), limit=1000)
+    assert actions_by_change(claimed) == expected
+    assert any(action == "resolve" for got in expected.values() for action, _ in got)
+
+
+async def test_a_subscription_removed_during_an_enqueue_does_not_fail_it(pg: Backend) -> None:
+    """An enqueue that meets a removal in progress waits for it, then queues for the
+    subscriptions that remain."""
+    await pg.store.add_subscription(pagerduty("gone"))
+    await pg.store.add_subscription(subscription("kept"))
+    await pg.add_changes([("turn.stalled", "s1", "t1")])
+    remover = await asyncpg.connect(pg.settings.url)
+    try:
+        removal = remover.transaction()
+        await removal.start()
+        await remover.execute("DELETE FROM subscriptions WHERE id = 'gone'")
+        enqueue = asyncio.create_task(pg.store.enqueue(100, T0))
+        deadline = asyncio.get_running_loop().time() + 10
+        while not await remover.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            " AND datname = current_database()"
+        ):
+            assert asyncio.get_running_loop().time() < deadline, "the enqueue never waited"
+            await asyncio.sleep(0.02)
+        await removal.commit()
+    finally:
+        await remover.close()
+    assert await enqueue == (1, {"kept": 1})
+    assert await pg.store.queue_depths(["gone", "kept"]) == {"gone": 0, "kept": 1}

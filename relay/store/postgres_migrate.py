@@ -3,12 +3,15 @@
 Migrations are `relay/store/postgres_migrations/NNNN_*.sql`, applied in version order,
 each recorded in `schema_migrations`, all in one transaction that holds an advisory
 lock: instances that start together migrate once (the others wait, then find every
-version applied), and a failed run leaves the schema as it was.
+version applied), and a failed run leaves the schema as it was. Versions need not be
+contiguous: each one not recorded is applied, so a version numbered below one already
+applied (a migration written beside it) is applied by the next run.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from importlib import resources
 
 import asyncpg
@@ -39,8 +42,11 @@ async def migrate_postgres(url: str) -> list[int]:
         await conn.close()
 
 
-async def migrate_connection(conn: asyncpg.Connection) -> list[int]:
-    """Apply the missing migrations on `conn`, under the migration lock."""
+async def migrate_connection(
+    conn: asyncpg.Connection, migrations: Sequence[tuple[int, str]] | None = None
+) -> list[int]:
+    """Apply the missing migrations (by default the packaged ones) on `conn`, in version
+    order, under the migration lock."""
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
         await conn.execute(
@@ -49,7 +55,7 @@ async def migrate_connection(conn: asyncpg.Connection) -> list[int]:
         )
         done = {row[0] for row in await conn.fetch("SELECT version FROM schema_migrations")}
         applied = []
-        for version, sql in postgres_migrations():
+        for version, sql in sorted(postgres_migrations() if migrations is None else migrations):
             if version in done:
                 continue
             await conn.execute(sql)

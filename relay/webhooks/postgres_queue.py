@@ -7,7 +7,9 @@ LOCKED`. A delivering row is leased to one instance until its `next_attempt_at`;
 that it is due like any other, so a dead instance's deliveries are taken over once its
 leases end. Session order is read from the rows at claim time: a delivery may go only if
 no older one of its session is active, wherever that one is. The enqueue cursor is one
-row, locked while changes are turned into deliveries, so each change is enqueued once.
+row, locked while changes are turned into deliveries, so each change is enqueued once;
+a PagerDuty subscription's open incidents are updated in that same transaction, so they
+are kept in change order whichever instance enqueues.
 """
 
 from __future__ import annotations
@@ -21,6 +23,13 @@ import orjson
 
 from relay.changes import RAW_EVENT_COLUMNS, stored_body
 from relay.timefmt import format_unix
+from relay.webhooks.formats import (
+    Format,
+    actions_from_json,
+    actions_json,
+    decide_actions,
+    incident_effect,
+)
 from relay.webhooks.model import AttemptResult, ChangeFilter, ClaimedDelivery, DeliveryStatus
 from relay.webhooks.store import ClaimRequest
 
@@ -54,7 +63,8 @@ _NEXT_DUE_ANY = (
 _NEXT_DUE_SESSION_ORDERED = _NEXT_DUE_ANY + f" AND {_HEAD}"
 _CLAIMED_BODIES = (
     "SELECT d.id, d.change_id, d.type, coalesce(d.payload, c.body), d.cycle_attempts,"
-    f" {RAW_EVENT_COLUMNS} FROM deliveries d LEFT JOIN changes c ON c.id = d.change_id"
+    f" d.alert_actions, {RAW_EVENT_COLUMNS}"
+    " FROM deliveries d LEFT JOIN changes c ON c.id = d.change_id"
     " LEFT JOIN events e ON c.body = ''::bytea AND e.seq = c.event_seq"
     " WHERE d.id = ANY($1::bigint[])"
 )
@@ -71,9 +81,10 @@ _RECORD_ATTEMPT = (
 )
 INSERT_DELIVERIES = (
     "INSERT INTO deliveries (subscription_id, change_id, type, session_id, status,"
-    " next_attempt_at, created_at, updated_at)"
-    " SELECT u.s, u.c, u.t, u.ss, 'pending', $5, $5, $5"
-    " FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[]) AS u(s, c, t, ss)"
+    " next_attempt_at, created_at, updated_at, alert_actions)"
+    " SELECT u.s, u.c, u.t, u.ss, 'pending', $6, $6, $6, u.a"
+    " FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[])"
+    " AS u(s, c, t, ss, a)"
     " ON CONFLICT (subscription_id, change_id) DO NOTHING RETURNING id"
 )
 
@@ -83,11 +94,52 @@ def change_filter(types: str, session_ids: str) -> ChangeFilter:
     return ChangeFilter(tuple(orjson.loads(types)), tuple(orjson.loads(session_ids)))
 
 
+DeliveryRow = tuple[str, int, str, str | None, str | None]
+
+
+class Incidents:
+    """The open PagerDuty incidents of subscriptions, read when first needed and written
+    back (what was resolved removed, what was triggered added) in the same transaction."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+        self._read: dict[str, dict[str, int]] = {}
+        self._before: dict[str, dict[str, int]] = {}
+
+    async def open(self, subscription_id: str) -> dict[str, int]:
+        found = self._read.get(subscription_id)
+        if found is None:
+            rows = await self._conn.fetch(
+                "SELECT dedup_key, change_id FROM alert_incidents WHERE subscription_id = $1",
+                subscription_id,
+            )
+            found = {row[0]: row[1] for row in rows}
+            self._read[subscription_id] = found
+            self._before[subscription_id] = dict(found)
+        return found
+
+    async def write(self) -> None:
+        gone, opened = [], []
+        for sid, keys in sorted(self._read.items()):
+            before = self._before[sid]
+            gone += [(sid, key) for key in sorted(before.keys() - keys.keys())]
+            opened += [(sid, key, cid) for key, cid in keys.items() if before.get(key) != cid]
+        await self._conn.executemany(
+            "DELETE FROM alert_incidents WHERE subscription_id = $1 AND dedup_key = $2", gone
+        )
+        await self._conn.executemany(
+            "INSERT INTO alert_incidents (subscription_id, dedup_key, change_id)"
+            " VALUES ($1, $2, $3) ON CONFLICT (subscription_id, dedup_key)"
+            " DO UPDATE SET change_id = excluded.change_id",
+            opened,
+        )
+
+
 async def insert_deliveries(
-    conn: asyncpg.Connection, rows: Sequence[tuple[str, int, str, str | None]], now: float
+    conn: asyncpg.Connection, rows: Sequence[DeliveryRow], now: float
 ) -> int:
-    """Add pending deliveries (subscription, change id, type, session), skipping those
-    that exist; return how many were added."""
+    """Add pending deliveries (subscription, change id, type, session, alert actions),
+    skipping those that exist; return how many were added."""
     if not rows:
         return 0
     columns = [list(column) for column in zip(*rows, strict=True)]
@@ -103,27 +155,39 @@ async def enqueue(conn: asyncpg.Connection, limit: int, now: float) -> tuple[int
             "SELECT last_change_id FROM delivery_cursor WHERE id = 1 FOR UPDATE"
         )
         changes = await conn.fetch(
-            "SELECT id, type, session_id FROM changes WHERE id > $1 ORDER BY id LIMIT $2",
+            "SELECT id, type, session_id, turn_id FROM changes WHERE id > $1 ORDER BY id LIMIT $2",
             cursor,
             limit,
         )
         if not changes:
             return 0, {}
-        # Disabled ones too: their deliveries wait, and go once they are enabled.
+        # Disabled ones too: their deliveries wait, and go once they are enabled. KEY
+        # SHARE: a subscription removed meanwhile is either gone here or removed after.
         subscriptions = [
-            (row[0], change_filter(row[1], row[2]), row[3])
+            (row[0], change_filter(row[1], row[2]), row[3], row[4])
             for row in await conn.fetch(
-                "SELECT id, types, session_ids, start_after FROM subscriptions"
+                "SELECT id, types, session_ids, start_after, format FROM subscriptions"
+                " ORDER BY id FOR KEY SHARE"
             )
         ]
-        rows = []
+        incidents = Incidents(conn)
+        rows: list[DeliveryRow] = []
         counts: dict[str, int] = {}
-        for change_id, change_type, session_id in changes:
-            for sid, accepts, start_after in subscriptions:
-                if change_id > start_after and accepts(change_type, session_id):
-                    rows.append((sid, change_id, change_type, session_id))
-                    counts[sid] = counts.get(sid, 0) + 1
+        for change_id, change_type, session_id, turn_id in changes:
+            for sid, accepts, start_after, fmt in subscriptions:
+                if change_id <= start_after or not accepts(change_type, session_id):
+                    continue
+                actions = None
+                if fmt == Format.PAGERDUTY:
+                    effect = incident_effect(change_type, session_id, turn_id)
+                    decided = decide_actions(effect, await incidents.open(sid), change_id)
+                    if not decided:
+                        continue  # neither triggers nor resolves: not sent
+                    actions = actions_json(decided)
+                rows.append((sid, change_id, change_type, session_id, actions))
+                counts[sid] = counts.get(sid, 0) + 1
         await insert_deliveries(conn, rows, now)
+        await incidents.write()
         await conn.execute(
             "UPDATE delivery_cursor SET last_change_id = $1 WHERE id = 1", changes[-1][0]
         )
@@ -185,12 +249,18 @@ async def _lease(
     bodies = {row[0]: row for row in await conn.fetch(_CLAIMED_BODIES, ids)}
     claimed = []
     for delivery_id in ids:
-        _, change_id, change_type, body, cycle, *event = bodies[delivery_id]
+        _, change_id, change_type, body, cycle, actions, *event = bodies[delivery_id]
         if change_id is not None:
             body = stored_body(change_id, body, tuple(event))
         claimed.append(
             ClaimedDelivery(
-                delivery_id, request.subscription_id, change_id, change_type, body, cycle
+                delivery_id,
+                request.subscription_id,
+                change_id,
+                change_type,
+                body,
+                cycle,
+                actions_from_json(actions),
             )
         )
     return claimed

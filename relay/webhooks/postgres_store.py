@@ -2,7 +2,8 @@
 
 Every instance of a cluster opens one over the same database; what may be claimed is
 decided by the rows (see `relay.webhooks.postgres_queue`), never by an instance's own
-copy of a subscription. The schema is `relay/store/postgres_migrations/0003_*`.
+copy of a subscription. The schema is `relay/store/postgres_migrations/0003_*` and
+`0004_*` (alert formats).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import orjson
 from relay.config import StoreSettings
 from relay.timefmt import format_time, parse_time
 from relay.webhooks import postgres_queue as queue
+from relay.webhooks.formats import Format, actions_json, incident_effect, replay_actions
 from relay.webhooks.model import (
     Attempt,
     AttemptResult,
@@ -29,6 +31,7 @@ from relay.webhooks.model import (
 from relay.webhooks.store import ClaimRequest, DeliveryNotRetryable, SecretChanged
 from relay.webhooks.store_rows import (
     UPDATABLE,
+    headers_json,
     previous_secrets_from_json,
     previous_secrets_json,
 )
@@ -36,7 +39,7 @@ from relay.webhooks.store_rows import (
 _SUBSCRIPTION_COLUMNS = (
     "id, url, description, types, session_ids, ordering, max_in_flight, enabled,"
     " disabled_reason, secret, previous_secrets, failing_since,"
-    " start_after, created_at, updated_at, enabled_changed_at"
+    " start_after, created_at, updated_at, enabled_changed_at, format, routing_key, headers"
 )
 _DELIVERY_COLUMNS = (
     "id, subscription_id, change_id, type, session_id, status, attempts, cycle_attempts,"
@@ -95,7 +98,7 @@ class PostgresDeliveryStore:
             row = await conn.fetchrow(
                 f"INSERT INTO subscriptions ({_SUBSCRIPTION_COLUMNS}) VALUES ($1, $2, $3, $4,"
                 " $5, $6, $7, $8, $9, $10, $11, $12,"
-                " (SELECT coalesce(max(id), 0) FROM changes), $13, $14, $15)"
+                " (SELECT coalesce(max(id), 0) FROM changes), $13, $14, $15, $16, $17, $18)"
                 f" RETURNING {_SUBSCRIPTION_COLUMNS}",
                 s.id,
                 s.url,
@@ -112,6 +115,9 @@ class PostgresDeliveryStore:
                 s.created_at,
                 s.updated_at,
                 s.enabled_changed_at,
+                s.format.value,
+                s.routing_key,
+                headers_json(s.headers),
             )
             added = _subscription(row)
             # The first subscription: no delivery is owed for any change before it.
@@ -163,6 +169,10 @@ class PostgresDeliveryStore:
             values["enabled"] = bool(values["enabled"])
         if "ordering" in values:
             values["ordering"] = Ordering(values["ordering"]).value
+        if "format" in values:
+            values["format"] = Format(values["format"]).value
+        if "headers" in values:
+            values["headers"] = headers_json(values["headers"])
         if not values:
             return await self.get_subscription(subscription_id)
         assignments = ", ".join(f"{key} = ${n}" for n, key in enumerate(values, start=2))
@@ -340,23 +350,36 @@ class PostgresDeliveryStore:
         that it has none for; return how many, and where the next page starts."""
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
-                "SELECT types, session_ids FROM subscriptions WHERE id = $1", subscription_id
+                "SELECT types, session_ids, format FROM subscriptions WHERE id = $1",
+                subscription_id,
             )
             if row is None:  # removed meanwhile
                 return 0, None
             accepts = queue.change_filter(row[0], row[1])
             page = await conn.fetch(
-                "SELECT id, type, session_id FROM changes WHERE id > $1 ORDER BY id LIMIT $2",
+                "SELECT id, type, session_id, turn_id FROM changes WHERE id > $1 ORDER BY id"
+                " LIMIT $2",
                 after,
                 _RECOVER_PAGE,
             )
             if not page:
                 return 0, None
-            rows = [
-                (subscription_id, cid, ctype, session_id)
-                for cid, ctype, session_id in page
-                if accepts(ctype, session_id)
-            ]
+            open_keys = None
+            if row[2] == Format.PAGERDUTY:
+                open_keys = await queue.Incidents(conn).open(subscription_id)
+            rows: list[queue.DeliveryRow] = []
+            for cid, ctype, session_id, turn_id in page:
+                if not accepts(ctype, session_id):
+                    continue
+                actions = None
+                if open_keys is not None:
+                    # What brings the receiver to the incidents open now.
+                    effect = incident_effect(ctype, session_id, turn_id)
+                    replayed = replay_actions(effect, open_keys)
+                    if not replayed:
+                        continue
+                    actions = actions_json(replayed)
+                rows.append((subscription_id, cid, ctype, session_id, actions))
             queued = await queue.insert_deliveries(conn, rows, now)
             return queued, page[-1][0] if len(page) == _RECOVER_PAGE else None
 
@@ -393,7 +416,14 @@ def _subscription(row: Any) -> Subscription:
         disabled_reason,
         bytes(secret),
         previous_secrets_from_json(previous),
-        *row[11:],
+        failing_since=row[11],
+        start_after=row[12],
+        created_at=row[13],
+        updated_at=row[14],
+        enabled_changed_at=row[15],
+        format=Format(row[16]),
+        routing_key=None if row[17] is None else bytes(row[17]),
+        headers=tuple((name, value) for name, value in orjson.loads(row[18])),
     )
 
 
