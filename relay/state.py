@@ -536,12 +536,21 @@ class SessionRecord:
                 for turn_id, t in data["turns"].items()
             },
         )
+        versions = {turn_id: t["version"] for turn_id, t in data["turns"].items()}
+        return cls.rebuild(facts, data["version"], versions)
+
+    @classmethod
+    def rebuild(
+        cls, facts: Facts, version: int, turn_versions: Mapping[str, int]
+    ) -> SessionRecord:
+        """The record of stored `facts`, its snapshots at the versions they had."""
+        sid = facts.session_id
         turns = {
-            turn_id: _project_turn(sid, turn_id, t, data["turns"][turn_id]["version"])
+            turn_id: _project_turn(sid, turn_id, t, turn_versions[turn_id])
             for turn_id, t in facts.turns.items()
         }
         summary = _summarize(turns)
-        return cls(facts, _project_session(facts, turns, summary, data["version"]), turns, summary)
+        return cls(facts, _project_session(facts, turns, summary, version), turns, summary)
 
 
 _SESSION_SLOTS = ("created", "runtime", "scope", "first_ready", "last_ready")
