@@ -172,6 +172,7 @@ def derive_batch(
         latest[session_id] = result.seq
         if not affects_state(event):
             continue
+        old: SessionRecord | None
         if session_id in touched:
             entry, old = touched[session_id]
         else:

@@ -74,12 +74,19 @@ def decode_record(
             )
         turn_facts[turn_id] = TurnFacts(*events)
         versions[turn_id] = turn_version
+    created, runtime, scope, first_ready, last_ready = (
+        _from(slot, session_id, None) for slot in data[4:]
+    )
     session = Facts(
         session_id,
         datetime.fromisoformat(data[2]),
         datetime.fromisoformat(data[3]),
-        *(_from(slot, session_id, None) for slot in data[4:]),
-        turns=turn_facts,
+        created,
+        runtime,
+        scope,
+        first_ready,
+        last_ready,
+        turn_facts,
     )
     return SessionRecord.rebuild(session, data[1], versions)
 

@@ -89,7 +89,9 @@ class BatchWriter:
             assert self.last_seq is not None
             derived = derive_batch(batch, {}, self.last_seq, self._entry, self.thresholds)
             before = conn.total_changes
-            _insert_rows(conn, _INSERT_EVENTS, _EVENT_WIDTH, derived.events, " ON CONFLICT DO NOTHING")
+            _insert_rows(
+                conn, _INSERT_EVENTS, _EVENT_WIDTH, derived.events, " ON CONFLICT DO NOTHING"
+            )
             if conn.total_changes - before != len(derived.events):
                 conn.execute("ROLLBACK")
                 conn.execute("BEGIN IMMEDIATE")
