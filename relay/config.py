@@ -69,8 +69,8 @@ class StoreSettings(_Section):
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, url: str) -> str:
-        if not url.startswith("sqlite://"):
-            raise ValueError("only sqlite:///PATH store URLs are supported in this version")
+        if not url.startswith(("sqlite://", "postgresql://", "postgres://")):
+            raise ValueError("store.url must be sqlite:///PATH or postgresql://...")
         return url
 
 

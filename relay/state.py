@@ -540,9 +540,7 @@ class SessionRecord:
         return cls.rebuild(facts, data["version"], versions)
 
     @classmethod
-    def rebuild(
-        cls, facts: Facts, version: int, turn_versions: Mapping[str, int]
-    ) -> SessionRecord:
+    def rebuild(cls, facts: Facts, version: int, turn_versions: Mapping[str, int]) -> SessionRecord:
         """The record of stored `facts`, its snapshots at the versions they had."""
         sid = facts.session_id
         turns = {

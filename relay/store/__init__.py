@@ -147,11 +147,15 @@ def open_store(
 
     `providers` maps source ids to provider names, to read stored events back with
     their source's normaliser; `alerts` sets the thresholds; with `retention`, what is
-    older is pruned in the background while the store is open.
+    older is pruned in the background while the store is open (SQLite only for now).
     """
     scheme = settings.url.partition("://")[0]
     if scheme == "sqlite":
         from relay.store.sqlite import SQLiteStore
 
         return SQLiteStore(settings, providers or {}, alerts or AlertSettings(), retention)
+    if scheme in ("postgresql", "postgres"):
+        from relay.store.postgres import PostgresStore
+
+        return PostgresStore(settings, providers or {}, alerts or AlertSettings())
     raise ValueError(f"no store backend for URL scheme {scheme!r}")

@@ -141,6 +141,9 @@ class GroupCommit:
             log.exception("store.event_failed", event_id=batch[0][0].event.id)
             _fail(batch, StoreUnavailable(f"the store could not take this event: {exc}"))
             return
+        task = asyncio.current_task()
+        if task is not None and self._writing.get(task) is batch:
+            del self._writing[task]  # written: no alert has to wait for it any more
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
