@@ -140,7 +140,8 @@ async def test_changes_come_in_id_order(store: Store) -> None:
     assert [c.id for c in changes] == list(range(1, len(changes) + 1))
     assert await store.last_change_id() == changes[-1].id
     turns = await store.list_changes(0, 1000, ("turn.*",))
-    assert turns and all(c.type.startswith("turn.") for c in turns)
+    assert turns
+    assert all(c.type.startswith("turn.") for c in turns)
     assert [c.id for c in turns] == sorted(c.id for c in turns)
     raw = [c for c in changes if c.type.startswith("raw.")]
     assert orjson.loads(raw[0].body)["event"]["id"] == "chat_a-c"
@@ -172,14 +173,16 @@ async def test_paging(store: Store) -> None:
     while event_page := await store.list_events(seq, 4):
         events += [e.id for e in event_page]
         seq = event_page[-1].seq
-    assert len(events) == 13 and len(set(events)) == 13
+    assert len(events) == 13
+    assert len(set(events)) == 13
     session_events = await store.list_session_events("chat_0", 0, 100)
     assert [e.id for e in session_events] == ["s0", "t0", "t1", "t2", "t3", "t4"]
     ids, change = [], 0
     while change_page := await store.list_changes(change, 5):
         ids += [c.id for c in change_page]
         change = change_page[-1].id
-    assert ids == sorted(set(ids)) and len(ids) > 13
+    assert ids == sorted(set(ids))
+    assert len(ids) > 13
 
 
 async def test_api_keys(store: Store) -> None:
@@ -215,7 +218,8 @@ async def test_alerts_fire_once_and_their_rows_go(store: Store, backend: Backend
     stalled = await store.list_changes(0, 100, ("turn.stalled",))
     assert [(c.session_id, c.turn_id) for c in stalled] == [("chat_s", "turn_1")]
     fired = orjson.loads(stalled[0].body)
-    assert fired["turn"]["status"] == "running" and fired["session"]["readiness"] == "ready"
+    assert fired["turn"]["status"] == "running"
+    assert fired["session"]["readiness"] == "ready"
     reopened = backend.open()
     await reopened.open()
     try:  # a store with an empty cache reads the fired mark from the session's facts
@@ -246,10 +250,10 @@ async def test_facts_are_loaded_without_replaying_events(store: Store, backend: 
         assert row is not None
         assert orjson.loads(row.snapshot) == expected.session.to_dict()
         assert orjson.loads(row.snapshot)["counts"]["turns"] == 6
-        turns = dict(
-            (orjson.loads(s)["turn_id"], orjson.loads(s))
+        turns = {
+            orjson.loads(s)["turn_id"]: orjson.loads(s)
             for _, s in await reopened.list_turns("chat_f", 0, 100)
-        )
+        }
         assert turns == {tid: t.to_dict() for tid, t in expected.turns.items()}
     finally:
         await reopened.close()
