@@ -19,7 +19,6 @@ from relay.config import AlertSettings, StoreSettings
 from relay.normalize import normalise_casedev
 from relay.state import derive_session
 from relay.store import ApiKey, IngestRecord, SessionQuery, Store, open_store
-from tests.services import pg_url  # noqa: F401  (a fixture)
 
 T0 = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 

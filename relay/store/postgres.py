@@ -29,6 +29,7 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import asyncpg
@@ -38,6 +39,7 @@ import structlog
 from relay.changes import Commit, StoredChange
 from relay.config import AlertSettings, StoreSettings
 from relay.normalize import decoder
+from relay.state import affects_state
 from relay.store import (
     ApiKey,
     IngestRecord,
@@ -168,7 +170,7 @@ class PostgresStore(PostgresReads):
             try:
                 async with pool.acquire() as conn, conn.transaction():
                     derived, changes = await self._write_in(conn, batch)
-            except _StoredElsewhere:
+            except (_StoredElsewhere, asyncpg.DeadlockDetectedError):
                 continue
             self._remember(derived.entries)
             return derived.results, Commit(changes, derived.versions)
@@ -177,7 +179,9 @@ class PostgresStore(PostgresReads):
     async def _write_in(
         self, conn: asyncpg.Connection, batch: list[IngestRecord]
     ) -> tuple[Derived, list[StoredChange]]:
-        sessions = sorted({r.event.session_id for r in batch if r.event.session_id is not None})
+        sessions = sorted(
+            {r.event.session_id for r in batch if r.event.session_id and affects_state(r.event)}
+        )
         entries = await self._lock_sessions(conn, sessions)
         existing = await _existing_seqs(conn, batch)
         derived = derive_batch(
@@ -202,11 +206,7 @@ class PostgresStore(PostgresReads):
         """Lock the sessions' facts rows; their entries, from the cache where it is current."""
         if not sessions:
             return {}
-        rows = await conn.fetch(
-            "SELECT session_id, version, facts, fired FROM session_facts"
-            " WHERE session_id = ANY($1::text[]) ORDER BY session_id FOR UPDATE",
-            sessions,
-        )
+        rows = await conn.fetch(_LOCK_SESSIONS, sessions)
         entries: dict[str, SessionEntry] = {}
         stale = []
         for session_id, version, _, _ in rows:
@@ -224,7 +224,9 @@ class PostgresStore(PostgresReads):
             ):
                 turns[session_id].append((turn_id, facts))
             for session_id, version, facts, fired in rows:
-                if session_id in turns:
+                if facts is None:
+                    entries[session_id] = replace(NO_SESSION, stamp=version)
+                elif session_id in turns:
                     record = decode_record(session_id, facts, turns[session_id])
                     entries[session_id] = entry_of(
                         record, version, decode_fired(fired), self._thresholds
@@ -291,6 +293,14 @@ class PostgresStore(PostgresReads):
             raise StoreUnavailable(f"the store cannot write: {exc}") from exc
 
 
+# Insert the sessions' facts rows that do not exist yet and lock those that do, in
+# session id order (two transactions then never wait on each other in a cycle).
+_LOCK_SESSIONS = (
+    "INSERT INTO session_facts (session_id, version)"
+    " SELECT session_id, 0 FROM unnest($1::text[]) AS s (session_id) ORDER BY session_id"
+    " ON CONFLICT (session_id) DO UPDATE SET version = session_facts.version"
+    " RETURNING session_id, version, facts, fired"
+)
 _TAKE = "UPDATE counters SET value = value + $2 WHERE name = $1 RETURNING value"
 _INSERT_EVENTS = (
     "INSERT INTO events"

@@ -27,14 +27,15 @@ CREATE TABLE turns (
 );
 CREATE INDEX turns_in_order ON turns (session_id, position);
 
--- A session's own facts. Every transaction that derives the session's state locks this
--- row first (FOR UPDATE, in session id order) and bumps `version`: an instance uses its
--- cached copy only while the version it cached is still the row's. `fired`: the alerts
--- that fired and whose condition still holds, as a JSON list of [type, turn id].
+-- A session's own facts. Every transaction that derives the session's state first
+-- inserts or locks this row (in session id order) and bumps `version`: an instance uses
+-- its cached copy only while the version it cached is still the row's. `facts` is NULL
+-- while the session has no state yet. `fired`: the alerts that fired and whose
+-- condition still holds, as a JSON list of [type, turn id].
 CREATE TABLE session_facts (
     session_id  TEXT PRIMARY KEY,
     version     BIGINT NOT NULL,
-    facts       BYTEA NOT NULL,
+    facts       BYTEA,
     fired       TEXT NOT NULL DEFAULT '[]'
 );
 
