@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from relay.config import AlertSettings, RetentionSettings, StoreSettings
@@ -135,6 +136,19 @@ class Store(Protocol):
 
     async def check_derived_state(self) -> list[str]:
         """Replay every stored event; list where stored state or changes differ."""
+
+
+def is_embedded(url: str) -> bool:
+    """Whether the store URL names the embedded SQLite store (one relay per file)."""
+    return url.startswith("sqlite://")
+
+
+def data_directory(url: str) -> Path:
+    """Where the relay keeps its own files (generated secrets, keys): the SQLite store's
+    directory, or `data` in the working directory for a store on a server."""
+    if is_embedded(url):
+        return Path(url.removeprefix("sqlite://").removeprefix("/")).parent
+    return Path("data")
 
 
 def open_store(
