@@ -7,7 +7,17 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import RelayFactory
+from tests.test_cli import relay as relay_cli
 from tests.test_store_contract import body
+
+
+def test_relay_migrate_creates_the_postgresql_schema_once(pg_url: str, tmp_path: Path) -> None:
+    """`relay migrate` on a postgresql:// store applies its migrations, then none."""
+    config = tmp_path / "relay.toml"
+    config.write_text(f'[store]\nurl = "{pg_url}"\n')
+    first = relay_cli(config, "migrate").stdout
+    assert "applied migrations: [1, 2" in first
+    assert "up to date" in relay_cli(config, "migrate").stdout
 
 
 async def test_a_relay_on_postgresql_ingests_over_http(
