@@ -45,9 +45,10 @@ class Thresholds:
     ready_timeout_seconds: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SessionEntry:
-    """A session's record as a writer knows it, with its alert bookkeeping."""
+    """A session's record as a writer knows it, with its alert bookkeeping (treat it as
+    immutable: not `frozen`, whose __init__ costs several times more)."""
 
     record: SessionRecord | None
     stamp: int = 0  # the version of its stored facts row; 0: there is none
@@ -83,16 +84,17 @@ def wanted_alerts(record: SessionRecord, thresholds: Thresholds) -> dict[AlertKe
 
 
 def encode_fired(fired: frozenset[AlertKey]) -> str:
-    return orjson.dumps(sorted(fired)).decode()
+    return orjson.dumps(sorted(fired)).decode() if fired else "[]"
 
 
 def decode_fired(text: str | None) -> frozenset[AlertKey]:
     return frozenset((kind, turn_id) for kind, turn_id in orjson.loads(text or "[]"))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ChangeDraft:
-    """A change before it has an id: a state change's body, or a raw event's."""
+    """A change before it has an id: a state change's body, or a raw event's (treat it
+    as immutable)."""
 
     type: str
     session_id: str

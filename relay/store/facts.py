@@ -32,8 +32,8 @@ def encode_session(record: SessionRecord) -> bytes:
         [
             _FORMAT,
             record.session.version,
-            f.first_event_at.isoformat(),
-            f.last_event_at.isoformat(),
+            f.first_event_at,
+            f.last_event_at,
             *(_event(getattr(f, slot)) for slot in _SESSION_SLOTS),
         ]
     )
@@ -100,7 +100,7 @@ def _event(event: Event | None, turn: bool = True) -> list[Any] | None:
         event.source,
         event.id,
         event.type,
-        event.occurred_at.isoformat(),
+        event.occurred_at,  # orjson writes datetimes as RFC 3339, in C
         None
         if usage is None
         else [

@@ -23,9 +23,10 @@ from typing import Any
 
 from relay.changes import Commit
 from relay.events import Event
-from relay.state import derive_session
+from relay.state import affects_state, derive_session
 from relay.store import IngestRecord, IngestResult
 from relay.store.derive import (
+    NO_SESSION,
     ChangeDraft,
     Derived,
     SessionEntry,
@@ -70,6 +71,8 @@ class BatchWriter:
         self.last_seq: int | None = None
         self.last_change = 0
         self.cache: OrderedDict[str, SessionEntry] = OrderedDict()
+        self.loaded: dict[str, SessionEntry] = {}  # the batch's sessions read from the store
+        self.facts_from_seq: int | None = None  # sessions before may have no facts row
 
     # -- ingest ----------------------------------------------------------------------------
 
@@ -87,6 +90,7 @@ class BatchWriter:
             if self.last_seq is None:
                 self._read_counters()
             assert self.last_seq is not None
+            self._load_entries(batch)
             derived = derive_batch(batch, {}, self.last_seq, self._entry, self.thresholds)
             before = conn.total_changes
             _insert_rows(
@@ -99,6 +103,7 @@ class BatchWriter:
                 assert self.last_seq is not None
                 keys = [(record.event.source, record.event.id) for record in batch]
                 existing = _existing_seqs(conn, keys)
+                self._load_entries(batch)
                 derived = derive_batch(batch, existing, self.last_seq, self._entry, self.thresholds)
                 _insert_rows(conn, _INSERT_EVENTS, _EVENT_WIDTH, derived.events)
             commit, last_change = self._write_derived(derived)
@@ -263,8 +268,53 @@ class BatchWriter:
         if entry is not None:
             self.cache.move_to_end(session_id)
             return entry
+        entry = self.loaded.get(session_id)
+        if entry is not None:
+            return entry
         assert self.last_seq is not None
         return self.load_entry(session_id, self.last_seq)
+
+    def _load_entries(self, batch: list[IngestRecord]) -> None:
+        """Read the stored facts of the batch's sessions that are not cached, a few
+        statements for the whole batch; a session with no facts row is new (or, stored
+        before facts were, left to `load_entry`)."""
+        self.loaded.clear()
+        missing = sorted(
+            {
+                sid
+                for r in batch
+                if (sid := r.event.session_id) is not None
+                and sid not in self.cache
+                and affects_state(r.event)
+            }
+        )
+        if not missing:
+            return
+        rows: dict[str, tuple[int, bytes | None, str]] = {}
+        turns: dict[str, list[tuple[str, bytes]]] = {}
+        for chunk, marks in _in_chunks(missing):
+            for sid, version, facts, fired in self.conn.execute(
+                "SELECT session_id, version, facts, fired FROM session_facts"
+                f" WHERE session_id IN ({marks})",
+                chunk,
+            ):
+                rows[sid] = (version, facts, fired)
+        stored = [sid for sid, (_, facts, _) in rows.items() if facts is not None]
+        for chunk, marks in _in_chunks(stored):
+            for sid, turn_id, facts in self.conn.execute(
+                "SELECT session_id, turn_id, facts FROM turns"
+                f" WHERE session_id IN ({marks}) ORDER BY rowid",
+                chunk,
+            ):
+                turns.setdefault(sid, []).append((turn_id, facts))
+        legacy = self.facts_from_seq is None or self.facts_from_seq > 1
+        for sid in missing:
+            version, facts, fired = rows.get(sid, (0, None, None))
+            if facts is not None:
+                record = decode_record(sid, facts, turns.get(sid, []))
+                self.loaded[sid] = entry_of(record, version, decode_fired(fired), self.thresholds)
+            elif not legacy:
+                self.loaded[sid] = NO_SESSION
 
     def load_entry(self, session_id: str, up_to_seq: int) -> SessionEntry:
         """The session's stored facts; a session stored before facts were is rebuilt
@@ -326,6 +376,11 @@ class BatchWriter:
             self.cache.clear()
         self.last_seq = last_seq
         self.last_change = _max(self.conn, "SELECT max(id) FROM changes")
+        if self.facts_from_seq is None:
+            row = self.conn.execute(
+                "SELECT value FROM store_facts WHERE name = 'session_facts_from_seq'"
+            ).fetchone()
+            self.facts_from_seq = None if row is None else int(row[0])
 
 
 def _max(conn: sqlite3.Connection, sql: str) -> int:

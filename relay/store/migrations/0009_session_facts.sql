@@ -27,4 +27,8 @@ INSERT INTO alerts_pending (session_id, turn_id, kind, due_at)
   SELECT session_id, turn_id, kind, due_at FROM alerts WHERE fired_at IS NULL;
 DROP TABLE alerts;
 ALTER TABLE alerts_pending RENAME TO alerts;
-CREATE INDEX alerts_due ON alerts (due_at)
+CREATE INDEX alerts_due ON alerts (due_at);
+-- Sessions with events before this seq may have no facts row yet (they are rebuilt once
+-- from their events); a session first seen from it on has one from its first state.
+INSERT INTO store_facts (name, value)
+  SELECT 'session_facts_from_seq', coalesce(max(seq), 0) + 1 FROM events
