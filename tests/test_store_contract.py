@@ -197,11 +197,14 @@ async def test_api_keys(store: Store) -> None:
 
 
 async def test_alerts_fire_once_and_their_rows_go(store: Store, backend: Backend) -> None:
-    """A stalled turn alerts once; its row goes when it fires and when a turn ends, and
-    later events of the session do not bring the fired alert back."""
+    """A stalled turn alerts once; an alert row goes when it fires and as soon as it can no
+    longer fire (the session is ready, the turn ended), and later events of the session do
+    not bring a fired alert back."""
     long_ago = datetime.now(UTC) - timedelta(seconds=600)
     await store.ingest(rec(body("c", "agent.chat.session.created", "chat_s"), long_ago))
+    assert await backend.sql("SELECT kind FROM alerts") == [("session.ready_timeout",)]
     await store.ingest(rec(body("w", "agent.worker.ready", "chat_s", at=1), long_ago))
+    assert await backend.sql("SELECT kind FROM alerts") == []  # ready: it can no longer fire
     await store.ingest(rec(body("t1", "agent.chat.turn.started", "chat_s", "turn_1"), long_ago))
     await store.ingest(rec(body("t2", "agent.chat.turn.started", "chat_s", "turn_2"), long_ago))
     rows = await backend.sql("SELECT turn_id, kind FROM alerts ORDER BY turn_id")
