@@ -153,6 +153,7 @@ async def test_two_instances_derive_what_one_derives(pg_url: str) -> None:
                 assert {t["turn_id"]: _unversioned(t) for t in turns} == {
                     tid: _unversioned(t.to_dict()) for tid, t in expected.turns.items()
                 }
+        assert await first.check_derived_state() == []
         changes = await second.list_changes(0, 10_000, exclude=())
         assert [c.id for c in changes] == list(range(1, len(changes) + 1))
         raw_changes = [c for c in changes if c.type.startswith("raw.")]

@@ -257,5 +257,9 @@ async def test_facts_are_loaded_without_replaying_events(store: Store, backend: 
             for _, s in await reopened.list_turns("chat_f", 0, 100)
         }
         assert turns == {tid: t.to_dict() for tid, t in expected.turns.items()}
+        await backend.sql("DELETE FROM events WHERE session_id = $1", "chat_f")
+        await backend.sql("DELETE FROM changes WHERE session_id = $1", "chat_f")
+        problems = await reopened.check_derived_state()  # no event derives it now
+        assert "session chat_f is stored but no event derives it" in problems
     finally:
         await reopened.close()

@@ -155,7 +155,10 @@ class PostgresStore(PostgresReads):
         self._writable_until = time.monotonic() + _PROBE_SECONDS
 
     async def check_derived_state(self) -> list[str]:
-        return ["check-state replays SQLite stores only; this store is PostgreSQL"]
+        from relay.store.postgres_check import check_derived_state
+
+        async with self._connected().acquire() as conn:
+            return await check_derived_state(conn, self._decode)
 
     # -- ingest ----------------------------------------------------------------------------
 
