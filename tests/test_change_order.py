@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import orjson
@@ -16,7 +17,7 @@ from relay.state import derive_session
 from relay.store import IngestRecord, Store, open_store
 from relay.store.derive import ChangeDraft
 from relay.store.postgres import _append_changes
-from tests.test_store_contract import lifecycle, rec
+from tests.test_store_contract import body, lifecycle, rec
 
 WRITERS = 4
 ROUNDS = 4
@@ -116,7 +117,7 @@ async def test_a_plain_sequence_lets_a_reader_skip_changes(pg_url: str) -> None:
 
 
 def _open(url: str) -> Store:
-    alerts = AlertSettings(turn_stall_seconds=3600, ready_timeout_seconds=3600)
+    alerts = AlertSettings(turn_stall_seconds=600, ready_timeout_seconds=600)
     return open_store(StoreSettings(url=url, batch_max=8), None, alerts)
 
 
@@ -169,3 +170,33 @@ def _unversioned(snapshot: dict[str, object]) -> dict[str, object]:
     if isinstance(last, dict):
         out["last_turn"] = _unversioned(last)
     return out
+
+
+async def test_alerts_fire_once_across_instances(pg_url: str) -> None:
+    """Two instances firing due alerts at the same time fire each alert exactly once."""
+    first, second = _open(pg_url), _open(pg_url)
+    await first.open()
+    await second.open()
+    try:
+        long_ago = datetime.now(UTC) - timedelta(hours=2)
+        sent = []
+        for i in range(20):
+            session = f"chat_{i}"
+            sent += [body(f"{session}-c", "agent.chat.session.created", session)]
+            sent += [body(f"{session}-{t}", "agent.chat.turn.started", session, t) for t in "ab"]
+        await asyncio.gather(
+            *((first if i % 2 else second).ingest(rec(raw, long_ago)) for i, raw in enumerate(sent))
+        )
+        now = datetime.now(UTC).timestamp()
+        fired = 0
+        for _ in range(20):  # a run skips sessions the other holds: run until none is due
+            counts = await asyncio.gather(*(s.fire_due_alerts(now) for s in (first, second) * 3))
+            fired += sum(counts)
+            if not any(counts) and fired:
+                break
+        alerts = await first.list_changes(0, 1000, ("turn.stalled", "session.ready_timeout"))
+        keys = [(c.type, c.session_id, c.turn_id) for c in alerts]
+        assert len(keys) == len(set(keys)) == fired == 60
+    finally:
+        await first.close()
+        await second.close()
