@@ -307,14 +307,33 @@ class BatchWriter:
                 chunk,
             ):
                 turns.setdefault(sid, []).append((turn_id, facts))
-        legacy = self.facts_from_seq is None or self.facts_from_seq > 1
+        unstored = [sid for sid in missing if rows.get(sid, (0, None, ""))[1] is None]
+        legacy = self._stored_before_facts(unstored)
         for sid in missing:
             version, facts, fired = rows.get(sid, (0, None, None))
             if facts is not None:
                 record = decode_record(sid, facts, turns.get(sid, []))
                 self.loaded[sid] = entry_of(record, version, decode_fired(fired), self.thresholds)
-            elif not legacy:
+            elif sid not in legacy:
                 self.loaded[sid] = NO_SESSION
+
+    def _stored_before_facts(self, session_ids: list[str]) -> set[str]:
+        """Those of the sessions with no stored facts that have events from before facts
+        were stored (migration 0009): they are rebuilt once from their events."""
+        if self.facts_from_seq is None:
+            return set(session_ids)
+        found: set[str] = set()
+        if self.facts_from_seq > 1:
+            for chunk, marks in _in_chunks(session_ids):
+                found.update(
+                    row[0]
+                    for row in self.conn.execute(
+                        f"SELECT DISTINCT session_id FROM events WHERE session_id IN ({marks})"
+                        " AND seq < ?",
+                        [*chunk, self.facts_from_seq],
+                    )
+                )
+        return found
 
     def load_entry(self, session_id: str, up_to_seq: int) -> SessionEntry:
         """The session's stored facts; a session stored before facts were is rebuilt
