@@ -21,7 +21,6 @@ from relay.events import Event, TurnError, Usage
 from relay.state import Facts, SessionRecord, TurnFacts
 
 _FORMAT = 1
-_SESSION_SLOTS = ("created", "runtime", "scope", "first_ready", "last_ready")
 _TERMINAL = 2  # the index of the terminal event among a turn's slots
 
 
@@ -34,7 +33,11 @@ def encode_session(record: SessionRecord) -> bytes:
             record.session.version,
             f.first_event_at,
             f.last_event_at,
-            *(_event(getattr(f, slot)) for slot in _SESSION_SLOTS),
+            _event(f.created),
+            _event(f.runtime),
+            _event(f.scope),
+            _event(f.first_ready),
+            _event(f.last_ready),
         ]
     )
 
@@ -94,13 +97,12 @@ def decode_record(
 def _event(event: Event | None, turn: bool = True) -> list[Any] | None:
     if event is None:
         return None
-    usage = event.usage
-    error = event.error
-    out: list[Any] = [
-        event.source,
-        event.id,
-        event.type,
-        event.occurred_at,  # orjson writes datetimes as RFC 3339, in C
+    head = [event.source, event.id, event.type, event.occurred_at]  # orjson: RFC 3339, in C
+    usage, error, turn_id = event.usage, event.error, event.turn_id if turn else None
+    active, retry = event.active_turn_id, event.retry_after_seconds
+    if usage is None and error is None and active is None and retry is None and turn_id is None:
+        return head  # most events
+    tail: list[Any] = [
         None
         if usage is None
         else [
@@ -111,13 +113,13 @@ def _event(event: Event | None, turn: bool = True) -> list[Any] | None:
             usage.cost_micros,
         ],
         None if error is None else [error.message, error.code],
-        event.active_turn_id,
-        event.retry_after_seconds,
-        event.turn_id if turn else None,
+        active,
+        retry,
+        turn_id,
     ]
-    while out[-1] is None:
-        out.pop()
-    return out
+    while tail and tail[-1] is None:
+        tail.pop()
+    return head + tail
 
 
 def _from(data: list[Any] | None, session_id: str, turn_id: str | None) -> Event | None:
