@@ -536,8 +536,12 @@ class SessionRecord:
                 for turn_id, t in data["turns"].items()
             },
         )
-        versions = {turn_id: t["version"] for turn_id, t in data["turns"].items()}
-        return cls.rebuild(facts, data["version"], versions)
+        turns = {
+            turn_id: _project_turn(sid, turn_id, t, data["turns"][turn_id]["version"])
+            for turn_id, t in facts.turns.items()
+        }
+        summary = _summarize(turns)
+        return cls(facts, _project_session(facts, turns, summary, data["version"]), turns, summary)
 
     @classmethod
     def rebuild(cls, facts: Facts, version: int, turn_versions: Mapping[str, int]) -> SessionRecord:

@@ -3,60 +3,83 @@ is loaded in one read instead of by replaying its events.
 
 A session's own facts (`session_facts.facts`) and each turn's (`turns.facts`) are kept
 apart, so that a batch writes only the turns it touched, however many the session has.
-An event a fact refers to is a JSON list `[source, id, type, occurred_at, usage, error,
-active_turn_id, retry_after_seconds]` without its trailing nulls (a turn's events need
-no session or turn id: the row says them). A turn's usage event is most often its
-terminal event; it is then written as the index of that slot.
+Each is a JSON object of the fields that are set, by name, so that facts written by one
+version of the state machine are read by the next (a field it adds is absent from older
+rows and takes its default). An event is an object of its set fields without its
+session id (the row says it), and within a turn without its turn id. An event a turn
+holds twice (its terminal event is most often its usage event too) is written the
+second time as the name of the first field that holds it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
 import orjson
 
-from relay.events import Event, TurnError, Usage
+from relay.events import Event
 from relay.state import Facts, SessionRecord, TurnFacts
 
 _FORMAT = 1
-_TERMINAL = 2  # the index of the terminal event among a turn's slots
+_ALWAYS = ("source", "id", "type", "occurred_at")  # every event has them
+_OPTIONAL = tuple(
+    f.name
+    for f in dataclasses.fields(Event)
+    if f.name not in (*_ALWAYS, "session_id", "turn_id", "data")
+)
+
+
+def _kinds(cls: type) -> dict[str, str]:
+    """How each field of a facts class is stored: "event", "set", "time" or "plain"."""
+    kinds = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        origins = {typing.get_origin(arg) or arg for arg in args}
+        if Event in origins:
+            kinds[name] = "event"
+        elif origins & {frozenset, set}:
+            kinds[name] = "set"
+        elif datetime in origins:
+            kinds[name] = "time"
+        else:
+            kinds[name] = "plain"
+    return kinds
+
+
+def _nested() -> dict[str, type]:
+    """The Event fields that hold a dataclass (usage, error), with its class."""
+    found = {}
+    for name, hint in typing.get_type_hints(Event).items():
+        for arg in typing.get_args(hint) or (hint,):
+            if dataclasses.is_dataclass(arg) and isinstance(arg, type):
+                found[name] = arg
+    return found
+
+
+_SESSION_KINDS = tuple((k, v) for k, v in _kinds(Facts).items() if k not in ("session_id", "turns"))
+_TURN_KINDS = tuple(_kinds(TurnFacts).items())
+_NESTED = _nested()
+# The mapping type a session's facts keep their turns in (built from a dict).
+_TURNS_TYPE: Any = type(Facts("", datetime.min, datetime.min).turns)
 
 
 def encode_session(record: SessionRecord) -> bytes:
     """The session's own facts (its turns' go into their rows: `encode_turn`)."""
-    f = record.facts
-    return orjson.dumps(
-        [
-            _FORMAT,
-            record.session.version,
-            f.first_event_at,
-            f.last_event_at,
-            _event(f.created),
-            _event(f.runtime),
-            _event(f.scope),
-            _event(f.first_ready),
-            _event(f.last_ready),
-        ]
-    )
+    out: dict[str, Any] = {"format": _FORMAT, "version": record.session.version}
+    _encode_fields(record.facts, _SESSION_KINDS, out, turn=True)
+    return orjson.dumps(out)
 
 
 def encode_turn(record: SessionRecord, turn_id: str) -> bytes:
     """One turn's facts and its snapshot's version."""
-    facts = record.facts.turns[turn_id]
-    usage: Any = _event(facts.usage, turn=False)
-    if facts.usage is not None and facts.usage == facts.terminal:
-        usage = _TERMINAL
-    return orjson.dumps(
-        [
-            record.turns[turn_id].version,
-            _event(facts.started, turn=False),
-            _event(facts.conflict, turn=False),
-            _event(facts.terminal, turn=False),
-            usage,
-        ]
-    )
+    out: dict[str, Any] = {"version": record.turns[turn_id].version}
+    _encode_fields(record.facts.turns[turn_id], _TURN_KINDS, out, turn=False)
+    return orjson.dumps(out)
 
 
 def decode_record(
@@ -64,79 +87,85 @@ def decode_record(
 ) -> SessionRecord:
     """The record written by `encode_session` and `encode_turn` (turns in first-seen order)."""
     data = orjson.loads(facts)
-    if data[0] != _FORMAT:
-        raise ValueError(f"unknown session facts format {data[0]!r}")
+    if data.get("format") != _FORMAT:
+        raise ValueError(f"unknown session facts format {data.get('format')!r}")
     turn_facts: dict[str, TurnFacts] = {}
     versions: dict[str, int] = {}
     for turn_id, blob in turns:
-        turn_version, *slots = orjson.loads(blob)
-        events: list[Event | None] = []
-        for slot in slots:
-            events.append(
-                events[slot] if isinstance(slot, int) else _from(slot, session_id, turn_id)
+        turn = orjson.loads(blob)
+        versions[turn_id] = turn["version"]
+        turn_facts[turn_id] = TurnFacts(**_decode_fields(turn, _TURN_KINDS, session_id, turn_id))
+    fields = _decode_fields(data, _SESSION_KINDS, session_id, None)
+    session = Facts(session_id=session_id, turns=_TURNS_TYPE(turn_facts), **fields)
+    return SessionRecord.rebuild(session, data["version"], versions)
+
+
+def _encode_fields(
+    facts: Any, kinds: tuple[tuple[str, str], ...], out: dict[str, Any], turn: bool
+) -> None:
+    held: list[tuple[str, Event]] = []  # the events written so far, by field
+    for name, kind in kinds:
+        value = getattr(facts, name)
+        if value is None:
+            continue
+        if kind == "event":
+            out[name] = next((n for n, e in held if e is value), None) or _event(value, turn)
+            held.append((name, value))
+        elif kind == "set":
+            if value:
+                out[name] = sorted(value)
+        else:
+            out[name] = value  # orjson writes datetimes as RFC 3339
+
+
+def _decode_fields(
+    data: dict[str, Any], kinds: tuple[tuple[str, str], ...], session_id: str, turn_id: str | None
+) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for name, kind in kinds:
+        value = data.get(name)
+        if value is None:
+            continue
+        if kind == "event":
+            fields[name] = (
+                fields[value] if isinstance(value, str) else _from(value, session_id, turn_id)
             )
-        turn_facts[turn_id] = TurnFacts(*events)
-        versions[turn_id] = turn_version
-    created, runtime, scope, first_ready, last_ready = (
-        _from(slot, session_id, None) for slot in data[4:]
-    )
-    session = Facts(
-        session_id,
-        datetime.fromisoformat(data[2]),
-        datetime.fromisoformat(data[3]),
-        created,
-        runtime,
-        scope,
-        first_ready,
-        last_ready,
-        turn_facts,
-    )
-    return SessionRecord.rebuild(session, data[1], versions)
+        elif kind == "set":
+            fields[name] = frozenset(tuple(v) if isinstance(v, list) else v for v in value)
+        elif kind == "time":
+            fields[name] = datetime.fromisoformat(value)
+        else:
+            fields[name] = value
+    return fields
 
 
-def _event(event: Event | None, turn: bool = True) -> list[Any] | None:
-    if event is None:
-        return None
-    head = [event.source, event.id, event.type, event.occurred_at]  # orjson: RFC 3339, in C
-    usage, error, turn_id = event.usage, event.error, event.turn_id if turn else None
-    active, retry = event.active_turn_id, event.retry_after_seconds
-    if usage is None and error is None and active is None and retry is None and turn_id is None:
-        return head  # most events
-    tail: list[Any] = [
-        None
-        if usage is None
-        else [
-            usage.input_tokens,
-            usage.output_tokens,
-            usage.reasoning_tokens,
-            usage.total_tokens,
-            usage.cost_micros,
-        ],
-        None if error is None else [error.message, error.code],
-        active,
-        retry,
-        turn_id,
-    ]
-    while tail and tail[-1] is None:
-        tail.pop()
-    return head + tail
+def _event(event: Event, turn: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "source": event.source,
+        "id": event.id,
+        "type": event.type,
+        "occurred_at": event.occurred_at,
+    }
+    for name in _OPTIONAL:
+        value = getattr(event, name)
+        if value is not None:
+            out[name] = value  # orjson writes a dataclass (usage, error) as an object
+    if turn and event.turn_id is not None:
+        out["turn_id"] = event.turn_id
+    return out
 
 
-def _from(data: list[Any] | None, session_id: str, turn_id: str | None) -> Event | None:
-    if data is None:
-        return None
-    data = data + [None] * (9 - len(data))
-    source, event_id, kind, occurred_at, usage, error, active, retry, own_turn = data
+def _from(data: dict[str, Any], session_id: str, turn_id: str | None) -> Event:
+    known = {name: data[name] for name in _OPTIONAL if name in data}
+    for name, cls in _NESTED.items():
+        if name in known:
+            known[name] = cls(**known[name])
     return Event(
-        source,
-        event_id,
-        kind,
-        datetime.fromisoformat(occurred_at),
+        data["source"],
+        data["id"],
+        data["type"],
+        datetime.fromisoformat(data["occurred_at"]),
         session_id,
-        own_turn if own_turn is not None else turn_id,
-        None,
-        None if usage is None else Usage(*usage),
-        None if error is None else TurnError(*error),
-        active,
-        retry,
+        data.get("turn_id", turn_id),
+        **known,
     )
