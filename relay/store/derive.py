@@ -248,12 +248,15 @@ def _next_entry(
     batch); an alert row that stays keeps its due time.
     """
     wanted = wanted_alerts(record, thresholds)
-    fired = frozenset(key for key in entry.fired if key in wanted)
-    alerts = frozenset(key for key in wanted if key not in fired)
-    derived.alert_deletes += [(session_id, t, kind) for kind, t in entry.alerts - alerts]
-    derived.alert_inserts += [
-        (session_id, t, kind, seen + wanted[(kind, t)]) for kind, t in alerts - entry.alerts
-    ]
+    fired = entry.fired
+    if fired:
+        fired = frozenset(key for key in fired if key in wanted)
+    alerts = frozenset(wanted.keys() - fired if fired else wanted)
+    if alerts != entry.alerts:
+        derived.alert_deletes += [(session_id, t, kind) for kind, t in entry.alerts - alerts]
+        derived.alert_inserts += [
+            (session_id, t, kind, seen + wanted[(kind, t)]) for kind, t in alerts - entry.alerts
+        ]
     stamp = entry.stamp + 1
     derived.facts.append((session_id, stamp, encode_session(record), encode_fired(fired)))
     return SessionEntry(record, stamp, fired, alerts)

@@ -109,7 +109,12 @@ def _encode_fields(
         if value is None:
             continue
         if kind == "event":
-            out[name] = next((n for n, e in held if e is value), None) or _event(value, turn)
+            for earlier, event in held:
+                if event is value:
+                    out[name] = earlier
+                    break
+            else:
+                out[name] = _event(value, turn)
             held.append((name, value))
         elif kind == "set":
             if value:

@@ -4,12 +4,13 @@
 -- write of the row. `facts` is NULL for a session stored before this migration: it is
 -- rebuilt once from its events, and its facts are written then. `fired`: the alerts
 -- that fired and whose condition still holds, as a JSON list of [type, turn id].
+-- WITHOUT ROWID: one B-tree to update per touched session, not a table and its key index.
 CREATE TABLE session_facts (
     session_id  TEXT PRIMARY KEY,
     version     INTEGER NOT NULL,
     facts       BLOB,
     fired       TEXT NOT NULL DEFAULT '[]'
-);
+) WITHOUT ROWID;
 ALTER TABLE turns ADD COLUMN facts BLOB;
 INSERT INTO session_facts (session_id, version, facts, fired)
   SELECT session_id, 1, NULL, json_group_array(json_array(kind, turn_id))
