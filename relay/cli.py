@@ -206,6 +206,7 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 async def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from relay.logs import configure_logging
     from relay.source_secrets import SourceSecretsError, provision, secrets_path
+    from relay.store import is_embedded
     from relay.store.lock import StoreInUse, serving_lock
     from relay.store.sqlite import sqlite_path
 
@@ -227,8 +228,11 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
             flush=True,
         )
 
+    # One relay per SQLite file; relays on a database server share it (cluster mode).
+    url = settings.store.url
+    lock = serving_lock(sqlite_path(url)) if is_embedded(url) else contextlib.nullcontext()
     try:
-        with serving_lock(sqlite_path(settings.store.url)):
+        with lock:
             return await _serve_locked(settings, show_key)
     except StoreInUse as exc:
         print(f"relay: {exc}", file=sys.stderr)
@@ -329,10 +333,11 @@ async def _opened(settings: Settings) -> Any:
     """The configured store, opened with the configured sources' normalisers; one that
     does not exist is not created (that is `relay migrate`'s job)."""
     from relay.app import source_providers
+    from relay.store import is_embedded
     from relay.store.sqlite import sqlite_path
 
     path = sqlite_path(settings.store.url)
-    if not path.exists():
+    if is_embedded(settings.store.url) and not path.exists():
         raise SystemExit(
             f"relay: no store at {path.resolve()} (check store.url, or create it with"
             " `relay migrate`)"
@@ -411,7 +416,7 @@ async def _subs_add(settings: Settings, args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from relay.errors import field_problem
-    from relay.store.sqlite import sqlite_path
+    from relay.store import data_directory
     from relay.webhooks.secrets import SecretBox
     from relay.webhooks.subscriptions import NewSubscription, create_subscription
 
@@ -438,7 +443,7 @@ async def _subs_add(settings: Settings, args: argparse.Namespace) -> int:
         print(f"relay: {field_problem(exc.errors()[0], '')}", file=sys.stderr)
         return 2
     box = SecretBox.from_config(
-        settings.delivery.encryption_key, sqlite_path(settings.store.url).parent
+        settings.delivery.encryption_key, data_directory(settings.store.url)
     )
     async with _delivery_store(settings) as store:
         subscription, secret = await create_subscription(store, box, fields, time.time())

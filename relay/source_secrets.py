@@ -16,7 +16,7 @@ from pathlib import Path
 import orjson
 
 from relay.config import Settings, SourceSettings, VerifyScheme
-from relay.store.sqlite import sqlite_path
+from relay.store import data_directory
 from relay.webhooks.secrets import new_webhook_secret
 
 FILE_NAME = "source-secrets.json"
@@ -27,8 +27,8 @@ class SourceSecretsError(Exception):
 
 
 def data_dir(settings: Settings) -> Path:
-    """Where the relay keeps its own files: the store's directory."""
-    return sqlite_path(settings.store.url).parent
+    """Where the relay keeps its own files (see `store.data_directory`)."""
+    return data_directory(settings.store.url)
 
 
 def secrets_path(settings: Settings) -> Path:

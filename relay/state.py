@@ -595,6 +595,17 @@ class SessionRecord:
         summary = _summarize(turns)
         return cls(facts, _project_session(facts, turns, summary, data["version"]), turns, summary)
 
+    @classmethod
+    def rebuild(cls, facts: Facts, version: int, turn_versions: Mapping[str, int]) -> SessionRecord:
+        """The record of stored `facts`, its snapshots at the versions they had."""
+        sid = facts.session_id
+        turns = {
+            turn_id: _project_turn(sid, turn_id, t, turn_versions[turn_id])
+            for turn_id, t in facts.turns.items()
+        }
+        summary = _summarize(turns)
+        return cls(facts, _project_session(facts, turns, summary, version), turns, summary)
+
 
 _SESSION_SLOTS = ("created", "runtime", "scope", "first_ready", "last_ready")
 _TURN_SLOTS = ("started", "conflict", "terminal", "usage", "latest")

@@ -149,17 +149,17 @@ async def test_an_event_received_before_the_deadline_but_not_yet_written_ends_th
     """A turn's completion received before its stall deadline, but still waiting to be
     written when the deadline passes (a store slow to take that batch), ends the turn:
     no `turn.stalled` fires for it, before or after."""
-    from relay.store.sqlite import SQLiteStore
+    from relay.store.base import GroupCommit
 
-    real_write_batch = SQLiteStore._write_batch
+    real_write_batch = GroupCommit._write_batch
 
-    async def slow_for_completions(self: SQLiteStore, writer: Any, batch: Any) -> None:
+    async def slow_for_completions(self: GroupCommit, batch: Any) -> None:
         records = [record for group, _ in batch for record in group]
         if any(record.event.type == "agent.chat.turn.completed" for record in records):
             await asyncio.sleep(0.8)  # the deadline passes while this batch waits
-        await real_write_batch(self, writer, batch)
+        await real_write_batch(self, batch)
 
-    monkeypatch.setattr(SQLiteStore, "_write_batch", slow_for_completions)
+    monkeypatch.setattr(GroupCommit, "_write_batch", slow_for_completions)
     relay = await start_relay(
         alerts={"turn_stall_seconds": 1.0, "check_interval_seconds": 0.05},
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from relay.config import AlertSettings, RetentionSettings, StoreSettings
@@ -140,6 +141,19 @@ class Store(Protocol):
         """Replay every stored event; list where stored state or changes differ."""
 
 
+def is_embedded(url: str) -> bool:
+    """Whether the store URL names the embedded SQLite store (one relay per file)."""
+    return url.startswith("sqlite://")
+
+
+def data_directory(url: str) -> Path:
+    """Where the relay keeps its own files (generated secrets, keys): the SQLite store's
+    directory, or `data` in the working directory for a store on a server."""
+    if is_embedded(url):
+        return Path(url.removeprefix("sqlite://").removeprefix("/")).parent
+    return Path("data")
+
+
 def open_store(
     settings: StoreSettings,
     providers: Mapping[str, str] | None = None,
@@ -150,11 +164,15 @@ def open_store(
 
     `providers` maps source ids to provider names, to read stored events back with
     their source's normaliser; `alerts` sets the thresholds; with `retention`, what is
-    older is pruned in the background while the store is open.
+    older is pruned in the background while the store is open (SQLite only for now).
     """
     scheme = settings.url.partition("://")[0]
     if scheme == "sqlite":
         from relay.store.sqlite import SQLiteStore
 
         return SQLiteStore(settings, providers or {}, alerts or AlertSettings(), retention)
+    if scheme in ("postgresql", "postgres"):
+        from relay.store.postgres import PostgresStore
+
+        return PostgresStore(settings, providers or {}, alerts or AlertSettings())
     raise ValueError(f"no store backend for URL scheme {scheme!r}")

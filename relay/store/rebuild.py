@@ -20,6 +20,7 @@ import orjson
 from relay.changes import RAW_EVENT_COLUMNS, one_line, raw_change_of, stored_body
 from relay.state import ChangeType, Readiness, SessionRecord, apply
 from relay.store import EventDecoder
+from relay.store.facts import decode_record
 
 MAX_REPORTED = 20
 
@@ -105,6 +106,25 @@ def _compare_snapshots(
             got = turns.pop((session_id, turn_id), None)
             if got is None or orjson.loads(got) != turn.to_dict():
                 problems.append(f"turn {session_id}/{turn_id}: stored state differs")
+    problems += _compare_facts(conn, records)
     problems += [f"session {sid} is stored but no event derives it" for sid in sessions]
     problems += [f"turn {sid}/{tid} is stored but no event derives it" for sid, tid in turns]
+    return problems
+
+
+def _compare_facts(conn: sqlite3.Connection, records: dict[str, SessionRecord]) -> list[str]:
+    """Stored session facts (what a writer reads on a cache miss) equal a replay's."""
+    problems = []
+    turns: dict[str, list[tuple[str, bytes]]] = {}
+    for session_id, turn_id, facts in conn.execute(
+        "SELECT session_id, turn_id, facts FROM turns WHERE facts IS NOT NULL ORDER BY rowid"
+    ):
+        turns.setdefault(session_id, []).append((turn_id, facts))
+    for session_id, facts in conn.execute(
+        "SELECT session_id, facts FROM session_facts WHERE facts IS NOT NULL"
+    ):
+        record = records.get(session_id)
+        stored = decode_record(session_id, facts, turns.get(session_id, []))
+        if record is None or stored.facts != record.facts:
+            problems.append(f"session {session_id}: stored facts differ from a replay")
     return problems

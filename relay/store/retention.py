@@ -57,7 +57,7 @@ def _prune_sessions(conn: sqlite3.Connection, old_seq: int, limit: int) -> tuple
     )
     if ids:
         marks = ",".join("?" * len(ids))
-        for table in ("turns", "alerts", "sessions"):
+        for table in ("turns", "alerts", "session_facts", "sessions"):
             conn.execute(f"DELETE FROM {table} WHERE session_id IN ({marks})", ids)
         conn.execute(  # for `check-state`: derived state may be missing from here on
             "INSERT INTO store_facts (name, value) VALUES ('pruned_through_seq', ?)"

@@ -1,8 +1,9 @@
 """The embedded store: one SQLite file in WAL mode.
 
 Ingests go through one writer: concurrent ingests queue up while a batch is being
-committed and are then written together in a single transaction (group commit). Each
-request is answered only after the commit of its batch. The batch writer runs in a
+committed and are then written together in a single transaction (group commit, see
+`base.GroupCommit`). Each request is answered only after the commit of its batch.
+The batch writer runs in a
 writer process of its own by default (see `writer_process`), or on a dedicated thread
 with `store.writer = "thread"`. Other writes (API keys, migrations) use a stdlib
 `sqlite3` connection on one thread of this process; reads use an aiosqlite connection.
@@ -15,7 +16,6 @@ import contextlib
 import re
 import sqlite3
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -38,6 +38,7 @@ from relay.store import (
     StoredEvent,
     StoreUnavailable,
 )
+from relay.store.base import GroupCommit
 from relay.store.reconnect import Reconnecting
 from relay.store.retention import Pruned
 from relay.store.sqlite_writer import BatchWriter
@@ -51,8 +52,6 @@ _EVENT_COLUMNS = (
     "seq, source, event_id, type, session_id, turn_id, occurred_at, received_at, payload"
 )
 
-# The records of one request, written in one transaction, and where their results go.
-_Pending = tuple[list[IngestRecord], "asyncio.Future[list[IngestResult]]"]
 _SESSION_PAGE = """
 SELECT session_id, version, snapshot, act FROM (
     SELECT s.session_id, s.version, s.snapshot, CASE
@@ -85,7 +84,6 @@ def migrations() -> list[tuple[int, str]]:
     return sorted(found)
 
 
-_MISSED_PAGE = 500
 _PROBE_SECONDS = 1.0  # how long a readiness probe's outcome stands
 
 
@@ -103,6 +101,7 @@ class SQLiteStore:
         self._decode = decoder(providers)
         self._alerts = alerts
         self._listeners: list[Callable[[Commit], None]] = []
+        self._commits: GroupCommit | None = None
         self._path = sqlite_path(settings.url)
         self._executor = _writer_thread()
         self._writer: Reconnecting | None = None  # used on the writer thread only
@@ -111,18 +110,12 @@ class SQLiteStore:
         self._repeated = RepeatedWarnings()
         self._batch_writer: _BatchChannel | None = None
         self._reader: aiosqlite.Connection | None = None
-        self._pending: deque[_Pending] = deque()
-        self._writing: dict[asyncio.Task[None], list[_Pending]] = {}  # batches not yet answered
-        self._published = 0  # the newest change id handed to the commit listeners
-        self._publishing = asyncio.Lock()
-        self._wakeup = asyncio.Event()
-        self._writer_task: asyncio.Task[None] | None = None
         self._checkpoint_task: asyncio.Task[None] | None = None
         self._prune_task: asyncio.Task[None] | None = None
         self._closing = False
 
     async def open(self) -> None:
-        if self._writer is not None and self._writer_task is not None:
+        if self._writer is not None and self._commits is not None:
             return
         self._closing = False
         self._path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,8 +138,16 @@ class SQLiteStore:
             )
         self._reader = await aiosqlite.connect(self._path)
         await self._reader.execute(f"PRAGMA busy_timeout = {int(self._settings.busy_timeout_ms)}")
-        self._published = await self.last_change_id()
-        self._writer_task = asyncio.create_task(self._write_loop(), name="relay-sqlite-writer")
+        batch_writer = self._batch_writer
+        self._commits = GroupCommit(
+            batch_writer.write,
+            self.list_changes,
+            _unavailable,
+            self._settings.batch_max,
+            in_flight=2 if self._settings.writer == "process" else 1,
+        )
+        self._commits.listeners = self._listeners
+        self._commits.start(await self.last_change_id())
         if self._settings.writer == "process":
             self._checkpoint_task = asyncio.create_task(
                 self._checkpoint_loop(), name="relay-sqlite-checkpoints"
@@ -159,10 +160,9 @@ class SQLiteStore:
 
     async def close(self) -> None:
         self._closing = True
-        self._wakeup.set()
-        if self._writer_task is not None:
-            await self._writer_task
-            self._writer_task = None
+        if self._commits is not None:
+            await self._commits.close()
+            self._commits = None
         for task in (self._checkpoint_task, self._prune_task):
             if task is not None:
                 task.cancel()
@@ -204,80 +204,15 @@ class SQLiteStore:
             self._writer = await self._in_writer(Reconnecting, self._connect_writer)
         return await self._on_connection(_migrate)
 
-    # -- ingest: group commit ----------------------------------------------------------
+    # -- ingest: group commit (see `base.GroupCommit`) ----------------------------------
 
     async def ingest(self, record: IngestRecord) -> IngestResult:
         return (await self.ingest_many([record]))[0]
 
     async def ingest_many(self, records: list[IngestRecord]) -> list[IngestResult]:
-        if self._closing or self._writer_task is None or self._writer_task.done():
+        if self._closing or self._commits is None:
             raise StoreUnavailable("the store is closed")
-        future: asyncio.Future[list[IngestResult]] = asyncio.get_running_loop().create_future()
-        self._pending.append((records, future))
-        self._wakeup.set()
-        return await future
-
-    async def _write_loop(self) -> None:
-        """Take what is queued as one batch whenever the writer can take another.
-
-        A writer process takes the next batch while one commits (it answers in order);
-        the thread writes one batch at a time.
-        """
-        writer = self._batch_writer
-        assert writer is not None
-        slots = asyncio.Semaphore(2 if self._settings.writer == "process" else 1)
-        in_flight = self._writing
-
-        def finished(task: asyncio.Task[None]) -> None:
-            in_flight.pop(task, None)
-            slots.release()
-
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._pending:
-                await slots.acquire()
-                batch = [self._pending.popleft()]  # a request's records are never split
-                size = len(batch[0][0])
-                while self._pending and size + len(self._pending[0][0]) <= self._settings.batch_max:
-                    size += len(self._pending[0][0])
-                    batch.append(self._pending.popleft())
-                task = asyncio.create_task(self._write_batch(writer, batch))
-                in_flight[task] = batch
-                task.add_done_callback(finished)
-            if self._closing:
-                await asyncio.gather(*in_flight)
-                return
-
-    async def _write_batch(self, writer: _BatchChannel, batch: list[_Pending]) -> None:
-        """Write a batch; answer each request only once its batch has committed.
-
-        A batch that fails for another reason than SQLite's is written again one
-        event at a time, so that one event the writer cannot handle fails alone.
-        """
-        try:
-            results, commit = await writer.write([r for records, _ in batch for r in records])
-        except StoreUnavailable as exc:
-            _fail(batch, exc)
-            await self._deliver(None)  # the writer may have committed before it ended
-            return
-        except sqlite3.Error as exc:
-            _fail(batch, StoreUnavailable(f"the store cannot write: {exc}"))
-            return
-        except Exception as exc:
-            if len(batch) > 1:
-                for item in batch:
-                    await self._write_batch(writer, [item])
-                return
-            log.exception("store.event_failed", event_id=batch[0][0][0].event.id)
-            _fail(batch, StoreUnavailable(f"the store could not take this event: {exc}"))
-            return
-        start = 0
-        for records, future in batch:
-            if not future.done():
-                future.set_result(results[start : start + len(records)])
-            start += len(records)
-        await self._deliver(commit)
+        return await self._commits.ingest_many(records)
 
     async def _checkpoint_loop(self) -> None:
         """Copy the WAL back into the database file, mostly off the commit path.
@@ -317,61 +252,12 @@ class SQLiteStore:
     def add_commit_listener(self, listener: Callable[[Commit], None]) -> None:
         self._listeners.append(listener)
 
-    async def _deliver(self, commit: Commit | None) -> None:
-        """Hand `commit` to the listeners, in change id order after any change that was
-        committed but never handed over: a writer process that ended after a commit and
-        before its answer leaves such a gap. With no commit, only look for one."""
-        async with self._publishing:  # taken in commit order: answers come in order
-            if commit is None:
-                await self._publish_missed(None)
-                return
-            if commit.changes and commit.changes[0].id > self._published + 1:
-                await self._publish_missed(commit.changes[0].id)
-            self._publish(commit)
-
-    async def _publish_missed(self, before: int | None) -> None:
-        """Publish the stored changes after the last one published (and before `before`);
-        if they cannot be read, say so and go on (the commit in hand is published still)."""
-        try:
-            await self._read_missed(before)
-        except Exception:
-            log.exception("store.missed_changes_unreadable", after=self._published)
-
-    async def _read_missed(self, before: int | None) -> None:
-        while before is None or self._published + 1 < before:
-            limit = (
-                _MISSED_PAGE if before is None else min(_MISSED_PAGE, before - 1 - self._published)
-            )
-            missed = await self.list_changes(self._published, limit)
-            if missed:
-                log.warning("store.unannounced_changes", first=missed[0].id, last=missed[-1].id)
-                sessions = {c.session_id: 0 for c in missed if c.session_id}
-                self._publish(Commit(missed, sessions))
-            if len(missed) < limit:
-                return
-
-    def _publish(self, commit: Commit) -> None:
-        if commit.changes and commit.changes[0].id <= self._published:  # handed over already
-            commit = Commit([c for c in commit.changes if c.id > self._published], commit.sessions)
-        if commit.changes:
-            self._published = commit.changes[-1].id
-        if not (commit.changes or commit.sessions):
-            return
-        for listener in self._listeners:
-            try:
-                listener(commit)
-            except Exception:
-                log.exception("store.listener_failed")
-
     async def fire_due_alerts(self, now: float) -> int:
-        if self._closing or self._batch_writer is None:
+        commits = self._commits
+        if self._closing or self._batch_writer is None or commits is None:
             return 0
-        # An event received before now but not written yet (queued, or in a batch still
-        # committing) may end what an alert is about: alerts wait for what came before them.
-        unwritten = [*self._pending, *(item for batch in self._writing.values() for item in batch)]
-        now = min([now, *(r.received_at.timestamp() for records, _ in unwritten for r in records)])
-        commit = await self._batch_writer.fire_due_alerts(now)
-        await self._deliver(commit)
+        commit = await self._batch_writer.fire_due_alerts(commits.oldest_unwritten(now))
+        await commits.deliver(commit)
         return len(commit.changes)
 
     async def check_derived_state(self) -> list[str]:
@@ -559,10 +445,10 @@ class _ThreadChannel:
         pass
 
 
-def _fail(batch: list[_Pending], error: Exception) -> None:
-    for _, future in batch:
-        if not future.done():
-            future.set_exception(error)
+def _unavailable(exc: Exception) -> StoreUnavailable | None:
+    if isinstance(exc, sqlite3.Error):
+        return StoreUnavailable(f"the store cannot write: {exc}")
+    return None
 
 
 def _writer_thread() -> ThreadPoolExecutor:

@@ -5,9 +5,11 @@ cause: the sessions' and turns' new snapshots, the changes (with their ids), and
 alert deadlines. After a crash an event therefore never exists without its changes,
 nor a change without its event.
 
-Session records (the state machine's facts) live in an LRU cache on this thread; on a
-miss a record is rebuilt by folding the session's stored events, so nothing but the
-public snapshots has to be written per event.
+What a batch derives is decided by `derive` (shared with the other backends); this
+module reads the sessions' facts and writes the rows. Session entries (the state
+machine's facts) live in an LRU cache on this thread; on a miss they are read from the
+session's stored facts (`session_facts` and its turns' rows), never by replaying its
+events, except once for a session stored before facts were (see migration 0009).
 """
 
 from __future__ import annotations
@@ -15,31 +17,30 @@ from __future__ import annotations
 import sqlite3
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
+from itertools import chain
 from typing import Any
 
-import orjson
-
-from relay.changes import (
-    RAW_PREFIX,
-    REBUILT_FROM_EVENT,
-    Commit,
-    StoredChange,
-    one_line,
-    raw_change_of,
-)
+from relay.changes import Commit
 from relay.events import Event
-from relay.state import (
-    SessionRecord,
-    SessionState,
-    TurnState,
-    affects_state,
-    alert_deadlines,
-    apply,
-    derive_session,
-)
+from relay.state import affects_state, derive_session
 from relay.store import IngestRecord, IngestResult
+from relay.store.derive import (
+    NO_SESSION,
+    ChangeDraft,
+    Derived,
+    SessionEntry,
+    Thresholds,
+    alert_change,
+    decode_fired,
+    derive_batch,
+    encode_fired,
+    entry_of,
+    number_changes,
+)
+from relay.store.facts import decode_record
 from relay.store.retention import Pruned, prune_batch
-from relay.timefmt import format_time, format_unix, parse_time
+from relay.timefmt import format_unix, parse_time
 
 Decoder = Callable[[str, bytes, str], Event]  # (source, payload, received_at) -> Event
 
@@ -53,7 +54,6 @@ _INSERT_EVENTS = (
 # batch is written in a handful of multi-row statements rather than one per row.
 _INSERT_CHANGES = "INSERT INTO changes (id, type, session_id, turn_id, event_seq, body) VALUES "
 _CHUNK = 400
-_AlertKey = tuple[str, str, str]  # (kind, session id, turn id or "")
 _CACHE_SESSIONS = 10_000
 
 
@@ -67,14 +67,12 @@ class BatchWriter:
     ) -> None:
         self.conn = conn
         self.decode = decode
-        self.turn_stall_seconds = turn_stall_seconds
-        self.ready_timeout_seconds = ready_timeout_seconds
+        self.thresholds = Thresholds(turn_stall_seconds, ready_timeout_seconds)
         self.last_seq: int | None = None
         self.last_change = 0
-        self.cache: OrderedDict[str, SessionRecord] = OrderedDict()
-        # The alert rows of each cached session; those of a batch until it commits.
-        self.alert_keys: dict[str, frozenset[_AlertKey]] = {}
-        self.pending_alert_keys: dict[str, frozenset[_AlertKey]] = {}
+        self.cache: OrderedDict[str, SessionEntry] = OrderedDict()
+        self.loaded: dict[str, SessionEntry] = {}  # the batch's sessions read from the store
+        self.facts_from_seq: int | None = None  # sessions before may have no facts row
 
     # -- ingest ----------------------------------------------------------------------------
 
@@ -92,137 +90,81 @@ class BatchWriter:
             if self.last_seq is None:
                 self._read_counters()
             assert self.last_seq is not None
-            base = self.last_seq
-            results, rows, last = _plan(batch, {}, base)
+            self._load_entries(batch)
+            derived = derive_batch(batch, {}, self.last_seq, self._entry, self.thresholds)
             before = conn.total_changes
-            _insert_rows(conn, _INSERT_EVENTS, _EVENT_WIDTH, rows, " ON CONFLICT DO NOTHING")
-            if conn.total_changes - before != len(rows) // _EVENT_WIDTH:
+            _insert_rows(
+                conn, _INSERT_EVENTS, _EVENT_WIDTH, derived.events, " ON CONFLICT DO NOTHING"
+            )
+            if conn.total_changes - before != len(derived.events):
                 conn.execute("ROLLBACK")
                 conn.execute("BEGIN IMMEDIATE")
                 self._read_counters()
-                base = self.last_seq
+                assert self.last_seq is not None
                 keys = [(record.event.source, record.event.id) for record in batch]
-                results, rows, last = _plan(batch, _existing_seqs(conn, keys), base)
-                _insert_rows(conn, _INSERT_EVENTS, _EVENT_WIDTH, rows)
-            touched, commit = self._derive(batch, results, base)
+                existing = _existing_seqs(conn, keys)
+                self._load_entries(batch)
+                derived = derive_batch(batch, existing, self.last_seq, self._entry, self.thresholds)
+                _insert_rows(conn, _INSERT_EVENTS, _EVENT_WIDTH, derived.events)
+            commit, last_change = self._write_derived(derived)
             conn.execute("COMMIT")
         except BaseException:
             self._abandon()
             raise
-        self.last_seq = last
-        self._remember(touched)
-        return results, commit
+        if derived.events:
+            self.last_seq = derived.events[-1][0]
+        self.last_change = last_change
+        self._remember(derived.entries)
+        return derived.results, commit
 
-    def _derive(
-        self, batch: list[IngestRecord], results: list[IngestResult], base: int
-    ) -> tuple[dict[str, SessionRecord], Commit]:
-        touched: dict[str, SessionRecord] = {}
-        first_seen: dict[str, float] = {}
-        turns: dict[tuple[str, str], Any] = {}
-        changes: list[StoredChange] = []
-        change_rows: list[Any] = []
-        latest: dict[str, int] = {}  # newest new event per session, whatever its type
-        snapshots = _Snapshots()
-        for record, result in zip(batch, results, strict=True):
-            event = record.event
-            if result.duplicate:
-                continue
-            changes.append(self._raw_change(record, result.seq, change_rows))
-            if event.session_id is None:
-                continue
-            latest[event.session_id] = result.seq
-            if not affects_state(event):
-                continue
-            session_id = event.session_id
-            old = touched[session_id] if session_id in touched else self._record(session_id, base)
-            new, caused = apply(old, event)
-            assert new is not None
-            touched[session_id] = new
-            first_seen.setdefault(session_id, record.received_at.timestamp())
-            turn_id = event.turn_id
-            turn = new.turns.get(turn_id) if turn_id is not None else None
-            if turn is not None and (old is None or turn is not old.turns.get(turn_id or "")):
-                turns[(session_id, turn.turn_id)] = turn
-            for change in caused:
-                changes.append(self._change(change.to_dict(snapshots), result.seq, change_rows))
-        self._move_activity({sid: seq for sid, seq in latest.items() if sid not in touched})
-        _insert_rows(self.conn, _INSERT_CHANGES, 6, change_rows)
-        if not touched:
-            return touched, Commit(changes, {})
-        self._write_state(touched, latest, turns, snapshots)
-        self._update_alerts(touched, first_seen)
-        versions = {sid: record.session.version for sid, record in touched.items()}
-        return touched, Commit(changes, versions)
-
-    def _change(self, body: dict[str, Any], event_seq: int | None, rows: list[Any]) -> StoredChange:
-        """Give a change its id and encoding once; its row goes into `rows`."""
-        self.last_change += 1
-        encoded = orjson.dumps({"id": self.last_change, **body})
-        stored = StoredChange(
-            self.last_change, body["type"], body["session_id"] or "", body["turn_id"], encoded
-        )
-        rows += (stored.id, stored.type, stored.session_id, stored.turn_id, event_seq, encoded)
-        return stored
-
-    def _raw_change(self, record: IngestRecord, event_seq: int, rows: list[Any]) -> StoredChange:
-        """The event's raw change; its row holds no copy of the payload unless the payload
-        had to be re-encoded on one line (readers rebuild it from the event's row)."""
-        event = record.event
-        self.last_change += 1
-        payload = one_line(record.body)
-        body = raw_change_of(self.last_change, event, payload)
-        stored = REBUILT_FROM_EVENT if payload is record.body else body
-        change = StoredChange(
-            self.last_change, RAW_PREFIX + event.type, event.session_id or "", event.turn_id, body
-        )
-        rows += (change.id, change.type, change.session_id, change.turn_id, event_seq, stored)
-        return change
-
-    def _write_state(
-        self,
-        touched: dict[str, SessionRecord],
-        activity: dict[str, int],
-        turns: dict[tuple[str, str], Any],
-        snapshots: _Snapshots,
-    ) -> None:
-        rows: list[Any] = []
-        for session_id, record in touched.items():
-            session = record.session
-            rows += (
-                session_id,
-                session.version,
-                session.readiness.value,
-                session.turn_status.value,
-                activity[session_id],
-                orjson.dumps(snapshots(session)),
-            )
+    def _write_derived(self, derived: Derived) -> tuple[Commit, int]:
+        """Write what a batch derived (its events are written); return its commit."""
+        conn = self.conn
+        changes, rows = number_changes(derived.changes, self.last_change)
+        _insert_rows(conn, _INSERT_CHANGES, 6, rows)
+        self._move_activity(derived.activity)
+        last_change = changes[-1].id if changes else self.last_change
+        if not derived.entries:
+            return Commit(changes, {}), last_change
         _insert_rows(
-            self.conn,
+            conn,
             "INSERT INTO sessions"
             " (session_id, version, readiness, turn_status, activity_seq, snapshot) VALUES ",
             6,
-            rows,
+            derived.sessions,
             " ON CONFLICT (session_id) DO UPDATE SET version = excluded.version,"
             " readiness = excluded.readiness, turn_status = excluded.turn_status,"
             " activity_seq = excluded.activity_seq, snapshot = excluded.snapshot",
         )
-        rows = []
-        for (session_id, turn_id), turn in turns.items():
-            rows += (
-                session_id,
-                turn_id,
-                turn.status.value,
-                turn.version,
-                orjson.dumps(snapshots(turn)),
+        _insert_rows(
+            conn,
+            "INSERT INTO turns (session_id, turn_id, status, version, snapshot, facts) VALUES ",
+            6,
+            derived.turns,
+            " ON CONFLICT (session_id, turn_id) DO UPDATE SET status = excluded.status,"
+            " version = excluded.version, snapshot = excluded.snapshot, facts = excluded.facts",
+        )
+        _insert_rows(
+            conn,
+            "INSERT INTO session_facts (session_id, version, facts, fired) VALUES ",
+            4,
+            derived.facts,
+            " ON CONFLICT (session_id) DO UPDATE SET version = excluded.version,"
+            " facts = excluded.facts, fired = excluded.fired",
+        )
+        if derived.alert_deletes:
+            conn.executemany(
+                "DELETE FROM alerts WHERE session_id = ? AND turn_id = ? AND kind = ?",
+                derived.alert_deletes,
             )
         _insert_rows(
-            self.conn,
-            "INSERT INTO turns (session_id, turn_id, status, version, snapshot) VALUES ",
-            5,
-            rows,
-            " ON CONFLICT (session_id, turn_id) DO UPDATE SET status = excluded.status,"
-            " version = excluded.version, snapshot = excluded.snapshot",
+            conn,
+            "INSERT INTO alerts (session_id, turn_id, kind, due_at) VALUES ",
+            4,
+            derived.alert_inserts,
+            " ON CONFLICT DO NOTHING",
         )
+        return Commit(changes, derived.versions), last_change
 
     def _move_activity(self, latest: dict[str, int]) -> None:
         """Events that change no state still count as a session's newest activity."""
@@ -237,68 +179,13 @@ class BatchWriter:
 
     # -- alerts ----------------------------------------------------------------------------
 
-    def _update_alerts(self, touched: dict[str, SessionRecord], seen: dict[str, float]) -> None:
-        """Keep one deadline row per alert the sessions' state calls for; drop the rest.
-
-        A deadline is due the alert's threshold after the relay first saw its condition;
-        a row that already exists keeps its due time and whether it fired. Which rows a
-        cached session has is remembered, so only what differs is read or written.
-        """
-        wanted: dict[str, dict[_AlertKey, float]] = {}
-        for session_id, record in touched.items():
-            keys = wanted[session_id] = {}
-            for deadline in alert_deadlines(
-                record, self.turn_stall_seconds, self.ready_timeout_seconds
-            ):
-                threshold = (
-                    self.turn_stall_seconds
-                    if deadline.turn_id is not None
-                    else self.ready_timeout_seconds
-                )
-                key = (str(deadline.type), session_id, deadline.turn_id or "")
-                keys[key] = seen[session_id] + threshold
-        # A session new to this batch is looked up too: its stored events may no longer
-        # give it any state (its source read another way now), yet rows may remain.
-        have = self._alert_rows([sid for sid in touched if sid not in self.alert_keys])
-        stale: list[str] = []
-        rows: list[Any] = []
-        for session_id, keys in wanted.items():
-            known = self.alert_keys.get(session_id)
-            if known is None:
-                known = have.get(session_id, frozenset())
-            stale += [part for key in known if key not in keys for part in key]
-            rows += [part for key, due in keys.items() if key not in known for part in (*key, due)]
-            self.pending_alert_keys[session_id] = frozenset(keys)
-        if stale:
-            values = ",".join(["(?, ?, ?)"] * (len(stale) // 3))
-            self.conn.execute(
-                f"DELETE FROM alerts WHERE (kind, session_id, turn_id) IN (VALUES {values})",
-                stale,
-            )
-        _insert_rows(
-            self.conn,
-            "INSERT INTO alerts (kind, session_id, turn_id, due_at) VALUES ",
-            4,
-            rows,
-            " ON CONFLICT DO NOTHING",
-        )
-
-    def _alert_rows(self, session_ids: list[str]) -> dict[str, frozenset[_AlertKey]]:
-        found: dict[str, set[_AlertKey]] = {}
-        for chunk, marks in _in_chunks(session_ids):
-            for kind, session_id, turn_id in self.conn.execute(
-                f"SELECT kind, session_id, turn_id FROM alerts WHERE session_id IN ({marks})",
-                chunk,
-            ):
-                found.setdefault(session_id, set()).add((kind, session_id, turn_id))
-        return {session_id: frozenset(keys) for session_id, keys in found.items()}
-
     def fire_due_alerts(self, now: float) -> Commit:
-        """Record every alert due by `now` (unix seconds) as a change, once."""
+        """Record every alert due by `now` (unix seconds) as a change, once: its row goes
+        and its session's facts remember that it fired, in the change's transaction."""
         conn = self.conn
         due = conn.execute(
-            "SELECT kind, session_id, turn_id FROM alerts"
-            " WHERE fired_at IS NULL AND due_at <= ? ORDER BY due_at LIMIT 500",
+            "SELECT session_id, turn_id, kind FROM alerts WHERE due_at <= ?"
+            " ORDER BY due_at LIMIT 500",
             (now,),
         ).fetchall()
         if not due:
@@ -306,32 +193,46 @@ class BatchWriter:
         conn.execute("BEGIN IMMEDIATE")
         try:
             self._read_counters()
-            assert self.last_seq is not None
-            changes = []
-            change_rows: list[Any] = []
-            for kind, session_id, turn_id in due:
-                record = self._record(session_id, self.last_seq)
+            drafts: list[ChangeDraft] = []
+            fired: dict[str, SessionEntry] = {}
+            for session_id, turn_id, kind in due:
+                entry = fired.get(session_id) or self._entry(session_id)
+                record = entry.record
                 turn = record.turns.get(turn_id) if record is not None and turn_id else None
-                body = {
-                    "type": kind,
-                    "occurred_at": format_unix(now),
-                    "session_id": session_id,
-                    "turn_id": turn_id or None,
-                    "session": None if record is None else record.session.to_dict(),
-                    "turn": None if turn is None else turn.to_dict(),
-                    "cause": None,
-                }
-                changes.append(self._change(body, None, change_rows))
-                conn.execute(
-                    "UPDATE alerts SET fired_at = ? WHERE kind = ? AND session_id = ?"
-                    " AND turn_id = ?",
-                    (now, kind, session_id, turn_id),
+                drafts.append(
+                    alert_change(
+                        kind,
+                        format_unix(now),
+                        session_id,
+                        turn_id,
+                        None if record is None else record.session.to_dict(),
+                        None if turn is None else turn.to_dict(),
+                    )
                 )
-            _insert_rows(conn, _INSERT_CHANGES, 6, change_rows)
+                key = (kind, turn_id)
+                fired[session_id] = replace(
+                    entry,
+                    stamp=entry.stamp + 1,
+                    fired=entry.fired | {key},
+                    alerts=entry.alerts - {key},
+                )
+            conn.executemany(
+                "DELETE FROM alerts WHERE session_id = ? AND turn_id = ? AND kind = ?", due
+            )
+            conn.executemany(
+                "INSERT INTO session_facts (session_id, version, facts, fired)"
+                " VALUES (?, ?, NULL, ?) ON CONFLICT (session_id) DO UPDATE"
+                " SET version = excluded.version, fired = excluded.fired",
+                [(sid, e.stamp, encode_fired(e.fired)) for sid, e in fired.items()],
+            )
+            changes, rows = number_changes(drafts, self.last_change)
+            _insert_rows(conn, _INSERT_CHANGES, 6, rows)
             conn.execute("COMMIT")
         except BaseException:
             self._abandon()
             raise
+        self.last_change = changes[-1].id
+        self._remember(fired)
         return Commit(changes, {})
 
     def prune(self, cutoff: float, limit: int) -> Pruned:
@@ -346,7 +247,6 @@ class BatchWriter:
             raise
         for session_id in pruned.sessions:
             self.cache.pop(session_id, None)
-            self.alert_keys.pop(session_id, None)
         return pruned
 
     def probe(self) -> None:
@@ -361,14 +261,103 @@ class BatchWriter:
             self._abandon()
             raise
 
-    # -- session records -------------------------------------------------------------------
+    # -- session entries -------------------------------------------------------------------
 
-    def _record(self, session_id: str, up_to_seq: int) -> SessionRecord | None:
-        record = self.cache.get(session_id)
-        if record is not None:
+    def _entry(self, session_id: str) -> SessionEntry:
+        entry = self.cache.get(session_id)
+        if entry is not None:
             self.cache.move_to_end(session_id)
-            return record
-        return derive_session(self.stored_events(session_id, up_to_seq))
+            return entry
+        entry = self.loaded.get(session_id)
+        if entry is not None:
+            return entry
+        assert self.last_seq is not None
+        return self.load_entry(session_id, self.last_seq)
+
+    def _load_entries(self, batch: list[IngestRecord]) -> None:
+        """Read the stored facts of the batch's sessions that are not cached, a few
+        statements for the whole batch; a session with no facts row is new (or, stored
+        before facts were, left to `load_entry`)."""
+        self.loaded.clear()
+        missing = sorted(
+            {
+                sid
+                for r in batch
+                if (sid := r.event.session_id) is not None
+                and sid not in self.cache
+                and affects_state(r.event)
+            }
+        )
+        if not missing:
+            return
+        rows: dict[str, tuple[int, bytes | None, str]] = {}
+        turns: dict[str, list[tuple[str, bytes]]] = {}
+        for chunk, marks in _in_chunks(missing):
+            for sid, version, facts, fired in self.conn.execute(
+                "SELECT session_id, version, facts, fired FROM session_facts"
+                f" WHERE session_id IN ({marks})",
+                chunk,
+            ):
+                rows[sid] = (version, facts, fired)
+        stored = [sid for sid, (_, facts, _) in rows.items() if facts is not None]
+        for chunk, marks in _in_chunks(stored):
+            for sid, turn_id, facts in self.conn.execute(
+                "SELECT session_id, turn_id, facts FROM turns"
+                f" WHERE session_id IN ({marks}) ORDER BY rowid",
+                chunk,
+            ):
+                turns.setdefault(sid, []).append((turn_id, facts))
+        unstored = [sid for sid in missing if rows.get(sid, (0, None, ""))[1] is None]
+        legacy = self._stored_before_facts(unstored)
+        for sid in missing:
+            version, facts, fired = rows.get(sid, (0, None, None))
+            if facts is not None:
+                record = decode_record(sid, facts, turns.get(sid, []))
+                self.loaded[sid] = entry_of(record, version, decode_fired(fired), self.thresholds)
+            elif sid not in legacy:
+                self.loaded[sid] = NO_SESSION
+
+    def _stored_before_facts(self, session_ids: list[str]) -> set[str]:
+        """Those of the sessions with no stored facts that have events from before facts
+        were stored (migration 0009): they are rebuilt once from their events."""
+        if self.facts_from_seq is None:
+            return set(session_ids)
+        found: set[str] = set()
+        if self.facts_from_seq > 1:
+            for chunk, marks in _in_chunks(session_ids):
+                found.update(
+                    row[0]
+                    for row in self.conn.execute(
+                        f"SELECT DISTINCT session_id FROM events WHERE session_id IN ({marks})"
+                        " AND seq < ?",
+                        [*chunk, self.facts_from_seq],
+                    )
+                )
+        return found
+
+    def load_entry(self, session_id: str, up_to_seq: int) -> SessionEntry:
+        """The session's stored facts; a session stored before facts were is rebuilt
+        from its events (up to `up_to_seq`) once, and its facts are then written."""
+        conn = self.conn
+        row = conn.execute(
+            "SELECT version, facts, fired FROM session_facts WHERE session_id = ?",
+            (session_id,),
+        ).fetchone()
+        stamp, facts, fired = row if row is not None else (0, None, None)
+        if facts is not None:
+            turns = conn.execute(
+                "SELECT turn_id, facts FROM turns WHERE session_id = ? ORDER BY rowid",
+                (session_id,),
+            ).fetchall()
+            record = decode_record(session_id, facts, turns)
+            return entry_of(record, stamp, decode_fired(fired), self.thresholds)
+        replayed = derive_session(self.stored_events(session_id, up_to_seq))
+        alerts = conn.execute(
+            "SELECT kind, turn_id FROM alerts WHERE session_id = ?", (session_id,)
+        ).fetchall()
+        return SessionEntry(
+            replayed, stamp, decode_fired(fired), frozenset(map(tuple, alerts)), complete=False
+        )
 
     def stored_events(self, session_id: str, up_to_seq: int) -> Iterable[Event]:
         rows = self.conn.execute(
@@ -386,44 +375,31 @@ class BatchWriter:
                     source, event_id, event_type, parse_time(occurred_at), session_id, turn_id
                 )
 
-    def _remember(self, touched: dict[str, SessionRecord]) -> None:
-        for session_id, record in touched.items():
-            self.cache[session_id] = record
+    def _remember(self, entries: dict[str, SessionEntry]) -> None:
+        for session_id, entry in entries.items():
+            self.cache[session_id] = entry
             self.cache.move_to_end(session_id)
-        self.alert_keys.update(self.pending_alert_keys)
-        self.pending_alert_keys.clear()
         while len(self.cache) > _CACHE_SESSIONS:
-            session_id, _ = self.cache.popitem(last=False)
-            self.alert_keys.pop(session_id, None)
+            self.cache.popitem(last=False)
 
     def _abandon(self) -> None:
         """Roll back; the counters are read again (and the cache dropped) next time."""
         self.last_seq = None
-        self.pending_alert_keys.clear()
         if self.conn.in_transaction:
             self.conn.execute("ROLLBACK")
 
     def _read_counters(self) -> None:
-        """Read the last seq and change id; forget cached records if someone else wrote."""
+        """Read the last seq and change id; forget cached entries if someone else wrote."""
         last_seq = _max(self.conn, "SELECT max(seq) FROM events")
         if last_seq != self.last_seq:
             self.cache.clear()
-            self.alert_keys.clear()
         self.last_seq = last_seq
         self.last_change = _max(self.conn, "SELECT max(id) FROM changes")
-
-
-class _Snapshots:
-    """Each snapshot's dict, made once per batch for its changes and its row alike."""
-
-    def __init__(self) -> None:
-        self._made: dict[int, tuple[SessionState | TurnState, dict[str, Any]]] = {}
-
-    def __call__(self, snapshot: SessionState | TurnState) -> dict[str, Any]:
-        made = self._made.get(id(snapshot))
-        if made is None:  # the snapshot is kept with its dict, so its id stays its own
-            made = self._made[id(snapshot)] = (snapshot, snapshot.to_dict())
-        return made[1]
+        if self.facts_from_seq is None:
+            row = self.conn.execute(
+                "SELECT value FROM store_facts WHERE name = 'session_facts_from_seq'"
+            ).fetchone()
+            self.facts_from_seq = None if row is None else int(row[0])
 
 
 def _max(conn: sqlite3.Connection, sql: str) -> int:
@@ -431,44 +407,13 @@ def _max(conn: sqlite3.Connection, sql: str) -> int:
     return int(value or 0)
 
 
-def _plan(
-    batch: list[IngestRecord], seqs: dict[tuple[str, str], int], last_seq: int
-) -> tuple[list[IngestResult], list[Any], int]:
-    """Assign seqs: known events (and repeats within the batch) keep theirs."""
-    results = []
-    rows: list[Any] = []
-    for record in batch:
-        event = record.event
-        key = (event.source, event.id)
-        seq = seqs.get(key)
-        if seq is not None:
-            results.append(IngestResult(seq, True))
-            continue
-        last_seq += 1
-        seqs[key] = last_seq
-        results.append(IngestResult(last_seq, False))
-        rows += (
-            last_seq,
-            event.source,
-            event.id,
-            event.type,
-            event.session_id,
-            event.turn_id,
-            format_time(event.occurred_at),
-            format_time(record.received_at),
-            record.body,
-        )
-    return results, rows, last_seq
-
-
 def _insert_rows(
-    conn: sqlite3.Connection, head: str, width: int, rows: list[Any], tail: str = ""
+    conn: sqlite3.Connection, head: str, width: int, rows: list[tuple[Any, ...]], tail: str = ""
 ) -> None:
-    step = _CHUNK * width
-    for start in range(0, len(rows), step):
-        chunk = rows[start : start + step]
-        row = "(" + ", ".join("?" * width) + ")"
-        conn.execute(head + ",".join([row] * (len(chunk) // width)) + tail, chunk)
+    row = "(" + ", ".join("?" * width) + ")"
+    for start in range(0, len(rows), _CHUNK):
+        chunk = rows[start : start + _CHUNK]
+        conn.execute(head + ",".join([row] * len(chunk)) + tail, list(chain.from_iterable(chunk)))
 
 
 def _in_chunks(values: list[str]) -> Iterator[tuple[list[str], str]]:

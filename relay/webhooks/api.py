@@ -15,7 +15,7 @@ from relay.api_models import MAX_ID
 from relay.appkeys import DELIVERY_STORE, DISPATCHER, HUB, METRICS, SECRET_BOX, SETTINGS
 from relay.errors import ApiError, json_response
 from relay.routes import Handler, Reply, Route, parse_body, parse_query
-from relay.store.sqlite import sqlite_path
+from relay.store import data_directory
 from relay.webhooks.api_models import (
     DeliveriesQuery,
     DeliveryPage,
@@ -65,7 +65,7 @@ def _dispatcher_lifetime(
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
         store = app[DELIVERY_STORE]
-        data_dir = sqlite_path(settings.store.url).parent
+        data_dir = data_directory(settings.store.url)
         app[SECRET_BOX] = SecretBox.from_config(settings.delivery.encryption_key, data_dir)
         await store.open()
         dispatcher = Dispatcher(

@@ -1,0 +1,475 @@
+"""The cluster store: PostgreSQL through an asyncpg pool, shared by several relays.
+
+Ingests are batched per instance (`base.GroupCommit`) and each batch is derived and
+written in one transaction:
+
+1. the facts rows of the batch's sessions are locked (`FOR UPDATE`, in session id
+   order, so that two instances never wait on each other in a cycle); a session's
+   cached entry is used only if its row's version is still the one cached, otherwise
+   its facts are read again (another instance changed them);
+2. the batch is derived (`derive.derive_batch`) with seqs counted from 0, and the rows
+   that need no seq are written (turns, facts, alert rows);
+3. late, the event seqs and change ids are taken from the `counters` rows (`UPDATE ...
+   RETURNING`), which stay locked until the commit; the events, changes and session
+   rows are written; the transaction commits.
+
+Because each transaction holds the counter rows from taking its ids to its commit,
+ids become visible in id order across instances: a reader past id 10 can never later
+see id 9 appear, which a plain sequence does not give (its values are taken by
+transactions that may commit in any order). The price is that the last step of
+concurrent ingest transactions runs one at a time; it is kept short.
+
+An event already stored by another instance makes the event insert land fewer rows
+than sent; the transaction is then rolled back and run again, finding it stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import asyncpg
+import orjson
+import structlog
+
+from relay.changes import Commit, StoredChange
+from relay.config import AlertSettings, StoreSettings
+from relay.normalize import decoder
+from relay.state import affects_state
+from relay.store import (
+    ApiKey,
+    IngestRecord,
+    IngestResult,
+    StoreUnavailable,
+)
+from relay.store.base import GroupCommit
+from relay.store.derive import (
+    NO_SESSION,
+    ChangeDraft,
+    Derived,
+    SessionEntry,
+    Thresholds,
+    alert_change,
+    decode_fired,
+    derive_batch,
+    encode_fired,
+    entry_of,
+    number_changes,
+)
+from relay.store.facts import decode_record
+from relay.store.postgres_migrate import migrate_connection
+from relay.store.postgres_reads import PostgresReads
+from relay.timefmt import format_unix
+
+log = structlog.get_logger("relay.store")
+
+_CACHE_SESSIONS = 10_000
+_RETRIES = 5  # a batch whose events another instance stored meanwhile is run again
+_PROBE_SECONDS = 1.0
+_ALERTS_PER_RUN = 500
+
+
+class _StoredElsewhere(Exception):
+    """An event of the batch was stored by another transaction since it was looked up."""
+
+
+class PostgresStore(PostgresReads):
+    def __init__(
+        self,
+        settings: StoreSettings,
+        providers: Mapping[str, str],
+        alerts: AlertSettings,
+        pool_size: int = 8,
+    ) -> None:
+        super().__init__()
+        self._settings = settings
+        self._decode = decoder(providers)
+        self._thresholds = Thresholds(alerts.turn_stall_seconds, alerts.ready_timeout_seconds)
+        self._pool_size = pool_size
+        self._listeners: list[Callable[[Commit], None]] = []
+        self._commits: GroupCommit | None = None
+        self._cache: OrderedDict[str, SessionEntry] = OrderedDict()
+        self._writable_until = 0.0
+        self._closing = False
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        self._closing = False
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._settings.url, min_size=1, max_size=self._pool_size
+            )
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise StoreUnavailable(f"the store cannot be reached: {exc}") from exc
+        if self._settings.auto_migrate:
+            await self.migrate()
+        self._commits = GroupCommit(
+            self._write_batch,
+            self.list_changes,
+            _unavailable,
+            self._settings.batch_max,
+            fill_gaps=False,
+        )
+        self._commits.listeners = self._listeners
+        self._commits.start(await self.last_change_id())
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._commits is not None:
+            await self._commits.close()
+            self._commits = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def migrate(self) -> list[int]:
+        if self._pool is None:
+            conn = await asyncpg.connect(self._settings.url)
+            try:
+                return await migrate_connection(conn)
+            finally:
+                await conn.close()
+        async with self._pool.acquire() as conn:
+            return await migrate_connection(conn)
+
+    def add_commit_listener(self, listener: Callable[[Commit], None]) -> None:
+        self._listeners.append(listener)
+
+    async def check_writable(self) -> None:
+        """Ready means a primary that takes writes answers; a success stands for a second."""
+        if self._closing or self._pool is None:
+            raise StoreUnavailable("the store is closed")
+        if time.monotonic() < self._writable_until:
+            return
+        try:
+            async with self._pool.acquire() as conn:
+                if await conn.fetchval("SELECT pg_is_in_recovery()"):
+                    raise StoreUnavailable("the database is read-only (a standby)")
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StoreUnavailable(f"the store cannot write: {exc}") from exc
+        self._writable_until = time.monotonic() + _PROBE_SECONDS
+
+    async def check_derived_state(self) -> list[str]:
+        from relay.store.postgres_check import check_derived_state
+
+        async with self._connected().acquire() as conn:
+            return await check_derived_state(conn, self._decode)
+
+    # -- ingest ----------------------------------------------------------------------------
+
+    async def ingest(self, record: IngestRecord) -> IngestResult:
+        if self._closing or self._commits is None:
+            raise StoreUnavailable("the store is closed")
+        return await self._commits.ingest(record)
+
+    async def ingest_many(self, records: list[IngestRecord]) -> list[IngestResult]:
+        if self._closing or self._commits is None:
+            raise StoreUnavailable("the store is closed")
+        return await self._commits.ingest_many(records)
+
+    async def _write_batch(self, batch: list[IngestRecord]) -> tuple[list[IngestResult], Commit]:
+        pool = self._connected()
+        for _ in range(_RETRIES):
+            try:
+                async with pool.acquire() as conn, conn.transaction():
+                    derived, changes = await self._write_in(conn, batch)
+            except (_StoredElsewhere, asyncpg.DeadlockDetectedError):
+                continue
+            self._remember(derived.entries)
+            return derived.results, Commit(changes, derived.versions)
+        raise StoreUnavailable("the batch's events kept being stored elsewhere meanwhile")
+
+    async def _write_in(
+        self, conn: asyncpg.Connection, batch: list[IngestRecord]
+    ) -> tuple[Derived, list[StoredChange]]:
+        sessions = sorted(
+            {r.event.session_id for r in batch if r.event.session_id and affects_state(r.event)}
+        )
+        entries = await self._lock_sessions(conn, sessions)
+        existing = await _existing_seqs(conn, batch)
+        derived = derive_batch(
+            batch, existing, 0, lambda sid: entries.get(sid, NO_SESSION), self._thresholds
+        )
+        await _write_facts(conn, derived)
+        if derived.events:  # from here on, the counter rows stay locked until the commit
+            last = await conn.fetchval(_TAKE, "event_seq", len(derived.events))
+            derived = derived.shifted(last - len(derived.events))
+            inserted = await conn.execute(_INSERT_EVENTS, *zip(*derived.events, strict=True))
+            if int(inserted.rsplit(" ", 1)[1]) != len(derived.events):
+                raise _StoredElsewhere
+        changes: list[StoredChange] = []
+        if derived.changes:
+            changes = await _append_changes(conn, derived.changes)
+        await _write_sessions(conn, derived)
+        return derived, changes
+
+    async def _lock_sessions(
+        self, conn: asyncpg.Connection, sessions: list[str]
+    ) -> dict[str, SessionEntry]:
+        """Lock the sessions' facts rows; their entries, from the cache where it is current."""
+        if not sessions:
+            return {}
+        rows = await conn.fetch(_LOCK_SESSIONS, sessions)
+        entries: dict[str, SessionEntry] = {}
+        stale = []
+        for session_id, version, _, _ in rows:
+            cached = self._cache.get(session_id)
+            if cached is not None and cached.stamp == version:
+                entries[session_id] = cached
+            else:
+                stale.append(session_id)
+        if stale:
+            turns: dict[str, list[tuple[str, bytes]]] = {sid: [] for sid in stale}
+            for session_id, turn_id, facts in await conn.fetch(
+                "SELECT session_id, turn_id, facts FROM turns WHERE session_id = ANY($1::text[])"
+                " ORDER BY session_id, position",
+                stale,
+            ):
+                turns[session_id].append((turn_id, facts))
+            for session_id, version, facts, fired in rows:
+                if facts is None:
+                    entries[session_id] = replace(NO_SESSION, stamp=version)
+                elif session_id in turns:
+                    record = decode_record(session_id, facts, turns[session_id])
+                    entries[session_id] = entry_of(
+                        record, version, decode_fired(fired), self._thresholds
+                    )
+        return entries
+
+    def _remember(self, entries: dict[str, SessionEntry]) -> None:
+        for session_id, entry in entries.items():
+            self._cache[session_id] = entry
+            self._cache.move_to_end(session_id)
+        while len(self._cache) > _CACHE_SESSIONS:
+            self._cache.popitem(last=False)
+
+    # -- alerts ----------------------------------------------------------------------------
+
+    async def fire_due_alerts(self, now: float) -> int:
+        """Fire what is due, once across instances: a run claims the due rows' sessions
+        (their facts rows, `FOR UPDATE SKIP LOCKED`: a session another transaction holds
+        waits for the next run), deletes their due rows and writes the changes."""
+        commits = self._commits
+        if self._closing or commits is None:
+            return 0
+        now = commits.oldest_unwritten(now)
+        try:
+            async with self._connected().acquire() as conn, conn.transaction():
+                changes, sessions = await _fire(conn, now)
+        except Exception as exc:
+            unavailable = _unavailable(exc)
+            if unavailable is not None:
+                raise unavailable from exc
+            raise
+        for session_id in sessions:  # their facts rows' versions moved: read them again
+            self._cache.pop(session_id, None)
+        await commits.deliver(Commit(changes, {}))
+        return len(changes)
+
+    # -- API keys --------------------------------------------------------------------------
+
+    async def add_api_key(self, key: ApiKey, key_hash: str) -> None:
+        await self._execute(
+            "INSERT INTO api_keys (id, name, key_hash, scopes, created_at)"
+            " VALUES ($1, $2, $3, $4, $5)",
+            key.id,
+            key.name,
+            key_hash,
+            " ".join(key.scopes),
+            key.created_at,
+        )
+
+    async def revoke_api_key(self, key_id: str, revoked_at: str) -> bool:
+        status = await self._execute(
+            "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+            revoked_at,
+            key_id,
+        )
+        return status != "UPDATE 0"
+
+    async def _execute(self, sql: str, *args: Any) -> str:
+        try:
+            async with self._connected().acquire() as conn:
+                status: str = await conn.execute(sql, *args)
+                return status
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+            raise StoreUnavailable(f"the store cannot write: {exc}") from exc
+
+
+# Insert the sessions' facts rows that do not exist yet and lock those that do, in
+# session id order (two transactions then never wait on each other in a cycle).
+_LOCK_SESSIONS = (
+    "INSERT INTO session_facts (session_id, version)"
+    " SELECT session_id, 0 FROM unnest($1::text[]) AS s (session_id) ORDER BY session_id"
+    " ON CONFLICT (session_id) DO UPDATE SET version = session_facts.version"
+    " RETURNING session_id, version, facts, fired"
+)
+_TAKE = "UPDATE counters SET value = value + $2 WHERE name = $1 RETURNING value"
+_INSERT_EVENTS = (
+    "INSERT INTO events"
+    " (seq, source, event_id, type, session_id, turn_id, occurred_at, received_at, payload)"
+    " SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],"
+    " $6::text[], $7::text[], $8::text[], $9::bytea[]) ON CONFLICT DO NOTHING"
+)
+
+
+async def _existing_seqs(
+    conn: asyncpg.Connection, batch: list[IngestRecord]
+) -> dict[tuple[str, str], int]:
+    rows = await conn.fetch(
+        "SELECT e.source, e.event_id, e.seq FROM events e"
+        " JOIN unnest($1::text[], $2::text[]) AS k (source, event_id)"
+        " ON e.source = k.source AND e.event_id = k.event_id",
+        [r.event.source for r in batch],
+        [r.event.id for r in batch],
+    )
+    return {(source, event_id): seq for source, event_id, seq in rows}
+
+
+async def _append_changes(
+    conn: asyncpg.Connection, drafts: list[ChangeDraft]
+) -> list[StoredChange]:
+    """Take the drafts' ids from the counter row (locked until the commit) and insert them."""
+    last = await conn.fetchval(_TAKE, "change_id", len(drafts))
+    changes, rows = number_changes(drafts, last - len(drafts))
+    await conn.execute(
+        "INSERT INTO changes (id, type, session_id, turn_id, event_seq, body)"
+        " SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[],"
+        " $5::bigint[], $6::bytea[])",
+        *zip(*rows, strict=True),
+    )
+    return changes
+
+
+async def _write_facts(conn: asyncpg.Connection, derived: Derived) -> None:
+    """What needs no seq: the touched turns, the sessions' facts and their alert rows."""
+    if derived.turns:
+        await conn.executemany(
+            "INSERT INTO turns (session_id, turn_id, status, version, snapshot, facts)"
+            " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (session_id, turn_id) DO UPDATE"
+            " SET status = excluded.status, version = excluded.version,"
+            " snapshot = excluded.snapshot, facts = excluded.facts",
+            derived.turns,
+        )
+    if derived.facts:
+        await conn.executemany(
+            "INSERT INTO session_facts (session_id, version, facts, fired)"
+            " VALUES ($1, $2, $3, $4) ON CONFLICT (session_id) DO UPDATE"
+            " SET version = excluded.version, facts = excluded.facts, fired = excluded.fired",
+            derived.facts,
+        )
+    if derived.alert_deletes:
+        await conn.executemany(
+            "DELETE FROM alerts WHERE session_id = $1 AND turn_id = $2 AND kind = $3",
+            derived.alert_deletes,
+        )
+    if derived.alert_inserts:
+        await conn.executemany(
+            "INSERT INTO alerts (session_id, turn_id, kind, due_at) VALUES ($1, $2, $3, $4)"
+            " ON CONFLICT DO NOTHING",
+            derived.alert_inserts,
+        )
+
+
+async def _write_sessions(conn: asyncpg.Connection, derived: Derived) -> None:
+    if derived.sessions:
+        await conn.executemany(
+            "INSERT INTO sessions"
+            " (session_id, version, readiness, turn_status, activity_seq, snapshot)"
+            " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (session_id) DO UPDATE"
+            " SET version = excluded.version, readiness = excluded.readiness,"
+            " turn_status = excluded.turn_status, snapshot = excluded.snapshot,"
+            " activity_seq = greatest(sessions.activity_seq, excluded.activity_seq)",
+            derived.sessions,
+        )
+    if derived.activity:
+        await conn.execute(
+            "UPDATE sessions s SET activity_seq = greatest(s.activity_seq, v.seq)"
+            " FROM unnest($1::text[], $2::bigint[]) AS v (session_id, seq)"
+            " WHERE s.session_id = v.session_id",
+            list(derived.activity),
+            list(derived.activity.values()),
+        )
+
+
+async def _snapshots(conn: asyncpg.Connection, rows: Sequence[Any]) -> dict[tuple[str, str], bytes]:
+    """The stored snapshots of the sessions (key turn "") and turns of fired alerts."""
+    sessions = sorted({row[0] for row in rows})
+    found: dict[tuple[str, str], bytes] = {}
+    for session_id, snapshot in await conn.fetch(
+        "SELECT session_id, snapshot FROM sessions WHERE session_id = ANY($1::text[])", sessions
+    ):
+        found[(session_id, "")] = snapshot
+    turn_keys = [(row[0], row[1]) for row in rows if row[1]]
+    if turn_keys:
+        for session_id, turn_id, snapshot in await conn.fetch(
+            "SELECT t.session_id, t.turn_id, t.snapshot FROM turns t"
+            " JOIN unnest($1::text[], $2::text[]) AS k (session_id, turn_id)"
+            " ON t.session_id = k.session_id AND t.turn_id = k.turn_id",
+            [k[0] for k in turn_keys],
+            [k[1] for k in turn_keys],
+        ):
+            found[(session_id, turn_id)] = snapshot
+    return found
+
+
+async def _fire(conn: asyncpg.Connection, now: float) -> tuple[list[StoredChange], list[str]]:
+    """Claim the due alerts' sessions, delete their due rows, mark them fired in the
+    sessions' facts and append their changes; return those and the sessions."""
+    due = await conn.fetch(
+        "SELECT DISTINCT session_id FROM"
+        " (SELECT session_id FROM alerts WHERE due_at <= $1 ORDER BY due_at LIMIT $2) d",
+        now,
+        _ALERTS_PER_RUN,
+    )
+    if not due:
+        return [], []
+    claimed = await conn.fetch(
+        "SELECT session_id, fired FROM session_facts"
+        " WHERE session_id = ANY($1::text[]) ORDER BY session_id FOR UPDATE SKIP LOCKED",
+        [row[0] for row in due],
+    )
+    fired_rows = await conn.fetch(
+        "DELETE FROM alerts WHERE session_id = ANY($1::text[]) AND due_at <= $2"
+        " RETURNING session_id, turn_id, kind, due_at",
+        [row[0] for row in claimed],
+        now,
+    )
+    if not fired_rows:
+        return [], []
+    snapshots = await _snapshots(conn, fired_rows)
+    marks = {session_id: decode_fired(fired) for session_id, fired in claimed}
+    drafts: list[ChangeDraft] = []
+    for session_id, turn_id, kind, _ in sorted(fired_rows, key=lambda r: (r[3], *r[:3])):
+        session = snapshots.get((session_id, ""))
+        turn = snapshots.get((session_id, turn_id)) if turn_id else None
+        drafts.append(
+            alert_change(
+                kind,
+                format_unix(now),
+                session_id,
+                turn_id,
+                None if session is None else orjson.Fragment(session),
+                None if turn is None else orjson.Fragment(turn),
+            )
+        )
+        marks[session_id] = marks[session_id] | {(kind, turn_id)}
+    sessions = sorted({row[0] for row in fired_rows})
+    await conn.executemany(
+        "UPDATE session_facts SET fired = $2, version = version + 1 WHERE session_id = $1",
+        [(session_id, encode_fired(marks[session_id])) for session_id in sessions],
+    )
+    return await _append_changes(conn, drafts), sessions
+
+
+def _unavailable(exc: Exception) -> StoreUnavailable | None:
+    if isinstance(
+        exc, OSError | asyncio.TimeoutError | asyncpg.PostgresError | asyncpg.InterfaceError
+    ):
+        return StoreUnavailable(f"the store cannot write: {exc}")
+    return None
