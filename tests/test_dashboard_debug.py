@@ -175,17 +175,22 @@ async def test_session_page_updates_its_timeline_and_turns_live(
         turn = "document.querySelector('#session-turns tr[data-turn-id=\"turn_1\"]')"
         await ingest(relay, now_event("4", "agent.chat.turn.started", "chat_live", "turn_1"))
         await page.wait_for(f"{turn} && {turn}.dataset.status === 'running'")
+        tool = now_event("4t", "agent.chat.turn.tool.started", "chat_live", "turn_1")
+        tool["provider"] = "casedev"  # a stream frame in its stored, canonical form
+        tool["data"].update({"tool_call_id": "call_1", "tool_name": "vault_search"})
+        await ingest(relay, tool)  # no change of its own: shown with the turn's next change
         failed = now_event("5", "agent.chat.turn.failed", "chat_live", "turn_1")
         failed["data"]["error"] = {"code": "TOOL_TIMEOUT", "message": "vault search timed out"}
         await ingest(relay, failed)
         await page.wait_for(f"{turn}.dataset.status === 'failed'")
+        assert await page.evaluate(f"{turn}.cells[5].textContent") == "1"  # one tool call
         assert "vault search timed out (TOOL_TIMEOUT)" in await page.evaluate(
-            f"{turn}.cells[5].textContent"
+            f"{turn}.cells[6].textContent"
         )
         await page.wait_for(
             "document.querySelectorAll('#session-changes tr[data-change-type]').length >= 5"
         )
-        await page.wait_for("document.querySelectorAll('#session-events tbody tr').length === 5")
+        await page.wait_for("document.querySelectorAll('#session-events tbody tr').length === 6")
         await shoot(page, "session-live.png")
 
 

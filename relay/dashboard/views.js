@@ -324,6 +324,9 @@ export class Views {
       tr.dataset.turnId = turn.turn_id;
       tr.dataset.status = turn.status;
       const usage = turn.usage ? `${numberFormat.format(tokens(turn.usage))} tokens · ${formatCost(turn.usage.cost_micros)}` : "—";
+      const calls = turn.tool_calls;
+      const running = calls?.running?.length ? ` · running: ${calls.running.join(", ")}` : "";
+      const tools = calls && calls.count ? `${calls.count}${running}` : "—";
       let error = errorText(turn.error);
       if (turn.status === "conflict") error = `another turn was active: ${turn.active_turn_id || "?"}`;
       tr.append(
@@ -332,13 +335,14 @@ export class Views {
         cell(clip("span", "mono", formatTime(turn.started_at))),
         cell(el("span", "mono", formatDuration(turn.duration_ms))),
         cell(clip("span", "mono", usage)),
+        cell(clip("span", "mono", tools)),
         cell(clip("span", turn.status === "failed" ? "error-text" : "sub", error || "—")),
       );
       return tr;
     });
     $("session-turns").replaceChildren(
       turnRows.length
-        ? table(["Turn", "Status", "Started", "Duration", "Usage", "Error"], turnRows, "fixed turns", [12, 10, 17, 9, 16, 36])
+        ? table(["Turn", "Status", "Started", "Duration", "Usage", "Tools", "Error"], turnRows, "fixed turns", [12, 10, 16, 8, 15, 10, 29])
         : el("p", "empty", "No turns yet."),
     );
 
