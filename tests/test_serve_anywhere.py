@@ -65,8 +65,8 @@ async def test_serve_ingests_from_a_directory_holding_a_relay_folder(
         "[auth]\nenabled = false\n"
     )
     relay = Path(sys.executable).with_name("relay")
-    proc = subprocess.Popen(
-        [str(relay), "serve", "--config", "relay.toml"],
+    proc = await asyncio.create_subprocess_exec(
+        *(str(relay), "serve", "--config", "relay.toml"),
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -76,4 +76,4 @@ async def test_serve_ingests_from_a_directory_holding_a_relay_folder(
         assert (tmp_path / "data" / "relay.db").exists()
     finally:
         proc.terminate()
-        proc.wait(timeout=20)
+        await asyncio.wait_for(proc.wait(), timeout=20)
