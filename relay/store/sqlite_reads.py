@@ -1,0 +1,92 @@
+"""A small pool of read connections to the SQLite file.
+
+Each aiosqlite connection runs its statements one at a time on a thread of its own, so
+with one connection a slow page held up every other read behind it, API-key lookups
+included. In WAL mode readers do not block each other nor the writer: a few
+connections let reads proceed side by side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+READ_CONNECTIONS = 4
+
+
+class ReadPool:
+    def __init__(self, connections: list[aiosqlite.Connection]) -> None:
+        self._all = connections
+        self._idle: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
+        for conn in connections:
+            self._idle.put_nowait(conn)
+
+    @classmethod
+    async def open(
+        cls, path: Path, busy_timeout_ms: float, size: int = READ_CONNECTIONS
+    ) -> ReadPool:
+        connections = []
+        try:
+            for _ in range(size):
+                conn = await aiosqlite.connect(path)
+                connections.append(conn)
+                await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        except BaseException:
+            for conn in connections:
+                await conn.close()
+            raise
+        return cls(connections)
+
+    async def read(self, sql: str, params: Any) -> list[Any]:
+        """All rows of one statement, on whichever connection is free first."""
+        conn = await self._idle.get()
+        try:
+            async with conn.execute(sql, params) as cursor:
+                return list(await cursor.fetchall())
+        finally:
+            self._idle.put_nowait(conn)
+
+    async def close(self) -> None:
+        for conn in self._all:
+            await conn.close()
+
+
+_CHANGE_ROW = "c.id, c.type, c.session_id, c.turn_id, c.body, {raw}"
+_CHANGE_FROM = "changes c LEFT JOIN events e ON c.body = x'' AND e.seq = c.event_seq"
+
+
+def changes_query(
+    raw_columns: str,
+    after: int,
+    limit: int,
+    types: tuple[str, ...],
+    exclude: tuple[str, ...],
+    glob: Callable[[str], str],
+) -> tuple[str, tuple[Any, ...]]:
+    """The SQL (and parameters) of a page of the change log after `after`.
+
+    Exact type names are read type by type through the `changes_by_type` index, each in
+    id order, and merged, so a type that is rare costs no scan of the log; globs and
+    exclusions filter the log in id order.
+    """
+    columns = _CHANGE_ROW.format(raw=raw_columns)
+    names = tuple(dict.fromkeys(types))
+    if names and not exclude and not any(c in name for name in names for c in "*?"):
+        one = (
+            f"SELECT * FROM (SELECT {columns} FROM {_CHANGE_FROM}"
+            " WHERE c.type = ? AND c.id > ? ORDER BY c.id LIMIT ?)"
+        )
+        sql = " UNION ALL ".join([one] * len(names)) + " ORDER BY 1 LIMIT ?"
+        return sql, (*(p for name in names for p in (name, after, limit)), limit)
+    where = " OR ".join(["c.type GLOB ?"] * len(types))
+    sql = (
+        f"SELECT {columns} FROM {_CHANGE_FROM} WHERE c.id > ?"
+        + (f" AND ({where})" if where else "")
+        + " AND c.type NOT GLOB ?" * len(exclude)
+        + " ORDER BY c.id LIMIT ?"
+    )
+    return sql, (after, *map(glob, types), *map(glob, exclude), limit)
