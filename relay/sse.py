@@ -1,10 +1,14 @@
 """Server-Sent Events: `GET /v1/stream` and `GET /v1/sessions/{id}/stream`.
 
-A stream subscribes to the hub *before* it replays the change log from the client's
-last event id, and drops live changes it has already sent, so the replay and the live
-part meet with no gap and no repeat. Frames are encoded once per change and shared by
-every subscriber. A subscriber that does not keep up overflows its bounded buffer and
-is disconnected; it resumes with `Last-Event-ID`.
+A stream catches up the way EventStoreDB's catch-up subscriptions do: it subscribes to
+the hub, then reads the change log from the client's last event id page by page up to
+its head, and only then goes live with what the hub buffered meanwhile, dropping live
+changes it has already sent, so the replay and the live part meet with no gap and no
+repeat. If the buffer overflows while the stream is still reading the log (ingest runs
+ahead of the replay), the stream is not cut off: it drops that subscription, takes a
+new one and keeps reading the log from where it got to. Frames are encoded once per
+change and shared by every subscriber. A live subscriber that does not keep up overflows
+its bounded buffer and is disconnected; it resumes with `Last-Event-ID`.
 """
 
 from __future__ import annotations
@@ -78,12 +82,35 @@ async def stream_changes(request: web.Request) -> web.StreamResponse:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.socket_send_buffer_bytes)
     # The client may go away (or be cut off for not reading): nothing to answer then.
     key = request.get(auth.API_KEY)
-    with (
-        request.app[HUB].subscribe(accepts, settings.buffer_changes, disconnect) as subscription,
-        request.app[STREAM_KEYS].track(key.id, subscription) if key else contextlib.nullcontext(),
-        contextlib.suppress(ConnectionResetError),
-    ):
-        await _serve(request, response, subscription, accepts, last_id)
+    live = False
+
+    def overflowed() -> None:
+        if live:  # while catching up, the log is read again instead
+            disconnect()
+
+    with contextlib.suppress(ConnectionResetError):
+        await response.prepare(request)
+        # No blank line after `retry:`: it joins the first event rather than be a block of
+        # its own, which client libraries would hand over as an event without data.
+        await response.write(b"retry: %d\n" % settings.retry_ms)
+        after: int | None = None
+        while True:
+            with (
+                request.app[HUB].subscribe(
+                    accepts, settings.buffer_changes, overflowed
+                ) as subscription,
+                request.app[STREAM_KEYS].track(key.id, subscription)
+                if key
+                else contextlib.nullcontext(),
+            ):
+                if after is None:
+                    after = await _start(request, response, last_id)
+                after = await _replay(request, response, accepts, after)
+                if subscription.overflowed and not subscription.closed:
+                    continue  # fell behind while reading the log: read on from the store
+                live = True
+                await _serve(request, response, subscription, after)
+                return response
     return response
 
 
@@ -111,18 +138,10 @@ async def revocation_watch(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _serve(
-    request: web.Request,
-    response: web.StreamResponse,
-    subscription: Subscription,
-    accepts: StreamFilter,
-    last_id: int | None,
+    request: web.Request, response: web.StreamResponse, subscription: Subscription, sent: int
 ) -> None:
+    """The live part: changes after `sent` as the hub publishes them."""
     settings = request.app[SETTINGS].sse
-    await response.prepare(request)
-    # No blank line after `retry:`: it joins the first event rather than be a block of
-    # its own, which client libraries would hand over as an event without data.
-    await response.write(b"retry: %d\n" % settings.retry_ms)
-    sent = await _replay(request, response, accepts, last_id)
     # The position the live part starts from, as a control event with an id, so a client
     # that reconnects before its first change still resumes here (an id-only frame would
     # do that too, but client libraries hand it over as an empty event).
@@ -159,10 +178,8 @@ async def _serve(
         await response.write_eof()
 
 
-async def _replay(
-    request: web.Request, response: web.StreamResponse, accepts: StreamFilter, last_id: int | None
-) -> int:
-    """Send the stored changes after `last_id`; return the id the live part continues from."""
+async def _start(request: web.Request, response: web.StreamResponse, last_id: int | None) -> int:
+    """The id the stream starts after, once subscribed; says so if it is not `last_id`."""
     store = request.app[STORE]
     newest = await store.last_change_id()
     if last_id is None:
@@ -171,12 +188,19 @@ async def _replay(
         # Ahead of the log (a client from before a restore, or a made-up id): waiting for
         # ids above it would drop every change until then. Start over from the newest.
         await response.write(b'event: stream.reset\ndata: {"newest_id": %d}\n\n' % newest)
-        last_id = newest
-    after = last_id
+        return newest
     oldest = await store.list_changes(0, 1)
     if oldest and last_id < oldest[0].id - 1:
         reset = b'event: stream.reset\ndata: {"oldest_id": %d}\n\n' % oldest[0].id
         await response.write(reset)
+    return last_id
+
+
+async def _replay(
+    request: web.Request, response: web.StreamResponse, accepts: StreamFilter, after: int
+) -> int:
+    """Send the stored changes after `after` up to the log's head; return the last id read."""
+    store = request.app[STORE]
     while True:
         page = await store.list_changes(after, REPLAY_PAGE, exclude=accepts.excluded)
         frames = [change.frame for change in page if accepts(change)]

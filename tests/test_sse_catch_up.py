@@ -1,0 +1,65 @@
+"""A stream resuming far behind catches up from the store while ingest runs, uncut."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+
+from tests.conftest import RelayFactory
+from tests.test_ingest import signed
+from tests.test_sse import frames, is_change
+from tests.test_sse_resume import _all_changes, events
+
+BEFORE = 600  # events stored before the client resumes
+
+
+async def test_resuming_subscriber_under_steady_ingest_is_not_cut_off(
+    start_relay: RelayFactory,
+) -> None:
+    """With a live buffer of 4 changes and ingest running during its replay, a stream
+    resumed from the start reads the log up to the head and goes live on one connection,
+    every change once and in order."""
+    relay = await start_relay(sse={"buffer_changes": 4, "heartbeat_seconds": 0.2})
+    bodies = [orjson.dumps(e) for e in events()]
+
+    async def post(chunk: list[bytes]) -> None:
+        await asyncio.gather(
+            *(relay.client.post("/v1/ingest/casedev", data=b, headers=signed(b)) for b in chunk)
+        )
+
+    for start in range(0, BEFORE, 50):
+        await post(bodies[start : start + 50])
+    started = asyncio.Event()
+
+    async def produce() -> None:
+        await started.wait()
+        for start in range(BEFORE, len(bodies), 4):
+            await post(bodies[start : start + 4])
+
+    producing = asyncio.create_task(produce())
+    received: list[int] = []
+    connections = 0
+    final: int | None = None
+
+    async def follow() -> None:
+        nonlocal connections, final
+        params = {"last_event_id": "0"}
+        async with relay.client.get("/v1/stream", params=params, headers=relay.auth) as resp:
+            connections += 1
+            started.set()
+            async for frame in frames(resp):
+                if is_change(frame):
+                    received.append(int(frame["id"]))
+                    await asyncio.sleep(0)  # a reader that takes its time
+                if final is None and producing.done():
+                    final = int((await _all_changes(relay))[-1]["id"])
+                if final is not None and received and received[-1] >= final:
+                    return
+
+    await asyncio.wait_for(follow(), timeout=120)
+    await producing
+    expected = [int(c["id"]) for c in await _all_changes(relay)]
+    assert connections == 1
+    assert received == expected
+    assert len(expected) > 1500
