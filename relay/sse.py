@@ -51,6 +51,9 @@ class StreamFilter:
         self._sessions: re.Pattern[str] | None = glob_pattern(sessions) if sessions else None
         self._types = glob_pattern(types)
         self.excluded = excluded_types(types)  # what the store can leave out
+        exact = len(sessions) == 1 and not any(c in sessions[0] for c in "*?")
+        # The one session the stream follows, if it names one: the store reads its changes only.
+        self.session = session if session is not None else sessions[0] if exact else None
 
     def __call__(self, change: StoredChange) -> bool:
         if self._session is not None and change.session_id != self._session:
@@ -201,8 +204,12 @@ async def _replay(
 ) -> int:
     """Send the stored changes after `after` up to the log's head; return the last id read."""
     store = request.app[STORE]
+    only = accepts.session
     while True:
-        page = await store.list_changes(after, REPLAY_PAGE, exclude=accepts.excluded)
+        if only is None:
+            page = await store.list_changes(after, REPLAY_PAGE, exclude=accepts.excluded)
+        else:
+            page = await store.list_session_changes(only, after, REPLAY_PAGE, accepts.excluded)
         frames = [change.frame for change in page if accepts(change)]
         if frames:
             await response.write(b"".join(frames))

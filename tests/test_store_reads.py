@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,7 +17,7 @@ from relay.config import StoreSettings
 from relay.events import Event
 from relay.store import IngestRecord, SessionQuery, open_store
 from relay.store.sqlite import _SESSION_PAGE, SQLiteStore
-from relay.store.sqlite_reads import changes_query
+from relay.store.sqlite_reads import changes_query, session_changes_query
 
 T0 = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 
@@ -120,3 +121,40 @@ async def test_a_slow_read_does_not_hold_up_others(store: SQLiteStore) -> None:
     assert await store.get_session("nobody") is None
     assert not slow.done()
     assert (await slow)[0][0] == 30_000_000
+
+
+async def test_session_changes_are_read_through_the_sessions_events(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    """One session's changes, alerts included, are what filtering the whole log gives,
+    paged in id order, read through indexes that do not visit other sessions."""
+    records = []
+    for n in range(12):
+        session = f"c{n % 3}"
+        records.append(record(n, "agent.chat.session.created", session))
+        records.append(record(100 + n, "agent.chat.turn.started", session, f"t{n}"))
+    await store.ingest_many(records[:10])
+    await store.ingest_many(records[10:])
+    fired, deadline = 0, time.monotonic() + 10
+    while not fired and time.monotonic() < deadline:  # once the batch is all written
+        fired = await store.fire_due_alerts(T0.timestamp() + 10**9)
+        await asyncio.sleep(0.01)
+    assert fired > 0
+    await store.ingest(record(500, "agent.chat.turn.completed", "c1", "t1"))
+    everything = await store.list_changes(0, 10_000)
+    for session in ("c0", "c1", "c2"):
+        want = [c for c in everything if c.session_id == session]
+        assert any(c.type == "turn.stalled" for c in want)
+        for after in (0, want[3].id, want[-1].id):
+            got, page_after = [], after
+            while page := await store.list_session_changes(session, page_after, 4):
+                got += page
+                page_after = page[-1].id
+            assert got == [c for c in want if c.id > after]
+    no_raw = await store.list_session_changes("c1", 0, 100, ("raw.*",))
+    assert no_raw == [c for c in everything if c.session_id == "c1" and c.type[:4] != "raw."]
+    sql, params = session_changes_query(RAW_EVENT_COLUMNS, "c1", 5, 4, (), sql_glob)
+    text = plan(tmp_path / "reads.db", sql, params)
+    assert "events_by_session" in text
+    assert "alert_changes_by_session" in text
+    assert not [line for line in text.splitlines() if line.startswith(("SCAN c", "SCAN e"))]

@@ -40,7 +40,7 @@ from relay.store import (
 )
 from relay.store.reconnect import Reconnecting
 from relay.store.retention import Pruned
-from relay.store.sqlite_reads import ReadPool, changes_query
+from relay.store.sqlite_reads import ReadPool, changes_query, session_changes_query
 from relay.store.sqlite_writer import BatchWriter
 from relay.store.writer_process import WriterProcess
 from relay.timefmt import format_time, utcnow
@@ -475,6 +475,17 @@ class SQLiteStore:
     ) -> list[StoredChange]:
         rows = await self._read(
             *changes_query(RAW_EVENT_COLUMNS, after, limit, types, exclude, sql_glob)
+        )
+        return [
+            StoredChange(row[0], row[1], row[2], row[3], stored_body(row[0], row[4], row[5:]))
+            for row in rows
+        ]
+
+    async def list_session_changes(
+        self, session_id: str, after: int, limit: int, exclude: tuple[str, ...] = ()
+    ) -> list[StoredChange]:
+        rows = await self._read(
+            *session_changes_query(RAW_EVENT_COLUMNS, session_id, after, limit, exclude, sql_glob)
         )
         return [
             StoredChange(row[0], row[1], row[2], row[3], stored_body(row[0], row[4], row[5:]))

@@ -90,3 +90,39 @@ def changes_query(
         + " ORDER BY c.id LIMIT ?"
     )
     return sql, (after, *map(glob, types), *map(glob, exclude), limit)
+
+
+def session_changes_query(
+    raw_columns: str,
+    session_id: str,
+    after: int,
+    limit: int,
+    exclude: tuple[str, ...],
+    glob: Callable[[str], str],
+) -> tuple[str, tuple[Any, ...]]:
+    """The SQL (and parameters) of a page of one session's changes after `after`.
+
+    A change's id grows with the seq of the event that caused it, so the changes of the
+    session's events from the one behind `after` on, read through `events_by_session`
+    and `changes_by_event`, come in id order; the changes no event caused (alerts) come
+    from `alert_changes_by_session`. Neither read looks at other sessions' changes.
+    """
+    columns = _CHANGE_ROW.format(raw=raw_columns)
+    excluded = " AND c.type NOT GLOB ?" * len(exclude)
+    globs = tuple(map(glob, exclude))
+    sql = (
+        f"SELECT * FROM (SELECT {columns} FROM events e"
+        " JOIN changes c INDEXED BY changes_by_event ON c.event_seq = e.seq"
+        " WHERE e.session_id = ? AND e.seq >= coalesce((SELECT event_seq FROM changes"
+        " WHERE id <= ? AND event_seq IS NOT NULL ORDER BY id DESC LIMIT 1), 0)"
+        f" AND c.id > ?{excluded} ORDER BY e.seq, c.id LIMIT ?)"
+        " UNION ALL"
+        f" SELECT * FROM (SELECT c.id, c.type, c.session_id, c.turn_id, c.body,"
+        f" {', '.join(['NULL'] * len(raw_columns.split(',')))}"
+        " FROM changes c INDEXED BY alert_changes_by_session"
+        f" WHERE c.session_id = ? AND c.event_seq IS NULL AND c.id > ?{excluded}"
+        " ORDER BY c.id LIMIT ?)"
+        " ORDER BY 1 LIMIT ?"
+    )
+    params = (session_id, after, after, *globs, limit, session_id, after, *globs, limit, limit)
+    return sql, params
