@@ -54,6 +54,8 @@ class StreamFilter:
         exact = len(sessions) == 1 and not any(c in sessions[0] for c in "*?")
         # The one session the stream follows, if it names one: the store reads its changes only.
         self.session = session if session is not None else sessions[0] if exact else None
+        # Exact type names, which the store reads through an index; () for globs.
+        self.types = types if types and not any(c in t for t in types for c in "*?") else ()
 
     def __call__(self, change: StoredChange) -> bool:
         if self._session is not None and change.session_id != self._session:
@@ -207,7 +209,9 @@ async def _replay(
     only = accepts.session
     while True:
         if only is None:
-            page = await store.list_changes(after, REPLAY_PAGE, exclude=accepts.excluded)
+            page = await store.list_changes(
+                after, REPLAY_PAGE, accepts.types, exclude=accepts.excluded
+            )
         else:
             page = await store.list_session_changes(only, after, REPLAY_PAGE, accepts.excluded)
         frames = [change.frame for change in page if accepts(change)]

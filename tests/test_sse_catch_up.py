@@ -63,3 +63,36 @@ async def test_resuming_subscriber_under_steady_ingest_is_not_cut_off(
     assert connections == 1
     assert received == expected
     assert len(expected) > 1500
+
+
+async def test_resumed_streams_of_one_session_or_exact_types_replay_just_those(
+    start_relay: RelayFactory,
+) -> None:
+    """A stream of one session, or of exact type names, resumed from the start replays
+    exactly the matching changes in id order, then says where the live part begins."""
+    relay = await start_relay(sse={"heartbeat_seconds": 0.2})
+    for body in (orjson.dumps(e) for e in events()[:200]):
+        await relay.client.post("/v1/ingest/casedev", data=body, headers=signed(body))
+    everything = await _all_changes(relay)
+    cases = [
+        ("/v1/sessions/chat_03/stream", {}, lambda c: c["session_id"] == "chat_03"),
+        ("/v1/stream", {"session_id": "chat_05"}, lambda c: c["session_id"] == "chat_05"),
+        (
+            "/v1/stream",
+            {"type": "session.ready,turn.completed"},
+            lambda c: c["type"] in ("session.ready", "turn.completed"),
+        ),
+    ]
+    for path, params, wanted in cases:
+        want = [int(c["id"]) for c in everything if wanted(c)]
+        got: list[int] = []
+        query = {**params, "last_event_id": "0"}
+        async with relay.client.get(path, params=query, headers=relay.auth) as resp:
+            assert resp.status == 200
+            async for frame in frames(resp):
+                if is_change(frame):
+                    got.append(int(frame["id"]))
+                if frame.get("event") == "stream.position":
+                    break
+        assert got == want
+        assert len(want) > 5
