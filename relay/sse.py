@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import re
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import structlog
 from aiohttp import web
@@ -88,12 +88,15 @@ async def stream_changes(request: web.Request) -> web.StreamResponse:
     # The client may go away (or be cut off for not reading): nothing to answer then.
     key = request.get(auth.API_KEY)
     live = False
+    watchdog = _Watchdog(settings.heartbeat_seconds, disconnect)
 
     def overflowed() -> None:
-        if live:  # while catching up, the log is read again instead
+        if live:
             disconnect()
+        else:  # while catching up, the log is read again instead, if the client reads
+            watchdog.start()
 
-    with contextlib.suppress(ConnectionResetError):
+    with contextlib.suppress(ConnectionResetError), watchdog:
         await response.prepare(request)
         # No blank line after `retry:`: it joins the first event rather than be a block of
         # its own, which client libraries would hand over as an event without data.
@@ -110,10 +113,11 @@ async def stream_changes(request: web.Request) -> web.StreamResponse:
             ):
                 if after is None:
                     after = await _start(request, response, last_id)
-                after = await _replay(request, response, accepts, after)
+                after = await _replay(request, response, accepts, after, watchdog)
                 if subscription.overflowed and not subscription.closed:
                     continue  # fell behind while reading the log: read on from the store
                 live = True
+                watchdog.stop()
                 await _serve(request, response, subscription, after)
                 return response
     return response
@@ -201,8 +205,50 @@ async def _start(request: web.Request, response: web.StreamResponse, last_id: in
     return last_id
 
 
+class _Watchdog:
+    """Ends a stream whose client takes nothing while it catches up behind a live buffer
+    that overflowed: once started, it looks every `seconds` whether a page of the replay
+    is still waiting for the client since the last look."""
+
+    def __init__(self, seconds: float, disconnect: Callable[[], None]) -> None:
+        self._seconds = seconds
+        self._disconnect = disconnect
+        self._timer: asyncio.TimerHandle | None = None
+        self._seen = -1
+        self.pages = 0  # pages the client has taken
+        self.writing = False  # a page is waiting for the client
+
+    def start(self) -> None:
+        if self._timer is None:
+            self._seen = self.pages
+            self._timer = asyncio.get_running_loop().call_later(self._seconds, self._look)
+
+    def _look(self) -> None:
+        if self.writing and self.pages == self._seen:
+            self._timer = None
+            self._disconnect()
+            return
+        self._seen = self.pages
+        self._timer = asyncio.get_running_loop().call_later(self._seconds, self._look)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def __enter__(self) -> _Watchdog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 async def _replay(
-    request: web.Request, response: web.StreamResponse, accepts: StreamFilter, after: int
+    request: web.Request,
+    response: web.StreamResponse,
+    accepts: StreamFilter,
+    after: int,
+    watchdog: _Watchdog,
 ) -> int:
     """Send the stored changes after `after` up to the log's head; return the last id read."""
     store = request.app[STORE]
@@ -216,7 +262,10 @@ async def _replay(
             page = await store.list_session_changes(only, after, REPLAY_PAGE, accepts.excluded)
         frames = [change.frame for change in page if accepts(change)]
         if frames:
+            watchdog.writing = True
             await response.write(b"".join(frames))
+            watchdog.writing = False
+            watchdog.pages += 1
         if page:
             after = page[-1].id
         if len(page) < REPLAY_PAGE:

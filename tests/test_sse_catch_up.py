@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import time
 
 import orjson
 
+from relay.appkeys import HUB
 from tests.conftest import RelayFactory
 from tests.test_ingest import signed
 from tests.test_sse import frames, is_change
@@ -96,3 +100,46 @@ async def test_resumed_streams_of_one_session_or_exact_types_replay_just_those(
                     break
         assert got == want
         assert len(want) > 5
+
+
+async def test_a_client_that_stops_reading_while_catching_up_is_cut_off(
+    start_relay: RelayFactory,
+) -> None:
+    """A stream whose client takes nothing while it replays, with ingest overflowing its
+    live buffer, is closed within a few heartbeat intervals instead of waiting forever."""
+    relay = await start_relay(
+        sse={"buffer_changes": 4, "heartbeat_seconds": 0.2, "socket_send_buffer_bytes": 4096}
+    )
+    bodies = [orjson.dumps(e) for e in events()]
+    for body in bodies[:300]:
+        await relay.client.post("/v1/ingest/casedev", data=body, headers=signed(body))
+    url = relay.client.make_url("/v1/stream")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # no room to read ahead
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (url.host, url.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=2**16)
+    writer.write(
+        b"GET /v1/stream?last_event_id=0 HTTP/1.1\r\nHost: relay\r\n"
+        b"Authorization: Bearer %s\r\n\r\n" % relay.key.encode()
+    )
+    assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+    for body in bodies[300:340]:  # the stream is stuck in its replay: its buffer overflows
+        await relay.client.post("/v1/ingest/casedev", data=body, headers=signed(body))
+    try:
+        hub = relay.client.app[HUB]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the stream ends, unread
+            if not hub.subscribers:
+                break
+            await asyncio.sleep(0.02)
+        assert hub.subscribers == 0
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := await asyncio.wait_for(reader.read(2**16), timeout=10):
+                received += chunk
+        assert b"stream.position" not in received  # it never reached the live part
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionResetError):
+            await writer.wait_closed()
