@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from relay.changes import RAW_EVENT_COLUMNS, sql_glob
+from relay.changes import RAW_EVENT_COLUMNS, glob_pattern, sql_glob
 from relay.config import StoreSettings
 from relay.events import Event
 from relay.store import IngestRecord, SessionQuery, open_store
@@ -89,7 +89,8 @@ async def test_session_page_places_sessions_that_moved_where_they_were(
 async def test_changes_of_exact_types_use_the_type_index(
     store: SQLiteStore, tmp_path: Path
 ) -> None:
-    """Changes of exact type names are read through `changes_by_type`, merged in id order."""
+    """Changes of exact type names, and of the types globs match, are read through
+    `changes_by_type` and merged in id order."""
     records = [record(n, "agent.chat.session.created", f"c{n}") for n in range(6)]
     records += [record(10 + n, "agent.worker.ready", f"c{n}") for n in range(0, 6, 2)]
     await store.ingest_many(records)
@@ -105,6 +106,17 @@ async def test_changes_of_exact_types_use_the_type_index(
     first_two = await store.list_changes(0, 2, ("session.ready", "session.created"))
     assert [c.id for c in first_two] == [c.id for c in exact[:2]]
     assert await store.list_changes(0, 10, ("nothing.ever",)) == []
+    everything = await store.list_changes(0, 1000, ("*",))
+    assert [c.id for c in exact] == [
+        c.id for c in everything if c.type in ("session.ready", "session.created")
+    ]
+    for globs in (("raw.*",), ("session.*", "raw.agent.w*"), ("nothing.*",), ("*",)):
+        pattern = glob_pattern(globs)
+        want = [c.id for c in everything if pattern.fullmatch(c.type)]
+        assert [c.id for c in await store.list_changes(0, 1000, globs)] == want
+        assert [c.id for c in await store.list_changes(2, 3, globs)] == [i for i in want if i > 2][
+            :3
+        ]
 
 
 async def test_a_slow_read_does_not_hold_up_others(store: SQLiteStore) -> None:

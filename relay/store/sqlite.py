@@ -25,7 +25,14 @@ from typing import Any, Protocol, TypeVar
 
 import structlog
 
-from relay.changes import RAW_EVENT_COLUMNS, Commit, StoredChange, sql_glob, stored_body
+from relay.changes import (
+    RAW_EVENT_COLUMNS,
+    Commit,
+    StoredChange,
+    glob_pattern,
+    sql_glob,
+    stored_body,
+)
 from relay.config import AlertSettings, RetentionSettings, StoreSettings
 from relay.logs import RepeatedWarnings
 from relay.normalize import decoder
@@ -40,7 +47,12 @@ from relay.store import (
 )
 from relay.store.reconnect import Reconnecting
 from relay.store.retention import Pruned
-from relay.store.sqlite_reads import ReadPool, changes_query, session_changes_query
+from relay.store.sqlite_reads import (
+    CHANGE_TYPES,
+    ReadPool,
+    changes_query,
+    session_changes_query,
+)
 from relay.store.sqlite_writer import BatchWriter
 from relay.store.writer_process import WriterProcess
 from relay.timefmt import format_time, utcnow
@@ -473,6 +485,12 @@ class SQLiteStore:
     async def list_changes(
         self, after: int, limit: int, types: tuple[str, ...] = (), exclude: tuple[str, ...] = ()
     ) -> list[StoredChange]:
+        if not exclude and any(c in t for t in types for c in "*?"):
+            # Globs become the types in the log they match, each read through its index.
+            pattern = glob_pattern(types)
+            types = tuple(t for (t,) in await self._read(CHANGE_TYPES, ()) if pattern.fullmatch(t))
+            if not types:
+                return []
         rows = await self._read(
             *changes_query(RAW_EVENT_COLUMNS, after, limit, types, exclude, sql_glob)
         )

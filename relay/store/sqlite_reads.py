@@ -55,6 +55,16 @@ class ReadPool:
             await conn.close()
 
 
+# Every type in the change log, one index seek each (a loose scan of `changes_by_type`).
+CHANGE_TYPES = """
+WITH RECURSIVE t(type) AS (
+    SELECT (SELECT min(type) FROM changes)
+    UNION ALL
+    SELECT (SELECT min(type) FROM changes WHERE type > t.type) FROM t WHERE t.type IS NOT NULL
+)
+SELECT type FROM t WHERE type IS NOT NULL
+"""
+
 _CHANGE_ROW = "c.id, c.type, c.session_id, c.turn_id, c.body, {raw}"
 _CHANGE_FROM = "changes c LEFT JOIN events e ON c.body = x'' AND e.seq = c.event_seq"
 
