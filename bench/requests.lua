@@ -27,7 +27,12 @@ function init(args)
     end
     index = index + 1
   end
+  -- wrk calls request() once on the first thread before the run, to check the request
+  -- it makes (script_verify_request): that call must not use up the thread's first line.
   position = 0
+  if id == 0 then
+    position = -1
+  end
 end
 
 function request()
@@ -35,5 +40,5 @@ function request()
   if position > #requests then
     position = 1
   end
-  return requests[position]
+  return requests[math.max(position, 1)]
 end

@@ -1,10 +1,14 @@
 """Server-Sent Events: `GET /v1/stream` and `GET /v1/sessions/{id}/stream`.
 
-A stream subscribes to the hub *before* it replays the change log from the client's
-last event id, and drops live changes it has already sent, so the replay and the live
-part meet with no gap and no repeat. Frames are encoded once per change and shared by
-every subscriber. A subscriber that does not keep up overflows its bounded buffer and
-is disconnected; it resumes with `Last-Event-ID`.
+A stream catches up the way EventStoreDB's catch-up subscriptions do: it subscribes to
+the hub, then reads the change log from the client's last event id page by page up to
+its head, and only then goes live with what the hub buffered meanwhile, dropping live
+changes it has already sent, so the replay and the live part meet with no gap and no
+repeat. If the buffer overflows while the stream is still reading the log (ingest runs
+ahead of the replay), the stream is not cut off: it drops that subscription, takes a
+new one and keeps reading the log from where it got to. Frames are encoded once per
+change and shared by every subscriber. A live subscriber that does not keep up overflows
+its bounded buffer and is disconnected; it resumes with `Last-Event-ID`.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import asyncio
 import contextlib
 import re
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import structlog
 from aiohttp import web
@@ -47,6 +51,11 @@ class StreamFilter:
         self._sessions: re.Pattern[str] | None = glob_pattern(sessions) if sessions else None
         self._types = glob_pattern(types)
         self.excluded = excluded_types(types)  # what the store can leave out
+        exact = len(sessions) == 1 and not any(c in sessions[0] for c in "*?")
+        # The one session the stream follows, if it names one: the store reads its changes only.
+        self.session = session if session is not None else sessions[0] if exact else None
+        # Exact type names, which the store reads through an index; () for globs.
+        self.types = types if types and not any(c in t for t in types for c in "*?") else ()
 
     def __call__(self, change: StoredChange) -> bool:
         if self._session is not None and change.session_id != self._session:
@@ -78,12 +87,39 @@ async def stream_changes(request: web.Request) -> web.StreamResponse:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.socket_send_buffer_bytes)
     # The client may go away (or be cut off for not reading): nothing to answer then.
     key = request.get(auth.API_KEY)
-    with (
-        request.app[HUB].subscribe(accepts, settings.buffer_changes, disconnect) as subscription,
-        request.app[STREAM_KEYS].track(key.id, subscription) if key else contextlib.nullcontext(),
-        contextlib.suppress(ConnectionResetError),
-    ):
-        await _serve(request, response, subscription, accepts, last_id)
+    live = False
+    watchdog = _Watchdog(settings.heartbeat_seconds, disconnect)
+
+    def overflowed() -> None:
+        if live:
+            disconnect()
+        else:  # while catching up, the log is read again instead, if the client reads
+            watchdog.start()
+
+    with contextlib.suppress(ConnectionResetError), watchdog:
+        await response.prepare(request)
+        # No blank line after `retry:`: it joins the first event rather than be a block of
+        # its own, which client libraries would hand over as an event without data.
+        await response.write(b"retry: %d\n" % settings.retry_ms)
+        after: int | None = None
+        while True:
+            with (
+                request.app[HUB].subscribe(
+                    accepts, settings.buffer_changes, overflowed
+                ) as subscription,
+                request.app[STREAM_KEYS].track(key.id, subscription)
+                if key
+                else contextlib.nullcontext(),
+            ):
+                if after is None:
+                    after = await _start(request, response, last_id)
+                after = await _replay(request, response, accepts, after, watchdog)
+                if subscription.overflowed and not subscription.closed:
+                    continue  # fell behind while reading the log: read on from the store
+                live = True
+                watchdog.stop()
+                await _serve(request, response, subscription, after)
+                return response
     return response
 
 
@@ -111,18 +147,10 @@ async def revocation_watch(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _serve(
-    request: web.Request,
-    response: web.StreamResponse,
-    subscription: Subscription,
-    accepts: StreamFilter,
-    last_id: int | None,
+    request: web.Request, response: web.StreamResponse, subscription: Subscription, sent: int
 ) -> None:
+    """The live part: changes after `sent` as the hub publishes them."""
     settings = request.app[SETTINGS].sse
-    await response.prepare(request)
-    # No blank line after `retry:`: it joins the first event rather than be a block of
-    # its own, which client libraries would hand over as an event without data.
-    await response.write(b"retry: %d\n" % settings.retry_ms)
-    sent = await _replay(request, response, accepts, last_id)
     # The position the live part starts from, as a control event with an id, so a client
     # that reconnects before its first change still resumes here (an id-only frame would
     # do that too, but client libraries hand it over as an empty event).
@@ -159,10 +187,8 @@ async def _serve(
         await response.write_eof()
 
 
-async def _replay(
-    request: web.Request, response: web.StreamResponse, accepts: StreamFilter, last_id: int | None
-) -> int:
-    """Send the stored changes after `last_id`; return the id the live part continues from."""
+async def _start(request: web.Request, response: web.StreamResponse, last_id: int | None) -> int:
+    """The id the stream starts after, once subscribed; says so if it is not `last_id`."""
     store = request.app[STORE]
     newest = await store.last_change_id()
     if last_id is None:
@@ -171,17 +197,75 @@ async def _replay(
         # Ahead of the log (a client from before a restore, or a made-up id): waiting for
         # ids above it would drop every change until then. Start over from the newest.
         await response.write(b'event: stream.reset\ndata: {"newest_id": %d}\n\n' % newest)
-        last_id = newest
-    after = last_id
+        return newest
     oldest = await store.list_changes(0, 1)
     if oldest and last_id < oldest[0].id - 1:
         reset = b'event: stream.reset\ndata: {"oldest_id": %d}\n\n' % oldest[0].id
         await response.write(reset)
+    return last_id
+
+
+class _Watchdog:
+    """Ends a stream whose client takes nothing while it catches up behind a live buffer
+    that overflowed: once started, it looks every `seconds` whether a page of the replay
+    is still waiting for the client since the last look."""
+
+    def __init__(self, seconds: float, disconnect: Callable[[], None]) -> None:
+        self._seconds = seconds
+        self._disconnect = disconnect
+        self._timer: asyncio.TimerHandle | None = None
+        self._seen = -1
+        self.pages = 0  # pages the client has taken
+        self.writing = False  # a page is waiting for the client
+
+    def start(self) -> None:
+        if self._timer is None:
+            self._seen = self.pages
+            self._timer = asyncio.get_running_loop().call_later(self._seconds, self._look)
+
+    def _look(self) -> None:
+        if self.writing and self.pages == self._seen:
+            self._timer = None
+            self._disconnect()
+            return
+        self._seen = self.pages
+        self._timer = asyncio.get_running_loop().call_later(self._seconds, self._look)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def __enter__(self) -> _Watchdog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+async def _replay(
+    request: web.Request,
+    response: web.StreamResponse,
+    accepts: StreamFilter,
+    after: int,
+    watchdog: _Watchdog,
+) -> int:
+    """Send the stored changes after `after` up to the log's head; return the last id read."""
+    store = request.app[STORE]
+    only = accepts.session
     while True:
-        page = await store.list_changes(after, REPLAY_PAGE, exclude=accepts.excluded)
+        if only is None:
+            page = await store.list_changes(
+                after, REPLAY_PAGE, accepts.types, exclude=accepts.excluded
+            )
+        else:
+            page = await store.list_session_changes(only, after, REPLAY_PAGE, accepts.excluded)
         frames = [change.frame for change in page if accepts(change)]
         if frames:
+            watchdog.writing = True
             await response.write(b"".join(frames))
+            watchdog.writing = False
+            watchdog.pages += 1
         if page:
             after = page[-1].id
         if len(page) < REPLAY_PAGE:

@@ -37,6 +37,12 @@
 # dashboard sees every step. Any other snapshot update (e.g. a late `started` filling
 # in `started_at` of a completed turn) bumps the versions but emits no change: the
 # changes subscribers act on (`turn.completed`, `session.ready`, ...) come once each.
+#
+# What an event costs does not grow with the session: the facts and snapshots of its
+# turns are persistent maps, the running turns a persistent sorted set (by start, for
+# `active_turn_id`), and the counts, usage sums and last turn move by the difference one
+# turn makes. An event therefore touches its own turn and O(log n) of the rest, and a
+# record that an event changed stays as it was, so a batch can be abandoned.
 
 from __future__ import annotations
 
@@ -46,7 +52,10 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, overload
 
+from immutables import Map
+
 from relay.events import Event, EventType, TurnError, Usage
+from relay.sorted_keys import SortedKeys
 from relay.timefmt import format_time
 
 _RUNTIME = {EventType.RUNTIME_REUSED, EventType.RUNTIME_STARTED}
@@ -181,7 +190,7 @@ class Facts:
     scope: Event | None = None
     first_ready: Event | None = None
     last_ready: Event | None = None
-    turns: Mapping[str, TurnFacts] = field(default_factory=dict)
+    turns: Map[str, TurnFacts] = field(default_factory=Map)
     providers: frozenset[str] = frozenset()
 
     def merge(self, event: Event) -> Facts:
@@ -195,7 +204,7 @@ class Facts:
             old_turn = turns.get(event.turn_id)
             turn = (_NO_TURN_FACTS if old_turn is None else old_turn).merge(event)
             if turn is not old_turn:
-                turns = {**turns, event.turn_id: turn}
+                turns = turns.set(event.turn_id, turn)
         ready = kind == EventType.WORKER_READY
         first_event_at = self.first_event_at if self.first_event_at <= when else when
         last_event_at = self.last_event_at if self.last_event_at >= when else when
@@ -441,11 +450,8 @@ def _project_session(
     created_at = facts.first_event_at if facts.created is None else facts.created.occurred_at
     ready_at = None if facts.first_ready is None else facts.first_ready.occurred_at
     runtime_at = None if facts.runtime is None else facts.runtime.occurred_at
-    active = max(
-        (turns[turn_id] for turn_id in summary.running),
-        key=lambda t: (t.started_at or t.updated_at, t.turn_id),
-        default=None,
-    )
+    active_id = summary.active_turn_id
+    active = None if active_id is None else turns[active_id]
     return SessionState(
         session_id=facts.session_id,
         provider=",".join(sorted(facts.providers)) or None,
@@ -469,27 +475,41 @@ def _project_session(
     )
 
 
+_RunKey = tuple[datetime, str]  # (started_at, or the last activity if not started; turn id)
+
+
 @dataclass(frozen=True, slots=True)
 class TurnSummary:
     """What a session's snapshot needs from all of its turns, kept one turn at a time.
 
-    A turn that changes moves the counts and the usage sum by its difference and may
-    become the last turn (a turn's `updated_at` never goes back), so an event costs the
-    same in a session with a thousand turns as in one with two.
+    A turn that changes moves the counts and the usage sum by its difference, may
+    become the last turn (a turn's `updated_at` never goes back), and moves in the sorted
+    set of running turns, so an event costs about the same in a session with thousands of
+    turns, running or done, as in one with two.
     """
 
-    running: frozenset[str] = frozenset()
+    running: Map[str, _RunKey] = field(default_factory=Map)  # turn id -> its place below
     counts: TurnCounts = TurnCounts()
     usage: Usage = field(default_factory=Usage)
     last_turn: TurnState | None = None
+    by_start: SortedKeys[_RunKey] = field(default_factory=SortedKeys, compare=False)
+
+    @property
+    def active_turn_id(self) -> str | None:
+        """The running turn started last (ties: the larger turn id)."""
+        newest = self.by_start.max()
+        return None if newest is None else newest[1]
 
     def with_turn(self, old: TurnState | None, new: TurnState) -> TurnSummary:
         """The summary after turn `new.turn_id` went from `old` (None: unseen) to `new`."""
-        turn_id, running = new.turn_id, self.running
-        if new.status == TurnStatus.RUNNING and turn_id not in running:
-            running = running | {turn_id}
-        elif new.status != TurnStatus.RUNNING and turn_id in running:
-            running = running - {turn_id}
+        turn_id, running, by_start = new.turn_id, self.running, self.by_start
+        was = running.get(turn_id)
+        place = _run_key(new) if new.status == TurnStatus.RUNNING else None
+        if place != was:
+            if was is not None:
+                running, by_start = running.delete(turn_id), by_start.remove(was)
+            if place is not None:
+                running, by_start = running.set(turn_id, place), by_start.add(place)
         before = None if old is None else old.status
         c = self.counts
         counts = TurnCounts(
@@ -506,7 +526,11 @@ class TurnSummary:
         last = self.last_turn
         if last is None or last.turn_id == turn_id or _recency(new) > _recency(last):
             last = new
-        return TurnSummary(running, counts, usage, last)
+        return TurnSummary(running, counts, usage, last, by_start)
+
+
+def _run_key(turn: TurnState) -> _RunKey:
+    return (turn.started_at or turn.updated_at, turn.turn_id)
 
 
 def _summarize(turns: Mapping[str, TurnState]) -> TurnSummary:
@@ -540,7 +564,7 @@ class SessionRecord:
 
     facts: Facts
     session: SessionState
-    turns: Mapping[str, TurnState]
+    turns: Map[str, TurnState]
     summary: TurnSummary
 
     @property
@@ -578,20 +602,24 @@ class SessionRecord:
             first_event_at=datetime.fromisoformat(data["first_event_at"]),
             last_event_at=datetime.fromisoformat(data["last_event_at"]),
             **{k: _event_from_json(data[k], sid) for k in _SESSION_SLOTS},
-            turns={
-                turn_id: TurnFacts(
-                    **{k: _event_from_json(t.get(k), sid) for k in _TURN_SLOTS},
-                    tools_started=_calls(t.get("tools_started")),
-                    tools_ended=_calls(t.get("tools_ended")),
-                )
-                for turn_id, t in data["turns"].items()
-            },
+            turns=Map(
+                {
+                    turn_id: TurnFacts(
+                        **{k: _event_from_json(t.get(k), sid) for k in _TURN_SLOTS},
+                        tools_started=_calls(t.get("tools_started")),
+                        tools_ended=_calls(t.get("tools_ended")),
+                    )
+                    for turn_id, t in data["turns"].items()
+                }
+            ),
             providers=frozenset(data.get("providers", ())),
         )
-        turns = {
-            turn_id: _project_turn(sid, turn_id, t, data["turns"][turn_id]["version"])
-            for turn_id, t in facts.turns.items()
-        }
+        turns = Map(
+            {
+                turn_id: _project_turn(sid, turn_id, t, data["turns"][turn_id]["version"])
+                for turn_id, t in facts.turns.items()
+            }
+        )
         summary = _summarize(turns)
         return cls(facts, _project_session(facts, turns, summary, data["version"]), turns, summary)
 
@@ -599,10 +627,12 @@ class SessionRecord:
     def rebuild(cls, facts: Facts, version: int, turn_versions: Mapping[str, int]) -> SessionRecord:
         """The record of stored `facts`, its snapshots at the versions they had."""
         sid = facts.session_id
-        turns = {
-            turn_id: _project_turn(sid, turn_id, t, turn_versions[turn_id])
-            for turn_id, t in facts.turns.items()
-        }
+        turns = Map(
+            {
+                turn_id: _project_turn(sid, turn_id, t, turn_versions[turn_id])
+                for turn_id, t in facts.turns.items()
+            }
+        )
         summary = _summarize(turns)
         return cls(facts, _project_session(facts, turns, summary, version), turns, summary)
 
@@ -689,7 +719,7 @@ def apply(record: SessionRecord | None, event: Event) -> tuple[SessionRecord | N
         facts = record.facts.merge(event)
         if facts is record.facts:
             return record, []
-    turns: Mapping[str, TurnState] = {} if record is None else record.turns
+    turns: Map[str, TurnState] = Map() if record is None else record.turns
     summary = TurnSummary() if record is None else record.summary
     old_turn = None
     if event.turn_id is not None and event.turn_id in facts.turns:
@@ -702,7 +732,7 @@ def apply(record: SessionRecord | None, event: Event) -> tuple[SessionRecord | N
             1 if old_turn is None else old_turn.version + 1,
         )
         if turn != old_turn:
-            turns = {**turns, event.turn_id: turn}
+            turns = turns.set(event.turn_id, turn)
             summary = summary.with_turn(old_turn, turn)
     old = None if record is None else record.session
     session = _project_session(facts, turns, summary, 1 if old is None else old.version + 1)
@@ -747,20 +777,80 @@ def derive_session(events: Iterable[Event]) -> SessionRecord | None:
 def alert_deadlines(
     record: SessionRecord, turn_stall_seconds: float, ready_timeout_seconds: float
 ) -> list[Deadline]:
-    """Due times (by event time) of `turn.stalled` and `session.ready_timeout` alerts."""
+    """Due times (by event time) of `turn.stalled` and `session.ready_timeout` alerts.
+
+    Lists every deadline of the session, so it costs as much as the session has running
+    turns; `alert_deadline_changes` gives only what an update moved.
+    """
     deadlines = []
-    facts, session = record.facts, record.session
-    if session.readiness == Readiness.PROVISIONING:
-        last_ready = None if facts.last_ready is None else facts.last_ready.occurred_at
-        since = session.created_at
-        if last_ready is not None:
-            since = min(
-                e.occurred_at for e in (facts.runtime, facts.scope) if e and _after(e, last_ready)
-            )
-        at = since + timedelta(seconds=ready_timeout_seconds)
-        deadlines.append(Deadline(ChangeType.SESSION_READY_TIMEOUT, session.session_id, None, at))
-    for turn in (record.turns[turn_id] for turn_id in sorted(record.summary.running)):
-        if turn.started_at is not None:
-            at = turn.started_at + timedelta(seconds=turn_stall_seconds)
-            deadlines.append(Deadline(ChangeType.TURN_STALLED, turn.session_id, turn.turn_id, at))
+    ready = _ready_deadline(record, ready_timeout_seconds)
+    if ready is not None:
+        deadlines.append(ready)
+    for turn_id in sorted(record.summary.running):
+        stall = _stall_deadline(record, turn_id, turn_stall_seconds)
+        if stall is not None:
+            deadlines.append(stall)
     return deadlines
+
+
+def alert_deadline_changes(
+    old: SessionRecord | None,
+    new: SessionRecord,
+    turn_ids: Iterable[str],
+    turn_stall_seconds: float,
+    ready_timeout_seconds: float,
+) -> tuple[list[Deadline], list[Deadline]]:
+    """The deadlines that going from `old` to `new` added and removed.
+
+    `turn_ids` are the turns that may differ between the two (those of the events
+    applied in between): only they and the session are looked at, so the cost does not
+    depend on how many turns the session has. A deadline whose due time moved is in
+    both lists (removed with its old time, added with its new one).
+    """
+    added: list[Deadline] = []
+    removed: list[Deadline] = []
+
+    def compare(before: Deadline | None, after: Deadline | None) -> None:
+        if before == after:
+            return
+        if before is not None:
+            removed.append(before)
+        if after is not None:
+            added.append(after)
+
+    compare(
+        None if old is None else _ready_deadline(old, ready_timeout_seconds),
+        _ready_deadline(new, ready_timeout_seconds),
+    )
+    for turn_id in sorted(set(turn_ids)):
+        compare(
+            None if old is None else _stall_deadline(old, turn_id, turn_stall_seconds),
+            _stall_deadline(new, turn_id, turn_stall_seconds),
+        )
+    return added, removed
+
+
+def _ready_deadline(record: SessionRecord, ready_timeout_seconds: float) -> Deadline | None:
+    facts, session = record.facts, record.session
+    if session.readiness != Readiness.PROVISIONING:
+        return None
+    last_ready = None if facts.last_ready is None else facts.last_ready.occurred_at
+    since = session.created_at
+    if last_ready is not None:
+        since = min(
+            e.occurred_at for e in (facts.runtime, facts.scope) if e and _after(e, last_ready)
+        )
+    at = since + timedelta(seconds=ready_timeout_seconds)
+    return Deadline(ChangeType.SESSION_READY_TIMEOUT, session.session_id, None, at)
+
+
+def _stall_deadline(
+    record: SessionRecord, turn_id: str, turn_stall_seconds: float
+) -> Deadline | None:
+    if turn_id not in record.summary.running:
+        return None
+    turn = record.turns[turn_id]
+    if turn.started_at is None:
+        return None
+    at = turn.started_at + timedelta(seconds=turn_stall_seconds)
+    return Deadline(ChangeType.TURN_STALLED, turn.session_id, turn_id, at)

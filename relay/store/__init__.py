@@ -137,6 +137,12 @@ class Store(Protocol):
         """Changes with `id > after`, oldest first, of the given types (globs) if any, and
         of none of the types in `exclude`."""
 
+    async def list_session_changes(
+        self, session_id: str, after: int, limit: int, exclude: tuple[str, ...] = ()
+    ) -> list[StoredChange]:
+        """One session's changes with `id > after`, oldest first, of none of the types in
+        `exclude`; read without going through other sessions' changes."""
+
     async def check_derived_state(self) -> list[str]:
         """Replay every stored event; list where stored state or changes differ."""
 

@@ -51,6 +51,18 @@ ORDER BY c.id
 LIMIT $4
 """
 
+# A session's changes, through the (session_id, id) index.
+_SESSION_CHANGE_PAGE = """
+SELECT c.id, c.type, c.session_id, c.turn_id, c.body,
+    e.type, e.occurred_at, e.session_id, e.turn_id, e.event_id, e.source, e.payload
+FROM changes c
+LEFT JOIN events e ON octet_length(c.body) = 0 AND e.seq = c.event_seq
+WHERE c.session_id = $1 AND c.id > $2
+  AND NOT (c.type LIKE ANY ($3::text[]))
+ORDER BY c.id
+LIMIT $4
+"""
+
 
 def like_pattern(glob: str) -> str:
     """A type glob (`turn.*`, `raw.agent.?`) as a LIKE pattern."""
@@ -143,6 +155,23 @@ class PostgresReads:
             _CHANGE_PAGE,
             after,
             [like_pattern(t) for t in types],
+            [like_pattern(t) for t in exclude],
+            limit,
+        )
+        return [
+            StoredChange(
+                row[0], row[1], row[2], row[3], stored_body(row[0], row[4], tuple(row)[5:])
+            )
+            for row in rows
+        ]
+
+    async def list_session_changes(
+        self, session_id: str, after: int, limit: int, exclude: tuple[str, ...] = ()
+    ) -> list[StoredChange]:
+        rows = await self._fetch(
+            _SESSION_CHANGE_PAGE,
+            session_id,
+            after,
             [like_pattern(t) for t in exclude],
             limit,
         )

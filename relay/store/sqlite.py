@@ -6,7 +6,8 @@ committed and are then written together in a single transaction (group commit, s
 The batch writer runs in a
 writer process of its own by default (see `writer_process`), or on a dedicated thread
 with `store.writer = "thread"`. Other writes (API keys, migrations) use a stdlib
-`sqlite3` connection on one thread of this process; reads use an aiosqlite connection.
+`sqlite3` connection on one thread of this process; reads use a small pool of aiosqlite
+connections (see `sqlite_reads`).
 """
 
 from __future__ import annotations
@@ -22,10 +23,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-import aiosqlite
 import structlog
 
-from relay.changes import RAW_EVENT_COLUMNS, Commit, StoredChange, sql_glob, stored_body
+from relay.changes import (
+    RAW_EVENT_COLUMNS,
+    Commit,
+    StoredChange,
+    glob_pattern,
+    sql_glob,
+    stored_body,
+)
 from relay.config import AlertSettings, RetentionSettings, StoreSettings
 from relay.logs import RepeatedWarnings
 from relay.normalize import decoder
@@ -41,6 +48,12 @@ from relay.store import (
 from relay.store.base import GroupCommit
 from relay.store.reconnect import Reconnecting
 from relay.store.retention import Pruned
+from relay.store.sqlite_reads import (
+    CHANGE_TYPES,
+    ReadPool,
+    changes_query,
+    session_changes_query,
+)
 from relay.store.sqlite_writer import BatchWriter
 from relay.store.writer_process import WriterProcess
 from relay.timefmt import format_time, utcnow
@@ -52,18 +65,30 @@ _EVENT_COLUMNS = (
     "seq, source, event_id, type, session_id, turn_id, occurred_at, received_at, payload"
 )
 
+# A page of sessions as of event `as_of`, newest activity first: those whose activity is
+# at most `as_of` come straight from the activity index (an activity seq is one event's,
+# so no two sessions share one); the few that moved since are placed where their newest
+# event up to `as_of` puts them. `top` and `after_*` are the cursor's keyset.
 _SESSION_PAGE = """
 SELECT session_id, version, snapshot, act FROM (
-    SELECT s.session_id, s.version, s.snapshot, CASE
-        WHEN s.activity_seq <= :as_of THEN s.activity_seq
-        ELSE (SELECT max(e.seq) FROM events e WHERE e.session_id = s.session_id AND e.seq <= :as_of)
-    END AS act
+    SELECT session_id, version, snapshot, activity_seq AS act FROM sessions
+    WHERE activity_seq <= :top AND NOT (activity_seq = :after_act AND session_id >= :after_id)
+      AND (:readiness IS NULL OR readiness = :readiness)
+      AND (:turn_status IS NULL OR turn_status = :turn_status)
+    ORDER BY activity_seq DESC
+    LIMIT :limit
+)
+UNION ALL
+SELECT session_id, version, snapshot, act FROM (
+    SELECT s.session_id, s.version, s.snapshot, (
+        SELECT max(e.seq) FROM events e WHERE e.session_id = s.session_id AND e.seq <= :as_of
+    ) AS act
     FROM sessions s
-    WHERE (:readiness IS NULL OR s.readiness = :readiness)
+    WHERE s.activity_seq > :as_of
+      AND (:readiness IS NULL OR s.readiness = :readiness)
       AND (:turn_status IS NULL OR s.turn_status = :turn_status)
 )
-WHERE act IS NOT NULL AND (:after_act IS NULL OR act < :after_act
-    OR (act = :after_act AND session_id < :after_id))
+WHERE act IS NOT NULL AND act <= :top AND NOT (act = :after_act AND session_id >= :after_id)
 ORDER BY act DESC, session_id DESC
 LIMIT :limit
 """
@@ -109,7 +134,7 @@ class SQLiteStore:
         self._probing = asyncio.Lock()
         self._repeated = RepeatedWarnings()
         self._batch_writer: _BatchChannel | None = None
-        self._reader: aiosqlite.Connection | None = None
+        self._reader: ReadPool | None = None
         self._checkpoint_task: asyncio.Task[None] | None = None
         self._prune_task: asyncio.Task[None] | None = None
         self._closing = False
@@ -136,8 +161,7 @@ class SQLiteStore:
                 ),
                 self._on_connection,
             )
-        self._reader = await aiosqlite.connect(self._path)
-        await self._reader.execute(f"PRAGMA busy_timeout = {int(self._settings.busy_timeout_ms)}")
+        self._reader = await ReadPool.open(self._path, self._settings.busy_timeout_ms)
         batch_writer = self._batch_writer
         self._commits = GroupCommit(
             batch_writer.write,
@@ -310,11 +334,13 @@ class SQLiteStore:
         return SessionRow(*rows[0]) if rows else None
 
     async def list_sessions(self, query: SessionQuery) -> list[SessionRow]:
-        after_act, after_id = query.after or (None, None)
+        after_act, after_id = query.after or (-1, "")
+        top = query.as_of_seq if query.after is None else min(query.as_of_seq, after_act)
         rows = await self._read(
             _SESSION_PAGE,
             {
                 "as_of": query.as_of_seq,
+                "top": top,
                 "readiness": query.readiness,
                 "turn_status": query.turn_status,
                 "after_act": after_act,
@@ -345,15 +371,25 @@ class SQLiteStore:
     async def list_changes(
         self, after: int, limit: int, types: tuple[str, ...] = (), exclude: tuple[str, ...] = ()
     ) -> list[StoredChange]:
-        where = " OR ".join(["c.type GLOB ?"] * len(types))
+        if not exclude and any(c in t for t in types for c in "*?"):
+            # Globs become the types in the log they match, each read through its index.
+            pattern = glob_pattern(types)
+            types = tuple(t for (t,) in await self._read(CHANGE_TYPES, ()) if pattern.fullmatch(t))
+            if not types:
+                return []
         rows = await self._read(
-            f"SELECT c.id, c.type, c.session_id, c.turn_id, c.body, {RAW_EVENT_COLUMNS}"
-            " FROM changes c LEFT JOIN events e ON c.body = x'' AND e.seq = c.event_seq"
-            " WHERE c.id > ?"
-            + (f" AND ({where})" if where else "")
-            + " AND c.type NOT GLOB ?" * len(exclude)
-            + " ORDER BY c.id LIMIT ?",
-            (after, *map(sql_glob, types), *map(sql_glob, exclude), limit),
+            *changes_query(RAW_EVENT_COLUMNS, after, limit, types, exclude, sql_glob)
+        )
+        return [
+            StoredChange(row[0], row[1], row[2], row[3], stored_body(row[0], row[4], row[5:]))
+            for row in rows
+        ]
+
+    async def list_session_changes(
+        self, session_id: str, after: int, limit: int, exclude: tuple[str, ...] = ()
+    ) -> list[StoredChange]:
+        rows = await self._read(
+            *session_changes_query(RAW_EVENT_COLUMNS, session_id, after, limit, exclude, sql_glob)
         )
         return [
             StoredChange(row[0], row[1], row[2], row[3], stored_body(row[0], row[4], row[5:]))
@@ -363,8 +399,7 @@ class SQLiteStore:
     async def _read(self, sql: str, params: Any) -> list[Any]:
         if self._reader is None:
             raise StoreUnavailable("the store is not open")
-        async with self._reader.execute(sql, params) as cursor:
-            return list(await cursor.fetchall())
+        return await self._reader.read(sql, params)
 
     # -- API keys --------------------------------------------------------------------------
 

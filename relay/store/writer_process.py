@@ -147,8 +147,11 @@ class WriterProcess:
     async def _start(self) -> None:
         ours, theirs = socket.socketpair()
         with theirs:
+            # -P: the working directory is not put on the module path, so a `relay/`
+            # folder there cannot stand in for the installed package.
             self._process = await asyncio.create_subprocess_exec(
                 sys.executable,
+                "-P",
                 "-m",
                 "relay.store.writer_process",
                 str(theirs.fileno()),
