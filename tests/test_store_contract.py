@@ -149,6 +149,21 @@ async def test_changes_come_in_id_order(store: Store) -> None:
     assert len(default) + len(raw) == len(changes)
 
 
+async def test_a_sessions_changes_are_read_alone_in_id_order(store: Store) -> None:
+    """`list_session_changes` gives one session's changes, in id order, paged, with the
+    excluded types left out, byte for byte as the whole log has them."""
+    for raw in lifecycle("chat_a", 2) + lifecycle("chat_b", 2):
+        await store.ingest(rec(raw))
+    everything = await store.list_changes(0, 1000, exclude=())
+    expected = [c for c in everything if c.session_id == "chat_a"]
+    first = await store.list_session_changes("chat_a", 0, 3)
+    rest = await store.list_session_changes("chat_a", first[-1].id, 1000)
+    assert [(c.id, c.body) for c in first + rest] == [(c.id, c.body) for c in expected]
+    derived = await store.list_session_changes("chat_a", 0, 1000, ("raw.*",))
+    assert [c.id for c in derived] == [c.id for c in expected if not c.type.startswith("raw.")]
+    assert derived
+
+
 async def test_paging(store: Store) -> None:
     """Sessions, turns, events and changes page without gaps or repeats."""
     for i in range(7):
