@@ -191,7 +191,7 @@ def routes(ctx: TapContext) -> list[Route]:
     return [
         Route(
             method,
-            "/v1/tap/{source_id}/{path:.*}",
+            "/v1/tap/{source_id}/{path:[\\s\\S]*}",
             handle,
             "Pass a request to the source's upstream and its answer back",
             tag="connectors",
