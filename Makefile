@@ -3,7 +3,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= config/relay.toml
 
-.PHONY: run test soak lint typecheck install dev clean bench-ingest bench-longpoll bench-sse bench-sse-idle bench-webhooks
+.PHONY: run test soak lint typecheck install dev clean bench-ingest bench-longpoll bench-sse bench-sse-idle bench-webhooks bench-tap
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,9 @@ bench-sse-idle: dev
 
 bench-webhooks: dev
 	$(BIN)/python -m bench.webhooks
+
+bench-tap: dev
+	$(BIN)/python -m bench.tap
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

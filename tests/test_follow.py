@@ -344,6 +344,10 @@ async def test_follow_stores_every_frame_once_through_disconnects_and_a_sigkill(
     }
     assert lifecycle <= set(counted)
     assert "999" not in counted  # the half frame of each cut is never read
+    types = Counter(e["type"] for e in events)
+    assert types["agent.chat.turn.started"] == types["agent.chat.turn.completed"] == 10
+    assert None not in upstream.connections[1:]  # every connection again resumed
+    assert len(upstream.connections) >= 12  # 10 cuts and a restart
     assert session["counts"] == {"turns": 10, "completed": 10, "failed": 0, "conflicts": 0}
     assert session["turn_status"] == "idle"
 
