@@ -89,7 +89,7 @@ async def tap(ctx: TapContext, request: web.Request) -> web.StreamResponse:
         return await _relay(ctx, tapped, request, upstream, path)
     finally:
         stats.open["tap"] -= 1
-        upstream.close()
+        upstream.release()
 
 
 async def _relay(
