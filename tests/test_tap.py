@@ -15,8 +15,10 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from relay.app import STORE
+from relay.config import ConfigError, load_settings
 from tests.conftest import Relay, RelayFactory
 from tests.fake_upstreams import STREAMS, ChatPlatform
+from tests.test_crash import free_port
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 SESSIONS = {
@@ -285,3 +287,38 @@ async def raw_request(relay: Relay, target: str, *headers: str) -> tuple[int, by
     await writer.wait_closed()
     status_line, _, rest = answer.partition(b"\r\n")
     return int(status_line.split()[1]), rest
+
+
+async def test_tap_answers_404_for_a_source_without_upstream_and_502_when_it_is_down(
+    start_relay: RelayFactory,
+) -> None:
+    """A source without upstream is 404 UNKNOWN_SOURCE; an upstream that refuses is 502."""
+    down = f"http://127.0.0.1:{free_port()}"
+    relay = await start_relay(sources=[tap_source("casey", down), {"id": "plain"}])
+    plain = await relay.client.post("/v1/tap/plain/api/chat", json={})
+    assert (plain.status, (await plain.json())["error"]["code"]) == (404, "UNKNOWN_SOURCE")
+    refused = await relay.client.post("/v1/tap/casey/api/chat", json={})
+    assert (refused.status, (await refused.json())["error"]["code"]) == (
+        502,
+        "UPSTREAM_UNAVAILABLE",
+    )
+    labels = 'connector="tap",source="casey"'
+    assert await metric(relay, "relay_connector_upstream_errors_total", labels) == 1
+
+
+@pytest.mark.parametrize(
+    ("table", "problem"),
+    [
+        ({"upstream": "ftp://example.com"}, "sources.0.upstream"),
+        ({"upstream": "https://user:pw@example.com"}, "sources.0.upstream"),
+        ({"upstream": "https://example.com/?q=1"}, "sources.0.upstream"),
+        ({"follow_url": "https://example.com/stream"}, "sources.0.follow_url"),
+        ({"follow_auto": True}, "follow_auto needs follow_url"),
+        ({"tap_session_pattern": "chat/(.*)"}, "sources.0.tap_session_pattern"),
+    ],
+)
+def test_connector_settings_are_checked_at_start_up(table: dict[str, Any], problem: str) -> None:
+    """A bad upstream, follow URL or session pattern stops start-up naming the key."""
+    with pytest.raises(ConfigError) as raised:
+        load_settings(None, sources=[{"id": "s", "verify": "none", **table}])
+    assert problem in str(raised.value)
