@@ -89,12 +89,12 @@ class Follower:
     ) -> None:
         self.followed = followed
         self.owner = instance_id()
-        self._store = store
-        self._stats = stats
-        self._client = client
-        self._settings = settings
-        self._clock = clock
-        self._rand = rand
+        self.store = store
+        self.stats = stats
+        self.client = client
+        self.settings = settings
+        self.clock = clock
+        self.rand = rand
         self._running: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._warnings = RepeatedWarnings()
@@ -112,7 +112,7 @@ class Follower:
                 self._warn("follow.claim_failed", str(exc))
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._settings.follow_poll_seconds)
+                await asyncio.wait_for(self._wake.wait(), self.settings.follow_poll_seconds)
 
     async def stop(self) -> None:
         tasks = [*self._running.values(), *self._starting]
@@ -123,12 +123,12 @@ class Follower:
                 await task
         self._running.clear()
         with contextlib.suppress(Exception):
-            await self._store.release_follows(self.owner)
+            await self.store.release_follows(self.owner)
 
     async def _claim(self) -> None:
-        now = self._clock()
-        until = now + self._settings.follow_lease_seconds
-        held = await self._store.claim_follows(self.owner, now, until, 1000)
+        now = self.clock()
+        until = now + self.settings.follow_lease_seconds
+        held = await self.store.claim_follows(self.owner, now, until, 1000)
         keys = set()
         for follow in held:
             key = (follow.source, follow.session_id)
@@ -143,7 +143,7 @@ class Follower:
                 )
         for key in [k for k in self._running if k not in keys]:
             self._running.pop(key).cancel()  # the lease went to another instance
-        self._stats.open["follow"] = sum(not t.done() for t in self._running.values())
+        self.stats.open["follow"] = sum(not t.done() for t in self._running.values())
 
     def on_commit(self, commit: Commit) -> None:
         """A store commit listener: follow the new sessions of `follow_auto` sources."""
@@ -159,7 +159,7 @@ class Follower:
 
     async def _start(self, source: str, session_id: str) -> None:
         try:
-            await self._store.start_follow(source, session_id, _now())
+            await self.store.start_follow(source, session_id, _now())
         except Exception as exc:
             self._warn("follow.start_failed", str(exc))
             return
@@ -206,12 +206,12 @@ class _Run:
                 if await self._connect():
                     return
             except (aiohttp.ClientError, UpstreamRefused, TimeoutError, OSError) as exc:
-                self.f._stats.add("upstream_errors", "follow", self.source)
+                self.f.stats.add("upstream_errors", "follow", self.source)
                 await self._failed(repr(exc) if not isinstance(exc, UpstreamRefused) else str(exc))
             except LeaseLost:
                 raise
             except Exception as exc:  # the store could not take the frames
-                self.f._stats.add("store_failures", "follow", self.source)
+                self.f.stats.add("store_failures", "follow", self.source)
                 await self._failed(f"store: {exc}")
             else:
                 continue  # the upstream ended the stream: connect again at once
@@ -219,7 +219,7 @@ class _Run:
                 self.attempts,
                 settings.follow_backoff_seconds,
                 settings.follow_backoff_max_seconds,
-                self.f._rand(),
+                self.f.rand(),
             )
             await asyncio.sleep(min(delay, max(self._idle(), 0.0)))
 
@@ -237,10 +237,10 @@ class _Run:
         if self.position is not None:
             headers["Last-Event-ID"] = self.position
         timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=self.f._settings.upstream_connect_timeout_seconds
+            total=None, sock_connect=self.f.settings.upstream_connect_timeout_seconds
         )
         url = self.followed.url(self.session)
-        async with self.f._client().get(url, headers=headers, timeout=timeout) as resp:
+        async with self.f.client().get(url, headers=headers, timeout=timeout) as resp:
             if resp.status in _GONE:
                 await self._save(state="deleted", last_error=f"HTTP {resp.status}")
                 return True
@@ -248,7 +248,7 @@ class _Run:
                 raise UpstreamRefused(f"HTTP {resp.status} {resp.content_type}")
             if self.connected:
                 self.reconnects += 1
-                self.f._stats.add("reconnects", "follow", self.source)
+                self.f.stats.add("reconnects", "follow", self.source)
             self.connected = True
             self.attempts = 0
             await self._save(
@@ -257,7 +257,7 @@ class _Run:
             return await self._read(resp)
 
     async def _read(self, resp: aiohttp.ClientResponse) -> bool:
-        stats = self.f._stats
+        stats = self.f.stats
         parser = SSEParser(last_id=self.position)
         provider = self.followed.source.provider
         mapper = FrameMapper(provider, self.source, f"follow:{self.session}", self.session)
@@ -275,16 +275,16 @@ class _Run:
                 continue
             stats.add("frames", "follow", self.source, len(frames))
             self.last_frame = time.monotonic()
-            received_at = datetime.fromtimestamp(self.f._clock(), UTC)
+            received_at = datetime.fromtimestamp(self.f.clock(), UTC)
             batch = [mapper.frame(f.data, f.name, f.id) for f in frames]
             events = mapper.events([f for f in batch if f is not None], received_at)
-            await store_events(self.f._store, events, received_at)
+            await store_events(self.f.store, events, received_at)
             if frames[-1].last_id is not None and frames[-1].last_id != self.position:
                 self.position = frames[-1].last_id
                 await self._save(position=self.position)
 
     async def _save(self, **changes: Any) -> None:
-        saved = await self.f._store.update_follow(
+        saved = await self.f.store.update_follow(
             self.f.owner, self.source, self.session, changes, _now()
         )
         if not saved:
