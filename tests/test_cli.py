@@ -28,7 +28,7 @@ def config(tmp_path: Path) -> Path:
 
 def test_migrate_applies_once(config: Path) -> None:
     """`relay migrate` applies the migrations, then reports the store up to date."""
-    assert "applied migrations: [1, 2, 3, 4, 5, 6, 7, 8]" in relay(config, "migrate").stdout
+    assert "applied migrations: [1, 2, 3, 4, 5, 6, 7, 8, 10]" in relay(config, "migrate").stdout
     assert "up to date" in relay(config, "migrate").stdout
 
 
