@@ -98,7 +98,8 @@ class SourceSettings(_Section):
     tap_session_pattern: str | None = None  # a regex with a `session` group; else per provider
     # Follow: a session's stream, `{session_id}` in the URL template.
     follow_url: str | None = None
-    follow_headers: dict[str, str] = Field(default_factory=dict)  # values may be env:VAR
+    # Sent with every follow request: a table of header names to values (env:VAR allowed).
+    follow_headers: tuple[tuple[str, str], ...] = ()
     follow_auto: bool = False  # follow each new session of this source
     follow_idle_seconds: float = Field(300.0, gt=0)  # no frame this long: the follow stops
     follow_backoff_seconds: float = Field(1.0, gt=0)  # first wait after a failure (doubles)
@@ -135,10 +136,17 @@ class SourceSettings(_Section):
         check_upstream(url.replace("{session_id}", "session"))
         return url
 
+    @field_validator("follow_headers", mode="before")
+    @classmethod
+    def _headers_table(cls, headers: Any) -> Any:
+        return tuple(headers.items()) if isinstance(headers, dict) else headers
+
     @field_validator("follow_headers")
     @classmethod
-    def _resolve_follow_headers(cls, headers: dict[str, str]) -> dict[str, str]:
-        return {name: resolve_secret(value) for name, value in headers.items()}
+    def _resolve_follow_headers(
+        cls, headers: tuple[tuple[str, str], ...]
+    ) -> tuple[tuple[str, str], ...]:
+        return tuple((name, resolve_secret(value)) for name, value in headers)
 
     @model_validator(mode="after")
     def _follow_auto_needs_url(self) -> SourceSettings:

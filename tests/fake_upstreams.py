@@ -140,6 +140,7 @@ class CaseStream:
     fail: int = 0
     published: int = 0
     connections: list[str | None] = field(default_factory=list)  # Last-Event-ID of each
+    authorizations: list[str | None] = field(default_factory=list)
     statuses: list[int] = field(default_factory=list)
     silent: bool = False
     _more: asyncio.Condition = field(default_factory=asyncio.Condition)
@@ -157,6 +158,7 @@ class CaseStream:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         last = request.headers.get("Last-Event-ID")
         self.connections.append(last)
+        self.authorizations.append(request.headers.get("Authorization"))
         if request.match_info["chat_id"] == "gone":
             self.statuses.append(404)
             return web.json_response({"error": "not found"}, status=404)

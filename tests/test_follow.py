@@ -106,12 +106,15 @@ def test_backoff_grows_to_its_cap_with_jitter() -> None:
 
 
 async def test_follow_api_starts_and_lists_follows_with_scopes(
-    aiohttp_server: ServerFactory, start_relay: RelayFactory
+    aiohttp_server: ServerFactory, start_relay: RelayFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """POST needs agent:write and starts a follow; GET lists it; unknown sources are 404."""
+    """POST needs agent:write and starts a follow with its headers; GET lists it."""
+    monkeypatch.setenv("RELAY_TEST_FOLLOW_AUTH", "Bearer platform-key")
     upstream = CaseStream(case_frames(1))
     server = await aiohttp_server(upstream.app())
-    relay = await start_relay(sources=[follow_source(server)], connectors=FAST)
+    headers = {"Authorization": "env:RELAY_TEST_FOLLOW_AUTH"}
+    source = follow_source(server, follow_headers=headers)
+    relay = await start_relay(sources=[source], connectors=FAST)
     created = await relay.client.post(
         "/v1/sources/cd/follows", json={"session_id": "chat_F"}, headers=relay.auth
     )
@@ -126,6 +129,17 @@ async def test_follow_api_starts_and_lists_follows_with_scopes(
     item = await eventually(lambda: in_state(relay, "following", position="5"))
     assert item is not None
     assert item["attempts"] == 0
+    assert upstream.authorizations == ["Bearer platform-key"]
+    reader = await relay.client.post(
+        "/v1/sources/cd/follows",
+        json={"session_id": "x"},
+        headers={"Authorization": f"Bearer {await read_only_key(relay)}"},
+    )
+    assert reader.status == 403
+
+
+async def read_only_key(relay: Relay) -> str:
+    return (await auth.create_key(relay.client.app[STORE], "reader", (auth.READ,))).secret
 
 
 async def test_follow_backs_off_while_the_upstream_fails_counting_attempts(

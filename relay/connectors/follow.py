@@ -233,7 +233,7 @@ class _Run:
 
     async def _connect(self) -> bool:
         """Read the stream until it ends (False) or the follow stops (True)."""
-        headers = {**self.followed.settings.follow_headers, "Accept": SSE}
+        headers = {**dict(self.followed.settings.follow_headers), "Accept": SSE}
         if self.position is not None:
             headers["Last-Event-ID"] = self.position
         timeout = aiohttp.ClientTimeout(
