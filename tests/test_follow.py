@@ -15,6 +15,8 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
+from relay import auth
+from relay.app import STORE
 from relay.config import ConnectorSettings, SourceSettings, StoreSettings
 from relay.connectors.backoff import backoff_delay
 from relay.connectors.follow import Followed, Follower
