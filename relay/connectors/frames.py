@@ -58,6 +58,8 @@ class FrameMapper:
 
     def events(self, batch: Sequence[Frame], received_at: datetime) -> list[Event]:
         """The events `batch` adds to what the stream gave so far."""
+        if not batch:
+            return []
         frames = [*self._kept, *batch]
         ctx = Context(self.source, received_at, self.stream_id, self.session_id)
         while True:
@@ -86,11 +88,7 @@ class FrameMapper:
             if e.type != EventType.TURN_ACTIVITY or e.usage is not None
         }
         prefix = f"{self.stream_id}:"
-        self._kept = [
-            f
-            for f in frames
-            if (f.id or f"{prefix}{f.index}") in own or f"{prefix}{f.index}" in own
-        ][-_KEPT_MAX:]
+        self._kept = [f for f in frames if (f.id or f"{prefix}{f.index}") in own][-_KEPT_MAX:]
 
 
 def records(events: Sequence[Event], received_at: datetime) -> list[IngestRecord]:
