@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import posixpath
+import random
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote
 
@@ -15,9 +17,13 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from relay.app import STORE
-from relay.config import ConfigError, load_settings
+from relay.config import ConfigError, SourceSettings, load_settings
+from relay.connectors.frames import FrameMapper
+from relay.connectors.sse import SSEParser
+from relay.providers import Context, build_provider
+from relay.providers.frames import parse_frames
 from tests.conftest import Relay, RelayFactory
-from tests.fake_upstreams import STREAMS, ChatPlatform
+from tests.fake_upstreams import FIXTURES, STREAMS, ChatPlatform
 from tests.test_crash import free_port
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
@@ -322,3 +328,43 @@ def test_connector_settings_are_checked_at_start_up(table: dict[str, Any], probl
     with pytest.raises(ConfigError) as raised:
         load_settings(None, sources=[{"id": "s", "verify": "none", **table}])
     assert problem in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        "casedev/respond_1.sse",
+        "casey/chat_1.sse",
+        "casey/chat_2.sse",
+        "llamacloud/stream_2.sse",
+        "scriberr/run_1.sse",
+        "scriberr/run_2.sse",
+    ],
+)
+def test_a_stream_read_in_batches_gives_the_events_of_the_whole(stream: str) -> None:
+    """However a stream is cut into batches, its lifecycle events are those of the whole."""
+    provider_name = stream.split("/")[0]
+    body = (FIXTURES / stream).read_bytes()
+    provider = build_provider(SourceSettings(id="s", provider=provider_name, verify="none"))
+    at = datetime(2026, 12, 1, tzinfo=UTC)
+    whole = provider.events(
+        parse_frames("text/event-stream", body), Context("s", at, "tap_1", "sess")
+    )
+    raw = SSEParser().feed(body + b"\n\n")
+    rng = random.Random(stream)
+    for _ in range(30):
+        mapper = FrameMapper(provider, "s", "tap_1", "sess")
+        cuts = sorted(rng.sample(range(1, len(raw)), min(3, len(raw) - 1)))
+        got = []
+        for start, end in zip([0, *cuts], [*cuts, len(raw)], strict=True):
+            frames = [mapper.frame(f.data, f.name, f.id) for f in raw[start:end]]
+            got += mapper.events([f for f in frames if f is not None], at)
+        assert lifecycle(got) == lifecycle(whole)
+
+
+def lifecycle(events: list[Any]) -> list[tuple[Any, ...]]:
+    return sorted(
+        (e.id, e.type, e.session_id, e.turn_id, e.tool_call_id, e.error, e.usage)
+        for e in events
+        if e.type != "agent.chat.turn.activity" or e.usage is not None
+    )
