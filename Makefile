@@ -3,7 +3,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= config/relay.toml
 
-.PHONY: run test soak lint typecheck install dev clean bench-ingest bench-longpoll bench-sse bench-sse-idle bench-webhooks bench-scale
+.PHONY: run test soak lint typecheck install dev clean bench-ingest bench-longpoll bench-sse bench-sse-idle bench-webhooks bench-scale bench-tap
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,9 @@ bench-webhooks: dev
 # EVENTS=20000 for a smaller store; SCALE_ARGS=--smoke for a quick run.
 bench-scale: dev
 	$(BIN)/python -m bench.scale --events $(or $(EVENTS),1000000) $(SCALE_ARGS)
+
+bench-tap: dev
+	$(BIN)/python -m bench.tap
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

@@ -18,6 +18,7 @@ from relay import auth
 from relay.api_models import Health, Readyz
 from relay.appkeys import HUB, METRICS, SETTINGS, STORE, STREAM_KEYS
 from relay.config import Settings
+from relay.connectors.setup import setup_connectors
 from relay.dashboard import routes as dashboard_routes
 from relay.errors import ApiError, error_response, json_response
 from relay.hub import Hub, open_hub
@@ -83,6 +84,7 @@ def create_app(
     setup_webhooks(app, clock)
 
     sources = {s.id: Source.from_settings(s) for s in settings.sources}
+    connector_routes = setup_connectors(app, sources, clock)
     ingest_ctx = IngestContext(sources, app[STORE], app[METRICS], settings.server.max_body_bytes)
     add_routes(
         app,
@@ -93,6 +95,7 @@ def create_app(
             *webhook_routes(clock),
             *_operations_routes(),
             *dashboard_routes(),
+            *connector_routes,
         ],
     )
     app.on_shutdown.append(_close_streams)
@@ -193,10 +196,11 @@ def _envelope_middleware(log_requests: bool) -> Callable[..., Awaitable[web.Stre
 
 
 async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """Every response, streams included, carries the id its log line has."""
+    """Every response, streams included, carries the id its log line has (a tapped
+    upstream's own X-Request-Id is passed on as it came)."""
     request_id = request.get(REQUEST_ID)
     if request_id is not None:
-        response.headers["X-Request-Id"] = request_id
+        response.headers.setdefault("X-Request-Id", request_id)
 
 
 async def _close_streams(app: web.Application) -> None:

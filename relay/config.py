@@ -8,6 +8,7 @@ and tables may be given as JSON (`RELAY_SOURCES='[...]'`). Any secret may be wri
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from enum import StrEnum
 from pathlib import Path
@@ -95,6 +96,66 @@ class SourceSettings(_Section):
     signature_header: str = "X-Signature"
     signature_prefix: str = "sha256="
     timestamp_header: str | None = None
+    # Tap: `/v1/tap/{id}/{path}` forwards to `{upstream}/{path}` (see docs/providers.md).
+    upstream: str | None = None
+    tap_session_pattern: str | None = None  # a regex with a `session` group; else per provider
+    # Follow: a session's stream, `{session_id}` in the URL template.
+    follow_url: str | None = None
+    # Sent with every follow request: a table of header names to values (env:VAR allowed).
+    follow_headers: tuple[tuple[str, str], ...] = ()
+    follow_auto: bool = False  # follow each new session of this source
+    follow_idle_seconds: float = Field(300.0, gt=0)  # no frame this long: the follow stops
+    follow_backoff_seconds: float = Field(1.0, gt=0)  # first wait after a failure (doubles)
+    follow_backoff_max_seconds: float = Field(60.0, gt=0)
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream_url(cls, url: str | None) -> str | None:
+        from relay.connectors.paths import check_upstream
+
+        return None if url is None else check_upstream(url)
+
+    @field_validator("tap_session_pattern")
+    @classmethod
+    def _session_pattern(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                compiled = re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"is not a regular expression: {exc}") from None
+            if "session" not in compiled.groupindex:
+                raise ValueError("needs a named group `session`: (?P<session>...)")
+        return pattern
+
+    @field_validator("follow_url")
+    @classmethod
+    def _follow_template(cls, url: str | None) -> str | None:
+        from relay.connectors.paths import check_upstream
+
+        if url is None:
+            return None
+        if "{session_id}" not in url:
+            raise ValueError("must contain {session_id}")
+        check_upstream(url.replace("{session_id}", "session"))
+        return url
+
+    @field_validator("follow_headers", mode="before")
+    @classmethod
+    def _headers_table(cls, headers: Any) -> Any:
+        return tuple(headers.items()) if isinstance(headers, dict) else headers
+
+    @field_validator("follow_headers")
+    @classmethod
+    def _resolve_follow_headers(
+        cls, headers: tuple[tuple[str, str], ...]
+    ) -> tuple[tuple[str, str], ...]:
+        return tuple((name, resolve_secret(value)) for name, value in headers)
+
+    @model_validator(mode="after")
+    def _follow_auto_needs_url(self) -> SourceSettings:
+        if self.follow_auto and self.follow_url is None:
+            raise ValueError("follow_auto needs follow_url")
+        return self
 
     @field_validator("secrets")
     @classmethod
@@ -193,6 +254,14 @@ class HubSettings(_Section):
         return url
 
 
+class ConnectorSettings(_Section):
+    tap_queue_frames: int = Field(4096, ge=1)  # frames a tapped stream may hold unstored
+    tap_batch_frames: int = Field(256, ge=1)  # frames stored per transaction, at most
+    follow_lease_seconds: float = Field(15.0, gt=0)  # a follow's instance renews its claim
+    follow_poll_seconds: float = Field(1.0, gt=0)  # how often follows are claimed
+    upstream_connect_timeout_seconds: float = Field(10.0, gt=0)
+
+
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
@@ -214,6 +283,7 @@ class Settings(BaseSettings):
     hub: HubSettings = HubSettings()
     log: LogSettings = LogSettings()
     retention: RetentionSettings = RetentionSettings()
+    connectors: ConnectorSettings = ConnectorSettings()
 
     @field_validator("sources")
     @classmethod

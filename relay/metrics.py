@@ -17,6 +17,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from relay.changes import RAW_PREFIX, Commit
+from relay.connectors.stats import ConnectorStats
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -160,6 +161,8 @@ class Metrics:
         )
         self.deliveries = DeliveryStats()
         self.registry.register(self.deliveries)
+        self.connectors = ConnectorStats()
+        self.registry.register(self.connectors)
 
     def watch_hub(self, counters: Callable[[], Mapping[str, int]]) -> None:
         """Expose the hub's counters (`Hub.counters`)."""

@@ -16,6 +16,7 @@ from relay.api_models import ErrorEnvelope
 from relay.routes import JSON, ROUTES, Handler, Reply, Route
 
 REF = "#/components/schemas/{model}"
+_ROUTER_PATTERN = re.compile(r"\{(\w+):[^}]*\}")
 _PATH_PARAM = re.compile(r"\{([^}:]+)\}")
 _SECURITY_SCHEMES = {
     "bearer": {
@@ -49,7 +50,8 @@ def openapi_document(routes: Iterable[Route]) -> dict[str, Any]:
     refs = _model_schemas(routes, schemas)
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
-        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, refs, schemas)
+        path = _ROUTER_PATTERN.sub(r"{\1}", route.path)  # `{path:.*}` -> `{path}`
+        paths.setdefault(path, {})[route.method.lower()] = _operation(route, refs, schemas)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -87,7 +89,7 @@ def _operation(route: Route, refs: dict[Any, Any], schemas: dict[str, Any]) -> d
         operation["description"] = route.description
     parameters = [
         {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-        for name in _PATH_PARAM.findall(route.path)
+        for name in _PATH_PARAM.findall(_ROUTER_PATTERN.sub(r"{\1}", route.path))
     ]
     parameters += _parameters(route.query, "query", schemas)
     parameters += _parameters(route.headers, "header", schemas)

@@ -278,3 +278,23 @@ async def test_facts_are_loaded_without_replaying_events(store: Store, backend: 
         assert "session chat_f is stored but no event derives it" in problems
     finally:
         await reopened.close()
+
+
+async def test_follows_are_leased_to_one_instance_at_a_time(store: Store) -> None:
+    """A follow's lease goes to one owner until it ends; only the owner moves its position;
+    a stopped follow starts again from its position; a release frees it at once."""
+    started = await store.start_follow("casedev", "chat_f", "2026-12-01T00:00:00Z")
+    assert (started.state, started.position) == ("following", None)
+    assert [f.session_id for f in await store.claim_follows("a", 100.0, 115.0, 10)] == ["chat_f"]
+    assert await store.claim_follows("b", 101.0, 116.0, 10) == []
+    assert not await store.update_follow("b", "casedev", "chat_f", {"position": "9"}, "t")
+    assert await store.update_follow("a", "casedev", "chat_f", {"position": "7"}, "t")
+    taken = await store.claim_follows("b", 120.0, 135.0, 10)  # a's lease ended at 115
+    assert [(f.owner, f.position) for f in taken] == [("b", "7")]
+    assert await store.update_follow("b", "casedev", "chat_f", {"state": "idle"}, "t")
+    assert await store.claim_follows("b", 121.0, 136.0, 10) == []  # stopped: not claimable
+    again = await store.start_follow("casedev", "chat_f", "t2")
+    assert (again.state, again.position) == ("following", "7")
+    await store.release_follows("b")
+    assert [f.owner for f in await store.claim_follows("c", 122.0, 137.0, 10)] == ["c"]
+    assert [f.session_id for f in await store.list_follows("casedev")] == ["chat_f"]

@@ -75,6 +75,29 @@ class SessionQuery:
     turn_status: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Follow:
+    """A follow of an upstream session stream: its position (the last SSE id stored),
+    state (following, backoff, idle, deleted), failed attempts in a row, connections
+    made again, the last error, and the instance holding its lease."""
+
+    source: str
+    session_id: str
+    position: str | None
+    state: str
+    attempts: int
+    reconnects: int
+    last_error: str | None
+    created_at: str
+    updated_at: str
+    owner: str | None
+    lease_until: float
+
+
+# Follows in these states run (on the instance holding the lease); others have stopped.
+ACTIVE_FOLLOW_STATES = ("following", "backoff")
+
+
 # Rebuilds an Event from a stored row: (source, raw payload, received_at RFC 3339).
 EventDecoder = Callable[[str, bytes, str], Event]
 
@@ -145,6 +168,33 @@ class Store(Protocol):
 
     async def check_derived_state(self) -> list[str]:
         """Replay every stored event; list where stored state or changes differ."""
+
+    async def start_follow(self, source: str, session_id: str, now: str) -> Follow:
+        """Add a follow (state `following`), or start a stopped one again from its
+        position; a running one is left as it is."""
+
+    async def list_follows(self, source: str) -> list[Follow]:
+        """A source's follows, oldest first."""
+
+    async def claim_follows(
+        self, owner: str, now: float, lease_until: float, limit: int
+    ) -> list[Follow]:
+        """Take the lease of running follows whose lease is free (expired) or `owner`'s,
+        until `lease_until`; return those `owner` holds now."""
+
+    async def update_follow(
+        self,
+        owner: str,
+        source: str,
+        session_id: str,
+        changes: Mapping[str, object],
+        now: str,
+    ) -> bool:
+        """Set `changes` (position, state, attempts, reconnects, last_error, lease_until)
+        if `owner` still holds the lease; False if it does not."""
+
+    async def release_follows(self, owner: str) -> None:
+        """Free `owner`'s leases (on a clean shutdown), for another instance at once."""
 
 
 def is_embedded(url: str) -> bool:

@@ -61,8 +61,8 @@ from relay.store.derive import (
     number_changes,
 )
 from relay.store.facts import decode_record
+from relay.store.postgres_follows import PostgresFollows
 from relay.store.postgres_migrate import migrate_connection
-from relay.store.postgres_reads import PostgresReads
 from relay.timefmt import format_unix
 
 log = structlog.get_logger("relay.store")
@@ -77,7 +77,7 @@ class _StoredElsewhere(Exception):
     """An event of the batch was stored by another transaction since it was looked up."""
 
 
-class PostgresStore(PostgresReads):
+class PostgresStore(PostgresFollows):
     def __init__(
         self,
         settings: StoreSettings,

@@ -37,7 +37,9 @@ from relay.config import AlertSettings, RetentionSettings, StoreSettings
 from relay.logs import RepeatedWarnings
 from relay.normalize import decoder
 from relay.store import (
+    ACTIVE_FOLLOW_STATES,
     ApiKey,
+    Follow,
     IngestRecord,
     IngestResult,
     SessionQuery,
@@ -433,6 +435,57 @@ class SQLiteStore:
     async def _write(self, sql: str, params: tuple[Any, ...]) -> int:
         return await self._on_connection(_execute_write, sql, params)
 
+    # -- follows -----------------------------------------------------------------------------
+
+    async def start_follow(self, source: str, session_id: str, now: str) -> Follow:
+        await self._write(
+            "INSERT INTO follows (source, session_id, state, created_at, updated_at)"
+            " VALUES (?, ?, 'following', ?, ?) ON CONFLICT (source, session_id) DO UPDATE"
+            " SET state = 'following', attempts = 0, last_error = NULL, updated_at = ?"
+            f" WHERE state NOT IN {ACTIVE_FOLLOW_STATES}",
+            (source, session_id, now, now, now),
+        )
+        rows = await self._read(
+            f"SELECT {_FOLLOW_COLUMNS} FROM follows WHERE source = ? AND session_id = ?",
+            (source, session_id),
+        )
+        return Follow(*rows[0])
+
+    async def list_follows(self, source: str) -> list[Follow]:
+        rows = await self._read(
+            f"SELECT {_FOLLOW_COLUMNS} FROM follows WHERE source = ? ORDER BY created_at, rowid",
+            (source,),
+        )
+        return [Follow(*row) for row in rows]
+
+    async def claim_follows(
+        self, owner: str, now: float, lease_until: float, limit: int
+    ) -> list[Follow]:
+        rows: list[Any] = await self._on_connection(_claim_follows, owner, now, lease_until, limit)
+        return [Follow(*row) for row in rows]
+
+    async def update_follow(
+        self,
+        owner: str,
+        source: str,
+        session_id: str,
+        changes: Mapping[str, object],
+        now: str,
+    ) -> bool:
+        unknown = set(changes) - _FOLLOW_UPDATABLE
+        if unknown:
+            raise ValueError(f"not a follow field: {sorted(unknown)}")
+        assignments = ", ".join(f"{name} = ?" for name in changes)
+        changed = await self._write(
+            f"UPDATE follows SET {assignments}, updated_at = ?"
+            " WHERE source = ? AND session_id = ? AND owner = ?",
+            (*changes.values(), now, source, session_id, owner),
+        )
+        return changed > 0
+
+    async def release_follows(self, owner: str) -> None:
+        await self._write("UPDATE follows SET lease_until = 0 WHERE owner = ?", (owner,))
+
 
 class _BatchChannel(Protocol):
     """Where batches are written: a writer process, or a thread of this process."""
@@ -507,6 +560,38 @@ def _use(link: Reconnecting, fn: Callable[..., T], *args: Any) -> T:
         raise
     link.succeeded()
     return result
+
+
+_FOLLOW_COLUMNS = (
+    "source, session_id, position, state, attempts, reconnects, last_error, created_at,"
+    " updated_at, owner, lease_until"
+)
+_FOLLOW_UPDATABLE = frozenset(
+    {"position", "state", "attempts", "reconnects", "last_error", "lease_until"}
+)
+
+
+def _claim_follows(
+    conn: sqlite3.Connection, owner: str, now: float, lease_until: float, limit: int
+) -> list[Any]:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(
+            "UPDATE follows SET owner = ?, lease_until = ? WHERE rowid IN ("
+            f" SELECT rowid FROM follows WHERE state IN {ACTIVE_FOLLOW_STATES}"
+            " AND (owner = ? OR owner IS NULL OR lease_until < ?) LIMIT ?)",
+            (owner, lease_until, owner, now, limit),
+        )
+        rows = conn.execute(
+            f"SELECT {_FOLLOW_COLUMNS} FROM follows WHERE owner = ?"
+            f" AND state IN {ACTIVE_FOLLOW_STATES} AND lease_until >= ?",
+            (owner, lease_until),
+        ).fetchall()
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return rows
 
 
 def _execute_write(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> int:

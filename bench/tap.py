@@ -1,0 +1,164 @@
+"""The tap's cost: the same SSE streams read directly from an upstream and through
+`/v1/tap/{source}/{path}`, in one run.
+
+A fake Case.dev upstream (a process of its own) answers each `/respond` with a turn of
+`--frames` frames, written as fast as the connection takes them, each stamped with the
+time it was written. `--streams` clients read them at once, first directly, then through
+a `relay serve` whose source taps that upstream. Prints frames/s each way, the ratio
+tap / direct (target at least 0.8) and the latency per frame (written to read) at p50
+and p99 each way, with what the tap adds (target p99 at most 5 ms). `make bench-tap`
+runs 200 streams of 500 frames; `--smoke` runs 4 of 50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from relay.connectors.sse import SSEParser
+
+
+@dataclass
+class Run:
+    frames: int
+    seconds: float
+    latencies: list[float]
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.seconds
+
+    def pct(self, p: float) -> float:
+        ordered = sorted(self.latencies) or [0.0]
+        return ordered[min(len(ordered) - 1, int(len(ordered) * p))] * 1000
+
+
+def turn_frames(stream: int, frames: int) -> list[tuple[bytes, dict[str, object]]]:
+    ids = {"chatId": f"chat_bench_{stream % 50}", "turnId": f"turn_{stream}"}
+    out: list[tuple[bytes, dict[str, object]]] = [(b"turn.started", ids)]
+    for i in range(frames - 3):
+        out.append((b"message.part.updated", {**ids, "part": {"type": "text", "text": f"t{i}"}}))
+    out.append((b"session.usage", {**ids, "usage": {"inputTokens": 10, "costMicros": 5}}))
+    out.append((b"turn.completed", {**ids, "usage": {"inputTokens": 10, "costMicros": 5}}))
+    return out
+
+
+def serve_upstream(port: int, frames: int) -> None:
+    async def respond(request: web.Request) -> web.StreamResponse:
+        stream = int(request.match_info["stream"])
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for kind, data in turn_frames(stream, frames):
+            body = orjson.dumps({**data, "type": kind.decode(), "ts": time.time()})
+            await response.write(b"event: " + kind + b"\ndata: " + body + b"\n\n")
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/agent/v1/chat/{stream}/respond", respond)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+async def read_streams(base: str, streams: int) -> Run:
+    latencies: list[float] = []
+    frames = 0
+
+    async def one(http: aiohttp.ClientSession, n: int) -> None:
+        nonlocal frames
+        parser = SSEParser()
+        async with http.post(f"{base}/agent/v1/chat/{n}/respond", json={"parts": []}) as resp:
+            assert resp.status == 200, resp.status
+            async for chunk in resp.content.iter_any():
+                now = time.time()
+                for frame in parser.feed(chunk):
+                    latencies.append(now - orjson.loads(frame.data)["ts"])
+                    frames += 1
+
+    began = time.perf_counter()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        await asyncio.gather(*(one(http, n) for n in range(streams)))
+    return Run(frames, time.perf_counter() - began, latencies)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--streams", type=int, default=200)
+    parser.add_argument("--frames", type=int, default=500)
+    parser.add_argument("--smoke", action="store_true", help="4 streams of 50 frames")
+    parser.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_upstream:
+        serve_upstream(args.serve_upstream, args.frames)
+        return
+    if args.smoke:
+        args.streams, args.frames = 4, 50
+    from bench.ingest import free_port, wait_healthy
+
+    with tempfile.TemporaryDirectory(prefix="relay-bench-tap-") as tmp:
+        up_port, port = free_port(), free_port()
+        upstream_cmd = [
+            *(sys.executable, "-m", "bench.tap"),
+            *("--serve-upstream", str(up_port), "--frames", str(args.frames)),
+        ]
+        config = Path(tmp) / "relay.toml"
+        config.write_text(
+            f'[server]\nport = {port}\n[store]\nurl = "sqlite:///{tmp}/bench.db"\n'
+            '[log]\nrequests = false\n[[sources]]\nid = "bench"\nprovider = "casedev"\n'
+            f'verify = "none"\nupstream = "http://127.0.0.1:{up_port}"\n'
+        )
+        relay_cmd = [sys.executable, "-m", "relay", "serve", "--config", str(config)]
+        quiet = subprocess.DEVNULL
+        upstream = subprocess.Popen(upstream_cmd, stdout=quiet, stderr=quiet)
+        relay = subprocess.Popen(relay_cmd, stdout=quiet, stderr=quiet)
+        try:
+            wait_for_port(up_port)
+            wait_healthy(f"http://127.0.0.1:{port}")
+            direct = asyncio.run(read_streams(f"http://127.0.0.1:{up_port}", args.streams))
+            tapped = asyncio.run(
+                read_streams(f"http://127.0.0.1:{port}/v1/tap/bench", args.streams)
+            )
+        finally:
+            for proc in (relay, upstream):
+                proc.terminate()
+                proc.wait(timeout=30)
+    expected = args.streams * args.frames
+    print(f"{args.streams} streams x {args.frames} frames")
+    for name, run in (("direct", direct), ("tap", tapped)):
+        print(
+            f"{name:<7} {run.frames:>8} frames {run.fps:>10.0f} frames/s"
+            f"  latency p50 {run.pct(0.5):.2f} ms  p99 {run.pct(0.99):.2f} ms"
+        )
+    print(f"ratio tap/direct {tapped.fps / direct.fps:.2f} (target >= 0.8)")
+    print(
+        f"added per frame: p50 {tapped.pct(0.5) - direct.pct(0.5):.2f} ms"
+        f"  p99 {tapped.pct(0.99) - direct.pct(0.99):.2f} ms (target p99 <= 5 ms)"
+    )
+    if direct.frames != expected or tapped.frames != expected:
+        sys.exit(f"frames lost: expected {expected} each way")
+
+
+def wait_for_port(port: int, timeout: float = 30) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing answers on port {port}")
+
+
+if __name__ == "__main__":
+    main()
