@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import relay.app
 from relay.cli import main
-from relay.config import AlertSettings, StoreSettings
+from relay.config import AlertSettings, RetentionSettings, StoreSettings
 from relay.store import IngestRecord, IngestResult, Store
 from relay.store.sqlite import SQLiteStore
 
@@ -42,6 +42,7 @@ def _open_store(
     settings: StoreSettings,
     providers: Mapping[str, str] | None = None,
     alerts: AlertSettings | None = None,
+    retention: RetentionSettings | None = None,
 ) -> Store:
     return UnstoredIngest(settings, providers or {}, alerts or AlertSettings())
 
