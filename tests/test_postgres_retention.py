@@ -12,6 +12,7 @@ import aiohttp
 import asyncpg
 import orjson
 import pytest
+from aiohttp import web
 from structlog.testing import capture_logs
 
 from relay.config import AlertSettings, RetentionSettings, StoreSettings
@@ -19,7 +20,7 @@ from relay.store import Store, open_store
 from relay.store.postgres_retention import RETENTION_LOCK, prune_batch
 from relay.timefmt import format_unix
 from tests.conftest import RelayFactory
-from tests.receivers import until
+from tests.receivers import FAST_DELIVERY, eventually, receiver, subscribe, until
 from tests.test_hardening_store import ingest_session
 from tests.test_sse import frames
 from tests.test_store_contract import body, lifecycle, rec
@@ -128,7 +129,7 @@ async def test_resume_from_a_pruned_change_finds_the_oldest_id_moved(pg_url: str
 
 
 async def test_sse_resume_from_a_pruned_change_gets_stream_reset(
-    start_relay: RelayFactory, pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    pg_url: str, start_relay: RelayFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A relay on PostgreSQL answers a resume from a pruned id with stream.reset first."""
     monkeypatch.chdir(tmp_path)  # the relay's own files go to ./data beside a server store
@@ -244,3 +245,76 @@ async def test_a_session_pruned_and_begun_again_is_not_read_from_a_stale_cache(
         turns = [orjson.loads(snapshot) for _, snapshot in await one.list_turns("chat_s", 0, 10)]
         assert [(t["turn_id"], t["status"]) for t in turns] == [("turn_1", "completed")]
         assert await one.check_derived_state() == []
+
+
+async def test_finished_deliveries_and_attempts_are_pruned(
+    pg_url: str, start_relay: RelayFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL, deliveries made and their attempts go once older than the retention."""
+    monkeypatch.chdir(tmp_path)
+    relay = await start_relay(
+        store={"url": pg_url},
+        delivery=FAST_DELIVERY,
+        retention={"seconds": 1.0, "interval_seconds": 0.05, "batch_rows": 100},
+    )
+    async with receiver() as got:
+        await subscribe(relay, got, "/hook", types=["session.*"])
+        await ingest_session(relay, 0)
+        await eventually(lambda: len(got.at("/hook")) >= 3)
+
+        async def attempts_logged() -> bool:
+            return await count(pg_url, "SELECT count(*) FROM delivery_attempts") >= 3
+
+        await until(attempts_logged)
+        later = [0]
+
+        async def pruned() -> bool:
+            later[0] += 1
+            await ingest_session(relay, later[0])  # keeps deliveries (and time) going
+            first_session = await count(
+                pg_url, "SELECT count(*) FROM deliveries WHERE session_id = 'chat_ret_00000'"
+            )
+            old_attempts = await count(
+                pg_url, "SELECT count(*) FROM delivery_attempts WHERE at < $1", time.time() - 2.0
+            )
+            return first_session == 0 and old_attempts == 0
+
+        await until(pruned)
+
+
+async def test_a_change_a_delivery_still_has_to_send_stays(
+    pg_url: str, start_relay: RelayFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Changes before a delivery that keeps retrying are pruned; it and those after stay."""
+    monkeypatch.chdir(tmp_path)
+    relay = await start_relay(
+        store={"url": pg_url},
+        delivery={**FAST_DELIVERY, "retry_schedule_seconds": [60.0]},
+        retention={"seconds": 0.5, "interval_seconds": 0.05, "batch_rows": 100},
+    )
+    await ingest_session(relay, 0)  # before the subscription: nothing to send
+    async with receiver() as got:
+        got.endpoint("/down", lambda receipt, seen: web.Response(status=503))
+        await subscribe(relay, got, "/down", types=["session.created"])
+        await ingest_session(relay, 1)
+        await eventually(lambda: len(got.at("/down", delivered=False)) >= 1)
+        held = got.at("/down", delivered=False)[0].change_id
+        later = [1]
+
+        async def first_session_pruned() -> bool:
+            later[0] += 1
+            await ingest_session(relay, later[0])
+            resp = await relay.client.get(
+                "/v1/changes", params={"after": 0, "limit": 1}, headers=relay.auth
+            )
+            return bool((await resp.json())["items"][0]["session_id"] != "chat_ret_00000")
+
+        await until(first_session_pruned)
+        resp = await relay.client.get(
+            "/v1/changes", params={"after": 0, "limit": 1}, headers=relay.auth
+        )
+        assert (await resp.json())["items"][0]["id"] <= held
+        resp = await relay.client.get(
+            "/v1/changes", params={"after": held - 1, "limit": 1}, headers=relay.auth
+        )
+        assert (await resp.json())["items"][0]["id"] == held
