@@ -54,7 +54,9 @@ async def ingest(store: Store, session: str, turns: int = 2) -> None:
 
 async def test_rows_stay_bounded_under_steady_ingest(pg_url: str) -> None:
     """With a one-second retention, nothing older than two seconds stays while ingest goes on."""
-    async with opened(pg_url, seconds=1.0, interval_seconds=0.1, batch_rows=200) as store:
+    async with opened(
+        pg_url, seconds=1.0, interval_seconds=0.1, batch_rows=500, batch_pause_seconds=0.02
+    ) as store:
         started = time.monotonic()
         sessions = 0
         samples: list[tuple[int, int, int, int]] = []
