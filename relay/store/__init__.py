@@ -220,7 +220,7 @@ def open_store(
 
     `providers` maps source ids to provider names, to read stored events back with
     their source's normaliser; `alerts` sets the thresholds; with `retention`, what is
-    older is pruned in the background while the store is open (SQLite only for now).
+    older is pruned in the background while the store is open.
     """
     scheme = settings.url.partition("://")[0]
     if scheme == "sqlite":
@@ -230,5 +230,5 @@ def open_store(
     if scheme in ("postgresql", "postgres"):
         from relay.store.postgres import PostgresStore
 
-        return PostgresStore(settings, providers or {}, alerts or AlertSettings())
+        return PostgresStore(settings, providers or {}, alerts or AlertSettings(), retention)
     raise ValueError(f"no store backend for URL scheme {scheme!r}")

@@ -26,6 +26,7 @@ than sent; the transaction is then rolled back and run again, finding it stored.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -37,7 +38,8 @@ import orjson
 import structlog
 
 from relay.changes import Commit, StoredChange
-from relay.config import AlertSettings, StoreSettings
+from relay.config import AlertSettings, RetentionSettings, StoreSettings
+from relay.logs import RepeatedWarnings
 from relay.normalize import decoder
 from relay.state import affects_state
 from relay.store import (
@@ -63,6 +65,8 @@ from relay.store.derive import (
 from relay.store.facts import decode_record
 from relay.store.postgres_follows import PostgresFollows
 from relay.store.postgres_migrate import migrate_connection
+from relay.store.postgres_retention import prune_batch
+from relay.store.retention import NOTHING, Pruned, run_pruning
 from relay.timefmt import format_unix
 
 log = structlog.get_logger("relay.store")
@@ -83,6 +87,7 @@ class PostgresStore(PostgresFollows):
         settings: StoreSettings,
         providers: Mapping[str, str],
         alerts: AlertSettings,
+        retention: RetentionSettings | None = None,
         pool_size: int = 8,
     ) -> None:
         super().__init__()
@@ -95,6 +100,9 @@ class PostgresStore(PostgresFollows):
         self._cache: OrderedDict[str, SessionEntry] = OrderedDict()
         self._writable_until = 0.0
         self._closing = False
+        self._retention = retention
+        self._prune_task: asyncio.Task[None] | None = None
+        self._repeated = RepeatedWarnings()
 
     async def open(self) -> None:
         if self._pool is not None:
@@ -117,9 +125,19 @@ class PostgresStore(PostgresFollows):
         )
         self._commits.listeners = self._listeners
         self._commits.start(await self.last_change_id())
+        if self._retention is not None and self._retention.keep_seconds is not None:
+            self._prune_task = asyncio.create_task(
+                run_pruning(self.prune, self._retention, self._retention.keep_seconds, self._warn),
+                name="relay-postgres-retention",
+            )
 
     async def close(self) -> None:
         self._closing = True
+        if self._prune_task is not None:
+            self._prune_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._prune_task
+            self._prune_task = None
         if self._commits is not None:
             await self._commits.close()
             self._commits = None
@@ -139,6 +157,23 @@ class PostgresStore(PostgresFollows):
 
     def add_commit_listener(self, listener: Callable[[Commit], None]) -> None:
         self._listeners.append(listener)
+
+    async def prune(self, cutoff: float, limit: int) -> Pruned:
+        """One batch of retention (see `postgres_retention`); nothing while another
+        instance is pruning."""
+        async with self._connected().acquire() as conn:
+            pruned = await prune_batch(conn, cutoff, limit)
+        if pruned is None:
+            return NOTHING
+        for session_id in pruned.sessions:
+            self._cache.pop(session_id, None)
+        return pruned
+
+    def _warn(self, event: str, error: str) -> None:
+        """Log a warning, at most once per 30 s while it repeats (whatever the error)."""
+        held_back = self._repeated.admit(event)
+        if held_back is not None:
+            log.warning(event, error=error, repeats_not_logged=held_back)
 
     async def check_writable(self) -> None:
         """Ready means a primary that takes writes answers; a success stands for a second."""
@@ -302,10 +337,14 @@ class PostgresStore(PostgresFollows):
 
 
 # Insert the sessions' facts rows that do not exist yet and lock those that do, in
-# session id order (two transactions then never wait on each other in a cycle).
+# session id order (two transactions then never wait on each other in a cycle). A new
+# row's version starts at the database clock in microseconds: past any version that a
+# row of the same session pruned earlier reached (each one writes at most once per
+# microsecond), so no instance takes its cached entry of that row for the new one.
 _LOCK_SESSIONS = (
     "INSERT INTO session_facts (session_id, version)"
-    " SELECT session_id, 0 FROM unnest($1::text[]) AS s (session_id) ORDER BY session_id"
+    " SELECT session_id, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint"
+    " FROM unnest($1::text[]) AS s (session_id) ORDER BY session_id"
     " ON CONFLICT (session_id) DO UPDATE SET version = session_facts.version"
     " RETURNING session_id, version, facts, fired"
 )

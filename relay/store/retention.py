@@ -11,14 +11,25 @@ The newest event and the newest change always stay: the next seq and change id a
 counted on from them. An event goes only after every change that points at it (a raw
 change is read back from its event's row), and a change only once the webhook dispatcher
 has queued it and no delivery still has to send it.
+
+The rules are shared with the PostgreSQL store (`postgres_retention`), which runs the
+same batches in SQL of its own; so is the loop that paces the batches (`run_pruning`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import structlog
+
+from relay.config import RetentionSettings
 from relay.timefmt import format_unix
+
+log = structlog.get_logger("relay.store")
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +37,52 @@ class Pruned:
     rows: int  # rows deleted in this batch
     full: bool  # some table had more to delete than the batch allowed
     sessions: tuple[str, ...]  # sessions whose derived state went
+
+
+NOTHING = Pruned(0, False, ())
+
+
+def changes_through(
+    boundary: int, pending: int | None, queued: int | None, subscribed: bool
+) -> int:
+    """The newest change id that may go: at most `boundary` (the newest change of an old
+    event), and before the oldest change a delivery still has to send (`pending`) and
+    after the dispatcher's cursor (`queued`) while anyone subscribes (the dispatcher
+    idles, its cursor staying, while nobody does)."""
+    if pending is not None:
+        boundary = min(boundary, pending - 1)
+    if queued is not None and subscribed:
+        boundary = min(boundary, queued)
+    return boundary
+
+
+def events_below(old_seq: int, first_pointed: int | None) -> int:
+    """Events with a lower seq may go (if their session has no derived state): up to the
+    newest old event, and before the first event a kept change still points at."""
+    return min(old_seq + 1, first_pointed if first_pointed is not None else old_seq + 1)
+
+
+async def run_pruning(
+    prune: Callable[[float, int], Awaitable[Pruned]],
+    retention: RetentionSettings,
+    keep_seconds: float,
+    warn: Callable[[str, str], None],
+) -> None:
+    """Call `prune(cutoff, batch_rows)` forever: after `batch_pause_seconds` while a batch
+    was full, else after `interval_seconds`; a failed batch is warned about and retried."""
+    pause = retention.interval_seconds
+    while True:
+        await asyncio.sleep(pause)
+        pause = retention.interval_seconds
+        try:
+            pruned = await prune(time.time() - keep_seconds, retention.batch_rows)
+        except Exception as exc:
+            warn("store.prune_failed", str(exc))
+            continue
+        if pruned.rows:
+            log.debug("store.pruned", rows=pruned.rows)
+        if pruned.full:
+            pause = retention.batch_pause_seconds
 
 
 def prune_batch(conn: sqlite3.Connection, cutoff: float, limit: int) -> Pruned:
@@ -79,14 +136,12 @@ def _prune_changes(conn: sqlite3.Connection, old_seq: int, limit: int) -> int:
     pending = _one(
         conn, "SELECT min(change_id) FROM deliveries WHERE next_attempt_at IS NOT NULL", ()
     )
-    queued = _one(  # the dispatcher idles (its cursor stays) while nobody subscribes
+    queued = _one(
         conn,
         "SELECT last_change_id FROM delivery_cursor WHERE EXISTS (SELECT 1 FROM subscriptions)",
         (),
     )
-    for keep_from in (pending, None if queued is None else queued + 1):
-        if keep_from is not None:
-            boundary = min(boundary, keep_from - 1)
+    boundary = changes_through(boundary, pending, queued, subscribed=queued is not None)
     return conn.execute(
         "DELETE FROM changes WHERE id <= min(?, (SELECT min(id) FROM changes) + ? - 1)"
         " AND id < (SELECT max(id) FROM changes)",
@@ -98,7 +153,7 @@ def _prune_events(conn: sqlite3.Connection, old_seq: int, limit: int) -> int:
     first_pointed = _one(
         conn, "SELECT event_seq FROM changes WHERE event_seq IS NOT NULL ORDER BY id LIMIT 1", ()
     )
-    below = min(old_seq + 1, first_pointed if first_pointed is not None else old_seq + 1)
+    below = events_below(old_seq, first_pointed)
     return conn.execute(
         "DELETE FROM events WHERE seq IN (SELECT e.seq FROM events e WHERE e.seq < ?"
         " AND e.seq < (SELECT max(seq) FROM events)"

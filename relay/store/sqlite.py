@@ -49,7 +49,7 @@ from relay.store import (
 )
 from relay.store.base import GroupCommit
 from relay.store.reconnect import Reconnecting
-from relay.store.retention import Pruned
+from relay.store.retention import Pruned, run_pruning
 from relay.store.sqlite_reads import (
     CHANGE_TYPES,
     ReadPool,
@@ -261,19 +261,7 @@ class SQLiteStore:
         them, so that ingest never waits long behind pruning (see `retention`)."""
         writer = self._batch_writer
         assert writer is not None
-        pause = retention.interval_seconds
-        while True:
-            await asyncio.sleep(pause)
-            pause = retention.interval_seconds
-            try:
-                pruned = await writer.prune(time.time() - keep_seconds, retention.batch_rows)
-            except Exception as exc:
-                self._warn("store.prune_failed", str(exc))
-                continue
-            if pruned.rows:
-                log.debug("store.pruned", rows=pruned.rows)
-            if pruned.full:
-                pause = retention.batch_pause_seconds
+        await run_pruning(writer.prune, retention, keep_seconds, self._warn)
 
     def add_commit_listener(self, listener: Callable[[Commit], None]) -> None:
         self._listeners.append(listener)
