@@ -130,6 +130,10 @@ class DeliverySettings(_Section):
     disable_after_seconds: float = Field(5 * 86400, gt=0)  # continuous failure disables
     rotation_overlap_seconds: float = Field(86400, ge=0)  # the old secret signs this long
     poll_interval_seconds: float = Field(1.0, gt=0)  # safety net besides the hub's wake-ups
+    # A claimed delivery is leased to its instance for timeout_seconds plus this; another
+    # instance takes over a dead one's deliveries once their lease ends. It must exceed
+    # the instances' clock differences and the time to write a result.
+    lease_margin_seconds: float = Field(60.0, gt=0)
     shutdown_grace_seconds: float = Field(2.0, ge=0)  # in-flight attempts may finish
     # The dashboard's public address: Slack and PagerDuty messages link to the session.
     dashboard_url: str | None = None
