@@ -69,6 +69,9 @@ class StoreSettings(_Section):
     writer: Literal["process", "thread"] = "process"
     # With the writer process, how often the relay copies the WAL into the database file.
     checkpoint_interval_seconds: float = Field(0.2, gt=0)
+    # A store on a server (PostgreSQL): a connection attempt or a statement that takes
+    # longer fails, so that a server cut off by a silent network answers 503, not never.
+    timeout_seconds: float = Field(10.0, gt=0)
 
     @field_validator("url")
     @classmethod

@@ -24,7 +24,13 @@ from tests.redis_server import free_port
 
 
 def cluster_config(
-    directory: Path, pg_url: str, hub_url: str, prefix: str, secret: str | None, extra: str = ""
+    directory: Path,
+    pg_url: str,
+    hub_url: str,
+    prefix: str,
+    secret: str | None,
+    extra: str = "",
+    store: str = "",
 ) -> Path:
     """A configuration every instance shares (each is given its port by the environment);
     without `secret`, the instances generate the source's secret into ./data."""
@@ -34,6 +40,7 @@ def cluster_config(
         f"""
 [store]
 url = "{pg_url}"
+{store}
 [hub]
 url = "{hub_url}"
 prefix = "{prefix}"
@@ -238,13 +245,15 @@ async def wait_until(check: Any, within: float, what: str) -> None:
 
 class CuttableProxy:
     """A TCP proxy on loopback to a server (PostgreSQL) that the test cuts off (every
-    connection dropped, new ones refused) and restores."""
+    connection dropped, new ones refused) or freezes (a partition: nothing passes, no
+    connection is closed), then restores."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self._target = (target_host, target_port)
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self.cut_off = False
+        self.frozen = False
         self.port = 0
 
     async def start(self) -> None:
@@ -263,12 +272,25 @@ class CuttableProxy:
             writer.transport.abort()
         self._writers.clear()
 
+    def freeze(self) -> None:
+        self.frozen = True
+
     def restore(self) -> None:
-        self.cut_off = False
+        """Pass again, for new connections: those that saw the silence are closed."""
+        if self.frozen:
+            for writer in self._writers:
+                writer.transport.abort()
+            self._writers.clear()
+        self.cut_off = self.frozen = False
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.cut_off:
             writer.transport.abort()
+            return
+        if self.frozen:  # accepted, and never answered
+            self._writers.add(writer)
+            while await reader.read(65536):
+                pass
             return
         try:
             upstream_reader, upstream_writer = await asyncio.open_connection(*self._target)
@@ -287,6 +309,8 @@ class CuttableProxy:
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while data := await reader.read(65536):
+            if self.frozen:
+                continue  # swallowed: nobody hears anything, nobody is told
             writer.write(data)
             await writer.drain()
         writer.close()

@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import httpx
 import orjson
+import pytest
 from aiohttp import web
 from httpx_sse import aconnect_sse
 
@@ -269,12 +270,13 @@ async def test_redis_down_for_five_seconds_under_load(tmp_path: Path, pg_url: st
         redis.stop()
 
 
+@pytest.mark.parametrize("fault", ["cut", "freeze"])
 async def test_postgresql_cut_off_answers_503_and_recovers(
-    tmp_path: Path, pg_url: str, redis_namespace: tuple[str, str]
+    tmp_path: Path, pg_url: str, redis_namespace: tuple[str, str], fault: str
 ) -> None:
-    """PostgreSQL unreachable: ingest answers 503 STORE_UNAVAILABLE with Retry-After,
-    /readyz says not ready, nothing uncommitted is acknowledged; once it is back the
-    relay ingests, streams and answers ready again."""
+    """PostgreSQL unreachable (connections dropped, or a silent partition): ingest
+    answers 503 STORE_UNAVAILABLE with Retry-After, /readyz says not ready, nothing
+    uncommitted is acknowledged; once it is back the relay ingests and answers ready."""
     hub_url, prefix = redis_namespace
     proxy = CuttableProxy("127.0.0.1", 5432)
     await proxy.start()
@@ -284,7 +286,9 @@ async def test_postgresql_cut_off_answers_503_and_recovers(
     key = await prepared([Node(direct, tmp_path, "admin")])  # the CLI blocks this loop
     proxied = tmp_path / "proxied"
     proxied.mkdir()
-    node = Node(cluster_config(proxied, via_proxy, hub_url, prefix, SECRET), proxied, "relay")
+    timeout = "timeout_seconds = 2"
+    config = cluster_config(proxied, via_proxy, hub_url, prefix, SECRET, store=timeout)
+    node = Node(config, proxied, "relay")
     events = lifecycle_events(1500, seed=9)
     bodies = bodies_of(events)
     try:
@@ -295,7 +299,7 @@ async def test_postgresql_cut_off_answers_503_and_recovers(
                 send_spread([node.url], SECRET, bodies, clients=8, sent=sent, pace=0.01)
             )
             await wait_until(_at_least(lambda: len(sent.acked), 100), 30, "100 acknowledged")
-            proxy.cut()
+            proxy.cut() if fault == "cut" else proxy.freeze()
             answered = len(sent.statuses)
 
             async def refused() -> bool:

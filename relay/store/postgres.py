@@ -100,14 +100,21 @@ class PostgresStore(PostgresReads):
         if self._pool is not None:
             return
         self._closing = False
+        if self._settings.auto_migrate:  # on a connection of its own: no statement timeout
+            try:
+                await self.migrate()
+            except (OSError, asyncpg.PostgresConnectionError) as exc:
+                raise StoreUnavailable(f"the store cannot be reached: {exc}") from exc
         try:
             self._pool = await asyncpg.create_pool(
-                self._settings.url, min_size=1, max_size=self._pool_size
+                self._settings.url,
+                min_size=1,
+                max_size=self._pool_size,
+                timeout=self._settings.timeout_seconds,
+                command_timeout=self._settings.timeout_seconds,
             )
         except (OSError, asyncpg.PostgresError) as exc:
             raise StoreUnavailable(f"the store cannot be reached: {exc}") from exc
-        if self._settings.auto_migrate:
-            await self.migrate()
         self._commits = GroupCommit(
             self._write_batch,
             self.list_changes,
@@ -147,18 +154,21 @@ class PostgresStore(PostgresReads):
         if time.monotonic() < self._writable_until:
             return
         try:
-            async with self._pool.acquire() as conn:
+            async with self._pool.acquire(timeout=self._settings.timeout_seconds) as conn:
                 if await conn.fetchval("SELECT pg_is_in_recovery()"):
                     raise StoreUnavailable("the database is read-only (a standby)")
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise StoreUnavailable(f"the store cannot write: {exc}") from exc
         self._writable_until = time.monotonic() + _PROBE_SECONDS
 
     async def check_derived_state(self) -> list[str]:
         from relay.store.postgres_check import check_derived_state
 
-        async with self._connected().acquire() as conn:
+        conn = await asyncpg.connect(self._settings.url)  # a replay has no statement timeout
+        try:
             return await check_derived_state(conn, self._decode)
+        finally:
+            await conn.close()
 
     # -- ingest ----------------------------------------------------------------------------
 

@@ -54,6 +54,7 @@ class PostgresDeliveryStore:
 
     def __init__(self, settings: StoreSettings, pool_size: int = POOL_SIZE) -> None:
         self._url = settings.url
+        self._timeout = settings.timeout_seconds
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
         self._alive: asyncpg.Connection | None = None
@@ -66,9 +67,15 @@ class PostgresDeliveryStore:
             return
         # Held while this instance runs: an instance that starts releases the leases of
         # instances whose connection (so whose lock) is gone, not only ended ones.
-        self._alive = await asyncpg.connect(self._url)
+        self._alive = await asyncpg.connect(self._url, timeout=self._timeout)
         self.owner = await queue.hold_liveness_lock(self._alive)
-        self._pool = await asyncpg.create_pool(self._url, min_size=1, max_size=self._pool_size)
+        self._pool = await asyncpg.create_pool(
+            self._url,
+            min_size=1,
+            max_size=self._pool_size,
+            timeout=self._timeout,
+            command_timeout=self._timeout,
+        )
 
     async def close(self) -> None:
         if self._pool is not None:
