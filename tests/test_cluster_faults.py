@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import httpx
 import orjson
 import pytest
@@ -19,6 +20,7 @@ from aiohttp import web
 from httpx_sse import aconnect_sse
 
 from relay.timefmt import format_time, utcnow
+from relay.webhooks.postgres_queue import LIVENESS_LOCK
 from tests.cluster_support import (
     CuttableProxy,
     Node,
@@ -270,6 +272,21 @@ async def test_redis_down_for_five_seconds_under_load(tmp_path: Path, pg_url: st
         redis.stop()
 
 
+async def liveness_locks(pg_url: str, count: int) -> bool:
+    """Whether `count` instances hold their liveness lock on the database."""
+    conn = await asyncpg.connect(pg_url)
+    try:
+        held = await conn.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND classid::bigint = $1 AND objsubid = 2"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            LIVENESS_LOCK,
+        )
+    finally:
+        await conn.close()
+    return bool(held == count)
+
+
 @pytest.mark.parametrize("fault", ["cut", "freeze"])
 async def test_postgresql_cut_off_answers_503_and_recovers(
     tmp_path: Path, pg_url: str, redis_namespace: tuple[str, str], fault: str
@@ -319,6 +336,9 @@ async def test_postgresql_cut_off_answers_503_and_recovers(
                     return resp.status == 200
 
             await wait_until(ready, 30, "ready again")
+            # The instance holds its liveness lock again (or another that starts would
+            # take its deliveries over while it attempts them).
+            await wait_until(lambda: liveness_locks(pg_url, 1), 30, "liveness lock retaken")
             await asyncio.wait_for(load, 90)
             assert len(sent.acked) > acked_while_cut, "no ingest after PostgreSQL came back"
             assert set(sent.statuses) <= {200, 202, 503}
