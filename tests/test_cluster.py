@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import orjson
 from httpx_sse import aconnect_sse
@@ -32,6 +35,7 @@ from tests.cluster_support import (
 )
 from tests.conftest import SECRET, Relay, RelayFactory
 from tests.receivers import Receiver, receiver
+from tests.redis_server import free_port
 
 EVENTS = 2000
 CLIENTS = 32
@@ -216,3 +220,63 @@ def test_instances_starting_together_make_one_set_of_generated_files(tmp_path: P
         secret, probe = out.decode().split()
         assert secret == stored["casedev"]
         assert box.decrypt(bytes.fromhex(probe), "row") == "probe"
+
+
+def two_free_ports() -> int:
+    """A port that is free, and the next one too."""
+    for _ in range(50):
+        port = free_port()
+        with contextlib.suppress(OSError), socket.socket() as sock:
+            sock.bind(("127.0.0.1", port + 1))
+            return port
+    raise AssertionError("no two consecutive free ports")
+
+
+async def run_script(script: str, env: dict[str, str], *args: str) -> Any:
+    return await asyncio.to_thread(
+        subprocess.run, [script, *args], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def running_pid(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+async def test_the_cluster_script_starts_instances_that_share_secrets_and_key(
+    tmp_path: Path, pg_url: str, redis_namespace: tuple[str, str]
+) -> None:
+    """`scripts/cluster start 2` creates the database, migrates it and starts two
+    instances that take the same admin key and signed events; `stop` ends them."""
+    hub_url, prefix = redis_namespace
+    new_database = pg_url + "_script"  # not there yet: the script creates it
+    config = cluster_config(tmp_path, new_database, hub_url, prefix, secret=None)
+    port = two_free_ports()
+    env = {**os.environ, "CONFIG": str(config), "PORT": str(port), "WORKDIR": str(tmp_path)}
+    env["PYTHON"] = sys.executable
+    script = str(Path(__file__).parent.parent / "scripts" / "cluster")
+    try:
+        started = await run_script(script, env, "start", "2")
+        assert started.returncode == 0, started.stdout + started.stderr
+        out = started.stdout
+        assert f"created database {new_database.rpartition('/')[2]}" in out
+        urls = [f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port + 1}"]
+        assert all(url in out for url in urls)
+        assert "scripts/cluster stop" in out
+        key = next(w for w in out.split() if w.startswith("rk_"))
+        secret = next(w for w in out.split() if w.startswith("whsec_"))
+        event = lifecycle_events(1, seed=3)[0]
+        sent = await send_spread(urls[1:], secret, [orjson.dumps(event)], clients=1)
+        assert sent.statuses == [202]
+        for url in urls:  # the key made by the first instance works on the second
+            assert [e["id"] for e in await paged(url, key, "/v1/events")] == [event["id"]]
+    finally:
+        stopped = await run_script(script, env, "stop")
+        admin = await asyncpg.connect(pg_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{new_database.rpartition("/")[2]}"')
+        finally:
+            await admin.close()
+    assert stopped.stdout.count("stopped relay-") == 2
+    pids = [int(w) for w in stopped.stdout.replace(")", " ").split() if w.isdigit()]
+    assert pids
+    assert not any(map(running_pid, pids))
