@@ -21,6 +21,9 @@ import httpx
 import orjson
 from httpx_sse import aconnect_sse
 
+from relay.auth import bootstrap_key
+from relay.config import StoreSettings
+from relay.store import open_store
 from relay.webhooks.secrets import SecretBox
 from tests.cluster_support import (
     Node,
@@ -183,6 +186,9 @@ import sys, time
 from relay.config import load_settings
 from relay.source_secrets import provision
 from relay.store import data_directory
+from relay.auth import bootstrap_key
+from relay.config import StoreSettings
+from relay.store import open_store
 from relay.webhooks.secrets import SecretBox
 
 settings = load_settings(sys.argv[1])
@@ -280,3 +286,19 @@ async def test_the_cluster_script_starts_instances_that_share_secrets_and_key(
     pids = [int(w) for w in stopped.stdout.replace(")", " ").split() if w.isdigit()]
     assert pids
     assert not any(map(running_pid, pids))
+
+
+async def test_instances_starting_together_make_one_admin_key(pg_url: str) -> None:
+    """Of three relays that start together on a fresh database, one makes the bootstrap
+    admin key (and shows it); the others find it made."""
+    stores = [open_store(StoreSettings(url=pg_url)) for _ in range(3)]
+    for store in stores:
+        await store.open()
+    try:
+        made = await asyncio.gather(*(bootstrap_key(store) for store in stores))
+        keys = await stores[0].list_api_keys()
+    finally:
+        for store in stores:
+            await store.close()
+    assert len([key for key in made if key is not None]) == 1
+    assert len(keys) == 1

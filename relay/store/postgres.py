@@ -71,6 +71,7 @@ _CACHE_SESSIONS = 10_000
 _RETRIES = 5  # a batch whose events another instance stored meanwhile is run again
 _PROBE_SECONDS = 1.0
 _ALERTS_PER_RUN = 500
+_FIRST_KEY_LOCK = 0x72656C62  # held while an instance adds the first API key
 
 
 class _StoredElsewhere(Exception):
@@ -293,6 +294,24 @@ class PostgresStore(PostgresReads):
             " ".join(key.scopes),
             key.created_at,
         )
+
+    async def add_first_api_key(self, key: ApiKey, key_hash: str) -> bool:
+        """Under a transaction lock, so that instances starting together add one key."""
+        try:
+            async with self._connected().acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _FIRST_KEY_LOCK)
+                status: str = await conn.execute(
+                    "INSERT INTO api_keys (id, name, key_hash, scopes, created_at)"
+                    " SELECT $1, $2, $3, $4, $5 WHERE NOT EXISTS (SELECT 1 FROM api_keys)",
+                    key.id,
+                    key.name,
+                    key_hash,
+                    " ".join(key.scopes),
+                    key.created_at,
+                )
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+            raise StoreUnavailable(f"the store cannot write: {exc}") from exc
+        return status != "INSERT 0 0"
 
     async def revoke_api_key(self, key_id: str, revoked_at: str) -> bool:
         status = await self._execute(
