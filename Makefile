@@ -3,7 +3,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= config/relay.toml
 
-.PHONY: run test soak lint typecheck install dev clean bench-ingest bench-longpoll bench-sse bench-sse-idle bench-webhooks bench-scale bench-tap
+.PHONY: run test soak lint typecheck install dev clean bench-ingest bench-longpoll bench-sse bench-sse-idle bench-webhooks bench-scale bench-tap bench-cluster cluster cluster-stop
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,17 @@ bench-scale: dev
 
 bench-tap: dev
 	$(BIN)/python -m bench.tap
+
+N ?= 3
+
+cluster: install
+	scripts/cluster start $(N)
+
+cluster-stop:
+	scripts/cluster stop
+
+bench-cluster: dev
+	$(BIN)/python -m bench.cluster
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

@@ -33,7 +33,7 @@ def hash_key(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-async def create_key(store: Store, name: str, scopes: tuple[str, ...]) -> NewKey:
+def new_key(name: str, scopes: tuple[str, ...]) -> NewKey:
     unknown = set(scopes) - set(SCOPES)
     if unknown or not scopes:
         raise ValueError(f"scopes must be chosen from {', '.join(SCOPES)}")
@@ -44,15 +44,22 @@ async def create_key(store: Store, name: str, scopes: tuple[str, ...]) -> NewKey
         scopes=tuple(sorted(set(scopes))),
         created_at=format_time(utcnow()),
     )
-    await store.add_api_key(key, hash_key(secret))
     return NewKey(key, secret)
 
 
+async def create_key(store: Store, name: str, scopes: tuple[str, ...]) -> NewKey:
+    made = new_key(name, scopes)
+    await store.add_api_key(made.key, hash_key(made.secret))
+    return made
+
+
 async def bootstrap_key(store: Store) -> NewKey | None:
-    """Create an admin key when the store has none at all (first start)."""
+    """Create an admin key when the store has none at all (first start); of relays that
+    start together on one store, one creates it."""
     if await store.list_api_keys():
         return None
-    return await create_key(store, "bootstrap admin", SCOPES)
+    made = new_key("bootstrap admin", SCOPES)
+    return made if await store.add_first_api_key(made.key, hash_key(made.secret)) else None
 
 
 def presented_key(request: web.Request, query_token: bool = False) -> str | None:

@@ -70,6 +70,9 @@ class StoreSettings(_Section):
     writer: Literal["process", "thread"] = "process"
     # With the writer process, how often the relay copies the WAL into the database file.
     checkpoint_interval_seconds: float = Field(0.2, gt=0)
+    # A store on a server (PostgreSQL): a connection attempt or a statement that takes
+    # longer fails, so that a server cut off by a silent network answers 503, not never.
+    timeout_seconds: float = Field(10.0, gt=0)
 
     @field_validator("url")
     @classmethod
@@ -191,6 +194,10 @@ class DeliverySettings(_Section):
     disable_after_seconds: float = Field(5 * 86400, gt=0)  # continuous failure disables
     rotation_overlap_seconds: float = Field(86400, ge=0)  # the old secret signs this long
     poll_interval_seconds: float = Field(1.0, gt=0)  # safety net besides the hub's wake-ups
+    # A claimed delivery is leased to its instance for timeout_seconds plus this; another
+    # instance takes over a dead one's deliveries once their lease ends. It must exceed
+    # the instances' clock differences and the time to write a result.
+    lease_margin_seconds: float = Field(60.0, gt=0)
     shutdown_grace_seconds: float = Field(2.0, ge=0)  # in-flight attempts may finish
     # The dashboard's public address: Slack and PagerDuty messages link to the session.
     dashboard_url: str | None = None

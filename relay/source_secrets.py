@@ -8,9 +8,12 @@ use the same one. A platform's real secret is configured instead, as `env:VAR`.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import secrets
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -95,12 +98,26 @@ def provision(settings: Settings) -> tuple[Settings, dict[str, str]]:
     if not missing:
         return settings, {}
     path = secrets_path(settings)
-    stored = read_secrets(path)
-    generated = {s.id: new_secret(s.verify) for s in missing if s.id not in stored}
-    if generated:
-        stored = {**stored, **generated}
-        _write_secrets(path, stored)
+    with _exclusive(path):
+        stored = read_secrets(path)
+        generated = {s.id: new_secret(s.verify) for s in missing if s.id not in stored}
+        if generated:
+            stored = {**stored, **generated}
+            _write_secrets(path, stored)
     return with_secrets(settings, stored), generated
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Held while the secrets file is read and completed: relays that start together on
+    one data directory (cluster mode) generate each source's secret once, and share it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_suffix(".lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def stored_settings(settings: Settings) -> Settings:

@@ -126,6 +126,10 @@ class Store(Protocol):
 
     async def add_api_key(self, key: ApiKey, key_hash: str) -> None: ...
 
+    async def add_first_api_key(self, key: ApiKey, key_hash: str) -> bool:
+        """Add the key only if the store has none at all; whether it was added (of
+        relays starting together on one store, one adds its key)."""
+
     async def list_api_keys(self) -> list[ApiKey]: ...
 
     async def revoke_api_key(self, key_id: str, revoked_at: str) -> bool: ...

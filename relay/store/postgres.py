@@ -75,6 +75,7 @@ _CACHE_SESSIONS = 10_000
 _RETRIES = 5  # a batch whose events another instance stored meanwhile is run again
 _PROBE_SECONDS = 1.0
 _ALERTS_PER_RUN = 500
+_FIRST_KEY_LOCK = 0x72656C62  # held while an instance adds the first API key
 
 
 class _StoredElsewhere(Exception):
@@ -108,14 +109,21 @@ class PostgresStore(PostgresFollows):
         if self._pool is not None:
             return
         self._closing = False
+        if self._settings.auto_migrate:  # on a connection of its own: no statement timeout
+            try:
+                await self.migrate()
+            except (OSError, asyncpg.PostgresConnectionError) as exc:
+                raise StoreUnavailable(f"the store cannot be reached: {exc}") from exc
         try:
             self._pool = await asyncpg.create_pool(
-                self._settings.url, min_size=1, max_size=self._pool_size
+                self._settings.url,
+                min_size=1,
+                max_size=self._pool_size,
+                timeout=self._settings.timeout_seconds,
+                command_timeout=self._settings.timeout_seconds,
             )
         except (OSError, asyncpg.PostgresError) as exc:
             raise StoreUnavailable(f"the store cannot be reached: {exc}") from exc
-        if self._settings.auto_migrate:
-            await self.migrate()
         self._commits = GroupCommit(
             self._write_batch,
             self.list_changes,
@@ -182,18 +190,21 @@ class PostgresStore(PostgresFollows):
         if time.monotonic() < self._writable_until:
             return
         try:
-            async with self._pool.acquire() as conn:
+            async with self._pool.acquire(timeout=self._settings.timeout_seconds) as conn:
                 if await conn.fetchval("SELECT pg_is_in_recovery()"):
                     raise StoreUnavailable("the database is read-only (a standby)")
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise StoreUnavailable(f"the store cannot write: {exc}") from exc
         self._writable_until = time.monotonic() + _PROBE_SECONDS
 
     async def check_derived_state(self) -> list[str]:
         from relay.store.postgres_check import check_derived_state
 
-        async with self._connected().acquire() as conn:
+        conn = await asyncpg.connect(self._settings.url)  # a replay has no statement timeout
+        try:
             return await check_derived_state(conn, self._decode)
+        finally:
+            await conn.close()
 
     # -- ingest ----------------------------------------------------------------------------
 
@@ -318,6 +329,24 @@ class PostgresStore(PostgresFollows):
             " ".join(key.scopes),
             key.created_at,
         )
+
+    async def add_first_api_key(self, key: ApiKey, key_hash: str) -> bool:
+        """Under a transaction lock, so that instances starting together add one key."""
+        try:
+            async with self._connected().acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _FIRST_KEY_LOCK)
+                status: str = await conn.execute(
+                    "INSERT INTO api_keys (id, name, key_hash, scopes, created_at)"
+                    " SELECT $1, $2, $3, $4, $5 WHERE NOT EXISTS (SELECT 1 FROM api_keys)",
+                    key.id,
+                    key.name,
+                    key_hash,
+                    " ".join(key.scopes),
+                    key.created_at,
+                )
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+            raise StoreUnavailable(f"the store cannot write: {exc}") from exc
+        return status != "INSERT 0 0"
 
     async def revoke_api_key(self, key_id: str, revoked_at: str) -> bool:
         status = await self._execute(

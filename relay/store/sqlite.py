@@ -399,6 +399,14 @@ class SQLiteStore:
             (key.id, key.name, key_hash, " ".join(key.scopes), key.created_at),
         )
 
+    async def add_first_api_key(self, key: ApiKey, key_hash: str) -> bool:
+        added = await self._write(
+            "INSERT INTO api_keys (id, name, key_hash, scopes, created_at)"
+            " SELECT ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM api_keys)",
+            (key.id, key.name, key_hash, " ".join(key.scopes), key.created_at),
+        )
+        return added > 0
+
     async def list_api_keys(self) -> list[ApiKey]:
         rows = await self._read(
             "SELECT id, name, scopes, created_at, revoked_at FROM api_keys ORDER BY created_at",

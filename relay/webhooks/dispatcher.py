@@ -52,7 +52,7 @@ log = structlog.get_logger("relay.webhooks")
 RESPONSE_PREFIX = 1024
 ENQUEUE_BATCH = 2000
 RECORD_BATCH = 2000
-LEASE_MARGIN_SECONDS = 60.0
+LEASE_MARGIN_SECONDS: float = DeliverySettings.model_fields["lease_margin_seconds"].default
 _STATUS = {
     Outcome.DELIVERED: DeliveryStatus.DELIVERED,
     Outcome.RETRY: DeliveryStatus.RETRYING,
@@ -295,7 +295,7 @@ class Dispatcher:
                 requests.append(ClaimRequest(sid, free, ordered))
         if not requests:
             return
-        lease = self._settings.timeout_seconds + LEASE_MARGIN_SECONDS
+        lease = self._settings.timeout_seconds + self._settings.lease_margin_seconds
         try:
             claimed, next_due = await self._store.claim(requests, self._clock, lease)
         except Exception:

@@ -359,3 +359,12 @@ async def hold_liveness_lock(conn: asyncpg.Connection) -> str:
         key = secrets.randbelow(2**31)
         if await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", LIVENESS_LOCK, key):
             return str(key)
+
+
+async def retake_liveness_lock(conn: asyncpg.Connection, owner: str) -> bool:
+    """Take this instance's liveness lock again, on a new connection (the one that held
+    it was lost); false if another session holds it."""
+    taken: bool = await conn.fetchval(
+        "SELECT pg_try_advisory_lock($1, $2)", LIVENESS_LOCK, int(owner)
+    )
+    return taken

@@ -8,11 +8,14 @@ copy of a subscription. The schema is `relay/store/postgres_migrations/0003_*` a
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import asyncpg
 import orjson
+import structlog
 
 from relay.config import StoreSettings
 from relay.timefmt import format_time, parse_time
@@ -47,6 +50,8 @@ _DELIVERY_COLUMNS = (
 )
 _RECOVER_PAGE = 1000
 POOL_SIZE = 4
+LIVENESS_CHECK_SECONDS = 1.0
+log = structlog.get_logger("relay.webhooks")
 
 
 class PostgresDeliveryStore:
@@ -54,9 +59,11 @@ class PostgresDeliveryStore:
 
     def __init__(self, settings: StoreSettings, pool_size: int = POOL_SIZE) -> None:
         self._url = settings.url
+        self._timeout = settings.timeout_seconds
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
         self._alive: asyncpg.Connection | None = None
+        self._keeper: asyncio.Task[None] | None = None
         # Names this instance's leases: a late result of a lease that ended and was
         # taken over elsewhere is logged, but does not move the new claim on.
         self.owner = ""
@@ -66,11 +73,46 @@ class PostgresDeliveryStore:
             return
         # Held while this instance runs: an instance that starts releases the leases of
         # instances whose connection (so whose lock) is gone, not only ended ones.
-        self._alive = await asyncpg.connect(self._url)
+        self._alive = await asyncpg.connect(self._url, timeout=self._timeout)
         self.owner = await queue.hold_liveness_lock(self._alive)
-        self._pool = await asyncpg.create_pool(self._url, min_size=1, max_size=self._pool_size)
+        self._pool = await asyncpg.create_pool(
+            self._url,
+            min_size=1,
+            max_size=self._pool_size,
+            timeout=self._timeout,
+            command_timeout=self._timeout,
+        )
+        self._keeper = asyncio.create_task(self._keep_alive(), name="relay-liveness-lock")
+
+    async def _keep_alive(self) -> None:
+        """While this instance runs, its liveness lock is held: when the connection that
+        holds it is lost (PostgreSQL restarted or cut off), the lock is taken again on a
+        new one, or another instance that starts would take this one's deliveries over."""
+        while True:
+            await asyncio.sleep(LIVENESS_CHECK_SECONDS)
+            if self._alive is not None and not self._alive.is_closed():
+                continue
+            try:
+                conn = await asyncpg.connect(self._url, timeout=self._timeout)
+            except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+                log.warning("webhooks.liveness_lock_lost", error=str(exc) or repr(exc))
+                continue
+            try:
+                retaken = await queue.retake_liveness_lock(conn, self.owner)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                retaken = False
+            if not retaken:
+                await conn.close()
+                continue
+            self._alive = conn
+            log.info("webhooks.liveness_lock_retaken", owner=self.owner)
 
     async def close(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
+            self._keeper = None
         if self._pool is not None:
             await self._pool.close()
             self._pool = None

@@ -47,9 +47,20 @@ class SecretBox:
             return cls(_decode_key(path.read_text().strip()))
         data_dir.mkdir(parents=True, exist_ok=True)
         key = secrets.token_bytes(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(base64.b64encode(key).decode() + "\n")
+        # Written whole under a name of its own, then linked into place: relays starting
+        # together on one data directory (cluster mode) all end up with the first key.
+        partial = data_dir / f".{KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.write(base64.b64encode(key).decode() + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+            os.link(partial, path)
+        except FileExistsError:
+            return cls(_decode_key(path.read_text().strip()))
+        finally:
+            partial.unlink(missing_ok=True)
         return cls(key)
 
     def encrypt(self, plaintext: str, bound_to: str) -> bytes:
