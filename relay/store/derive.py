@@ -24,6 +24,7 @@ import orjson
 
 from relay.changes import RAW_PREFIX, REBUILT_FROM_EVENT, StoredChange, one_line, raw_change_of
 from relay.events import Event
+from relay.packed_bodies import CHANGE, pack
 from relay.state import (
     SessionRecord,
     SessionState,
@@ -299,7 +300,7 @@ def number_changes(
     drafts: list[ChangeDraft], last_id: int
 ) -> tuple[list[StoredChange], list[tuple[Any, ...]]]:
     """Give the drafts ids after `last_id`; return them as published and as rows
-    (id, type, session id, turn id, event seq, stored body)."""
+    (id, type, session id, turn id, event seq, stored body: state changes packed)."""
     changes = []
     rows = []
     for draft in drafts:
@@ -308,7 +309,8 @@ def number_changes(
             body = raw_change_of(last_id, draft.event, draft.payload)
             stored = REBUILT_FROM_EVENT if draft.rebuilt else body
         else:
-            body = stored = orjson.dumps({"id": last_id, **(draft.body or {})})
+            body = orjson.dumps({"id": last_id, **(draft.body or {})})
+            stored = pack(body, CHANGE)
         changes.append(StoredChange(last_id, draft.type, draft.session_id, draft.turn_id, body))
         rows.append((last_id, draft.type, draft.session_id, draft.turn_id, draft.event_seq, stored))
     return changes, rows
