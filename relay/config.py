@@ -69,6 +69,9 @@ class StoreSettings(_Section):
     writer: Literal["process", "thread"] = "process"
     # With the writer process, how often the relay copies the WAL into the database file.
     checkpoint_interval_seconds: float = Field(0.2, gt=0)
+    # The memory the writer's cache of session facts may take, in bytes (estimated from
+    # each session's turn count); the least recently used sessions leave it past that.
+    cache_bytes: int = Field(64 * 1024 * 1024, ge=0)
 
     @field_validator("url")
     @classmethod

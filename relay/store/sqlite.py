@@ -158,6 +158,7 @@ class SQLiteStore:
                     self._decode,
                     self._alerts.turn_stall_seconds,
                     self._alerts.ready_timeout_seconds,
+                    self._settings.cache_bytes,
                 ),
                 self._on_connection,
             )
