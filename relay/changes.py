@@ -166,7 +166,7 @@ def stored_body(change_id: int, body: bytes, event: tuple[Any, ...]) -> bytes:
     (all None unless the body is REBUILT_FROM_EVENT): packed bodies are unpacked, and
     bodies stored whole (JSON) are served as they are."""
     if body != REBUILT_FROM_EVENT or event[0] is None:
-        return unpack(body)
+        return unpack(body) if body else body  # None: a delivery whose change is gone
     return raw_change_body(change_id, *event)
 
 
