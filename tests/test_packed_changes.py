@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -10,9 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.changes import RAW_PREFIX, StoredChange
+from relay.config import StoreSettings
 from relay.packed_bodies import CHANGE, FACTS, pack, unpack
 from relay.state import SessionRecord, apply
-from relay.store import Store
+from relay.store import Store, open_store
 from relay.timefmt import format_unix
 from tests.test_store_contract import Backend, backend, lifecycle, rec, store
 
@@ -110,3 +113,28 @@ def test_packing_round_trips(value: Any, repeat: int) -> None:
     for kind in (CHANGE, FACTS):
         assert unpack(pack(data, kind)) == data
     assert unpack(data) == data
+
+
+async def test_sqlite_snapshots_are_stored_packed_and_served_whole(tmp_path: Path) -> None:
+    """SQLite keeps session and turn snapshots packed and serves the JSON a rebuild gives."""
+    url = f"sqlite:///{tmp_path}/relay.db"
+    opened = open_store(StoreSettings(url=url), {"src": "casedev"})
+    await opened.open()
+    try:
+        raws = lifecycle("chat_s", 3)
+        await opened.ingest_many([rec(raw) for raw in raws])
+        _, record = expected_bodies(raws)
+        row = await opened.get_session("chat_s")
+        assert row is not None
+        assert row.snapshot == orjson.dumps(record.session.to_dict())
+        turns = [snapshot for _, snapshot in await opened.list_turns("chat_s", 0, 10)]
+        assert sorted(turns) == sorted(orjson.dumps(t.to_dict()) for t in record.turns.values())
+        with sqlite3.connect(tmp_path / "relay.db") as conn:
+            stored = [s for (s,) in conn.execute("SELECT snapshot FROM turns")]
+            assert all(s[:1] == CHANGE for s in stored)
+            conn.execute("UPDATE sessions SET snapshot = ? WHERE session_id = 'chat_s'", (b"{}",))
+        row = await opened.get_session("chat_s")
+        assert row is not None
+        assert row.snapshot == b"{}"  # written before snapshots were packed: served as is
+    finally:
+        await opened.close()

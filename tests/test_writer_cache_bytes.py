@@ -9,6 +9,7 @@ import orjson
 
 from relay.config import StoreSettings
 from relay.normalize import decoder
+from relay.packed_bodies import unpack
 from relay.store import open_store
 from relay.store.derive import SessionEntry, Thresholds, entry_of
 from relay.store.entry_cache import SESSION_BYTES, TURN_BYTES, EntryCache, entry_bytes
@@ -67,5 +68,5 @@ async def test_a_writer_keeps_its_cache_within_its_budget(tmp_path: Path) -> Non
     (snapshot,) = conn.execute(
         "SELECT snapshot FROM sessions WHERE session_id = 'chat_long'"
     ).fetchone()
-    assert orjson.loads(snapshot)["counts"]["turns"] == 41
+    assert orjson.loads(unpack(snapshot))["counts"]["turns"] == 41
     conn.close()

@@ -36,6 +36,7 @@ from relay.changes import (
 from relay.config import AlertSettings, RetentionSettings, StoreSettings
 from relay.logs import RepeatedWarnings
 from relay.normalize import decoder
+from relay.packed_bodies import unpack
 from relay.store import (
     ApiKey,
     IngestRecord,
@@ -332,7 +333,10 @@ class SQLiteStore:
             "SELECT session_id, version, snapshot, activity_seq FROM sessions WHERE session_id = ?",
             (session_id,),
         )
-        return SessionRow(*rows[0]) if rows else None
+        if not rows:
+            return None
+        sid, version, snapshot, act = rows[0]
+        return SessionRow(sid, version, unpack(snapshot), act)
 
     async def list_sessions(self, query: SessionQuery) -> list[SessionRow]:
         after_act, after_id = query.after or (-1, "")
@@ -349,7 +353,9 @@ class SQLiteStore:
                 "limit": query.limit,
             },
         )
-        return [SessionRow(sid, version, snapshot, act) for sid, version, snapshot, act in rows]
+        return [
+            SessionRow(sid, version, unpack(snapshot), act) for sid, version, snapshot, act in rows
+        ]
 
     async def list_turns(self, session_id: str, after: int, limit: int) -> list[tuple[int, bytes]]:
         rows = await self._read(
@@ -357,7 +363,7 @@ class SQLiteStore:
             " ORDER BY rowid LIMIT ?",
             (session_id, after, limit),
         )
-        return [(rowid, snapshot) for rowid, snapshot in rows]
+        return [(rowid, unpack(snapshot)) for rowid, snapshot in rows]
 
     async def list_session_events(
         self, session_id: str, after: int, limit: int

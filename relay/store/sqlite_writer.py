@@ -23,6 +23,7 @@ from typing import Any
 
 from relay.changes import Commit
 from relay.events import Event
+from relay.packed_bodies import CHANGE, pack
 from relay.state import affects_state, derive_session
 from relay.store import IngestRecord, IngestResult
 from relay.store.derive import (
@@ -133,7 +134,7 @@ class BatchWriter:
             "INSERT INTO sessions"
             " (session_id, version, readiness, turn_status, activity_seq, snapshot) VALUES ",
             6,
-            derived.sessions,
+            [(*row[:5], pack(row[5], CHANGE)) for row in derived.sessions],
             " ON CONFLICT (session_id) DO UPDATE SET version = excluded.version,"
             " readiness = excluded.readiness, turn_status = excluded.turn_status,"
             " activity_seq = excluded.activity_seq, snapshot = excluded.snapshot",
@@ -142,7 +143,7 @@ class BatchWriter:
             conn,
             "INSERT INTO turns (session_id, turn_id, status, version, snapshot, facts) VALUES ",
             6,
-            derived.turns,
+            [(*row[:4], pack(row[4], CHANGE), row[5]) for row in derived.turns],
             " ON CONFLICT (session_id, turn_id) DO UPDATE SET status = excluded.status,"
             " version = excluded.version, snapshot = excluded.snapshot, facts = excluded.facts",
         )
