@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import zlib
 
-CHANGE = b"\x01"  # a change's body
+CHANGE = b"\x01"  # a change's body, or a session's or a turn's snapshot (SQLite)
 FACTS = b"\x02"  # a session's or a turn's facts
 
 _CHANGE_DICTIONARY = (
