@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 
 from relay.events import Event
+from relay.packed_bodies import unpack
 from relay.timefmt import format_time
 
 RAW_PREFIX = "raw."
@@ -162,9 +163,10 @@ def raw_change_of(change_id: int, event: Event, payload: bytes) -> bytes:
 
 def stored_body(change_id: int, body: bytes, event: tuple[Any, ...]) -> bytes:
     """A change's body as read from the log, `event` being its row's RAW_EVENT_COLUMNS
-    (all None unless the body is REBUILT_FROM_EVENT)."""
+    (all None unless the body is REBUILT_FROM_EVENT): packed bodies are unpacked, and
+    bodies stored whole (JSON) are served as they are."""
     if body != REBUILT_FROM_EVENT or event[0] is None:
-        return body
+        return unpack(body) if body else body  # None: a delivery whose change is gone
     return raw_change_body(change_id, *event)
 
 

@@ -73,6 +73,9 @@ class StoreSettings(_Section):
     # A store on a server (PostgreSQL): a connection attempt or a statement that takes
     # longer fails, so that a server cut off by a silent network answers 503, not never.
     timeout_seconds: float = Field(10.0, gt=0)
+    # The memory the writer's cache of session facts may take, in bytes (estimated from
+    # each session's turn count); the least recently used sessions leave it past that.
+    cache_bytes: int = Field(64 * 1024 * 1024, ge=0)
 
     @field_validator("url")
     @classmethod

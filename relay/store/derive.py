@@ -24,11 +24,14 @@ import orjson
 
 from relay.changes import RAW_PREFIX, REBUILT_FROM_EVENT, StoredChange, one_line, raw_change_of
 from relay.events import Event
+from relay.packed_bodies import CHANGE, pack
 from relay.state import (
+    Deadline,
     SessionRecord,
     SessionState,
     TurnState,
     affects_state,
+    alert_deadline_changes,
     alert_deadlines,
     apply,
 )
@@ -65,22 +68,27 @@ def entry_of(
 ) -> SessionEntry:
     """The entry of stored facts: its alert rows are what its state calls for, unfired."""
     fired = frozenset(fired)
-    wanted = () if record is None else wanted_alerts(record, thresholds)
-    return SessionEntry(record, stamp, fired, frozenset(k for k in wanted if k not in fired))
+    wanted = set() if record is None else wanted_alerts(record, thresholds)
+    return SessionEntry(record, stamp, fired, frozenset(wanted - fired))
 
 
-def wanted_alerts(record: SessionRecord, thresholds: Thresholds) -> dict[AlertKey, float]:
-    """The alerts the record's state calls for, each with its threshold in seconds."""
+def wanted_alerts(record: SessionRecord, thresholds: Thresholds) -> set[AlertKey]:
+    """The alerts the record's state calls for (as many as it has running turns)."""
     return {
-        (str(d.type), d.turn_id or ""): (
-            thresholds.turn_stall_seconds
-            if d.turn_id is not None
-            else thresholds.ready_timeout_seconds
-        )
+        _alert_key(d)
         for d in alert_deadlines(
             record, thresholds.turn_stall_seconds, thresholds.ready_timeout_seconds
         )
     }
+
+
+def _alert_key(deadline: Deadline) -> AlertKey:
+    return (str(deadline.type), deadline.turn_id or "")
+
+
+def _threshold(key: AlertKey, thresholds: Thresholds) -> float:
+    """An alert's threshold in seconds: a turn's stall, or the session's ready timeout."""
+    return thresholds.turn_stall_seconds if key[1] else thresholds.ready_timeout_seconds
 
 
 def encode_fired(fired: frozenset[AlertKey]) -> str:
@@ -160,6 +168,7 @@ def derive_batch(
     touched: dict[str, tuple[SessionEntry, SessionRecord]] = {}
     first_seen: dict[str, float] = {}
     turns: dict[tuple[str, str], None] = {}
+    moved: dict[str, set[str]] = {}  # per session, the turns of the events applied
     latest: dict[str, int] = {}  # newest new event per session, whatever its type
     snapshots = _Snapshots()
     changes = derived.changes
@@ -185,6 +194,8 @@ def derive_batch(
         touched[session_id] = (entry, new)
         first_seen.setdefault(session_id, record.received_at.timestamp())
         turn_id = event.turn_id
+        if turn_id is not None:
+            moved.setdefault(session_id, set()).add(turn_id)
         if turn_id is not None and turn_id in new.facts.turns:
             before = None if old is None else old.facts.turns.get(turn_id)
             if new.facts.turns[turn_id] is not before:
@@ -229,7 +240,13 @@ def derive_batch(
         )
     for session_id, (entry, new) in touched.items():
         derived.entries[session_id] = _next_entry(
-            derived, session_id, entry, new, first_seen[session_id], thresholds
+            derived,
+            session_id,
+            entry,
+            new,
+            moved.get(session_id, set()),
+            first_seen[session_id],
+            thresholds,
         )
     return derived
 
@@ -239,27 +256,53 @@ def _next_entry(
     session_id: str,
     entry: SessionEntry,
     record: SessionRecord,
+    turn_ids: set[str],
     seen: float,
     thresholds: Thresholds,
 ) -> SessionEntry:
     """Queue the session's facts row and alert rows; return its entry after the batch.
 
-    A new alert is due its threshold after the relay first saw its condition (in this
-    batch); an alert row that stays keeps its due time.
+    Only the alerts of the session and of `turn_ids` (the turns of the batch's events)
+    are looked at, however many turns are running. A new alert is due its threshold
+    after the relay first saw its condition (in this batch); an alert row that stays
+    keeps its due time.
     """
-    wanted = wanted_alerts(record, thresholds)
-    fired = entry.fired
-    if fired:
-        fired = frozenset(key for key in fired if key in wanted)
-    alerts = frozenset(wanted.keys() - fired if fired else wanted)
+    fired, alerts = _next_alerts(entry, record, turn_ids, thresholds)
     if alerts != entry.alerts:
         derived.alert_deletes += [(session_id, t, kind) for kind, t in entry.alerts - alerts]
         derived.alert_inserts += [
-            (session_id, t, kind, seen + wanted[(kind, t)]) for kind, t in alerts - entry.alerts
+            (session_id, t, kind, seen + _threshold((kind, t), thresholds))
+            for kind, t in alerts - entry.alerts
         ]
     stamp = entry.stamp + 1
     derived.facts.append((session_id, stamp, encode_session(record), encode_fired(fired)))
     return SessionEntry(record, stamp, fired, alerts)
+
+
+def _next_alerts(
+    entry: SessionEntry, record: SessionRecord, turn_ids: set[str], thresholds: Thresholds
+) -> tuple[frozenset[AlertKey], frozenset[AlertKey]]:
+    """The fired alerts whose condition still holds and the alert rows, after `record`.
+
+    The alerts wanted are those of the entry (its rows and fired ones) with the ones the
+    batch ended taken out and the ones it began put in. An entry rebuilt by a replay has
+    the rows it read, which need not be what its state calls for: all are looked at.
+    """
+    if not entry.complete or entry.record is None:
+        wanted = wanted_alerts(record, thresholds)
+        fired = frozenset(key for key in entry.fired if key in wanted)
+        return fired, frozenset(wanted - fired)
+    added, removed = alert_deadline_changes(
+        entry.record,
+        record,
+        turn_ids,
+        thresholds.turn_stall_seconds,
+        thresholds.ready_timeout_seconds,
+    )
+    began = {_alert_key(d) for d in added}
+    ended = {_alert_key(d) for d in removed} - began  # a moved due time is in both
+    fired = entry.fired - ended if ended and entry.fired else entry.fired
+    return fired, (entry.alerts - ended) | (began - fired)
 
 
 def plan_events(
@@ -299,7 +342,7 @@ def number_changes(
     drafts: list[ChangeDraft], last_id: int
 ) -> tuple[list[StoredChange], list[tuple[Any, ...]]]:
     """Give the drafts ids after `last_id`; return them as published and as rows
-    (id, type, session id, turn id, event seq, stored body)."""
+    (id, type, session id, turn id, event seq, stored body: state changes packed)."""
     changes = []
     rows = []
     for draft in drafts:
@@ -308,7 +351,8 @@ def number_changes(
             body = raw_change_of(last_id, draft.event, draft.payload)
             stored = REBUILT_FROM_EVENT if draft.rebuilt else body
         else:
-            body = stored = orjson.dumps({"id": last_id, **(draft.body or {})})
+            body = orjson.dumps({"id": last_id, **(draft.body or {})})
+            stored = pack(body, CHANGE)
         changes.append(StoredChange(last_id, draft.type, draft.session_id, draft.turn_id, body))
         rows.append((last_id, draft.type, draft.session_id, draft.turn_id, draft.event_seq, stored))
     return changes, rows

@@ -8,7 +8,8 @@ version of the state machine are read by the next (a field it adds is absent fro
 rows and takes its default). An event is an object of its set fields without its
 session id (the row says it), and within a turn without its turn id. An event a turn
 holds twice (its terminal event is most often its usage event too) is written the
-second time as the name of the first field that holds it.
+second time as the name of the first field that holds it. The JSON is stored packed
+(`relay.packed_bodies`); facts stored as plain JSON are read as well.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import orjson
 
 from relay.events import Event
+from relay.packed_bodies import FACTS, pack, unpack
 from relay.state import Facts, SessionRecord, TurnFacts
 
 _FORMAT = 1
@@ -72,27 +74,28 @@ def encode_session(record: SessionRecord) -> bytes:
     """The session's own facts (its turns' go into their rows: `encode_turn`)."""
     out: dict[str, Any] = {"format": _FORMAT, "version": record.session.version}
     _encode_fields(record.facts, _SESSION_KINDS, out, turn=True)
-    return orjson.dumps(out)
+    return pack(orjson.dumps(out), FACTS)
 
 
 def encode_turn(record: SessionRecord, turn_id: str) -> bytes:
     """One turn's facts and its snapshot's version."""
     out: dict[str, Any] = {"version": record.turns[turn_id].version}
     _encode_fields(record.facts.turns[turn_id], _TURN_KINDS, out, turn=False)
-    return orjson.dumps(out)
+    return pack(orjson.dumps(out), FACTS)
 
 
 def decode_record(
     session_id: str, facts: bytes, turns: Iterable[tuple[str, bytes]]
 ) -> SessionRecord:
-    """The record written by `encode_session` and `encode_turn` (turns in first-seen order)."""
-    data = orjson.loads(facts)
+    """The record written by `encode_session` and `encode_turn` (turns in first-seen order;
+    facts stored before they were packed, JSON, are read alike)."""
+    data = orjson.loads(unpack(facts))
     if data.get("format") != _FORMAT:
         raise ValueError(f"unknown session facts format {data.get('format')!r}")
     turn_facts: dict[str, TurnFacts] = {}
     versions: dict[str, int] = {}
     for turn_id, blob in turns:
-        turn = orjson.loads(blob)
+        turn = orjson.loads(unpack(blob))
         versions[turn_id] = turn["version"]
         turn_facts[turn_id] = TurnFacts(**_decode_fields(turn, _TURN_KINDS, session_id, turn_id))
     fields = _decode_fields(data, _SESSION_KINDS, session_id, None)

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from relay.changes import RAW_EVENT_COLUMNS, one_line, raw_change_of, stored_body
+from relay.packed_bodies import unpack
 from relay.state import ChangeType, Readiness, SessionRecord, apply
 from relay.store import EventDecoder
 from relay.store.facts import decode_record
@@ -100,11 +101,11 @@ def _compare_snapshots(
         got = sessions.pop(session_id, None)
         if got is None and pruned:
             continue  # retention took its state; its remaining events go next
-        if got is None or orjson.loads(got) != expected:
+        if got is None or orjson.loads(unpack(got)) != expected:
             problems.append(f"session {session_id}: stored state differs from a rebuild")
         for turn_id, turn in record.turns.items():
             got = turns.pop((session_id, turn_id), None)
-            if got is None or orjson.loads(got) != turn.to_dict():
+            if got is None or orjson.loads(unpack(got)) != turn.to_dict():
                 problems.append(f"turn {session_id}/{turn_id}: stored state differs")
     problems += _compare_facts(conn, records)
     problems += [f"session {sid} is stored but no event derives it" for sid in sessions]

@@ -36,6 +36,7 @@ from relay.changes import (
 from relay.config import AlertSettings, RetentionSettings, StoreSettings
 from relay.logs import RepeatedWarnings
 from relay.normalize import decoder
+from relay.packed_bodies import unpack
 from relay.store import (
     ACTIVE_FOLLOW_STATES,
     ApiKey,
@@ -160,6 +161,7 @@ class SQLiteStore:
                     self._decode,
                     self._alerts.turn_stall_seconds,
                     self._alerts.ready_timeout_seconds,
+                    self._settings.cache_bytes,
                 ),
                 self._on_connection,
             )
@@ -321,7 +323,10 @@ class SQLiteStore:
             "SELECT session_id, version, snapshot, activity_seq FROM sessions WHERE session_id = ?",
             (session_id,),
         )
-        return SessionRow(*rows[0]) if rows else None
+        if not rows:
+            return None
+        sid, version, snapshot, act = rows[0]
+        return SessionRow(sid, version, unpack(snapshot), act)
 
     async def list_sessions(self, query: SessionQuery) -> list[SessionRow]:
         after_act, after_id = query.after or (-1, "")
@@ -338,7 +343,9 @@ class SQLiteStore:
                 "limit": query.limit,
             },
         )
-        return [SessionRow(sid, version, snapshot, act) for sid, version, snapshot, act in rows]
+        return [
+            SessionRow(sid, version, unpack(snapshot), act) for sid, version, snapshot, act in rows
+        ]
 
     async def list_turns(self, session_id: str, after: int, limit: int) -> list[tuple[int, bytes]]:
         rows = await self._read(
@@ -346,7 +353,7 @@ class SQLiteStore:
             " ORDER BY rowid LIMIT ?",
             (session_id, after, limit),
         )
-        return [(rowid, snapshot) for rowid, snapshot in rows]
+        return [(rowid, unpack(snapshot)) for rowid, snapshot in rows]
 
     async def list_session_events(
         self, session_id: str, after: int, limit: int

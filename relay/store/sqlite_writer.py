@@ -7,15 +7,15 @@ nor a change without its event.
 
 What a batch derives is decided by `derive` (shared with the other backends); this
 module reads the sessions' facts and writes the rows. Session entries (the state
-machine's facts) live in an LRU cache on this thread; on a miss they are read from the
-session's stored facts (`session_facts` and its turns' rows), never by replaying its
-events, except once for a session stored before facts were (see migration 0009).
+machine's facts) live in an LRU cache on this thread, bounded in bytes (`entry_cache`);
+on a miss they are read from the session's stored facts (`session_facts` and its turns'
+rows), never by replaying its events, except once for a session stored before facts
+were (see migration 0009).
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from itertools import chain
@@ -23,6 +23,7 @@ from typing import Any
 
 from relay.changes import Commit
 from relay.events import Event
+from relay.packed_bodies import CHANGE, pack
 from relay.state import affects_state, derive_session
 from relay.store import IngestRecord, IngestResult
 from relay.store.derive import (
@@ -38,6 +39,7 @@ from relay.store.derive import (
     entry_of,
     number_changes,
 )
+from relay.store.entry_cache import EntryCache
 from relay.store.facts import decode_record
 from relay.store.retention import Pruned, prune_batch
 from relay.timefmt import format_unix, parse_time
@@ -54,7 +56,7 @@ _INSERT_EVENTS = (
 # batch is written in a handful of multi-row statements rather than one per row.
 _INSERT_CHANGES = "INSERT INTO changes (id, type, session_id, turn_id, event_seq, body) VALUES "
 _CHUNK = 400
-_CACHE_SESSIONS = 10_000
+DEFAULT_CACHE_BYTES = 64 * 1024 * 1024
 
 
 class BatchWriter:
@@ -64,13 +66,14 @@ class BatchWriter:
         decode: Decoder,
         turn_stall_seconds: float,
         ready_timeout_seconds: float,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
         self.conn = conn
         self.decode = decode
         self.thresholds = Thresholds(turn_stall_seconds, ready_timeout_seconds)
         self.last_seq: int | None = None
         self.last_change = 0
-        self.cache: OrderedDict[str, SessionEntry] = OrderedDict()
+        self.cache = EntryCache(cache_bytes)
         self.loaded: dict[str, SessionEntry] = {}  # the batch's sessions read from the store
         self.facts_from_seq: int | None = None  # sessions before may have no facts row
 
@@ -131,7 +134,7 @@ class BatchWriter:
             "INSERT INTO sessions"
             " (session_id, version, readiness, turn_status, activity_seq, snapshot) VALUES ",
             6,
-            derived.sessions,
+            [(*row[:5], pack(row[5], CHANGE)) for row in derived.sessions],
             " ON CONFLICT (session_id) DO UPDATE SET version = excluded.version,"
             " readiness = excluded.readiness, turn_status = excluded.turn_status,"
             " activity_seq = excluded.activity_seq, snapshot = excluded.snapshot",
@@ -140,7 +143,7 @@ class BatchWriter:
             conn,
             "INSERT INTO turns (session_id, turn_id, status, version, snapshot, facts) VALUES ",
             6,
-            derived.turns,
+            [(*row[:4], pack(row[4], CHANGE), row[5]) for row in derived.turns],
             " ON CONFLICT (session_id, turn_id) DO UPDATE SET status = excluded.status,"
             " version = excluded.version, snapshot = excluded.snapshot, facts = excluded.facts",
         )
@@ -246,7 +249,7 @@ class BatchWriter:
             self._abandon()
             raise
         for session_id in pruned.sessions:
-            self.cache.pop(session_id, None)
+            self.cache.pop(session_id)
         return pruned
 
     def probe(self) -> None:
@@ -266,7 +269,6 @@ class BatchWriter:
     def _entry(self, session_id: str) -> SessionEntry:
         entry = self.cache.get(session_id)
         if entry is not None:
-            self.cache.move_to_end(session_id)
             return entry
         entry = self.loaded.get(session_id)
         if entry is not None:
@@ -377,10 +379,7 @@ class BatchWriter:
 
     def _remember(self, entries: dict[str, SessionEntry]) -> None:
         for session_id, entry in entries.items():
-            self.cache[session_id] = entry
-            self.cache.move_to_end(session_id)
-        while len(self.cache) > _CACHE_SESSIONS:
-            self.cache.popitem(last=False)
+            self.cache.put(session_id, entry)
 
     def _abandon(self) -> None:
         """Roll back; the counters are read again (and the cache dropped) next time."""

@@ -68,6 +68,7 @@ class WriterProcess:
                 "path": str(path),
                 "synchronous": store.synchronous,
                 "busy_timeout_ms": store.busy_timeout_ms,
+                "cache_bytes": store.cache_bytes,
                 "turn_stall_seconds": alerts.turn_stall_seconds,
                 "ready_timeout_seconds": alerts.ready_timeout_seconds,
                 "providers": dict(providers),
@@ -204,6 +205,7 @@ def main(fd: int) -> None:
         decoder(providers),
         config["turn_stall_seconds"],
         config["ready_timeout_seconds"],
+        config["cache_bytes"],
     )
     normaliser = normaliser_lookup(providers)
     tune_gc()
