@@ -87,7 +87,7 @@ async def send_provider_demo(
         )
         return 2
     try:
-        requests = demo_requests(args.provider, args.sessions)
+        requests = demo_requests(args.provider, args.sessions, mapping=candidates[0].mapping)
     except ValueError as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return 2

@@ -20,21 +20,26 @@ MAPPING = json.loads((ROOT / "mapping" / "source.json").read_text())["mapping"]
 
 def mapping_toml(tmp_path: Path, **changes: object) -> Path:
     """A configuration with one `mapping` source: the fixture's table, with `changes`."""
-    mapping = {**MAPPING, **changes}
     lines = [
         f'[store]\nurl = "sqlite:///{tmp_path}/cli.db"\n',
         '[[sources]]\nid = "responses"\nprovider = "mapping"\nverify = "none"\n',
-        "[sources.mapping]",
+        *mapping_table({**MAPPING, **changes}),
     ]
+    path = tmp_path / "relay.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def mapping_table(mapping: dict[str, Any]) -> list[str]:
+    """The TOML lines of a `[sources.mapping]` table."""
+    lines = ["[sources.mapping]"]
     for key, value in mapping.items():
         if not isinstance(value, dict):
             lines.append(f"{key} = {json.dumps(value)}")
     for table in ("usage", "types"):
         lines.append(f"[sources.mapping.{table}]")
         lines += [f"{json.dumps(k)} = {json.dumps(v)}" for k, v in mapping[table].items()]
-    path = tmp_path / "relay.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return lines
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -94,11 +99,16 @@ def demo_toml(tmp_path: Path, provider: str) -> Path:
     if provider != "motus":
         verify = f'verify = "standard-webhooks"\nsecrets = ["{SECRET}"]'
     path = tmp_path / "demo.toml"
-    path.write_text(f'[[sources]]\nid = "{provider}"\nprovider = "{provider}"\n{verify}\n')
+    lines = [f'[[sources]]\nid = "{provider}"\nprovider = "{provider}"\n{verify}\n']
+    if provider == "mapping":
+        lines += mapping_table(MAPPING)
+    path.write_text("\n".join(lines) + "\n")
     return path
 
 
-@pytest.mark.parametrize("provider", ["casedev", "motus", "llamacloud", "scriberr", "casey"])
+@pytest.mark.parametrize(
+    "provider", ["casedev", "motus", "llamacloud", "scriberr", "casey", "mapping"]
+)
 async def test_send_demo_drives_each_provider(
     start_relay: RelayFactory, tmp_path: Path, provider: str
 ) -> None:
@@ -108,6 +118,8 @@ async def test_send_demo_drives_each_provider(
         table.update(verify="bearer", secrets=[BEARER_TOKEN])
     else:
         table.update(verify="standard-webhooks", secrets=[SECRET])
+    if provider == "mapping":
+        table["mapping"] = MAPPING
     relay = await start_relay(sources=[table])
     url = str(relay.client.make_url(""))
     process = await asyncio.create_subprocess_exec(

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import random
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from relay.providers.frames import NDJSON, SSE
+
+if TYPE_CHECKING:
+    from relay.providers.mapping import MappingSettings
 
 JSON = "application/json"
 
@@ -38,16 +42,27 @@ def sse(frames: list[dict[str, Any]], named: bool = False) -> bytes:
     return b"\n\n".join(out) + b"\n\n"
 
 
-def demo_requests(provider: str, sessions: int = 3, seed: int | None = None) -> list[DemoRequest]:
+def demo_requests(
+    provider: str,
+    sessions: int = 3,
+    seed: int | None = None,
+    mapping: MappingSettings | None = None,
+) -> list[DemoRequest]:
     """Requests for `sessions` sessions of two to four turns each; in every third session
-    the last turn fails, the others complete."""
+    the last turn fails, the others complete. A `mapping` demo follows `mapping`, the
+    source's table."""
     rng = random.Random(seed)
+    makers: dict[str, Callable[[random.Random, list[tuple[int, bool]]], Iterator[DemoRequest]]]
     makers = {
         "motus": _motus,
         "llamacloud": _llamacloud,
         "scriberr": _scriberr,
         "casey": _casey,
     }
+    if mapping is not None:
+        from relay.providers.demo_mapping import mapping_session
+
+        makers["mapping"] = functools.partial(mapping_session, mapping)
     if provider not in makers:
         raise ValueError(f"no stream demo for provider {provider!r}")
     out: list[DemoRequest] = []
