@@ -6,7 +6,8 @@ A fake Case.dev upstream (a process of its own) answers each `/respond` with a t
 time it was written. `--streams` clients read them at once, first directly, then through
 a `relay serve` whose source taps that upstream. Prints frames/s each way, the ratio
 tap / direct (target at least 0.8) and the latency per frame (written to read) at p50
-and p99 each way, with what the tap adds (target p99 at most 5 ms). `make bench-tap`
+and p99 each way, with what the tap adds (target p99 at most 5 ms), and the CPU time
+the relay used for the tapped streams (steadier than the rates on a busy machine). `make bench-tap`
 runs 200 streams of 500 frames; `--smoke` runs 4 of 50.
 """
 
@@ -124,9 +125,11 @@ def main() -> None:
             wait_for_port(up_port)
             wait_healthy(f"http://127.0.0.1:{port}")
             direct = asyncio.run(read_streams(f"http://127.0.0.1:{up_port}", args.streams))
+            cpu_before = cpu_seconds(relay.pid)
             tapped = asyncio.run(
                 read_streams(f"http://127.0.0.1:{port}/v1/tap/bench", args.streams)
             )
+            relay_cpu = cpu_seconds(relay.pid) - cpu_before
         finally:
             for proc in (relay, upstream):
                 proc.terminate()
@@ -138,6 +141,11 @@ def main() -> None:
             f"{name:<7} {run.frames:>8} frames {run.fps:>10.0f} frames/s"
             f"  latency p50 {run.pct(0.5):.2f} ms  p99 {run.pct(0.99):.2f} ms"
         )
+    if relay_cpu >= 0:
+        print(
+            f"relay cpu during the tap run {relay_cpu:.2f} s"
+            f" ({relay_cpu / max(tapped.frames, 1) * 1e6:.1f} us per frame)"
+        )
     print(f"ratio tap/direct {tapped.fps / direct.fps:.2f} (target >= 0.8)")
     print(
         f"added per frame: p50 {tapped.pct(0.5) - direct.pct(0.5):.2f} ms"
@@ -145,6 +153,17 @@ def main() -> None:
     )
     if direct.frames != expected or tapped.frames != expected:
         sys.exit(f"frames lost: expected {expected} each way")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user and system) a process has used so far; -1 where /proc is not."""
+    import os
+
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return -1.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_for_port(port: int, timeout: float = 30) -> None:
