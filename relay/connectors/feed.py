@@ -1,7 +1,8 @@
 """A tapped stream's frames on their way to the store, never holding the stream up.
 
-The tap offers each frame as it passes and goes on; a task of the stream's own takes
-what has queued up, a batch at a time, through the provider into the store. If the
+The tap offers each chunk's frames as they pass and goes on; a task of the stream's own
+takes what has queued up, a batch at a time (letting a batch gather for a moment),
+through the provider into the store. If the
 store cannot write or the queue is full, frames are dropped, counted and logged (at most
 twice a minute), and the caller's stream flows on.
 """
@@ -26,6 +27,7 @@ from relay.store import Store
 
 log = structlog.get_logger("relay.tap")
 
+_GATHER_SECONDS = 0.05  # how long the first frames of a batch wait for more, at most
 _Item = tuple[Sequence[RawFrame | Event], float]  # frames offered together, and when
 
 
@@ -72,6 +74,9 @@ class TapFeed:
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
+            if not self._closed and self._held_frames < self._ctx.batch_frames:
+                # Let a batch gather: fewer, larger transactions and provider reads.
+                await asyncio.sleep(_GATHER_SECONDS)
             self._wake.clear()
             while self._held:
                 await self._store(self._take(self._ctx.batch_frames))
