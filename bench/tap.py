@@ -4,11 +4,14 @@
 A fake Case.dev upstream (a process of its own) answers each `/respond` with a turn of
 `--frames` frames, written as fast as the connection takes them, each stamped with the
 time it was written. `--streams` clients read them at once, first directly, then through
-a `relay serve` whose source taps that upstream. Prints frames/s each way, the ratio
+a `relay serve` whose source taps that upstream (after one tapped stream that starts the
+store's writer, and once the relay is idle). Prints frames/s each way, the ratio
 tap / direct (target at least 0.8) and the latency per frame (written to read) at p50
 and p99 each way, with what the tap adds (target p99 at most 5 ms), and the CPU time
-the relay used for the tapped streams (steadier than the rates on a busy machine). `make bench-tap`
-runs 200 streams of 500 frames; `--smoke` runs 4 of 50.
+the relay used for the tapped streams (steadier than the rates on a busy machine).
+`make bench-tap` runs 200 streams of 500 frames; `--smoke` runs 4 of 50. `--rate`
+paces each stream (frames per second): unpaced, every process is saturated and the
+latencies are mostly time spent queued.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ def turn_frames(stream: int, frames: int) -> list[tuple[bytes, dict[str, object]
     return out
 
 
-def serve_upstream(port: int, frames: int) -> None:
+def serve_upstream(port: int, frames: int, rate: float) -> None:
     async def respond(request: web.Request) -> web.StreamResponse:
         stream = int(request.match_info["stream"])
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -62,6 +65,8 @@ def serve_upstream(port: int, frames: int) -> None:
         for kind, data in turn_frames(stream, frames):
             body = orjson.dumps({**data, "type": kind.decode(), "ts": time.time()})
             await response.write(b"event: " + kind + b"\ndata: " + body + b"\n\n")
+            if rate:
+                await asyncio.sleep(1 / rate)
         await response.write_eof()
         return response
 
@@ -95,11 +100,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--streams", type=int, default=200)
     parser.add_argument("--frames", type=int, default=500)
+    parser.add_argument("--rate", type=float, default=0, help="frames/s per stream; 0: unpaced")
     parser.add_argument("--smoke", action="store_true", help="4 streams of 50 frames")
     parser.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_upstream:
-        serve_upstream(args.serve_upstream, args.frames)
+        serve_upstream(args.serve_upstream, args.frames, args.rate)
         return
     if args.smoke:
         args.streams, args.frames = 4, 50
@@ -110,6 +116,7 @@ def main() -> None:
         upstream_cmd = [
             *(sys.executable, "-m", "bench.tap"),
             *("--serve-upstream", str(up_port), "--frames", str(args.frames)),
+            *("--rate", str(args.rate)),
         ]
         config = Path(tmp) / "relay.toml"
         config.write_text(
@@ -125,10 +132,11 @@ def main() -> None:
             wait_for_port(up_port)
             wait_healthy(f"http://127.0.0.1:{port}")
             direct = asyncio.run(read_streams(f"http://127.0.0.1:{up_port}", args.streams))
+            tap_base = f"http://127.0.0.1:{port}/v1/tap/bench"
+            asyncio.run(read_streams(tap_base, 1))  # the store's writer starts on first use
+            wait_idle(relay.pid)
             cpu_before = cpu_seconds(relay.pid)
-            tapped = asyncio.run(
-                read_streams(f"http://127.0.0.1:{port}/v1/tap/bench", args.streams)
-            )
+            tapped = asyncio.run(read_streams(tap_base, args.streams))
             relay_cpu = cpu_seconds(relay.pid) - cpu_before
         finally:
             for proc in (relay, upstream):
@@ -167,6 +175,17 @@ def cpu_seconds(pid: int) -> float:
         return -1.0
     own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return own + sum(max(cpu_seconds(int(child)), 0.0) for child in children)
+
+
+def wait_idle(pid: int, timeout: float = 15) -> None:
+    """Wait until a process (with its children) stops using CPU, or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    used = cpu_seconds(pid)
+    while used >= 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        used, before = cpu_seconds(pid), used
+        if used - before < 0.02:
+            return
 
 
 def wait_for_port(port: int, timeout: float = 30) -> None:
