@@ -27,7 +27,7 @@ from relay.store import Store
 
 log = structlog.get_logger("relay.tap")
 
-_GATHER_SECONDS = 0.05  # how long the first frames of a batch wait for more, at most
+_GATHER_SECONDS = 0.2  # how long the first frames of a batch wait for more, at most
 _Item = tuple[Sequence[RawFrame | Event], float]  # frames offered together, and when
 
 
