@@ -182,11 +182,12 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
 
 
 def wait_idle(pid: int, timeout: float = 15) -> None:
-    """Wait until a process (with its children) stops using CPU, or `timeout` passes."""
+    """Wait until a process (with its children) has used next to no CPU for half a
+    second, or `timeout` passes."""
     deadline = time.monotonic() + timeout
     used = sum(cpu_seconds(pid))
     while used >= 0 and time.monotonic() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.5)
         used, before = sum(cpu_seconds(pid)), used
         if used - before < 0.02:
             return

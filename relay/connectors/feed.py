@@ -1,10 +1,10 @@
 """A tapped stream's frames on their way to the store, never holding the stream up.
 
 The tap offers each chunk's frames as they pass and goes on; a task of the stream's own
-takes what has queued up, a batch at a time (letting a batch gather for a moment),
-through the provider into the store. If the
-store cannot write or the queue is full, frames are dropped, counted and logged (at most
-twice a minute), and the caller's stream flows on.
+takes what has queued up (while it stores one batch, the next gathers), a batch at a
+time, through the provider into the store. If the store cannot write or the queue is
+full, frames are dropped, counted and logged (at most twice a minute), and the caller's
+stream flows on.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from relay.store import Store
 
 log = structlog.get_logger("relay.tap")
 
-_GATHER_SECONDS = 0.2  # how long the first frames of a batch wait for more, at most
 _Item = tuple[Sequence[RawFrame | Event], float]  # frames offered together, and when
 
 
@@ -49,7 +48,7 @@ class TapFeed:
         self._held: deque[_Item] = deque()
         self._held_frames = 0
         self._closed = False
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # frames are held
         self._task = asyncio.create_task(self._run(), name="relay-tap-feed")
         ctx.tasks.add(self._task)
         self._task.add_done_callback(ctx.tasks.discard)
@@ -74,9 +73,6 @@ class TapFeed:
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
-            if not self._closed and self._held_frames < self._ctx.batch_frames:
-                # Let a batch gather: fewer, larger transactions and provider reads.
-                await asyncio.sleep(_GATHER_SECONDS)
             self._wake.clear()
             while self._held:
                 await self._store(self._take(self._ctx.batch_frames))
