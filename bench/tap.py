@@ -4,10 +4,15 @@
 A fake Case.dev upstream (a process of its own) answers each `/respond` with a turn of
 `--frames` frames, written as fast as the connection takes them, each stamped with the
 time it was written. `--streams` clients read them at once, first directly, then through
-a `relay serve` whose source taps that upstream. Prints frames/s each way, the ratio
+a `relay serve` whose source taps that upstream (after one tapped stream that starts the
+store's writer, and once the relay is idle). Prints frames/s each way, the ratio
 tap / direct (target at least 0.8) and the latency per frame (written to read) at p50
-and p99 each way, with what the tap adds (target p99 at most 5 ms). `make bench-tap`
-runs 200 streams of 500 frames; `--smoke` runs 4 of 50.
+and p99 each way, with what the tap adds (target p99 at most 5 ms), and the CPU time
+the relay and its store's writer used for the tapped streams, storing included (steadier
+than the rates on a busy machine).
+`make bench-tap` runs 200 streams of 500 frames; `--smoke` runs 4 of 50. `--rate`
+paces each stream (frames per second): unpaced, every process is saturated and the
+latencies are mostly time spent queued.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ def turn_frames(stream: int, frames: int) -> list[tuple[bytes, dict[str, object]
     return out
 
 
-def serve_upstream(port: int, frames: int) -> None:
+def serve_upstream(port: int, frames: int, rate: float) -> None:
     async def respond(request: web.Request) -> web.StreamResponse:
         stream = int(request.match_info["stream"])
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -61,6 +66,8 @@ def serve_upstream(port: int, frames: int) -> None:
         for kind, data in turn_frames(stream, frames):
             body = orjson.dumps({**data, "type": kind.decode(), "ts": time.time()})
             await response.write(b"event: " + kind + b"\ndata: " + body + b"\n\n")
+            if rate:
+                await asyncio.sleep(1 / rate)
         await response.write_eof()
         return response
 
@@ -94,11 +101,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--streams", type=int, default=200)
     parser.add_argument("--frames", type=int, default=500)
+    parser.add_argument("--rate", type=float, default=0, help="frames/s per stream; 0: unpaced")
     parser.add_argument("--smoke", action="store_true", help="4 streams of 50 frames")
     parser.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_upstream:
-        serve_upstream(args.serve_upstream, args.frames)
+        serve_upstream(args.serve_upstream, args.frames, args.rate)
         return
     if args.smoke:
         args.streams, args.frames = 4, 50
@@ -109,6 +117,7 @@ def main() -> None:
         upstream_cmd = [
             *(sys.executable, "-m", "bench.tap"),
             *("--serve-upstream", str(up_port), "--frames", str(args.frames)),
+            *("--rate", str(args.rate)),
         ]
         config = Path(tmp) / "relay.toml"
         config.write_text(
@@ -124,9 +133,14 @@ def main() -> None:
             wait_for_port(up_port)
             wait_healthy(f"http://127.0.0.1:{port}")
             direct = asyncio.run(read_streams(f"http://127.0.0.1:{up_port}", args.streams))
-            tapped = asyncio.run(
-                read_streams(f"http://127.0.0.1:{port}/v1/tap/bench", args.streams)
-            )
+            tap_base = f"http://127.0.0.1:{port}/v1/tap/bench"
+            asyncio.run(read_streams(tap_base, 1))  # the store's writer starts on first use
+            wait_idle(relay.pid)
+            cpu_before = cpu_seconds(relay.pid)
+            tapped = asyncio.run(read_streams(tap_base, args.streams))
+            wait_idle(relay.pid)  # what the relay stores after the streams end counts too
+            cpu_after = cpu_seconds(relay.pid)
+            relay_cpu, writer_cpu = (a - b for a, b in zip(cpu_after, cpu_before, strict=True))
         finally:
             for proc in (relay, upstream):
                 proc.terminate()
@@ -138,6 +152,12 @@ def main() -> None:
             f"{name:<7} {run.frames:>8} frames {run.fps:>10.0f} frames/s"
             f"  latency p50 {run.pct(0.5):.2f} ms  p99 {run.pct(0.99):.2f} ms"
         )
+    if relay_cpu >= 0:
+        print(
+            f"relay cpu for the tapped streams {relay_cpu:.2f} s,"
+            f" its store writer {writer_cpu:.2f} s"
+            f" ({(relay_cpu + writer_cpu) / max(tapped.frames, 1) * 1e6:.1f} us per frame)"
+        )
     print(f"ratio tap/direct {tapped.fps / direct.fps:.2f} (target >= 0.8)")
     print(
         f"added per frame: p50 {tapped.pct(0.5) - direct.pct(0.5):.2f} ms"
@@ -145,6 +165,32 @@ def main() -> None:
     )
     if direct.frames != expected or tapped.frames != expected:
         sys.exit(f"frames lost: expected {expected} each way")
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU time (user and system) a process and its children (the store's writer) have
+    used so far; -1 where /proc is not."""
+    import os
+
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return -1.0, -1.0
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own, sum(max(sum(cpu_seconds(int(child))), 0.0) for child in children)
+
+
+def wait_idle(pid: int, timeout: float = 15) -> None:
+    """Wait until a process (with its children) has used next to no CPU for half a
+    second, or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    used = sum(cpu_seconds(pid))
+    while used >= 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        used, before = sum(cpu_seconds(pid)), used
+        if used - before < 0.02:
+            return
 
 
 def wait_for_port(port: int, timeout: float = 30) -> None:

@@ -1,16 +1,18 @@
 """A tapped stream's frames on their way to the store, never holding the stream up.
 
-The tap offers each frame as it passes and goes on; a task of the stream's own takes
-what has queued up, a batch at a time, through the provider into the store. If the
-store cannot write or the queue is full, frames are dropped, counted and logged (at most
-twice a minute), and the caller's stream flows on.
+The tap offers each chunk's frames as they pass and goes on; a task of the stream's own
+takes what has queued up (while it stores one batch, the next gathers), a batch at a
+time, through the provider into the store. If the store cannot write or the queue is
+full, frames are dropped, counted and logged (at most twice a minute), and the caller's
+stream flows on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -25,7 +27,7 @@ from relay.store import Store
 
 log = structlog.get_logger("relay.tap")
 
-_Item = tuple[RawFrame | list[Event] | None, float]
+_Item = tuple[Sequence[RawFrame | Event], float]  # frames offered together, and when
 
 
 @dataclass(slots=True)
@@ -43,50 +45,71 @@ class TapFeed:
     def __init__(self, ctx: FeedContext, mapper: FrameMapper) -> None:
         self._ctx = ctx
         self._mapper = mapper
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._held: deque[_Item] = deque()
+        self._held_frames = 0
+        self._closed = False
+        self._wake = asyncio.Event()  # frames are held
         self._task = asyncio.create_task(self._run(), name="relay-tap-feed")
         ctx.tasks.add(self._task)
         self._task.add_done_callback(ctx.tasks.discard)
 
-    def offer(self, frame: RawFrame | list[Event]) -> None:
-        """Queue a frame (or events made without the provider) without waiting."""
-        if self._queue.qsize() >= self._ctx.queue_frames:
-            self._dropped(1, "the tap's queue is full")
-            return
-        self._queue.put_nowait((frame, self._ctx.clock()))
+    def offer(self, frames: Sequence[RawFrame] | Sequence[Event]) -> None:
+        """Queue frames read together (or events made without the provider) without
+        waiting; those beyond the queue's room are dropped."""
+        room = self._ctx.queue_frames - self._held_frames
+        if len(frames) > room:
+            self._dropped(len(frames) - max(room, 0), "the tap's queue is full")
+            frames = frames[: max(room, 0)]
+        if frames:
+            self._held.append((frames, self._ctx.clock()))
+            self._held_frames += len(frames)
+            self._wake.set()
 
     def close(self) -> None:
         """No more frames: what is queued is still stored, in the background."""
-        self._queue.put_nowait((None, 0.0))
+        self._closed = True
+        self._wake.set()
 
     async def _run(self) -> None:
-        queue, limit = self._queue, self._ctx.batch_frames
         while True:
-            batch = [await queue.get()]
-            while len(batch) < limit and not queue.empty():
-                batch.append(queue.get_nowait())
-            await self._store([item for item in batch if item[0] is not None])
-            if batch[-1][0] is None:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._held:
+                await self._store(self._take(self._ctx.batch_frames))
+            if self._closed:
                 return
 
+    def _take(self, limit: int) -> list[_Item]:
+        """Up to `limit` frames from the front of the queue, with when they came."""
+        batch: list[_Item] = []
+        while self._held and limit > 0:
+            frames, at = self._held.popleft()
+            if len(frames) > limit:
+                self._held.appendleft((frames[limit:], at))
+                frames = frames[:limit]
+            batch.append((frames, at))
+            limit -= len(frames)
+            self._held_frames -= len(frames)
+        return batch
+
     async def _store(self, batch: list[_Item]) -> None:
-        if not batch:
-            return
         mapper = self._mapper
         received_at = datetime.fromtimestamp(batch[0][1], UTC)
         frames, events = [], []
-        for item, _ in batch:
-            if isinstance(item, RawFrame):
-                frame = mapper.frame(item.data, item.name, item.id)
-                if frame is not None:
-                    frames.append(frame)
-            elif item is not None:
-                events.extend(item)
+        for items, _ in batch:
+            for item in items:
+                if isinstance(item, RawFrame):
+                    frame = mapper.frame(item.data, item.name, item.id)
+                    if frame is not None:
+                        frames.append(frame)
+                else:
+                    events.append(item)
+        count = sum(len(items) for items, _ in batch)
         try:
             events.extend(mapper.events(frames, received_at))
             await store_events(self._ctx.store, events, received_at)
         except Exception as exc:
-            self._dropped(len(batch), str(exc))
+            self._dropped(count, str(exc))
 
     def _dropped(self, frames: int, why: str) -> None:
         self._ctx.stats.add("store_failures", "tap", self._mapper.source, frames)

@@ -25,7 +25,8 @@ class RawFrame:
 @dataclass(slots=True)
 class SSEParser:
     last_id: str | None = None
-    _buffer: bytearray = field(default_factory=bytearray)
+    _rest: list[bytes] = field(default_factory=list)  # the start of a line not ended yet
+    _rest_bytes: int = 0
     _data: list[bytes] = field(default_factory=list)
     _name: str | None = None
     _id: str | None = None
@@ -36,31 +37,21 @@ class SSEParser:
         if self._pending_cr and chunk.startswith(b"\n"):
             chunk = chunk[1:]  # the second half of a CRLF split across chunks
         self._pending_cr = False
-        self._buffer += chunk
+        if b"\n" not in chunk and b"\r" not in chunk:  # more of the same line
+            self._rest_bytes += len(chunk)
+            self._rest.append(chunk)
+            if self._rest_bytes > _MAX_LINE:
+                self._rest, self._rest_bytes = [], 0
+            return []
+        data = b"".join((*self._rest, chunk)) if self._rest else chunk
+        lines, rest, self._pending_cr = split_lines(data)
+        kept = 0 < len(rest) <= _MAX_LINE
+        self._rest, self._rest_bytes = ([rest], len(rest)) if kept else ([], 0)
         frames: list[RawFrame] = []
-        start = 0
-        buffer = self._buffer
-        while True:
-            cr = buffer.find(b"\r", start)
-            lf = buffer.find(b"\n", start)
-            if cr < 0 and lf < 0:
-                break
-            end = lf if cr < 0 or (0 <= lf < cr) else cr
-            line = bytes(buffer[start:end])
-            if buffer[end] == 0x0D:
-                if end + 1 < len(buffer):
-                    start = end + 2 if buffer[end + 1] == 0x0A else end + 1
-                else:
-                    start = end + 1
-                    self._pending_cr = True
-            else:
-                start = end + 1
+        for line in lines:
             frame = self._line(line)
             if frame is not None:
                 frames.append(frame)
-        del buffer[:start]
-        if len(buffer) > _MAX_LINE:
-            buffer.clear()
         return frames
 
     def _line(self, line: bytes) -> RawFrame | None:
@@ -84,3 +75,14 @@ class SSEParser:
             self._id = text or None
             self.last_id = text or None
         return None
+
+
+def split_lines(data: bytes) -> tuple[list[bytes], bytes, bool]:
+    """The lines `data` ends (without their CR, LF or CRLF), what follows the last of
+    them, and whether `data` ends in a CR (whose LF may come next)."""
+    if b"\r" not in data:  # the usual case: LF only
+        *lines, rest = data.split(b"\n")
+        return lines, rest, False
+    lines = data.splitlines(keepends=True)
+    rest = lines.pop() if lines and not lines[-1].endswith((b"\r", b"\n")) else b""
+    return [line.rstrip(b"\r\n") for line in lines], rest, data.endswith(b"\r")

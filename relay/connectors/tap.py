@@ -127,8 +127,7 @@ async def _relay(
                 frames = parser.feed(decode(chunk))
                 if frames:
                     stats.add("frames", "tap", source.id, len(frames))
-                    for frame in frames:
-                        feed.offer(frame)
+                    feed.offer(frames)
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, zlib.error) as exc:
         # A drop upstream is a drop here: the caller's body ends without its end.
         stats.add("upstream_errors", "tap", source.id)
