@@ -47,7 +47,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, overload
@@ -534,10 +534,23 @@ def _run_key(turn: TurnState) -> _RunKey:
 
 
 def _summarize(turns: Mapping[str, TurnState]) -> TurnSummary:
-    summary = TurnSummary()
+    """The summary of all of a session's turns, built in one pass."""
+    statuses = [turn.status for turn in turns.values()]
+    counts = TurnCounts(
+        turns=len(statuses),
+        completed=statuses.count(TurnStatus.COMPLETED),
+        failed=statuses.count(TurnStatus.FAILED),
+        conflicts=statuses.count(TurnStatus.CONFLICT),
+    )
+    usage = Usage()
     for turn in turns.values():
-        summary = summary.with_turn(None, turn)
-    return summary
+        if turn.usage is not None:
+            usage = _add_usage(usage, turn.usage, 1)
+    running = {
+        turn_id: _run_key(t) for turn_id, t in turns.items() if t.status == TurnStatus.RUNNING
+    }
+    last = max(turns.values(), key=_recency, default=None)
+    return TurnSummary(Map(running), counts, usage, last, SortedKeys.of(running.values()))
 
 
 def _moved(status: TurnStatus, before: TurnStatus | None, after: TurnStatus) -> int:
@@ -635,6 +648,47 @@ class SessionRecord:
         )
         summary = _summarize(turns)
         return cls(facts, _project_session(facts, turns, summary, version), turns, summary)
+
+    @classmethod
+    def restore(
+        cls,
+        facts: Facts,
+        version: int,
+        turn_versions: Mapping[str, int],
+        counts: TurnCounts,
+        usage: Usage,
+        last_turn_id: str | None,
+    ) -> SessionRecord:
+        """The record of stored `facts` whose turns are only some of the session's: every
+        running turn and the last one at least; `counts` and `usage` are over all of them.
+
+        The other turns stay where they are stored until an event for one arrives
+        (`with_stored_turns`), so this costs as much as the session has running turns.
+        """
+        sid = facts.session_id
+        turns = Map(
+            {
+                turn_id: _project_turn(sid, turn_id, t, turn_versions[turn_id])
+                for turn_id, t in facts.turns.items()
+            }
+        )
+        running = {
+            turn_id: _run_key(t) for turn_id, t in turns.items() if t.status == TurnStatus.RUNNING
+        }
+        last = None if last_turn_id is None else turns[last_turn_id]
+        summary = TurnSummary(Map(running), counts, usage, last, SortedKeys.of(running.values()))
+        return cls(facts, _project_session(facts, turns, summary, version), turns, summary)
+
+    def with_stored_turns(self, stored: Mapping[str, tuple[TurnFacts, int]]) -> SessionRecord:
+        """The same record holding also the stored turns given (facts, snapshot version),
+        which its summary already counts."""
+        sid = self.facts.session_id
+        added = {turn_id: turn for turn_id, (turn, _) in stored.items()}
+        facts = replace(self.facts, turns=self.facts.turns.update(added))
+        turns = self.turns.update(
+            {k: _project_turn(sid, k, t, version) for k, (t, version) in stored.items()}
+        )
+        return SessionRecord(facts, self.session, turns, self.summary)
 
 
 _SESSION_SLOTS = ("created", "runtime", "scope", "first_ready", "last_ready")

@@ -58,6 +58,7 @@ class SessionEntry:
     fired: frozenset[AlertKey] = frozenset()  # fired alerts whose condition still holds
     alerts: frozenset[AlertKey] = frozenset()  # its alert rows (alerts that can still fire)
     complete: bool = True  # False: some turns' facts are not stored (rebuilt by a replay)
+    partial: bool = False  # the record holds only some turns: the others are read on demand
 
 
 NO_SESSION = SessionEntry(None)
@@ -276,7 +277,7 @@ def _next_entry(
         ]
     stamp = entry.stamp + 1
     derived.facts.append((session_id, stamp, encode_session(record), encode_fired(fired)))
-    return SessionEntry(record, stamp, fired, alerts)
+    return SessionEntry(record, stamp, fired, alerts, partial=entry.partial)
 
 
 def _next_alerts(

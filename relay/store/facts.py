@@ -23,9 +23,9 @@ from typing import Any
 
 import orjson
 
-from relay.events import Event
+from relay.events import Event, Usage
 from relay.packed_bodies import FACTS, pack, unpack
-from relay.state import Facts, SessionRecord, TurnFacts
+from relay.state import Facts, SessionRecord, TurnCounts, TurnFacts
 
 _FORMAT = 1
 _ALWAYS = ("source", "id", "type", "occurred_at")  # every event has them
@@ -71,10 +71,27 @@ _TURNS_TYPE: Any = type(Facts("", datetime.min, datetime.min).turns)
 
 
 def encode_session(record: SessionRecord) -> bytes:
-    """The session's own facts (its turns' go into their rows: `encode_turn`)."""
+    """The session's own facts (its turns' go into their rows: `encode_turn`), with what
+    its snapshot sums over all its turns, so that it is read back with only its running
+    turns and its last one (`needs_all_turns`, `decode_record`)."""
     out: dict[str, Any] = {"format": _FORMAT, "version": record.session.version}
     _encode_fields(record.facts, _SESSION_KINDS, out, turn=True)
+    summary = record.summary
+    last = summary.last_turn
+    out["summary"] = {
+        "counts": dataclasses.astuple(summary.counts),
+        "usage": dataclasses.astuple(summary.usage),
+        "last_turn": None if last is None else last.turn_id,
+    }
     return pack(orjson.dumps(out), FACTS)
+
+
+def last_turn_of(facts: bytes) -> tuple[bool, str | None]:
+    """Whether the stored session facts need all of the session's turns to be read back
+    (stored before they summed their turns), and else the id of its last turn, which is
+    read with its running turns."""
+    summary = orjson.loads(unpack(facts)).get("summary")
+    return (True, None) if summary is None else (False, summary["last_turn"])
 
 
 def encode_turn(record: SessionRecord, turn_id: str) -> bytes:
@@ -84,23 +101,45 @@ def encode_turn(record: SessionRecord, turn_id: str) -> bytes:
     return pack(orjson.dumps(out), FACTS)
 
 
+def decode_turns(
+    session_id: str, rows: Iterable[tuple[str, bytes]]
+) -> dict[str, tuple[TurnFacts, int]]:
+    """Stored turns' facts by turn id (in the order given), each with its snapshot's
+    version."""
+    out = {}
+    for turn_id, blob in rows:
+        turn = orjson.loads(unpack(blob))
+        fields = _decode_fields(turn, _TURN_KINDS, session_id, turn_id)
+        out[turn_id] = (TurnFacts(**fields), turn["version"])
+    return out
+
+
 def decode_record(
     session_id: str, facts: bytes, turns: Iterable[tuple[str, bytes]]
 ) -> SessionRecord:
     """The record written by `encode_session` and `encode_turn` (turns in first-seen order;
-    facts stored before they were packed, JSON, are read alike)."""
+    facts stored before they were packed, JSON, are read alike). The turns given are all
+    of the session's, or (facts that sum their turns) at least its running ones and its
+    last one: the others are read when an event for one comes (`decode_turns`)."""
     data = orjson.loads(unpack(facts))
     if data.get("format") != _FORMAT:
         raise ValueError(f"unknown session facts format {data.get('format')!r}")
-    turn_facts: dict[str, TurnFacts] = {}
-    versions: dict[str, int] = {}
-    for turn_id, blob in turns:
-        turn = orjson.loads(unpack(blob))
-        versions[turn_id] = turn["version"]
-        turn_facts[turn_id] = TurnFacts(**_decode_fields(turn, _TURN_KINDS, session_id, turn_id))
+    stored = decode_turns(session_id, turns)
+    turn_facts = {turn_id: turn for turn_id, (turn, _) in stored.items()}
+    versions = {turn_id: version for turn_id, (_, version) in stored.items()}
     fields = _decode_fields(data, _SESSION_KINDS, session_id, None)
     session = Facts(session_id=session_id, turns=_TURNS_TYPE(turn_facts), **fields)
-    return SessionRecord.rebuild(session, data["version"], versions)
+    summary = data.get("summary")
+    if summary is None:
+        return SessionRecord.rebuild(session, data["version"], versions)
+    return SessionRecord.restore(
+        session,
+        data["version"],
+        versions,
+        TurnCounts(*summary["counts"]),
+        Usage(*summary["usage"]),
+        summary["last_turn"],
+    )
 
 
 def _encode_fields(

@@ -40,7 +40,7 @@ from relay.store.derive import (
     number_changes,
 )
 from relay.store.entry_cache import EntryCache
-from relay.store.facts import decode_record
+from relay.store.facts import decode_record, decode_turns, last_turn_of
 from relay.store.retention import Pruned, prune_batch
 from relay.timefmt import format_unix, parse_time
 
@@ -76,6 +76,7 @@ class BatchWriter:
         self.cache = EntryCache(cache_bytes)
         self.loaded: dict[str, SessionEntry] = {}  # the batch's sessions read from the store
         self.facts_from_seq: int | None = None  # sessions before may have no facts row
+        self.turn_rows_read = 0  # stored turns' facts read into entries, in all
 
     # -- ingest ----------------------------------------------------------------------------
 
@@ -118,6 +119,7 @@ class BatchWriter:
             self.last_seq = derived.events[-1][0]
         self.last_change = last_change
         self._remember(derived.entries)
+        self.loaded.clear()
         return derived.results, commit
 
     def _write_derived(self, derived: Derived) -> tuple[Commit, int]:
@@ -267,10 +269,10 @@ class BatchWriter:
     # -- session entries -------------------------------------------------------------------
 
     def _entry(self, session_id: str) -> SessionEntry:
-        entry = self.cache.get(session_id)
+        entry = self.loaded.get(session_id)  # read for this batch: newer than a cached one
         if entry is not None:
             return entry
-        entry = self.loaded.get(session_id)
+        entry = self.cache.get(session_id)
         if entry is not None:
             return entry
         assert self.last_seq is not None
@@ -279,7 +281,9 @@ class BatchWriter:
     def _load_entries(self, batch: list[IngestRecord]) -> None:
         """Read the stored facts of the batch's sessions that are not cached, a few
         statements for the whole batch; a session with no facts row is new (or, stored
-        before facts were, left to `load_entry`)."""
+        before facts were, left to `load_entry`). A session is read with its running
+        turns and its last one; a turn of the batch's events that its entry does not
+        hold is read then (`_load_turns`)."""
         self.loaded.clear()
         missing = sorted(
             {
@@ -290,10 +294,12 @@ class BatchWriter:
                 and affects_state(r.event)
             }
         )
-        if not missing:
-            return
+        if missing:
+            self._load_sessions(missing)
+        self._load_turns(batch)
+
+    def _load_sessions(self, missing: list[str]) -> None:
         rows: dict[str, tuple[int, bytes | None, str]] = {}
-        turns: dict[str, list[tuple[str, bytes]]] = {}
         for chunk, marks in _in_chunks(missing):
             for sid, version, facts, fired in self.conn.execute(
                 "SELECT session_id, version, facts, fired FROM session_facts"
@@ -301,23 +307,95 @@ class BatchWriter:
                 chunk,
             ):
                 rows[sid] = (version, facts, fired)
-        stored = [sid for sid, (_, facts, _) in rows.items() if facts is not None]
-        for chunk, marks in _in_chunks(stored):
-            for sid, turn_id, facts in self.conn.execute(
-                "SELECT session_id, turn_id, facts FROM turns"
-                f" WHERE session_id IN ({marks}) ORDER BY rowid",
-                chunk,
-            ):
-                turns.setdefault(sid, []).append((turn_id, facts))
+        every: list[str] = []  # facts stored before they summed their turns
+        last: dict[str, str | None] = {}
+        for sid, (_, facts, _) in rows.items():
+            if facts is not None:
+                needs_all, last_turn = last_turn_of(facts)
+                if needs_all:
+                    every.append(sid)
+                else:
+                    last[sid] = last_turn
+        turns = self._read_turns(every, last)
         unstored = [sid for sid in missing if rows.get(sid, (0, None, ""))[1] is None]
         legacy = self._stored_before_facts(unstored)
         for sid in missing:
             version, facts, fired = rows.get(sid, (0, None, None))
             if facts is not None:
                 record = decode_record(sid, facts, turns.get(sid, []))
-                self.loaded[sid] = entry_of(record, version, decode_fired(fired), self.thresholds)
+                entry = entry_of(record, version, decode_fired(fired), self.thresholds)
+                self.loaded[sid] = replace(entry, partial=sid in last)
             elif sid not in legacy:
                 self.loaded[sid] = NO_SESSION
+
+    def _read_turns(
+        self, every: list[str], last: dict[str, str | None]
+    ) -> dict[str, list[tuple[str, bytes]]]:
+        """Stored turns' facts by session: all of those of the sessions in `every`; the
+        running ones of the sessions in `last` and the turn it names for each."""
+        turns: dict[str, list[tuple[str, bytes]]] = {}
+        seen: set[tuple[str, str]] = set()
+        queries = [
+            ("", every),
+            (" AND status = 'running'", list(last)),
+        ]
+        for condition, sessions in queries:
+            for chunk, marks in _in_chunks(sessions):
+                for sid, turn_id, facts in self.conn.execute(
+                    "SELECT session_id, turn_id, facts FROM turns"
+                    f" WHERE session_id IN ({marks}){condition} ORDER BY rowid",
+                    chunk,
+                ):
+                    seen.add((sid, turn_id))
+                    turns.setdefault(sid, []).append((turn_id, facts))
+        pairs = [(sid, t) for sid, t in last.items() if t is not None and (sid, t) not in seen]
+        for sid, rows in self._turn_rows(pairs).items():
+            turns.setdefault(sid, []).extend(rows)
+        self.turn_rows_read += sum(len(rows) for rows in turns.values())
+        return turns
+
+    def _load_turns(self, batch: list[IngestRecord]) -> None:
+        """Read the stored turns of the batch's events that their sessions' entries do
+        not hold (an entry read with only its running turns), for those entries."""
+        wanted: dict[str, set[str]] = {}
+        for r in batch:
+            sid, turn_id = r.event.session_id, r.event.turn_id
+            if sid is not None and turn_id is not None and affects_state(r.event):
+                wanted.setdefault(sid, set()).add(turn_id)
+        pairs: list[tuple[str, str]] = []
+        entries: dict[str, SessionEntry] = {}
+        for sid, turn_ids in wanted.items():
+            entry = self.loaded.get(sid) or self.cache.get(sid)
+            if entry is None or not entry.partial or entry.record is None:
+                continue
+            held = entry.record.facts.turns
+            unheld = sorted(t for t in turn_ids if t not in held)
+            if unheld:
+                entries[sid] = entry
+                pairs += [(sid, t) for t in unheld]
+        if not pairs:
+            return
+        found = self._turn_rows(pairs)
+        self.turn_rows_read += sum(len(rows) for rows in found.values())
+        for sid, rows in found.items():
+            entry = entries[sid]
+            assert entry.record is not None
+            record = entry.record.with_stored_turns(decode_turns(sid, rows))
+            self.loaded[sid] = replace(entry, record=record)
+
+    def _turn_rows(self, pairs: list[tuple[str, str]]) -> dict[str, list[tuple[str, bytes]]]:
+        """The stored facts of the (session id, turn id) given, by session."""
+        found: dict[str, list[tuple[str, bytes]]] = {}
+        for start in range(0, len(pairs), _CHUNK):
+            chunk = pairs[start : start + _CHUNK]
+            values = ",".join(["(?, ?)"] * len(chunk))
+            for sid, turn_id, facts in self.conn.execute(
+                "SELECT session_id, turn_id, facts FROM turns"
+                f" WHERE (session_id, turn_id) IN (VALUES {values})",
+                list(chain.from_iterable(chunk)),
+            ):
+                found.setdefault(sid, []).append((turn_id, facts))
+        return found
 
     def _stored_before_facts(self, session_ids: list[str]) -> set[str]:
         """Those of the sessions with no stored facts that have events from before facts
@@ -347,12 +425,8 @@ class BatchWriter:
         ).fetchone()
         stamp, facts, fired = row if row is not None else (0, None, None)
         if facts is not None:
-            turns = conn.execute(
-                "SELECT turn_id, facts FROM turns WHERE session_id = ? ORDER BY rowid",
-                (session_id,),
-            ).fetchall()
-            record = decode_record(session_id, facts, turns)
-            return entry_of(record, stamp, decode_fired(fired), self.thresholds)
+            self._load_sessions([session_id])
+            return self.loaded.pop(session_id)
         replayed = derive_session(self.stored_events(session_id, up_to_seq))
         alerts = conn.execute(
             "SELECT kind, turn_id FROM alerts WHERE session_id = ?", (session_id,)
@@ -384,6 +458,7 @@ class BatchWriter:
     def _abandon(self) -> None:
         """Roll back; the counters are read again (and the cache dropped) next time."""
         self.last_seq = None
+        self.loaded.clear()
         if self.conn.in_transaction:
             self.conn.execute("ROLLBACK")
 
