@@ -451,7 +451,6 @@ def _project_session(
     ready_at = None if facts.first_ready is None else facts.first_ready.occurred_at
     runtime_at = None if facts.runtime is None else facts.runtime.occurred_at
     active_id = summary.active_turn_id
-    active = None if active_id is None else turns[active_id]
     return SessionState(
         session_id=facts.session_id,
         provider=",".join(sorted(facts.providers)) or None,
@@ -464,8 +463,8 @@ def _project_session(
         created_at=created_at,
         ready_at=ready_at,
         time_to_ready_ms=None if ready_at is None else max(0, (ready_at - created_at) // _MS),
-        turn_status=SessionTurnStatus.RUNNING if active else SessionTurnStatus.IDLE,
-        active_turn_id=None if active is None else active.turn_id,
+        turn_status=SessionTurnStatus.IDLE if active_id is None else SessionTurnStatus.RUNNING,
+        active_turn_id=active_id,
         last_turn=summary.last_turn,
         counts=summary.counts,
         usage=summary.usage,
@@ -475,7 +474,7 @@ def _project_session(
     )
 
 
-_RunKey = tuple[datetime, str]  # (started_at, or the last activity if not started; turn id)
+RunKey = tuple[datetime, str]  # (started_at, or the last activity if not started; turn id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -488,11 +487,11 @@ class TurnSummary:
     turns, running or done, as in one with two.
     """
 
-    running: Map[str, _RunKey] = field(default_factory=Map)  # turn id -> its place below
+    running: Map[str, RunKey] = field(default_factory=Map)  # turn id -> its place below
     counts: TurnCounts = TurnCounts()
     usage: Usage = field(default_factory=Usage)
     last_turn: TurnState | None = None
-    by_start: SortedKeys[_RunKey] = field(default_factory=SortedKeys, compare=False)
+    by_start: SortedKeys[RunKey] = field(default_factory=SortedKeys, compare=False)
 
     @property
     def active_turn_id(self) -> str | None:
@@ -529,7 +528,7 @@ class TurnSummary:
         return TurnSummary(running, counts, usage, last, by_start)
 
 
-def _run_key(turn: TurnState) -> _RunKey:
+def _run_key(turn: TurnState) -> RunKey:
     return (turn.started_at or turn.updated_at, turn.turn_id)
 
 
@@ -655,15 +654,14 @@ class SessionRecord:
         facts: Facts,
         version: int,
         turn_versions: Mapping[str, int],
-        counts: TurnCounts,
-        usage: Usage,
-        last_turn_id: str | None,
+        summary: StoredSummary,
     ) -> SessionRecord:
-        """The record of stored `facts` whose turns are only some of the session's: every
-        running turn and the last one at least; `counts` and `usage` are over all of them.
+        """The record of stored `facts` whose turns are only some of the session's (its
+        last one at least, and its running ones unless `summary` places them); the
+        summary's counts and usage are over all of them.
 
         The other turns stay where they are stored until an event for one arrives
-        (`with_stored_turns`), so this costs as much as the session has running turns.
+        (`with_stored_turns`), so this costs as much as the turns given.
         """
         sid = facts.session_id
         turns = Map(
@@ -672,12 +670,18 @@ class SessionRecord:
                 for turn_id, t in facts.turns.items()
             }
         )
-        running = {
-            turn_id: _run_key(t) for turn_id, t in turns.items() if t.status == TurnStatus.RUNNING
-        }
-        last = None if last_turn_id is None else turns[last_turn_id]
-        summary = TurnSummary(Map(running), counts, usage, last, SortedKeys.of(running.values()))
-        return cls(facts, _project_session(facts, turns, summary, version), turns, summary)
+        running = summary.running
+        if running is None:
+            running = {
+                turn_id: _run_key(t)
+                for turn_id, t in turns.items()
+                if t.status == TurnStatus.RUNNING
+            }
+        last = None if summary.last_turn_id is None else turns[summary.last_turn_id]
+        kept = TurnSummary(
+            Map(running), summary.counts, summary.usage, last, SortedKeys.of(running.values())
+        )
+        return cls(facts, _project_session(facts, turns, kept, version), turns, kept)
 
     def with_stored_turns(self, stored: Mapping[str, tuple[TurnFacts, int]]) -> SessionRecord:
         """The same record holding also the stored turns given (facts, snapshot version),
@@ -689,6 +693,17 @@ class SessionRecord:
             {k: _project_turn(sid, k, t, version) for k, (t, version) in stored.items()}
         )
         return SessionRecord(facts, self.session, turns, self.summary)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSummary:
+    """What a session's stored facts keep of its turn summary: its counts and usage sum
+    over all turns, its last turn's id and, if read, each running turn's place."""
+
+    counts: TurnCounts
+    usage: Usage
+    last_turn_id: str | None
+    running: Mapping[str, RunKey] | None = None  # None: from the turns given
 
 
 _SESSION_SLOTS = ("created", "runtime", "scope", "first_ready", "last_ready")

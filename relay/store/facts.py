@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -25,7 +25,7 @@ import orjson
 
 from relay.events import Event, Usage
 from relay.packed_bodies import FACTS, pack, unpack
-from relay.state import Facts, SessionRecord, TurnCounts, TurnFacts
+from relay.state import Facts, RunKey, SessionRecord, StoredSummary, TurnCounts, TurnFacts
 
 _FORMAT = 1
 _ALWAYS = ("source", "id", "type", "occurred_at")  # every event has them
@@ -114,13 +114,27 @@ def decode_turns(
     return out
 
 
+def run_key(turn_id: str, facts: bytes) -> RunKey:
+    """A running turn's place among the running ones, read from its stored facts without
+    decoding them: when it started or, if it has not, its newest event (`latest`)."""
+    data = orjson.loads(unpack(facts))
+    event = data.get("started") or data["latest"]
+    if isinstance(event, str):  # written once: the name of the field that holds it
+        event = data[event]
+    return (datetime.fromisoformat(event["occurred_at"]), turn_id)
+
+
 def decode_record(
-    session_id: str, facts: bytes, turns: Iterable[tuple[str, bytes]]
+    session_id: str,
+    facts: bytes,
+    turns: Iterable[tuple[str, bytes]],
+    running: Mapping[str, RunKey] | None = None,
 ) -> SessionRecord:
     """The record written by `encode_session` and `encode_turn` (turns in first-seen order;
     facts stored before they were packed, JSON, are read alike). The turns given are all
-    of the session's, or (facts that sum their turns) at least its running ones and its
-    last one: the others are read when an event for one comes (`decode_turns`)."""
+    of the session's, or (facts that sum their turns) at least its last one and its
+    running ones, or else the places of those (`running`, from `run_key`): the others are
+    read when an event for one comes (`decode_turns`)."""
     data = orjson.loads(unpack(facts))
     if data.get("format") != _FORMAT:
         raise ValueError(f"unknown session facts format {data.get('format')!r}")
@@ -132,14 +146,10 @@ def decode_record(
     summary = data.get("summary")
     if summary is None:
         return SessionRecord.rebuild(session, data["version"], versions)
-    return SessionRecord.restore(
-        session,
-        data["version"],
-        versions,
-        TurnCounts(*summary["counts"]),
-        Usage(*summary["usage"]),
-        summary["last_turn"],
+    kept = StoredSummary(
+        TurnCounts(*summary["counts"]), Usage(*summary["usage"]), summary["last_turn"], running
     )
+    return SessionRecord.restore(session, data["version"], versions, kept)
 
 
 def _encode_fields(

@@ -24,7 +24,7 @@ from typing import Any
 from relay.changes import Commit
 from relay.events import Event
 from relay.packed_bodies import CHANGE, pack
-from relay.state import affects_state, derive_session
+from relay.state import RunKey, affects_state, derive_session
 from relay.store import IngestRecord, IngestResult
 from relay.store.derive import (
     NO_SESSION,
@@ -40,7 +40,7 @@ from relay.store.derive import (
     number_changes,
 )
 from relay.store.entry_cache import EntryCache
-from relay.store.facts import decode_record, decode_turns, last_turn_of
+from relay.store.facts import decode_record, decode_turns, last_turn_of, run_key
 from relay.store.retention import Pruned, prune_batch
 from relay.timefmt import format_unix, parse_time
 
@@ -202,6 +202,8 @@ class BatchWriter:
             fired: dict[str, SessionEntry] = {}
             for session_id, turn_id, kind in due:
                 entry = fired.get(session_id) or self._entry(session_id)
+                if turn_id:
+                    entry = self._holding(session_id, entry, [turn_id])
                 record = entry.record
                 turn = record.turns.get(turn_id) if record is not None and turn_id else None
                 drafts.append(
@@ -316,43 +318,58 @@ class BatchWriter:
                     every.append(sid)
                 else:
                     last[sid] = last_turn
-        turns = self._read_turns(every, last)
+        turns = self._select_turns(every, "")
+        pairs = [(sid, turn_id) for sid, turn_id in last.items() if turn_id is not None]
+        turns.update(self._turn_rows(pairs))
+        self.turn_rows_read += sum(len(found) for found in turns.values())
+        running: dict[str, dict[str, RunKey]] = {sid: {} for sid in last}
+        for sid, found in self._select_turns(list(last), " AND status = 'running'").items():
+            running[sid] = {turn_id: run_key(turn_id, facts) for turn_id, facts in found}
+        alerts = self._alert_rows(list(last))
         unstored = [sid for sid in missing if rows.get(sid, (0, None, ""))[1] is None]
         legacy = self._stored_before_facts(unstored)
         for sid in missing:
             version, facts, fired = rows.get(sid, (0, None, None))
-            if facts is not None:
+            if facts is None:
+                if sid not in legacy:
+                    self.loaded[sid] = NO_SESSION
+            elif sid in last:
+                record = decode_record(sid, facts, turns.get(sid, []), running[sid])
+                self.loaded[sid] = SessionEntry(
+                    record,
+                    version,
+                    decode_fired(fired),
+                    frozenset(alerts.get(sid, ())),
+                    partial=True,
+                )
+            else:
                 record = decode_record(sid, facts, turns.get(sid, []))
-                entry = entry_of(record, version, decode_fired(fired), self.thresholds)
-                self.loaded[sid] = replace(entry, partial=sid in last)
-            elif sid not in legacy:
-                self.loaded[sid] = NO_SESSION
+                self.loaded[sid] = entry_of(record, version, decode_fired(fired), self.thresholds)
 
-    def _read_turns(
-        self, every: list[str], last: dict[str, str | None]
+    def _select_turns(
+        self, sessions: list[str], condition: str
     ) -> dict[str, list[tuple[str, bytes]]]:
-        """Stored turns' facts by session: all of those of the sessions in `every`; the
-        running ones of the sessions in `last` and the turn it names for each."""
+        """The stored facts of the sessions' turns that meet `condition`, by session."""
         turns: dict[str, list[tuple[str, bytes]]] = {}
-        seen: set[tuple[str, str]] = set()
-        queries = [
-            ("", every),
-            (" AND status = 'running'", list(last)),
-        ]
-        for condition, sessions in queries:
-            for chunk, marks in _in_chunks(sessions):
-                for sid, turn_id, facts in self.conn.execute(
-                    "SELECT session_id, turn_id, facts FROM turns"
-                    f" WHERE session_id IN ({marks}){condition} ORDER BY rowid",
-                    chunk,
-                ):
-                    seen.add((sid, turn_id))
-                    turns.setdefault(sid, []).append((turn_id, facts))
-        pairs = [(sid, t) for sid, t in last.items() if t is not None and (sid, t) not in seen]
-        for sid, rows in self._turn_rows(pairs).items():
-            turns.setdefault(sid, []).extend(rows)
-        self.turn_rows_read += sum(len(rows) for rows in turns.values())
+        for chunk, marks in _in_chunks(sessions):
+            for sid, turn_id, facts in self.conn.execute(
+                "SELECT session_id, turn_id, facts FROM turns"
+                f" WHERE session_id IN ({marks}){condition} ORDER BY rowid",
+                chunk,
+            ):
+                turns.setdefault(sid, []).append((turn_id, facts))
         return turns
+
+    def _alert_rows(self, sessions: list[str]) -> dict[str, list[tuple[str, str]]]:
+        """The sessions' alert rows (alerts that can still fire), by session."""
+        found: dict[str, list[tuple[str, str]]] = {}
+        for chunk, marks in _in_chunks(sessions):
+            for sid, turn_id, kind in self.conn.execute(
+                f"SELECT session_id, turn_id, kind FROM alerts WHERE session_id IN ({marks})",
+                chunk,
+            ):
+                found.setdefault(sid, []).append((kind, turn_id))
+        return found
 
     def _load_turns(self, batch: list[IngestRecord]) -> None:
         """Read the stored turns of the batch's events that their sessions' entries do
@@ -382,6 +399,18 @@ class BatchWriter:
             assert entry.record is not None
             record = entry.record.with_stored_turns(decode_turns(sid, rows))
             self.loaded[sid] = replace(entry, record=record)
+
+    def _holding(self, session_id: str, entry: SessionEntry, turn_ids: list[str]) -> SessionEntry:
+        """The entry holding the stored turns given (read if it holds only some turns)."""
+        record = entry.record
+        if not entry.partial or record is None:
+            return entry
+        unheld = [(session_id, t) for t in turn_ids if t not in record.facts.turns]
+        rows = self._turn_rows(unheld).get(session_id) if unheld else None
+        if not rows:
+            return entry
+        self.turn_rows_read += len(rows)
+        return replace(entry, record=record.with_stored_turns(decode_turns(session_id, rows)))
 
     def _turn_rows(self, pairs: list[tuple[str, str]]) -> dict[str, list[tuple[str, bytes]]]:
         """The stored facts of the (session id, turn id) given, by session."""
