@@ -10,6 +10,11 @@ session id (the row says it), and within a turn without its turn id. An event a 
 holds twice (its terminal event is most often its usage event too) is written the
 second time as the name of the first field that holds it. The JSON is stored packed
 (`relay.packed_bodies`); facts stored as plain JSON are read as well.
+
+A session's facts also keep what its snapshot sums over its turns (counts, usage, which
+turn is the last), so a session is read back with its last turn and the places of its
+running turns only; any other turn is read when an event for it arrives. Facts stored
+before they kept the sums are read with all their turns (and keep them once written).
 """
 
 from __future__ import annotations
@@ -72,8 +77,8 @@ _TURNS_TYPE: Any = type(Facts("", datetime.min, datetime.min).turns)
 
 def encode_session(record: SessionRecord) -> bytes:
     """The session's own facts (its turns' go into their rows: `encode_turn`), with what
-    its snapshot sums over all its turns, so that it is read back with only its running
-    turns and its last one (`needs_all_turns`, `decode_record`)."""
+    its snapshot sums over all its turns (counts, usage, the last turn's id), so that it
+    is read back without its other turns (`last_turn_of`, `run_key`, `decode_record`)."""
     out: dict[str, Any] = {"format": _FORMAT, "version": record.session.version}
     _encode_fields(record.facts, _SESSION_KINDS, out, turn=True)
     summary = record.summary

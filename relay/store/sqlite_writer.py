@@ -8,9 +8,10 @@ nor a change without its event.
 What a batch derives is decided by `derive` (shared with the other backends); this
 module reads the sessions' facts and writes the rows. Session entries (the state
 machine's facts) live in an LRU cache on this thread, bounded in bytes (`entry_cache`);
-on a miss they are read from the session's stored facts (`session_facts` and its turns'
-rows), never by replaying its events, except once for a session stored before facts
-were (see migration 0009).
+on a miss they are read from the session's stored facts (`session_facts`, its last
+turn's row, its running turns' places and its alert rows), never by replaying its
+events, except once for a session stored before facts were (see migration 0009); any
+other turn's row is read when an event (or an alert) for that turn comes.
 """
 
 from __future__ import annotations
@@ -373,7 +374,7 @@ class BatchWriter:
 
     def _load_turns(self, batch: list[IngestRecord]) -> None:
         """Read the stored turns of the batch's events that their sessions' entries do
-        not hold (an entry read with only its running turns), for those entries."""
+        not hold (an entry read with only its last turn), into those entries."""
         wanted: dict[str, set[str]] = {}
         for r in batch:
             sid, turn_id = r.event.session_id, r.event.turn_id
