@@ -84,11 +84,16 @@ def encode_session(record: SessionRecord) -> bytes:
     summary = record.summary
     last = summary.last_turn
     out["summary"] = {
-        "counts": dataclasses.astuple(summary.counts),
-        "usage": dataclasses.astuple(summary.usage),
+        "counts": _numbers(summary.counts),
+        "usage": _numbers(summary.usage),
         "last_turn": None if last is None else last.turn_id,
     }
     return pack(orjson.dumps(out), FACTS)
+
+
+def _numbers(counters: TurnCounts | Usage) -> list[int]:
+    """A flat dataclass of counters as a list, in field order (faster than `astuple`)."""
+    return [getattr(counters, name) for name in counters.__slots__]
 
 
 def last_turn_of(facts: bytes) -> tuple[bool, str | None]:

@@ -22,6 +22,8 @@ from dataclasses import replace
 from itertools import chain
 from typing import Any
 
+from immutables import Map
+
 from relay.changes import Commit
 from relay.events import Event
 from relay.packed_bodies import CHANGE, pack
@@ -222,7 +224,7 @@ class BatchWriter:
                     entry,
                     stamp=entry.stamp + 1,
                     fired=entry.fired | {key},
-                    alerts=entry.alerts - {key},
+                    alerts=entry.alerts.delete(key) if key in entry.alerts else entry.alerts,
                 )
             conn.executemany(
                 "DELETE FROM alerts WHERE session_id = ? AND turn_id = ? AND kind = ?", due
@@ -340,7 +342,7 @@ class BatchWriter:
                     record,
                     version,
                     decode_fired(fired),
-                    frozenset(alerts.get(sid, ())),
+                    Map(dict.fromkeys(alerts.get(sid, ()))),
                     partial=True,
                 )
             else:
@@ -462,7 +464,11 @@ class BatchWriter:
             "SELECT kind, turn_id FROM alerts WHERE session_id = ?", (session_id,)
         ).fetchall()
         return SessionEntry(
-            replayed, stamp, decode_fired(fired), frozenset(map(tuple, alerts)), complete=False
+            replayed,
+            stamp,
+            decode_fired(fired),
+            Map(dict.fromkeys(map(tuple, alerts))),
+            complete=False,
         )
 
     def stored_events(self, session_id: str, up_to_seq: int) -> Iterable[Event]:
