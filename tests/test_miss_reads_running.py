@@ -25,7 +25,7 @@ from relay.store.facts import encode_session
 from relay.store.sqlite_writer import BatchWriter
 from tests.test_deadline_work import THRESHOLDS
 from tests.test_state import lifecycles
-from tests.test_state_cost import session_of, turn_event
+from tests.test_state_cost import allocated, session_of, turn_event
 
 RECEIVED = datetime(2026, 11, 20, 10, 0, tzinfo=UTC)
 
@@ -167,3 +167,18 @@ def test_a_batch_writes_as_many_bytes_with_many_running_turns() -> None:
     few, many = batch_bytes(2), batch_bytes(2_000)
     assert many <= few + 64, (few, many)
     assert len(encode_session(session_of(running=2_000, completed=0))) < 1_000
+
+
+def batch_memory(running: int) -> int:
+    """Most memory held at once deriving one new turn's start and its alert row."""
+    entry = entry_of(session_of(running=running, completed=0), 1, (), THRESHOLDS)
+    event = turn_event(EventType.TURN_STARTED, 95_000, "one_more")
+    return allocated(
+        lambda: derive_batch([ingest(event)], {}, 10_000, lambda sid: entry, THRESHOLDS)
+    )
+
+
+def test_a_batch_allocates_as_much_with_many_running_turns() -> None:
+    """A batch beside 2,000 running turns (and their alert rows) copies none of them."""
+    few, many = batch_memory(2), batch_memory(2_000)
+    assert many < few + 8_000, (few, many)
