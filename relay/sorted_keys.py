@@ -3,7 +3,7 @@ leaves the old one as it was (a treap that copies only the path it changes)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, Generic, Protocol, TypeVar
 
 
@@ -38,6 +38,23 @@ class SortedKeys(Generic[K]):
     def __init__(self, root: _Node[K] | None = None, size: int = 0) -> None:
         self._root = root
         self._size = size
+
+    @classmethod
+    def of(cls, keys: Iterable[K]) -> SortedKeys[K]:
+        """The set of `keys`, built in one pass once they are sorted (a Cartesian tree:
+        the same heap of priorities that adding them one by one makes)."""
+        ordered = sorted(set(keys))
+        stack: list[_Node[K]] = []  # the right spine, highest priority first
+        for key in ordered:
+            node = _Node(key, hash(key), None, None)
+            below = None
+            while stack and stack[-1].priority < node.priority:
+                below = stack.pop()
+            node.left = below
+            if stack:
+                stack[-1].right = node
+            stack.append(node)
+        return cls(stack[0] if stack else None, len(ordered))
 
     def __len__(self) -> int:
         return self._size

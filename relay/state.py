@@ -47,7 +47,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, overload
@@ -451,7 +451,6 @@ def _project_session(
     ready_at = None if facts.first_ready is None else facts.first_ready.occurred_at
     runtime_at = None if facts.runtime is None else facts.runtime.occurred_at
     active_id = summary.active_turn_id
-    active = None if active_id is None else turns[active_id]
     return SessionState(
         session_id=facts.session_id,
         provider=",".join(sorted(facts.providers)) or None,
@@ -464,8 +463,8 @@ def _project_session(
         created_at=created_at,
         ready_at=ready_at,
         time_to_ready_ms=None if ready_at is None else max(0, (ready_at - created_at) // _MS),
-        turn_status=SessionTurnStatus.RUNNING if active else SessionTurnStatus.IDLE,
-        active_turn_id=None if active is None else active.turn_id,
+        turn_status=SessionTurnStatus.IDLE if active_id is None else SessionTurnStatus.RUNNING,
+        active_turn_id=active_id,
         last_turn=summary.last_turn,
         counts=summary.counts,
         usage=summary.usage,
@@ -475,7 +474,7 @@ def _project_session(
     )
 
 
-_RunKey = tuple[datetime, str]  # (started_at, or the last activity if not started; turn id)
+RunKey = tuple[datetime, str]  # (started_at, or the last activity if not started; turn id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -488,11 +487,11 @@ class TurnSummary:
     turns, running or done, as in one with two.
     """
 
-    running: Map[str, _RunKey] = field(default_factory=Map)  # turn id -> its place below
+    running: Map[str, RunKey] = field(default_factory=Map)  # turn id -> its place below
     counts: TurnCounts = TurnCounts()
     usage: Usage = field(default_factory=Usage)
     last_turn: TurnState | None = None
-    by_start: SortedKeys[_RunKey] = field(default_factory=SortedKeys, compare=False)
+    by_start: SortedKeys[RunKey] = field(default_factory=SortedKeys, compare=False)
 
     @property
     def active_turn_id(self) -> str | None:
@@ -529,15 +528,28 @@ class TurnSummary:
         return TurnSummary(running, counts, usage, last, by_start)
 
 
-def _run_key(turn: TurnState) -> _RunKey:
+def _run_key(turn: TurnState) -> RunKey:
     return (turn.started_at or turn.updated_at, turn.turn_id)
 
 
 def _summarize(turns: Mapping[str, TurnState]) -> TurnSummary:
-    summary = TurnSummary()
+    """The summary of all of a session's turns, built in one pass."""
+    statuses = [turn.status for turn in turns.values()]
+    counts = TurnCounts(
+        turns=len(statuses),
+        completed=statuses.count(TurnStatus.COMPLETED),
+        failed=statuses.count(TurnStatus.FAILED),
+        conflicts=statuses.count(TurnStatus.CONFLICT),
+    )
+    usage = Usage()
     for turn in turns.values():
-        summary = summary.with_turn(None, turn)
-    return summary
+        if turn.usage is not None:
+            usage = _add_usage(usage, turn.usage, 1)
+    running = {
+        turn_id: _run_key(t) for turn_id, t in turns.items() if t.status == TurnStatus.RUNNING
+    }
+    last = max(turns.values(), key=_recency, default=None)
+    return TurnSummary(Map(running), counts, usage, last, SortedKeys.of(running.values()))
 
 
 def _moved(status: TurnStatus, before: TurnStatus | None, after: TurnStatus) -> int:
@@ -635,6 +647,63 @@ class SessionRecord:
         )
         summary = _summarize(turns)
         return cls(facts, _project_session(facts, turns, summary, version), turns, summary)
+
+    @classmethod
+    def restore(
+        cls,
+        facts: Facts,
+        version: int,
+        turn_versions: Mapping[str, int],
+        summary: StoredSummary,
+    ) -> SessionRecord:
+        """The record of stored `facts` whose turns are only some of the session's (its
+        last one at least, and its running ones unless `summary` places them); the
+        summary's counts and usage are over all of them.
+
+        The other turns stay where they are stored until an event for one arrives
+        (`with_stored_turns`), so this costs as much as the turns given.
+        """
+        sid = facts.session_id
+        turns = Map(
+            {
+                turn_id: _project_turn(sid, turn_id, t, turn_versions[turn_id])
+                for turn_id, t in facts.turns.items()
+            }
+        )
+        running = summary.running
+        if running is None:
+            running = {
+                turn_id: _run_key(t)
+                for turn_id, t in turns.items()
+                if t.status == TurnStatus.RUNNING
+            }
+        last = None if summary.last_turn_id is None else turns[summary.last_turn_id]
+        kept = TurnSummary(
+            Map(running), summary.counts, summary.usage, last, SortedKeys.of(running.values())
+        )
+        return cls(facts, _project_session(facts, turns, kept, version), turns, kept)
+
+    def with_stored_turns(self, stored: Mapping[str, tuple[TurnFacts, int]]) -> SessionRecord:
+        """The same record holding also the stored turns given (facts, snapshot version),
+        which its summary already counts."""
+        sid = self.facts.session_id
+        added = {turn_id: turn for turn_id, (turn, _) in stored.items()}
+        facts = replace(self.facts, turns=self.facts.turns.update(added))
+        turns = self.turns.update(
+            {k: _project_turn(sid, k, t, version) for k, (t, version) in stored.items()}
+        )
+        return SessionRecord(facts, self.session, turns, self.summary)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSummary:
+    """What a session's stored facts keep of its turn summary: its counts and usage sum
+    over all turns, its last turn's id and, if read, each running turn's place."""
+
+    counts: TurnCounts
+    usage: Usage
+    last_turn_id: str | None
+    running: Mapping[str, RunKey] | None = None  # None: from the turns given
 
 
 _SESSION_SLOTS = ("created", "runtime", "scope", "first_ready", "last_ready")

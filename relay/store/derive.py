@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
+from immutables import Map
 
 from relay.changes import RAW_PREFIX, REBUILT_FROM_EVENT, StoredChange, one_line, raw_change_of
 from relay.events import Event
@@ -40,6 +41,10 @@ from relay.store.facts import encode_session, encode_turn
 from relay.timefmt import format_time
 
 AlertKey = tuple[str, str]  # (alert type, turn id or "") within a session
+# A session's alert rows: a persistent set (keys to None), so that a batch that adds or
+# removes one costs the same however many the session has (one per running turn).
+AlertRows = Map[AlertKey, None]
+_NO_ROWS: AlertRows = Map()
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,8 +61,9 @@ class SessionEntry:
     record: SessionRecord | None
     stamp: int = 0  # the version of its stored facts row; 0: there is none
     fired: frozenset[AlertKey] = frozenset()  # fired alerts whose condition still holds
-    alerts: frozenset[AlertKey] = frozenset()  # its alert rows (alerts that can still fire)
+    alerts: AlertRows = _NO_ROWS  # its alert rows (alerts that can still fire), as a set
     complete: bool = True  # False: some turns' facts are not stored (rebuilt by a replay)
+    partial: bool = False  # the record holds only some turns: the others are read on demand
 
 
 NO_SESSION = SessionEntry(None)
@@ -69,7 +75,7 @@ def entry_of(
     """The entry of stored facts: its alert rows are what its state calls for, unfired."""
     fired = frozenset(fired)
     wanted = set() if record is None else wanted_alerts(record, thresholds)
-    return SessionEntry(record, stamp, fired, frozenset(wanted - fired))
+    return SessionEntry(record, stamp, fired, Map(dict.fromkeys(wanted - fired)))
 
 
 def wanted_alerts(record: SessionRecord, thresholds: Thresholds) -> set[AlertKey]:
@@ -267,22 +273,29 @@ def _next_entry(
     after the relay first saw its condition (in this batch); an alert row that stays
     keeps its due time.
     """
-    fired, alerts = _next_alerts(entry, record, turn_ids, thresholds)
-    if alerts != entry.alerts:
-        derived.alert_deletes += [(session_id, t, kind) for kind, t in entry.alerts - alerts]
+    fired, gone, new = _next_alerts(entry, record, turn_ids, thresholds)
+    alerts = entry.alerts
+    if gone or new:
+        derived.alert_deletes += [(session_id, t, kind) for kind, t in gone]
         derived.alert_inserts += [
-            (session_id, t, kind, seen + _threshold((kind, t), thresholds))
-            for kind, t in alerts - entry.alerts
+            (session_id, t, kind, seen + _threshold((kind, t), thresholds)) for kind, t in new
         ]
+        with alerts.mutate() as rows:
+            for key in gone:
+                del rows[key]
+            for key in new:
+                rows[key] = None
+            alerts = rows.finish()
     stamp = entry.stamp + 1
     derived.facts.append((session_id, stamp, encode_session(record), encode_fired(fired)))
-    return SessionEntry(record, stamp, fired, alerts)
+    return SessionEntry(record, stamp, fired, alerts, partial=entry.partial)
 
 
 def _next_alerts(
     entry: SessionEntry, record: SessionRecord, turn_ids: set[str], thresholds: Thresholds
-) -> tuple[frozenset[AlertKey], frozenset[AlertKey]]:
-    """The fired alerts whose condition still holds and the alert rows, after `record`.
+) -> tuple[frozenset[AlertKey], list[AlertKey], list[AlertKey]]:
+    """The fired alerts whose condition still holds after `record`, and the alert rows
+    that go and that come.
 
     The alerts wanted are those of the entry (its rows and fired ones) with the ones the
     batch ended taken out and the ones it began put in. An entry rebuilt by a replay has
@@ -291,7 +304,8 @@ def _next_alerts(
     if not entry.complete or entry.record is None:
         wanted = wanted_alerts(record, thresholds)
         fired = frozenset(key for key in entry.fired if key in wanted)
-        return fired, frozenset(wanted - fired)
+        rows = wanted - fired
+        return fired, [k for k in entry.alerts if k not in rows], sorted(rows - set(entry.alerts))
     added, removed = alert_deadline_changes(
         entry.record,
         record,
@@ -302,7 +316,9 @@ def _next_alerts(
     began = {_alert_key(d) for d in added}
     ended = {_alert_key(d) for d in removed} - began  # a moved due time is in both
     fired = entry.fired - ended if ended and entry.fired else entry.fired
-    return fired, (entry.alerts - ended) | (began - fired)
+    gone = sorted(key for key in ended if key in entry.alerts)
+    new = sorted(key for key in began - fired if key not in entry.alerts)
+    return fired, gone, new
 
 
 def plan_events(

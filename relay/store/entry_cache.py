@@ -23,7 +23,12 @@ TURN_BYTES = 800
 def entry_bytes(entry: SessionEntry) -> int:
     """The memory an entry is taken to hold."""
     record = entry.record
-    return SESSION_BYTES + (0 if record is None else TURN_BYTES * len(record.facts.turns))
+    if record is None:
+        return SESSION_BYTES
+    # An entry read from the store holds its running turns' places, not their facts:
+    # counted as turns, which overstates them.
+    held = max(len(record.facts.turns), len(record.summary.running))
+    return SESSION_BYTES + TURN_BYTES * held
 
 
 class EntryCache:

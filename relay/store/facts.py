@@ -10,6 +10,11 @@ session id (the row says it), and within a turn without its turn id. An event a 
 holds twice (its terminal event is most often its usage event too) is written the
 second time as the name of the first field that holds it. The JSON is stored packed
 (`relay.packed_bodies`); facts stored as plain JSON are read as well.
+
+A session's facts also keep what its snapshot sums over its turns (counts, usage, which
+turn is the last), so a session is read back with its last turn and the places of its
+running turns only; any other turn is read when an event for it arrives. Facts stored
+before they kept the sums are read with all their turns (and keep them once written).
 """
 
 from __future__ import annotations
@@ -17,15 +22,15 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
 import orjson
 
-from relay.events import Event
+from relay.events import Event, Usage
 from relay.packed_bodies import FACTS, pack, unpack
-from relay.state import Facts, SessionRecord, TurnFacts
+from relay.state import Facts, RunKey, SessionRecord, StoredSummary, TurnCounts, TurnFacts
 
 _FORMAT = 1
 _ALWAYS = ("source", "id", "type", "occurred_at")  # every event has them
@@ -71,10 +76,32 @@ _TURNS_TYPE: Any = type(Facts("", datetime.min, datetime.min).turns)
 
 
 def encode_session(record: SessionRecord) -> bytes:
-    """The session's own facts (its turns' go into their rows: `encode_turn`)."""
+    """The session's own facts (its turns' go into their rows: `encode_turn`), with what
+    its snapshot sums over all its turns (counts, usage, the last turn's id), so that it
+    is read back without its other turns (`last_turn_of`, `run_key`, `decode_record`)."""
     out: dict[str, Any] = {"format": _FORMAT, "version": record.session.version}
     _encode_fields(record.facts, _SESSION_KINDS, out, turn=True)
+    summary = record.summary
+    last = summary.last_turn
+    out["summary"] = {
+        "counts": _numbers(summary.counts),
+        "usage": _numbers(summary.usage),
+        "last_turn": None if last is None else last.turn_id,
+    }
     return pack(orjson.dumps(out), FACTS)
+
+
+def _numbers(counters: TurnCounts | Usage) -> list[int]:
+    """A flat dataclass of counters as a list, in field order (faster than `astuple`)."""
+    return [getattr(counters, name) for name in counters.__slots__]
+
+
+def last_turn_of(facts: bytes) -> tuple[bool, str | None]:
+    """Whether the stored session facts need all of the session's turns to be read back
+    (stored before they summed their turns), and else the id of its last turn, which is
+    read with its running turns."""
+    summary = orjson.loads(unpack(facts)).get("summary")
+    return (True, None) if summary is None else (False, summary["last_turn"])
 
 
 def encode_turn(record: SessionRecord, turn_id: str) -> bytes:
@@ -84,23 +111,55 @@ def encode_turn(record: SessionRecord, turn_id: str) -> bytes:
     return pack(orjson.dumps(out), FACTS)
 
 
+def decode_turns(
+    session_id: str, rows: Iterable[tuple[str, bytes]]
+) -> dict[str, tuple[TurnFacts, int]]:
+    """Stored turns' facts by turn id (in the order given), each with its snapshot's
+    version."""
+    out = {}
+    for turn_id, blob in rows:
+        turn = orjson.loads(unpack(blob))
+        fields = _decode_fields(turn, _TURN_KINDS, session_id, turn_id)
+        out[turn_id] = (TurnFacts(**fields), turn["version"])
+    return out
+
+
+def run_key(turn_id: str, facts: bytes) -> RunKey:
+    """A running turn's place among the running ones, read from its stored facts without
+    decoding them: when it started or, if it has not, its newest event (`latest`)."""
+    data = orjson.loads(unpack(facts))
+    event = data.get("started") or data["latest"]
+    if isinstance(event, str):  # written once: the name of the field that holds it
+        event = data[event]
+    return (datetime.fromisoformat(event["occurred_at"]), turn_id)
+
+
 def decode_record(
-    session_id: str, facts: bytes, turns: Iterable[tuple[str, bytes]]
+    session_id: str,
+    facts: bytes,
+    turns: Iterable[tuple[str, bytes]],
+    running: Mapping[str, RunKey] | None = None,
 ) -> SessionRecord:
     """The record written by `encode_session` and `encode_turn` (turns in first-seen order;
-    facts stored before they were packed, JSON, are read alike)."""
+    facts stored before they were packed, JSON, are read alike). The turns given are all
+    of the session's, or (facts that sum their turns) at least its last one and its
+    running ones, or else the places of those (`running`, from `run_key`): the others are
+    read when an event for one comes (`decode_turns`)."""
     data = orjson.loads(unpack(facts))
     if data.get("format") != _FORMAT:
         raise ValueError(f"unknown session facts format {data.get('format')!r}")
-    turn_facts: dict[str, TurnFacts] = {}
-    versions: dict[str, int] = {}
-    for turn_id, blob in turns:
-        turn = orjson.loads(unpack(blob))
-        versions[turn_id] = turn["version"]
-        turn_facts[turn_id] = TurnFacts(**_decode_fields(turn, _TURN_KINDS, session_id, turn_id))
+    stored = decode_turns(session_id, turns)
+    turn_facts = {turn_id: turn for turn_id, (turn, _) in stored.items()}
+    versions = {turn_id: version for turn_id, (_, version) in stored.items()}
     fields = _decode_fields(data, _SESSION_KINDS, session_id, None)
     session = Facts(session_id=session_id, turns=_TURNS_TYPE(turn_facts), **fields)
-    return SessionRecord.rebuild(session, data["version"], versions)
+    summary = data.get("summary")
+    if summary is None:
+        return SessionRecord.rebuild(session, data["version"], versions)
+    kept = StoredSummary(
+        TurnCounts(*summary["counts"]), Usage(*summary["usage"]), summary["last_turn"], running
+    )
+    return SessionRecord.restore(session, data["version"], versions, kept)
 
 
 def _encode_fields(

@@ -126,6 +126,6 @@ def _compare_facts(conn: sqlite3.Connection, records: dict[str, SessionRecord]) 
     ):
         record = records.get(session_id)
         stored = decode_record(session_id, facts, turns.get(session_id, []))
-        if record is None or stored.facts != record.facts:
+        if record is None or stored.facts != record.facts or stored.session != record.session:
             problems.append(f"session {session_id}: stored facts differ from a replay")
     return problems

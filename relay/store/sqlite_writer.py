@@ -8,9 +8,10 @@ nor a change without its event.
 What a batch derives is decided by `derive` (shared with the other backends); this
 module reads the sessions' facts and writes the rows. Session entries (the state
 machine's facts) live in an LRU cache on this thread, bounded in bytes (`entry_cache`);
-on a miss they are read from the session's stored facts (`session_facts` and its turns'
-rows), never by replaying its events, except once for a session stored before facts
-were (see migration 0009).
+on a miss they are read from the session's stored facts (`session_facts`, its last
+turn's row, its running turns' places and its alert rows), never by replaying its
+events, except once for a session stored before facts were (see migration 0009); any
+other turn's row is read when an event (or an alert) for that turn comes.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from dataclasses import replace
 from itertools import chain
 from typing import Any
 
+from immutables import Map
+
 from relay.changes import Commit
 from relay.events import Event
 from relay.packed_bodies import CHANGE, pack
-from relay.state import affects_state, derive_session
+from relay.state import RunKey, affects_state, derive_session
 from relay.store import IngestRecord, IngestResult
 from relay.store.derive import (
     NO_SESSION,
@@ -40,7 +43,7 @@ from relay.store.derive import (
     number_changes,
 )
 from relay.store.entry_cache import EntryCache
-from relay.store.facts import decode_record
+from relay.store.facts import decode_record, decode_turns, last_turn_of, run_key
 from relay.store.retention import Pruned, prune_batch
 from relay.timefmt import format_unix, parse_time
 
@@ -76,6 +79,7 @@ class BatchWriter:
         self.cache = EntryCache(cache_bytes)
         self.loaded: dict[str, SessionEntry] = {}  # the batch's sessions read from the store
         self.facts_from_seq: int | None = None  # sessions before may have no facts row
+        self.turn_rows_read = 0  # stored turns' facts read into entries, in all
 
     # -- ingest ----------------------------------------------------------------------------
 
@@ -118,6 +122,7 @@ class BatchWriter:
             self.last_seq = derived.events[-1][0]
         self.last_change = last_change
         self._remember(derived.entries)
+        self.loaded.clear()
         return derived.results, commit
 
     def _write_derived(self, derived: Derived) -> tuple[Commit, int]:
@@ -200,6 +205,8 @@ class BatchWriter:
             fired: dict[str, SessionEntry] = {}
             for session_id, turn_id, kind in due:
                 entry = fired.get(session_id) or self._entry(session_id)
+                if turn_id:
+                    entry = self._holding(session_id, entry, [turn_id])
                 record = entry.record
                 turn = record.turns.get(turn_id) if record is not None and turn_id else None
                 drafts.append(
@@ -217,7 +224,7 @@ class BatchWriter:
                     entry,
                     stamp=entry.stamp + 1,
                     fired=entry.fired | {key},
-                    alerts=entry.alerts - {key},
+                    alerts=entry.alerts.delete(key) if key in entry.alerts else entry.alerts,
                 )
             conn.executemany(
                 "DELETE FROM alerts WHERE session_id = ? AND turn_id = ? AND kind = ?", due
@@ -267,10 +274,10 @@ class BatchWriter:
     # -- session entries -------------------------------------------------------------------
 
     def _entry(self, session_id: str) -> SessionEntry:
-        entry = self.cache.get(session_id)
+        entry = self.loaded.get(session_id)  # read for this batch: newer than a cached one
         if entry is not None:
             return entry
-        entry = self.loaded.get(session_id)
+        entry = self.cache.get(session_id)
         if entry is not None:
             return entry
         assert self.last_seq is not None
@@ -279,7 +286,9 @@ class BatchWriter:
     def _load_entries(self, batch: list[IngestRecord]) -> None:
         """Read the stored facts of the batch's sessions that are not cached, a few
         statements for the whole batch; a session with no facts row is new (or, stored
-        before facts were, left to `load_entry`)."""
+        before facts were, left to `load_entry`). A session is read with its running
+        turns and its last one; a turn of the batch's events that its entry does not
+        hold is read then (`_load_turns`)."""
         self.loaded.clear()
         missing = sorted(
             {
@@ -290,10 +299,12 @@ class BatchWriter:
                 and affects_state(r.event)
             }
         )
-        if not missing:
-            return
+        if missing:
+            self._load_sessions(missing)
+        self._load_turns(batch)
+
+    def _load_sessions(self, missing: list[str]) -> None:
         rows: dict[str, tuple[int, bytes | None, str]] = {}
-        turns: dict[str, list[tuple[str, bytes]]] = {}
         for chunk, marks in _in_chunks(missing):
             for sid, version, facts, fired in self.conn.execute(
                 "SELECT session_id, version, facts, fired FROM session_facts"
@@ -301,23 +312,122 @@ class BatchWriter:
                 chunk,
             ):
                 rows[sid] = (version, facts, fired)
-        stored = [sid for sid, (_, facts, _) in rows.items() if facts is not None]
-        for chunk, marks in _in_chunks(stored):
-            for sid, turn_id, facts in self.conn.execute(
-                "SELECT session_id, turn_id, facts FROM turns"
-                f" WHERE session_id IN ({marks}) ORDER BY rowid",
-                chunk,
-            ):
-                turns.setdefault(sid, []).append((turn_id, facts))
+        every: list[str] = []  # facts stored before they summed their turns
+        last: dict[str, str | None] = {}
+        for sid, (_, facts, _) in rows.items():
+            if facts is not None:
+                needs_all, last_turn = last_turn_of(facts)
+                if needs_all:
+                    every.append(sid)
+                else:
+                    last[sid] = last_turn
+        turns = self._select_turns(every, "")
+        pairs = [(sid, turn_id) for sid, turn_id in last.items() if turn_id is not None]
+        turns.update(self._turn_rows(pairs))
+        self.turn_rows_read += sum(len(found) for found in turns.values())
+        running: dict[str, dict[str, RunKey]] = {sid: {} for sid in last}
+        for sid, found in self._select_turns(list(last), " AND status = 'running'").items():
+            running[sid] = {turn_id: run_key(turn_id, facts) for turn_id, facts in found}
+        alerts = self._alert_rows(list(last))
         unstored = [sid for sid in missing if rows.get(sid, (0, None, ""))[1] is None]
         legacy = self._stored_before_facts(unstored)
         for sid in missing:
             version, facts, fired = rows.get(sid, (0, None, None))
-            if facts is not None:
+            if facts is None:
+                if sid not in legacy:
+                    self.loaded[sid] = NO_SESSION
+            elif sid in last:
+                record = decode_record(sid, facts, turns.get(sid, []), running[sid])
+                self.loaded[sid] = SessionEntry(
+                    record,
+                    version,
+                    decode_fired(fired),
+                    Map(dict.fromkeys(alerts.get(sid, ()))),
+                    partial=True,
+                )
+            else:
                 record = decode_record(sid, facts, turns.get(sid, []))
                 self.loaded[sid] = entry_of(record, version, decode_fired(fired), self.thresholds)
-            elif sid not in legacy:
-                self.loaded[sid] = NO_SESSION
+
+    def _select_turns(
+        self, sessions: list[str], condition: str
+    ) -> dict[str, list[tuple[str, bytes]]]:
+        """The stored facts of the sessions' turns that meet `condition`, by session."""
+        turns: dict[str, list[tuple[str, bytes]]] = {}
+        for chunk, marks in _in_chunks(sessions):
+            for sid, turn_id, facts in self.conn.execute(
+                "SELECT session_id, turn_id, facts FROM turns"
+                f" WHERE session_id IN ({marks}){condition} ORDER BY rowid",
+                chunk,
+            ):
+                turns.setdefault(sid, []).append((turn_id, facts))
+        return turns
+
+    def _alert_rows(self, sessions: list[str]) -> dict[str, list[tuple[str, str]]]:
+        """The sessions' alert rows (alerts that can still fire), by session."""
+        found: dict[str, list[tuple[str, str]]] = {}
+        for chunk, marks in _in_chunks(sessions):
+            for sid, turn_id, kind in self.conn.execute(
+                f"SELECT session_id, turn_id, kind FROM alerts WHERE session_id IN ({marks})",
+                chunk,
+            ):
+                found.setdefault(sid, []).append((kind, turn_id))
+        return found
+
+    def _load_turns(self, batch: list[IngestRecord]) -> None:
+        """Read the stored turns of the batch's events that their sessions' entries do
+        not hold (an entry read with only its last turn), into those entries."""
+        wanted: dict[str, set[str]] = {}
+        for r in batch:
+            sid, turn_id = r.event.session_id, r.event.turn_id
+            if sid is not None and turn_id is not None and affects_state(r.event):
+                wanted.setdefault(sid, set()).add(turn_id)
+        pairs: list[tuple[str, str]] = []
+        entries: dict[str, SessionEntry] = {}
+        for sid, turn_ids in wanted.items():
+            entry = self.loaded.get(sid) or self.cache.get(sid)
+            if entry is None or not entry.partial or entry.record is None:
+                continue
+            held = entry.record.facts.turns
+            unheld = sorted(t for t in turn_ids if t not in held)
+            if unheld:
+                entries[sid] = entry
+                pairs += [(sid, t) for t in unheld]
+        if not pairs:
+            return
+        found = self._turn_rows(pairs)
+        self.turn_rows_read += sum(len(rows) for rows in found.values())
+        for sid, rows in found.items():
+            entry = entries[sid]
+            assert entry.record is not None
+            record = entry.record.with_stored_turns(decode_turns(sid, rows))
+            self.loaded[sid] = replace(entry, record=record)
+
+    def _holding(self, session_id: str, entry: SessionEntry, turn_ids: list[str]) -> SessionEntry:
+        """The entry holding the stored turns given (read if it holds only some turns)."""
+        record = entry.record
+        if not entry.partial or record is None:
+            return entry
+        unheld = [(session_id, t) for t in turn_ids if t not in record.facts.turns]
+        rows = self._turn_rows(unheld).get(session_id) if unheld else None
+        if not rows:
+            return entry
+        self.turn_rows_read += len(rows)
+        return replace(entry, record=record.with_stored_turns(decode_turns(session_id, rows)))
+
+    def _turn_rows(self, pairs: list[tuple[str, str]]) -> dict[str, list[tuple[str, bytes]]]:
+        """The stored facts of the (session id, turn id) given, by session."""
+        found: dict[str, list[tuple[str, bytes]]] = {}
+        for start in range(0, len(pairs), _CHUNK):
+            chunk = pairs[start : start + _CHUNK]
+            values = ",".join(["(?, ?)"] * len(chunk))
+            for sid, turn_id, facts in self.conn.execute(
+                "SELECT session_id, turn_id, facts FROM turns"
+                f" WHERE (session_id, turn_id) IN (VALUES {values})",
+                list(chain.from_iterable(chunk)),
+            ):
+                found.setdefault(sid, []).append((turn_id, facts))
+        return found
 
     def _stored_before_facts(self, session_ids: list[str]) -> set[str]:
         """Those of the sessions with no stored facts that have events from before facts
@@ -347,18 +457,18 @@ class BatchWriter:
         ).fetchone()
         stamp, facts, fired = row if row is not None else (0, None, None)
         if facts is not None:
-            turns = conn.execute(
-                "SELECT turn_id, facts FROM turns WHERE session_id = ? ORDER BY rowid",
-                (session_id,),
-            ).fetchall()
-            record = decode_record(session_id, facts, turns)
-            return entry_of(record, stamp, decode_fired(fired), self.thresholds)
+            self._load_sessions([session_id])
+            return self.loaded.pop(session_id)
         replayed = derive_session(self.stored_events(session_id, up_to_seq))
         alerts = conn.execute(
             "SELECT kind, turn_id FROM alerts WHERE session_id = ?", (session_id,)
         ).fetchall()
         return SessionEntry(
-            replayed, stamp, decode_fired(fired), frozenset(map(tuple, alerts)), complete=False
+            replayed,
+            stamp,
+            decode_fired(fired),
+            Map(dict.fromkeys(map(tuple, alerts))),
+            complete=False,
         )
 
     def stored_events(self, session_id: str, up_to_seq: int) -> Iterable[Event]:
@@ -384,6 +494,7 @@ class BatchWriter:
     def _abandon(self) -> None:
         """Roll back; the counters are read again (and the cache dropped) next time."""
         self.last_seq = None
+        self.loaded.clear()
         if self.conn.in_transaction:
             self.conn.execute("ROLLBACK")
 
