@@ -91,12 +91,14 @@ class PostgresStore(PostgresFollows):
         alerts: AlertSettings,
         retention: RetentionSettings | None = None,
         pool_size: int = 8,
+        in_flight: int = _IN_FLIGHT,
     ) -> None:
         super().__init__()
         self._settings = settings
         self._decode = decoder(providers)
         self._thresholds = Thresholds(alerts.turn_stall_seconds, alerts.ready_timeout_seconds)
         self._pool_size = pool_size
+        self._in_flight = in_flight
         self._listeners: list[Callable[[Commit], None]] = []
         self._commits: GroupCommit | None = None
         self._cache: OrderedDict[str, SessionEntry] = OrderedDict()
@@ -130,7 +132,7 @@ class PostgresStore(PostgresFollows):
             self.list_changes,
             _unavailable,
             self._settings.batch_max,
-            in_flight=_IN_FLIGHT,
+            in_flight=self._in_flight,
             fill_gaps=False,
         )
         self._commits.listeners = self._listeners
