@@ -1,17 +1,18 @@
 """The cluster store: PostgreSQL through an asyncpg pool, shared by several relays.
 
 Ingests are batched per instance (`base.GroupCommit`) and each batch is derived and
-written in one transaction:
+written in one transaction, in few round trips:
 
+0. (before the transaction) the seqs of the batch's events already stored are looked up;
 1. the facts rows of the batch's sessions are locked (`FOR UPDATE`, in session id
    order, so that two instances never wait on each other in a cycle); a session's
    cached entry is used only if its row's version is still the one cached, otherwise
    its facts are read again (another instance changed them);
-2. the batch is derived (`derive.derive_batch`) with seqs counted from 0, and the rows
-   that need no seq are written (turns, facts, alert rows);
-3. late, the event seqs and change ids are taken from the `counters` rows (`UPDATE ...
-   RETURNING`), which stay locked until the commit; the events, changes and session
-   rows are written; the transaction commits.
+2. the batch is derived (`derive.derive_batch`) with seqs counted from 0;
+3. late, the event seqs and change ids are taken from the `counters` rows (one
+   `UPDATE ... RETURNING`), which stay locked until the commit; one statement writes
+   every row of the batch (turns, facts, alert rows, events, changes, sessions); the
+   transaction commits.
 
 Because each transaction holds the counter rows from taking its ids to its commit,
 ids become visible in id order across instances: a reader past id 10 can never later
@@ -72,7 +73,7 @@ from relay.timefmt import format_unix
 log = structlog.get_logger("relay.store")
 
 _CACHE_SESSIONS = 10_000
-_IN_FLIGHT = 2  # batches of an instance written at once: one derives while one commits
+_IN_FLIGHT = 1  # batches of an instance written at once: one derives while one commits
 _RETRIES = 5  # a batch whose events another instance stored meanwhile is run again
 _PROBE_SECONDS = 1.0
 _ALERTS_PER_RUN = 500
@@ -227,8 +228,10 @@ class PostgresStore(PostgresFollows):
         for _ in range(_RETRIES):
             held: list[int] = []
             try:
-                async with pool.acquire() as conn, conn.transaction():
-                    derived, changes = await self._write_in(conn, batch, held)
+                async with pool.acquire() as conn:
+                    existing = await _existing_seqs(conn, batch)  # a race ends in a rerun
+                    async with conn.transaction():
+                        derived, changes = await self._write_in(conn, batch, existing, held)
             except (_StoredElsewhere, asyncpg.DeadlockDetectedError):
                 self._release(held)
                 continue
@@ -240,21 +243,23 @@ class PostgresStore(PostgresFollows):
         raise StoreUnavailable("the batch's events kept being stored elsewhere meanwhile")
 
     async def _write_in(
-        self, conn: asyncpg.Connection, batch: list[IngestRecord], held: list[int]
+        self,
+        conn: asyncpg.Connection,
+        batch: list[IngestRecord],
+        existing: dict[tuple[str, str], int],
+        held: list[int],
     ) -> tuple[Derived, list[StoredChange]]:
         sessions = sorted(
             {r.event.session_id for r in batch if r.event.session_id and affects_state(r.event)}
         )
         entries = await self._lock_sessions(conn, sessions)
-        existing = await _existing_seqs(conn, batch)
         derived = derive_batch(
             batch, existing, 0, lambda sid: entries.get(sid, NO_SESSION), self._thresholds
         )
-        await _write_facts(conn, derived)
         if not (derived.events or derived.changes or derived.sessions or derived.activity):
             return derived, []
         # From here on, the counter rows stay locked until the commit: one statement
-        # takes the ids, one writes what needs them.
+        # takes the ids, one writes the batch.
         last = await _take(conn, len(derived.events), len(derived.changes))
         derived = derived.shifted(last.get("event_seq", 0) - len(derived.events))
         before = last.get("change_id", 0) - len(derived.changes)
@@ -262,7 +267,11 @@ class PostgresStore(PostgresFollows):
         if changes:
             self._hold(changes[0].id, held)
         inserted = await conn.fetchval(
-            _WRITE_LOG,
+            _WRITE,
+            *_columns(derived.turns, 6),
+            *_columns(derived.facts, 4),
+            *_columns(derived.alert_deletes, 3),
+            *_columns(derived.alert_inserts, 4),
             *_columns(derived.events, 9),
             *_columns(rows, 6),
             *_columns(derived.sessions, 6),
@@ -418,32 +427,11 @@ _TAKE = (
     " UPDATE counters c SET value = c.value + t.amount FROM t"
     " WHERE c.name = t.name RETURNING c.name, c.value"
 )
-# The rows that need the taken ids, in one statement: the events (returning how many
+# The batch's rows in one statement, run once the ids are taken: the touched turns (new
+# ones in order: their position counts), the sessions' facts and their alert rows (the
+# deleted and the inserted ones never share a key), the events (returning how many
 # landed), the changes, the touched sessions and the newest seq of the untouched ones.
-_WRITE_LOG = (
-    "WITH e AS (INSERT INTO events"
-    " (seq, source, event_id, type, session_id, turn_id, occurred_at, received_at, payload)"
-    " SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],"
-    " $6::text[], $7::text[], $8::text[], $9::bytea[]) ON CONFLICT DO NOTHING RETURNING 1),"
-    " c AS (INSERT INTO changes (id, type, session_id, turn_id, event_seq, body)"
-    " SELECT * FROM unnest($10::bigint[], $11::text[], $12::text[], $13::text[],"
-    " $14::bigint[], $15::bytea[])),"
-    " s AS (INSERT INTO sessions"
-    " (session_id, version, readiness, turn_status, activity_seq, snapshot)"
-    " SELECT * FROM unnest($16::text[], $17::int[], $18::text[], $19::text[], $20::bigint[],"
-    " $21::bytea[]) ON CONFLICT (session_id) DO UPDATE"
-    " SET version = excluded.version, readiness = excluded.readiness,"
-    " turn_status = excluded.turn_status, snapshot = excluded.snapshot,"
-    " activity_seq = greatest(sessions.activity_seq, excluded.activity_seq)),"
-    " a AS (UPDATE sessions s SET activity_seq = greatest(s.activity_seq, v.seq)"
-    " FROM unnest($22::text[], $23::bigint[]) AS v (session_id, seq)"
-    " WHERE s.session_id = v.session_id)"
-    " SELECT count(*) FROM e"
-)
-# What needs no ids, in one statement: the touched turns (new ones in order: their
-# position counts), the sessions' facts, and their alert rows (the deleted and the
-# inserted ones never share a key).
-_WRITE_FACTS = (
+_WRITE = (
     "WITH t AS (INSERT INTO turns (session_id, turn_id, status, version, snapshot, facts)"
     " SELECT s, t, st, v, sn, f FROM unnest($1::text[], $2::text[], $3::text[], $4::int[],"
     " $5::bytea[], $6::bytea[]) WITH ORDINALITY AS r (s, t, st, v, sn, f, n) ORDER BY n"
@@ -456,10 +444,28 @@ _WRITE_FACTS = (
     " SET version = excluded.version, facts = excluded.facts, fired = excluded.fired),"
     " d AS (DELETE FROM alerts a USING unnest($11::text[], $12::text[], $13::text[])"
     " AS k (session_id, turn_id, kind) WHERE a.session_id = k.session_id"
-    " AND a.turn_id = k.turn_id AND a.kind = k.kind)"
-    " INSERT INTO alerts (session_id, turn_id, kind, due_at)"
+    " AND a.turn_id = k.turn_id AND a.kind = k.kind),"
+    " i AS (INSERT INTO alerts (session_id, turn_id, kind, due_at)"
     " SELECT * FROM unnest($14::text[], $15::text[], $16::text[], $17::float8[])"
-    " ON CONFLICT DO NOTHING"
+    " ON CONFLICT DO NOTHING),"
+    " e AS (INSERT INTO events"
+    " (seq, source, event_id, type, session_id, turn_id, occurred_at, received_at, payload)"
+    " SELECT * FROM unnest($18::bigint[], $19::text[], $20::text[], $21::text[], $22::text[],"
+    " $23::text[], $24::text[], $25::text[], $26::bytea[]) ON CONFLICT DO NOTHING RETURNING 1),"
+    " c AS (INSERT INTO changes (id, type, session_id, turn_id, event_seq, body)"
+    " SELECT * FROM unnest($27::bigint[], $28::text[], $29::text[], $30::text[],"
+    " $31::bigint[], $32::bytea[])),"
+    " s AS (INSERT INTO sessions"
+    " (session_id, version, readiness, turn_status, activity_seq, snapshot)"
+    " SELECT * FROM unnest($33::text[], $34::int[], $35::text[], $36::text[], $37::bigint[],"
+    " $38::bytea[]) ON CONFLICT (session_id) DO UPDATE"
+    " SET version = excluded.version, readiness = excluded.readiness,"
+    " turn_status = excluded.turn_status, snapshot = excluded.snapshot,"
+    " activity_seq = greatest(sessions.activity_seq, excluded.activity_seq)),"
+    " a AS (UPDATE sessions s SET activity_seq = greatest(s.activity_seq, v.seq)"
+    " FROM unnest($39::text[], $40::bigint[]) AS v (session_id, seq)"
+    " WHERE s.session_id = v.session_id)"
+    " SELECT count(*) FROM e"
 )
 
 
@@ -510,18 +516,6 @@ async def _append_changes(
         *_columns(rows, 6),
     )
     return changes
-
-
-async def _write_facts(conn: asyncpg.Connection, derived: Derived) -> None:
-    """What needs no seq: the touched turns, the sessions' facts and their alert rows."""
-    if derived.turns or derived.facts or derived.alert_deletes or derived.alert_inserts:
-        await conn.execute(
-            _WRITE_FACTS,
-            *_columns(derived.turns, 6),
-            *_columns(derived.facts, 4),
-            *_columns(derived.alert_deletes, 3),
-            *_columns(derived.alert_inserts, 4),
-        )
 
 
 async def _snapshots(conn: asyncpg.Connection, rows: Sequence[Any]) -> dict[tuple[str, str], bytes]:
