@@ -73,7 +73,7 @@ from relay.timefmt import format_unix
 log = structlog.get_logger("relay.store")
 
 _CACHE_SESSIONS = 10_000
-_IN_FLIGHT = 1  # batches of an instance written at once: one derives while one commits
+_IN_FLIGHT = 1  # batches written at once (two were no faster: both derive on the loop)
 _RETRIES = 5  # a batch whose events another instance stored meanwhile is run again
 _PROBE_SECONDS = 1.0
 _ALERTS_PER_RUN = 500
