@@ -37,6 +37,11 @@ class GroupCommit:
     preceded by the changes in between, read back from the store: the one writer
     committed them but its answer was lost. Several writers (cluster mode) leave no
     such gaps to fill here: other instances' changes reach subscribers through the hub.
+
+    A backend whose batches take their change ids in one order and commit in it (a
+    lock held from taking the ids to the commit) but whose answers may resume out of
+    it says so with `hold` when it takes the ids: a commit with later ids is then not
+    handed over before that one is (or before it is dropped with `release`).
     """
 
     def __init__(
@@ -59,6 +64,7 @@ class GroupCommit:
         self._writing: dict[asyncio.Task[None], list[Pending]] = {}  # batches not answered
         self._published = 0  # the newest change id handed to the commit listeners
         self._publishing = asyncio.Lock()
+        self._held: dict[int, asyncio.Event] = {}  # first change ids taken, not handed over
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -159,18 +165,36 @@ class GroupCommit:
             start += len(records)
         await self.deliver(commit)
 
+    def hold(self, first: int) -> None:
+        """Changes from id `first` on were just taken by a transaction not committed yet:
+        commits of later ids wait for it to be delivered or released."""
+        self._held[first] = asyncio.Event()
+
+    def release(self, first: int) -> None:
+        """The transaction that held `first` ended without a commit to deliver."""
+        held = self._held.pop(first, None)
+        if held is not None:
+            held.set()
+
     async def deliver(self, commit: Commit | None) -> None:
         """Hand `commit` to the listeners, in change id order after any change that was
         committed but never handed over. With no commit, only look for one."""
-        async with self._publishing:  # taken in commit order: answers come in order
-            if commit is None:
-                if self._fill_gaps:
-                    await self._publish_missed(None)
-                return
-            first = commit.changes[0].id if commit.changes else None
-            if self._fill_gaps and first is not None and first > self._published + 1:
-                await self._publish_missed(first)
-            self._publish(commit)
+        first = commit.changes[0].id if commit is not None and commit.changes else None
+        try:
+            if first is not None:  # lower ids held now were taken before: wait for them
+                for earlier in [held for key, held in self._held.items() if key < first]:
+                    await earlier.wait()
+            async with self._publishing:  # taken in commit order: answers come in order
+                if commit is None:
+                    if self._fill_gaps:
+                        await self._publish_missed(None)
+                    return
+                if self._fill_gaps and first is not None and first > self._published + 1:
+                    await self._publish_missed(first)
+                self._publish(commit)
+        finally:
+            if first is not None:
+                self.release(first)
 
     async def _publish_missed(self, before: int | None) -> None:
         """Publish the stored changes after the last one published (and before `before`);

@@ -1,17 +1,18 @@
 """The cluster store: PostgreSQL through an asyncpg pool, shared by several relays.
 
 Ingests are batched per instance (`base.GroupCommit`) and each batch is derived and
-written in one transaction:
+written in one transaction, in few round trips:
 
+0. (before the transaction) the seqs of the batch's events already stored are looked up;
 1. the facts rows of the batch's sessions are locked (`FOR UPDATE`, in session id
    order, so that two instances never wait on each other in a cycle); a session's
    cached entry is used only if its row's version is still the one cached, otherwise
    its facts are read again (another instance changed them);
-2. the batch is derived (`derive.derive_batch`) with seqs counted from 0, and the rows
-   that need no seq are written (turns, facts, alert rows);
-3. late, the event seqs and change ids are taken from the `counters` rows (`UPDATE ...
-   RETURNING`), which stay locked until the commit; the events, changes and session
-   rows are written; the transaction commits.
+2. the batch is derived (`derive.derive_batch`) with seqs counted from 0;
+3. late, the event seqs and change ids are taken from the `counters` rows (one
+   `UPDATE ... RETURNING`), which stay locked until the commit; one statement writes
+   every row of the batch (turns, facts, alert rows, events, changes, sessions); the
+   transaction commits.
 
 Because each transaction holds the counter rows from taking its ids to its commit,
 ids become visible in id order across instances: a reader past id 10 can never later
@@ -72,6 +73,7 @@ from relay.timefmt import format_unix
 log = structlog.get_logger("relay.store")
 
 _CACHE_SESSIONS = 10_000
+_IN_FLIGHT = 1  # batches written at once (two were no faster: both derive on the loop)
 _RETRIES = 5  # a batch whose events another instance stored meanwhile is run again
 _PROBE_SECONDS = 1.0
 _ALERTS_PER_RUN = 500
@@ -90,12 +92,14 @@ class PostgresStore(PostgresFollows):
         alerts: AlertSettings,
         retention: RetentionSettings | None = None,
         pool_size: int = 8,
+        in_flight: int = _IN_FLIGHT,
     ) -> None:
         super().__init__()
         self._settings = settings
         self._decode = decoder(providers)
         self._thresholds = Thresholds(alerts.turn_stall_seconds, alerts.ready_timeout_seconds)
         self._pool_size = pool_size
+        self._in_flight = in_flight
         self._listeners: list[Callable[[Commit], None]] = []
         self._commits: GroupCommit | None = None
         self._cache: OrderedDict[str, SessionEntry] = OrderedDict()
@@ -129,6 +133,7 @@ class PostgresStore(PostgresFollows):
             self.list_changes,
             _unavailable,
             self._settings.batch_max,
+            in_flight=self._in_flight,
             fill_gaps=False,
         )
         self._commits.listeners = self._listeners
@@ -221,38 +226,71 @@ class PostgresStore(PostgresFollows):
     async def _write_batch(self, batch: list[IngestRecord]) -> tuple[list[IngestResult], Commit]:
         pool = self._connected()
         for _ in range(_RETRIES):
+            held: list[int] = []
             try:
-                async with pool.acquire() as conn, conn.transaction():
-                    derived, changes = await self._write_in(conn, batch)
+                async with pool.acquire() as conn:
+                    existing = await _existing_seqs(conn, batch)  # a race ends in a rerun
+                    async with conn.transaction():
+                        derived, changes = await self._write_in(conn, batch, existing, held)
             except (_StoredElsewhere, asyncpg.DeadlockDetectedError):
+                self._release(held)
                 continue
+            except BaseException:
+                self._release(held)
+                raise
             self._remember(derived.entries)
             return derived.results, Commit(changes, derived.versions)
         raise StoreUnavailable("the batch's events kept being stored elsewhere meanwhile")
 
     async def _write_in(
-        self, conn: asyncpg.Connection, batch: list[IngestRecord]
+        self,
+        conn: asyncpg.Connection,
+        batch: list[IngestRecord],
+        existing: dict[tuple[str, str], int],
+        held: list[int],
     ) -> tuple[Derived, list[StoredChange]]:
         sessions = sorted(
             {r.event.session_id for r in batch if r.event.session_id and affects_state(r.event)}
         )
         entries = await self._lock_sessions(conn, sessions)
-        existing = await _existing_seqs(conn, batch)
         derived = derive_batch(
             batch, existing, 0, lambda sid: entries.get(sid, NO_SESSION), self._thresholds
         )
-        await _write_facts(conn, derived)
-        if derived.events:  # from here on, the counter rows stay locked until the commit
-            last = await conn.fetchval(_TAKE, "event_seq", len(derived.events))
-            derived = derived.shifted(last - len(derived.events))
-            inserted = await conn.execute(_INSERT_EVENTS, *zip(*derived.events, strict=True))
-            if int(inserted.rsplit(" ", 1)[1]) != len(derived.events):
-                raise _StoredElsewhere
-        changes: list[StoredChange] = []
-        if derived.changes:
-            changes = await _append_changes(conn, derived.changes)
-        await _write_sessions(conn, derived)
+        if not (derived.events or derived.changes or derived.sessions or derived.activity):
+            return derived, []
+        # From here on, the counter rows stay locked until the commit: one statement
+        # takes the ids, one writes the batch.
+        last = await _take(conn, len(derived.events), len(derived.changes))
+        derived = derived.shifted(last.get("event_seq", 0) - len(derived.events))
+        before = last.get("change_id", 0) - len(derived.changes)
+        changes, rows = number_changes(derived.changes, before)
+        if changes:
+            self._hold(changes[0].id, held)
+        inserted = await conn.fetchval(
+            _WRITE,
+            *_columns(derived.turns, 6),
+            *_columns(derived.facts, 4),
+            *_columns(derived.alert_deletes, 3),
+            *_columns(derived.alert_inserts, 4),
+            *_columns(derived.events, 9),
+            *_columns(rows, 6),
+            *_columns(derived.sessions, 6),
+            list(derived.activity),
+            list(derived.activity.values()),
+        )
+        if inserted != len(derived.events):
+            raise _StoredElsewhere
         return derived, changes
+
+    def _hold(self, first: int, held: list[int]) -> None:
+        if self._commits is not None:
+            self._commits.hold(first)
+            held.append(first)
+
+    def _release(self, held: list[int]) -> None:
+        if self._commits is not None:
+            for first in held:
+                self._commits.release(first)
 
     async def _lock_sessions(
         self, conn: asyncpg.Connection, sessions: list[str]
@@ -304,10 +342,14 @@ class PostgresStore(PostgresFollows):
         if self._closing or commits is None:
             return 0
         now = commits.oldest_unwritten(now)
+        held: list[int] = []
         try:
             async with self._connected().acquire() as conn, conn.transaction():
-                changes, sessions = await _fire(conn, now)
-        except Exception as exc:
+                changes, sessions = await _fire(conn, now, lambda first: self._hold(first, held))
+        except BaseException as exc:
+            self._release(held)
+            if not isinstance(exc, Exception):
+                raise
             unavailable = _unavailable(exc)
             if unavailable is not None:
                 raise unavailable from exc
@@ -377,13 +419,70 @@ _LOCK_SESSIONS = (
     " ON CONFLICT (session_id) DO UPDATE SET version = session_facts.version"
     " RETURNING session_id, version, facts, fired"
 )
-_TAKE = "UPDATE counters SET value = value + $2 WHERE name = $1 RETURNING value"
-_INSERT_EVENTS = (
-    "INSERT INTO events"
-    " (seq, source, event_id, type, session_id, turn_id, occurred_at, received_at, payload)"
-    " SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],"
-    " $6::text[], $7::text[], $8::text[], $9::bytea[]) ON CONFLICT DO NOTHING"
+# Take counter values (name, amount), locking the rows in name order; return the new
+# values. The rows stay locked until the commit.
+_TAKE = (
+    "WITH t (name, amount) AS (SELECT * FROM unnest($1::text[], $2::bigint[])),"
+    " locked AS (SELECT c.name FROM counters c JOIN t USING (name) ORDER BY c.name FOR UPDATE)"
+    " UPDATE counters c SET value = c.value + t.amount FROM t"
+    " WHERE c.name = t.name RETURNING c.name, c.value"
 )
+# The batch's rows in one statement, run once the ids are taken: the touched turns (new
+# ones in order: their position counts), the sessions' facts and their alert rows (the
+# deleted and the inserted ones never share a key), the events (returning how many
+# landed), the changes, the touched sessions and the newest seq of the untouched ones.
+_WRITE = (
+    "WITH t AS (INSERT INTO turns (session_id, turn_id, status, version, snapshot, facts)"
+    " SELECT s, t, st, v, sn, f FROM unnest($1::text[], $2::text[], $3::text[], $4::int[],"
+    " $5::bytea[], $6::bytea[]) WITH ORDINALITY AS r (s, t, st, v, sn, f, n) ORDER BY n"
+    " ON CONFLICT (session_id, turn_id) DO UPDATE"
+    " SET status = excluded.status, version = excluded.version,"
+    " snapshot = excluded.snapshot, facts = excluded.facts),"
+    " f AS (INSERT INTO session_facts (session_id, version, facts, fired)"
+    " SELECT * FROM unnest($7::text[], $8::bigint[], $9::bytea[], $10::text[])"
+    " ON CONFLICT (session_id) DO UPDATE"
+    " SET version = excluded.version, facts = excluded.facts, fired = excluded.fired),"
+    " d AS (DELETE FROM alerts a USING unnest($11::text[], $12::text[], $13::text[])"
+    " AS k (session_id, turn_id, kind) WHERE a.session_id = k.session_id"
+    " AND a.turn_id = k.turn_id AND a.kind = k.kind),"
+    " i AS (INSERT INTO alerts (session_id, turn_id, kind, due_at)"
+    " SELECT * FROM unnest($14::text[], $15::text[], $16::text[], $17::float8[])"
+    " ON CONFLICT DO NOTHING),"
+    " e AS (INSERT INTO events"
+    " (seq, source, event_id, type, session_id, turn_id, occurred_at, received_at, payload)"
+    " SELECT * FROM unnest($18::bigint[], $19::text[], $20::text[], $21::text[], $22::text[],"
+    " $23::text[], $24::text[], $25::text[], $26::bytea[]) ON CONFLICT DO NOTHING RETURNING 1),"
+    " c AS (INSERT INTO changes (id, type, session_id, turn_id, event_seq, body)"
+    " SELECT * FROM unnest($27::bigint[], $28::text[], $29::text[], $30::text[],"
+    " $31::bigint[], $32::bytea[])),"
+    " s AS (INSERT INTO sessions"
+    " (session_id, version, readiness, turn_status, activity_seq, snapshot)"
+    " SELECT * FROM unnest($33::text[], $34::int[], $35::text[], $36::text[], $37::bigint[],"
+    " $38::bytea[]) ON CONFLICT (session_id) DO UPDATE"
+    " SET version = excluded.version, readiness = excluded.readiness,"
+    " turn_status = excluded.turn_status, snapshot = excluded.snapshot,"
+    " activity_seq = greatest(sessions.activity_seq, excluded.activity_seq)),"
+    " a AS (UPDATE sessions s SET activity_seq = greatest(s.activity_seq, v.seq)"
+    " FROM unnest($39::text[], $40::bigint[]) AS v (session_id, seq)"
+    " WHERE s.session_id = v.session_id)"
+    " SELECT count(*) FROM e"
+)
+
+
+def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
+    """Rows as `width` column lists (statements take a batch as arrays)."""
+    if not rows:
+        return [[] for _ in range(width)]
+    return [list(column) for column in zip(*rows, strict=True)]
+
+
+async def _take(conn: asyncpg.Connection, events: int, changes: int) -> dict[str, int]:
+    """Take `events` event seqs and `changes` change ids; the counters' new values."""
+    wanted = {name: n for name, n in (("event_seq", events), ("change_id", changes)) if n}
+    if not wanted:
+        return {}
+    rows = await conn.fetch(_TAKE, list(wanted), list(wanted.values()))
+    return {row[0]: row[1] for row in rows}
 
 
 async def _existing_seqs(
@@ -400,69 +499,23 @@ async def _existing_seqs(
 
 
 async def _append_changes(
-    conn: asyncpg.Connection, drafts: list[ChangeDraft]
+    conn: asyncpg.Connection,
+    drafts: list[ChangeDraft],
+    hold: Callable[[int], None] | None = None,
 ) -> list[StoredChange]:
-    """Take the drafts' ids from the counter row (locked until the commit) and insert them."""
-    last = await conn.fetchval(_TAKE, "change_id", len(drafts))
+    """Take the drafts' ids from the counter row (locked until the commit), `hold` the
+    first and insert them."""
+    last = (await _take(conn, 0, len(drafts)))["change_id"]
     changes, rows = number_changes(drafts, last - len(drafts))
+    if hold is not None:
+        hold(changes[0].id)
     await conn.execute(
         "INSERT INTO changes (id, type, session_id, turn_id, event_seq, body)"
         " SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[],"
         " $5::bigint[], $6::bytea[])",
-        *zip(*rows, strict=True),
+        *_columns(rows, 6),
     )
     return changes
-
-
-async def _write_facts(conn: asyncpg.Connection, derived: Derived) -> None:
-    """What needs no seq: the touched turns, the sessions' facts and their alert rows."""
-    if derived.turns:
-        await conn.executemany(
-            "INSERT INTO turns (session_id, turn_id, status, version, snapshot, facts)"
-            " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (session_id, turn_id) DO UPDATE"
-            " SET status = excluded.status, version = excluded.version,"
-            " snapshot = excluded.snapshot, facts = excluded.facts",
-            derived.turns,
-        )
-    if derived.facts:
-        await conn.executemany(
-            "INSERT INTO session_facts (session_id, version, facts, fired)"
-            " VALUES ($1, $2, $3, $4) ON CONFLICT (session_id) DO UPDATE"
-            " SET version = excluded.version, facts = excluded.facts, fired = excluded.fired",
-            derived.facts,
-        )
-    if derived.alert_deletes:
-        await conn.executemany(
-            "DELETE FROM alerts WHERE session_id = $1 AND turn_id = $2 AND kind = $3",
-            derived.alert_deletes,
-        )
-    if derived.alert_inserts:
-        await conn.executemany(
-            "INSERT INTO alerts (session_id, turn_id, kind, due_at) VALUES ($1, $2, $3, $4)"
-            " ON CONFLICT DO NOTHING",
-            derived.alert_inserts,
-        )
-
-
-async def _write_sessions(conn: asyncpg.Connection, derived: Derived) -> None:
-    if derived.sessions:
-        await conn.executemany(
-            "INSERT INTO sessions"
-            " (session_id, version, readiness, turn_status, activity_seq, snapshot)"
-            " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (session_id) DO UPDATE"
-            " SET version = excluded.version, readiness = excluded.readiness,"
-            " turn_status = excluded.turn_status, snapshot = excluded.snapshot,"
-            " activity_seq = greatest(sessions.activity_seq, excluded.activity_seq)",
-            derived.sessions,
-        )
-    if derived.activity:
-        await conn.execute(
-            "UPDATE sessions s SET activity_seq = greatest(s.activity_seq, v.seq)"
-            " FROM unnest($1::text[], $2::bigint[]) AS v (session_id, seq)"
-            " WHERE s.session_id = v.session_id",
-            list(derived.activity),
-            list(derived.activity.values()),
-        )
 
 
 async def _snapshots(conn: asyncpg.Connection, rows: Sequence[Any]) -> dict[tuple[str, str], bytes]:
@@ -486,7 +539,9 @@ async def _snapshots(conn: asyncpg.Connection, rows: Sequence[Any]) -> dict[tupl
     return found
 
 
-async def _fire(conn: asyncpg.Connection, now: float) -> tuple[list[StoredChange], list[str]]:
+async def _fire(
+    conn: asyncpg.Connection, now: float, hold: Callable[[int], None]
+) -> tuple[list[StoredChange], list[str]]:
     """Claim the due alerts' sessions, delete their due rows, mark them fired in the
     sessions' facts and append their changes; return those and the sessions."""
     due = await conn.fetch(
@@ -532,7 +587,7 @@ async def _fire(conn: asyncpg.Connection, now: float) -> tuple[list[StoredChange
         "UPDATE session_facts SET fired = $2, version = version + 1 WHERE session_id = $1",
         [(session_id, encode_fired(marks[session_id])) for session_id in sessions],
     )
-    return await _append_changes(conn, drafts), sessions
+    return await _append_changes(conn, drafts, hold), sessions
 
 
 def _unavailable(exc: Exception) -> StoreUnavailable | None:
