@@ -31,7 +31,6 @@ import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 import asyncpg
@@ -60,10 +59,9 @@ from relay.store.derive import (
     decode_fired,
     derive_batch,
     encode_fired,
-    entry_of,
     number_changes,
 )
-from relay.store.facts import decode_record
+from relay.store.postgres_entries import hold_turns, load_entries
 from relay.store.postgres_follows import PostgresFollows
 from relay.store.postgres_migrate import migrate_connection
 from relay.store.postgres_retention import prune_batch
@@ -108,6 +106,7 @@ class PostgresStore(PostgresFollows):
         self._retention = retention
         self._prune_task: asyncio.Task[None] | None = None
         self._repeated = RepeatedWarnings()
+        self.turn_rows_read = 0  # turn rows decoded into entries (a measure of a miss)
 
     async def open(self) -> None:
         if self._pool is not None:
@@ -252,7 +251,7 @@ class PostgresStore(PostgresFollows):
         sessions = sorted(
             {r.event.session_id for r in batch if r.event.session_id and affects_state(r.event)}
         )
-        entries = await self._lock_sessions(conn, sessions)
+        entries = await self._lock_sessions(conn, sessions, batch)
         derived = derive_batch(
             batch, existing, 0, lambda sid: entries.get(sid, NO_SESSION), self._thresholds
         )
@@ -293,9 +292,11 @@ class PostgresStore(PostgresFollows):
                 self._commits.release(first)
 
     async def _lock_sessions(
-        self, conn: asyncpg.Connection, sessions: list[str]
+        self, conn: asyncpg.Connection, sessions: list[str], batch: list[IngestRecord]
     ) -> dict[str, SessionEntry]:
-        """Lock the sessions' facts rows; their entries, from the cache where it is current."""
+        """Lock the sessions' facts rows; their entries, from the cache where it is
+        current, else read with their last and running turns (`postgres_entries`), holding
+        the turns of the batch's events."""
         if not sessions:
             return {}
         rows = await conn.fetch(_LOCK_SESSIONS, sessions)
@@ -308,21 +309,12 @@ class PostgresStore(PostgresFollows):
             else:
                 stale.append(session_id)
         if stale:
-            turns: dict[str, list[tuple[str, bytes]]] = {sid: [] for sid in stale}
-            for session_id, turn_id, facts in await conn.fetch(
-                "SELECT session_id, turn_id, facts FROM turns WHERE session_id = ANY($1::text[])"
-                " ORDER BY session_id, position",
-                stale,
-            ):
-                turns[session_id].append((turn_id, facts))
-            for session_id, version, facts, fired in rows:
-                if facts is None:
-                    entries[session_id] = replace(NO_SESSION, stamp=version)
-                elif session_id in turns:
-                    record = decode_record(session_id, facts, turns[session_id])
-                    entries[session_id] = entry_of(
-                        record, version, decode_fired(fired), self._thresholds
-                    )
+            wanted = set(stale)
+            fresh = [row for row in rows if row[0] in wanted]
+            loaded, read = await load_entries(conn, fresh, self._thresholds)
+            entries.update(loaded)
+            self.turn_rows_read += read
+        self.turn_rows_read += await hold_turns(conn, batch, entries)
         return entries
 
     def _remember(self, entries: dict[str, SessionEntry]) -> None:

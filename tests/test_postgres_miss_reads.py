@@ -1,0 +1,65 @@
+"""A session read back after leaving a PostgreSQL store's cache costs its last turn and
+the turns of the events that come, not all of its turns."""
+
+from __future__ import annotations
+
+import asyncpg
+import orjson
+
+from relay.config import AlertSettings, StoreSettings
+from relay.events import EventType
+from relay.packed_bodies import unpack
+from relay.store.postgres import PostgresStore
+from tests.test_miss_reads_running import ingest, long_session
+from tests.test_state_cost import turn_event
+
+
+async def session_snapshot(url: str) -> dict[str, object]:
+    conn = await asyncpg.connect(url)
+    try:
+        snapshot = await conn.fetchval(
+            "SELECT snapshot FROM sessions WHERE session_id = 'chat_big'"
+        )
+    finally:
+        await conn.close()
+    found: dict[str, object] = orjson.loads(unpack(snapshot))
+    return found
+
+
+async def test_a_miss_reads_the_last_turn_and_those_of_its_events(pg_url: str) -> None:
+    """A miss on 1,000 completed and 1,000 running turns reads one turn row per turn used."""
+    store = PostgresStore(StoreSettings(url=pg_url), {"src": "casedev"}, _alerts())
+    await store.open()
+    try:
+        events = long_session(running=1_000, completed=1_000)
+        for start in range(0, len(events), 500):
+            await store.ingest_many([ingest(e) for e in events[start : start + 500]])
+        store._cache.clear()
+        before = store.turn_rows_read
+        await store.ingest(ingest(turn_event(EventType.TURN_STARTED, 9_000, "new_one")))
+        assert store.turn_rows_read - before == 1  # the last turn, a running one
+        session = await session_snapshot(pg_url)
+        assert session["counts"] == {
+            "turns": 2_001,
+            "completed": 1_000,
+            "failed": 0,
+            "conflicts": 0,
+        }
+        assert session["active_turn_id"] == "new_one"
+        store._cache.clear()
+        before = store.turn_rows_read
+        late = turn_event(EventType.TURN_FAILED, 7, "done_00007")  # ties with completed: fails
+        await store.ingest(ingest(late))
+        assert store.turn_rows_read - before == 2  # the last turn, then the late one's
+        session = await session_snapshot(pg_url)
+        assert session["counts"] == {"turns": 2_001, "completed": 999, "failed": 1, "conflicts": 0}
+        store._cache.clear()
+        await store.ingest(ingest(turn_event(EventType.TURN_COMPLETED, 9_001, "new_one")))
+        assert (await session_snapshot(pg_url))["active_turn_id"] == "stuck_00999"
+    finally:
+        await store.close()
+
+
+def _alerts() -> AlertSettings:
+
+    return AlertSettings()
