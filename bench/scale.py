@@ -13,13 +13,18 @@ running. Then prints, in one run, each figure beside its target:
   store), and a session stream's first change when resumed from the start of the log;
 - bytes of store per event, and the writer process's memory.
 
-`--events` sets the size (default 1,000,000); `--smoke` runs a small one.
+`--events` sets the size (default 1,000,000); `--smoke` runs a small one. `--store
+postgresql` runs the same against PostgreSQL (`--pg-url`, a database the run creates and
+drops; the empty store is a second one): the store's bytes are `pg_database_size`, the
+WAL's share does not apply, and the writer's memory is the relay process's (it derives
+in-process).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import tempfile
 import time
@@ -28,12 +33,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import orjson
 
 from relay.config import StoreSettings
 from relay.normalize import decoder
 from relay.sse import StreamFilter
-from relay.store import IngestRecord, SessionQuery
+from relay.store import IngestRecord, SessionQuery, Store
+from relay.store.postgres import PostgresStore
 from relay.store.sqlite import SQLiteStore
 
 PROVIDERS = {"casedev": "casedev"}
@@ -97,13 +104,85 @@ def open_store(path: Path) -> SQLiteStore:
     return SQLiteStore(StoreSettings(url=f"sqlite:///{path}"), PROVIDERS, _alerts())
 
 
+class SQLiteBackend:
+    """Stores as files in the work directory: the full one and an empty one beside it."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+
+    async def create(self) -> None:
+        (self.work / "empty").mkdir(exist_ok=True)
+
+    async def drop(self) -> None:
+        pass
+
+    def open(self, empty: bool = False) -> Store:
+        return open_store(self.work / "empty" / "scale.db" if empty else self.work / "scale.db")
+
+    async def size(self) -> int:
+        return store_bytes(self.work)
+
+    def wal_share(self, count: int) -> str:
+        return f"{wal_bytes(self.work) / count:,.0f}"
+
+    def writer_rss_mib(self, store: Store) -> float:
+        assert isinstance(store, SQLiteStore)
+        return writer_rss_mib(store)
+
+
+class PostgresBackend:
+    """Two databases made for the run (the full store and an empty one), dropped after."""
+
+    def __init__(self, admin_url: str) -> None:
+        self.admin_url = admin_url
+        self.names = (f"relay_scale_{os.getpid()}", f"relay_scale_{os.getpid()}_empty")
+
+    def _url(self, name: str) -> str:
+        return f"{self.admin_url.rpartition('/')[0]}/{name}"
+
+    async def _admin(self, statements: list[str]) -> None:
+        conn = await asyncpg.connect(self.admin_url)
+        try:
+            for statement in statements:
+                await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    async def create(self) -> None:
+        await self._admin([f'CREATE DATABASE "{name}"' for name in self.names])
+
+    async def drop(self) -> None:
+        await self._admin([f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in self.names])
+
+    def open(self, empty: bool = False) -> Store:
+        url = self._url(self.names[1] if empty else self.names[0])
+        return PostgresStore(StoreSettings(url=url), PROVIDERS, _alerts())
+
+    async def size(self) -> int:
+        conn = await asyncpg.connect(self._url(self.names[0]))
+        try:
+            size: int = await conn.fetchval("SELECT pg_database_size(current_database())")
+        finally:
+            await conn.close()
+        return size
+
+    def wal_share(self, count: int) -> str:
+        return "n/a"
+
+    def writer_rss_mib(self, store: Store) -> float:
+        return rss_mib(os.getpid())  # the relay process derives in-process
+
+
+Backend = SQLiteBackend | PostgresBackend
+
+
 def _alerts() -> Any:
     from relay.config import AlertSettings
 
     return AlertSettings()
 
 
-async def build(store: SQLiteStore, events: Events, total: int, long_turns: int) -> int:
+async def build(store: Store, events: Events, total: int, long_turns: int) -> int:
     """Fill the store with about `total` events; returns how many were written."""
     written = 0
     batch: list[IngestRecord] = []
@@ -135,7 +214,7 @@ async def build(store: SQLiteStore, events: Events, total: int, long_turns: int)
     return written
 
 
-async def new_sessions_rate(store: SQLiteStore, events: Events, sessions: int, tag: str) -> float:
+async def new_sessions_rate(store: Store, events: Events, sessions: int, tag: str) -> float:
     """Events per second for new sessions arriving 10 at a time, 16 requests in flight."""
     records = [r for n in range(sessions) for r in lifecycle(events, f"{tag}_{n}", 2, n)]
     chunks = [records[i : i + 10] for i in range(0, len(records), 10)]
@@ -155,7 +234,7 @@ def p99(samples: list[float]) -> float:
     return statistics.quantiles(samples, n=100)[98] if len(samples) > 1 else samples[0]
 
 
-async def session_cost(store: SQLiteStore, events: Events, session: str, turns: int) -> float:
+async def session_cost(store: Store, events: Events, session: str, turns: int) -> float:
     """Seconds per event for turns starting and ending in `session`, one event at a time."""
     records = [
         events.make(kind, session, f"extra_{t}")
@@ -168,7 +247,7 @@ async def session_cost(store: SQLiteStore, events: Events, session: str, turns: 
     return (time.perf_counter() - started) / len(records)
 
 
-async def first_stream_change(store: SQLiteStore, session: str) -> float:
+async def first_stream_change(store: Store, session: str) -> float:
     """Seconds until a stream of `session` resumed from id 0 has its first page of
     changes, read the way a stream's replay reads it."""
     accepts = StreamFilter((), (), session)
@@ -192,17 +271,28 @@ def writer_rss_mib(store: SQLiteStore) -> float:
     process = getattr(store._batch_writer, "_process", None)
     if process is None:
         return float("nan")
-    for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+    return rss_mib(process.pid)
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
-async def run(total: int, long_turns: int, work: Path) -> list[tuple[str, str, str]]:
+async def run(total: int, long_turns: int, backend: Backend) -> list[tuple[str, str, str]]:
+    await backend.create()
+    try:
+        return await measure(total, long_turns, backend)
+    finally:
+        await backend.drop()
+
+
+async def measure(total: int, long_turns: int, backend: Backend) -> list[tuple[str, str, str]]:
     rows: list[tuple[str, str, str]] = []
-    path = work / "scale.db"
     events = Events()
-    store = open_store(path)
+    store = backend.open()
     await store.open()
     await store.ingest(events.make("agent.chat.session.created", "warm_up"))  # starts the writer
     started = time.perf_counter()
@@ -211,8 +301,7 @@ async def run(total: int, long_turns: int, work: Path) -> list[tuple[str, str, s
     print(f"built {written:,} events in {build_s:.0f} s ({written / build_s:,.0f}/s)")
     # The full store against an empty one beside it, in alternating rounds, so that both
     # see the same machine: a ratio of medians holds where an absolute rate does not.
-    empty = open_store(work / "empty" / "scale.db")
-    (work / "empty").mkdir(exist_ok=True)
+    empty = backend.open(empty=True)
     await empty.open()
     await empty.ingest(events.make("agent.chat.session.created", "warm_up_empty"))
     empty_rates: list[float] = []
@@ -225,7 +314,7 @@ async def run(total: int, long_turns: int, work: Path) -> list[tuple[str, str, s
     rows.append(("ingest at full size / empty", f"{ratio:.2f}", ">= 0.9"))
     await store.close()
 
-    store = open_store(path)  # a restart: the long session's record is not cached
+    store = backend.open()  # a restart: the long session's record is not cached
     await store.open()
     await store.ingest(events.make("agent.chat.session.created", "warm_up_again"))
     others: list[float] = []
@@ -262,12 +351,16 @@ async def run(total: int, long_turns: int, work: Path) -> list[tuple[str, str, s
             "<= 100 ms",
         )
     )
-    size, wal, count = store_bytes(work), wal_bytes(work), await store.last_seq()
+    size, count = await backend.size(), await store.last_seq()
     rows.append(("bytes of store per event", f"{size / count:,.0f}", "<= 1,000"))
-    rows.append(("  of which the WAL's (bounded, not per event)", f"{wal / count:,.0f}", ""))
+    rows.append(("  of which the WAL's (bounded, not per event)", backend.wal_share(count), ""))
     await store.ingest(events.make("agent.chat.turn.started", "chat_stuck", "turn_last"))
     rows.append(
-        ("writer memory, long sessions cached", f"{writer_rss_mib(store):.0f} MiB", "<= 200 MiB")
+        (
+            "writer memory, long sessions cached",
+            f"{backend.writer_rss_mib(store):.0f} MiB",
+            "<= 200 MiB",
+        )
     )
     await store.close()
     return rows
@@ -282,11 +375,20 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=1_000_000, help="size of the store")
     parser.add_argument("--long-turns", type=int, default=10_000, help="turns of the long session")
     parser.add_argument("--smoke", action="store_true", help="a small run (20,000 events)")
+    parser.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite")
+    parser.add_argument(
+        "--pg-url",
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
+        help="a database to create and drop the run's databases from (--store postgresql)",
+    )
     args = parser.parse_args()
     if args.smoke:
         args.events, args.long_turns = 20_000, 400
     with tempfile.TemporaryDirectory(prefix="relay-bench-scale-") as work:
-        rows = asyncio.run(run(args.events, args.long_turns, Path(work)))
+        backend: Backend = (
+            SQLiteBackend(Path(work)) if args.store == "sqlite" else PostgresBackend(args.pg_url)
+        )
+        rows = asyncio.run(run(args.events, args.long_turns, backend))
     width = max(len(name) for name, _, _ in rows)
     print(f"\n{'':{width}}  {'measured':>12}  target")
     for name, value, target in rows:
