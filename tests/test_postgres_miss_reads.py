@@ -63,3 +63,57 @@ async def test_a_miss_reads_the_last_turn_and_those_of_its_events(pg_url: str) -
 def _alerts() -> AlertSettings:
 
     return AlertSettings()
+
+
+async def stored_state(url: str) -> dict[str, object]:
+    """Every session's and turn's snapshot, the changes' keys and the alert rows."""
+    conn = await asyncpg.connect(url)
+    try:
+        sessions = await conn.fetch("SELECT session_id, snapshot FROM sessions")
+        turns = await conn.fetch("SELECT session_id, turn_id, snapshot FROM turns")
+        changes = await conn.fetch("SELECT type, session_id, turn_id FROM changes ORDER BY id")
+        alerts = await conn.fetch("SELECT session_id, turn_id, kind FROM alerts")
+    finally:
+        await conn.close()
+    return {
+        "sessions": {sid: orjson.loads(unpack(s)) for sid, s in sessions},
+        "turns": {(sid, t): orjson.loads(unpack(s)) for sid, t, s in turns},
+        "changes": [tuple(row) for row in changes],
+        "alerts": sorted(tuple(row) for row in alerts),
+    }
+
+
+async def test_an_evicted_session_derives_what_a_cached_one_does(pg_url: str) -> None:
+    """Batches written with the cache emptied before each store what a warm store does."""
+    events = long_session(running=20, completed=20)
+    events += [
+        turn_event(EventType.TURN_FAILED, 7_000, "done_00003"),
+        turn_event(EventType.TURN_COMPLETED, 7_001, "stuck_00005"),
+        turn_event(EventType.TURN_STARTED, 7_002, "late_one"),
+        turn_event(EventType.TURN_COMPLETED, 7_003, "stuck_00019"),
+        turn_event(EventType.TURN_FAILED, 7_004, "late_one"),
+    ]
+    warm = PostgresStore(StoreSettings(url=pg_url), {"src": "casedev"}, _alerts())
+    await warm.open()
+    try:
+        for start in range(0, len(events), 3):
+            await warm.ingest_many([ingest(e) for e in events[start : start + 3]])
+        expected = await stored_state(pg_url)
+    finally:
+        await warm.close()
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute("TRUNCATE events, changes, sessions, turns, session_facts, alerts")
+        await conn.execute("UPDATE counters SET value = 0")
+        await conn.execute("ALTER TABLE turns ALTER COLUMN position RESTART")
+    finally:
+        await conn.close()
+    cold = PostgresStore(StoreSettings(url=pg_url), {"src": "casedev"}, _alerts())
+    await cold.open()
+    try:
+        for start in range(0, len(events), 3):
+            cold._cache.clear()
+            await cold.ingest_many([ingest(e) for e in events[start : start + 3]])
+        assert await stored_state(pg_url) == expected
+    finally:
+        await cold.close()
