@@ -421,9 +421,11 @@ class BatchWriter:
         for start in range(0, len(pairs), _CHUNK):
             chunk = pairs[start : start + _CHUNK]
             values = ",".join(["(?, ?)"] * len(chunk))
+            # A join from the pairs, not `(session_id, turn_id) IN (VALUES ...)`: for
+            # more than one pair SQLite plans that as a scan of every stored turn.
             for sid, turn_id, facts in self.conn.execute(
-                "SELECT session_id, turn_id, facts FROM turns"
-                f" WHERE (session_id, turn_id) IN (VALUES {values})",
+                f"SELECT t.session_id, t.turn_id, t.facts FROM (VALUES {values}) AS v"
+                " CROSS JOIN turns AS t ON t.session_id = v.column1 AND t.turn_id = v.column2",
                 list(chain.from_iterable(chunk)),
             ):
                 found.setdefault(sid, []).append((turn_id, facts))
