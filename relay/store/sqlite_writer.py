@@ -420,11 +420,8 @@ class BatchWriter:
         found: dict[str, list[tuple[str, bytes]]] = {}
         for start in range(0, len(pairs), _CHUNK):
             chunk = pairs[start : start + _CHUNK]
-            values = ",".join(["(?, ?)"] * len(chunk))
             for sid, turn_id, facts in self.conn.execute(
-                "SELECT session_id, turn_id, facts FROM turns"
-                f" WHERE (session_id, turn_id) IN (VALUES {values})",
-                list(chain.from_iterable(chunk)),
+                turn_rows_query(len(chunk)), list(chain.from_iterable(chunk))
             ):
                 found.setdefault(sid, []).append((turn_id, facts))
         return found
@@ -524,6 +521,19 @@ def _insert_rows(
     for start in range(0, len(rows), _CHUNK):
         chunk = rows[start : start + _CHUNK]
         conn.execute(head + ",".join([row] * len(chunk)) + tail, list(chain.from_iterable(chunk)))
+
+
+def turn_rows_query(pairs: int) -> str:
+    """The stored facts of `pairs` (session id, turn id) turns, bound in that order.
+
+    A join from the pairs, not `(session_id, turn_id) IN (VALUES ...)`: for more than
+    one pair SQLite plans that as a scan of every stored turn.
+    """
+    values = ",".join(["(?, ?)"] * pairs)
+    return (
+        f"SELECT t.session_id, t.turn_id, t.facts FROM (VALUES {values}) AS v"
+        " CROSS JOIN turns AS t ON t.session_id = v.column1 AND t.turn_id = v.column2"
+    )
 
 
 def _in_chunks(values: list[str]) -> Iterator[tuple[list[str], str]]:
