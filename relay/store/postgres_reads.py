@@ -6,38 +6,59 @@ from typing import Any
 
 import asyncpg
 
-from relay.changes import StoredChange, stored_body
+from relay.changes import StoredChange, glob_pattern, stored_body
 from relay.store import ApiKey, SessionQuery, SessionRow, StoredEvent, StoreUnavailable
 
 _EVENT_COLUMNS = (
     "seq, source, event_id, type, session_id, turn_id, occurred_at, received_at, payload"
 )
-# Sessions in order of their newest activity as of a seq: those whose newest event is
-# past it (few: the most recent) are placed by their newest event up to it; the others
-# come from the index in order, from the page's cursor on.
+# Sessions in order of their newest activity as of a seq. Those whose newest event is
+# at most `top` (the as-of seq, or the cursor's activity if lower) come from the
+# `sessions_by_activity` index read backwards; those whose newest event is past the as-of
+# seq (few: the most recent) are placed by their newest event up to it.
 _SESSION_PAGE = """
-WITH recent AS (
-    SELECT s.session_id, s.version, s.snapshot, s.readiness, s.turn_status,
-        (SELECT max(e.seq) FROM events e WHERE e.session_id = s.session_id AND e.seq <= $1)
-        AS act
-    FROM sessions s WHERE s.activity_seq > $1
-), settled AS (
-    SELECT session_id, version, snapshot, readiness, turn_status, activity_seq AS act
-    FROM sessions
-    WHERE activity_seq <= $1
-      AND ($4::bigint IS NULL OR (activity_seq, session_id) < ($4, $5::text))
-      AND ($2::text IS NULL OR readiness = $2) AND ($3::text IS NULL OR turn_status = $3)
-    ORDER BY activity_seq DESC, session_id DESC
-    LIMIT $6
-)
 SELECT session_id, version, snapshot, act FROM (
-    SELECT * FROM recent UNION ALL SELECT * FROM settled
+    (SELECT session_id, version, snapshot, activity_seq AS act FROM sessions
+    WHERE activity_seq <= $2 AND NOT (activity_seq = $5 AND session_id >= $6)
+      AND ($3::text IS NULL OR readiness = $3) AND ($4::text IS NULL OR turn_status = $4)
+    ORDER BY activity_seq DESC, session_id DESC
+    LIMIT $7)
+    UNION ALL
+    SELECT session_id, version, snapshot, act FROM (
+        SELECT s.session_id, s.version, s.snapshot, (
+            SELECT max(e.seq) FROM events e WHERE e.session_id = s.session_id AND e.seq <= $1
+        ) AS act
+        FROM sessions s
+        WHERE s.activity_seq > $1
+          AND ($3::text IS NULL OR s.readiness = $3)
+          AND ($4::text IS NULL OR s.turn_status = $4)
+    ) moved
+    WHERE act IS NOT NULL AND act <= $2 AND NOT (act = $5 AND session_id >= $6)
 ) page
-WHERE act IS NOT NULL
-  AND ($2::text IS NULL OR readiness = $2) AND ($3::text IS NULL OR turn_status = $3)
-  AND ($4::bigint IS NULL OR (act, session_id) < ($4, $5::text))
 ORDER BY act DESC, session_id DESC
-LIMIT $6
+LIMIT $7
+"""
+# Every type in the change log, one index seek each (a loose scan of `changes_by_type`).
+_CHANGE_TYPES = """
+WITH RECURSIVE t(type) AS (
+    SELECT (SELECT min(type) FROM changes)
+    UNION ALL
+    SELECT (SELECT min(type) FROM changes WHERE type > t.type) FROM t WHERE t.type IS NOT NULL
+)
+SELECT type FROM t WHERE type IS NOT NULL
+"""
+# The changes of the given types, each type read in id order through `changes_by_type`,
+# merged in id order.
+_TYPED_CHANGE_PAGE = """
+SELECT c.id, c.type, c.session_id, c.turn_id, c.body,
+    e.type, e.occurred_at, e.session_id, e.turn_id, e.event_id, e.source, e.payload
+FROM unnest($2::text[]) AS wanted(type)
+CROSS JOIN LATERAL (
+    SELECT * FROM changes WHERE type = wanted.type AND id > $1 ORDER BY id LIMIT $3
+) c
+LEFT JOIN events e ON octet_length(c.body) = 0 AND e.seq = c.event_seq
+ORDER BY c.id
+LIMIT $3
 """
 _CHANGE_PAGE = """
 SELECT c.id, c.type, c.session_id, c.turn_id, c.body,
@@ -114,10 +135,12 @@ class PostgresReads:
         return SessionRow(*rows[0]) if rows else None
 
     async def list_sessions(self, query: SessionQuery) -> list[SessionRow]:
-        after_act, after_id = query.after or (None, None)
+        after_act, after_id = query.after or (-1, "")
+        top = query.as_of_seq if query.after is None else min(query.as_of_seq, after_act)
         rows = await self._fetch(
             _SESSION_PAGE,
             query.as_of_seq,
+            top,
             query.readiness,
             query.turn_status,
             after_act,
@@ -151,13 +174,23 @@ class PostgresReads:
     async def list_changes(
         self, after: int, limit: int, types: tuple[str, ...] = (), exclude: tuple[str, ...] = ()
     ) -> list[StoredChange]:
-        rows = await self._fetch(
-            _CHANGE_PAGE,
-            after,
-            [like_pattern(t) for t in types],
-            [like_pattern(t) for t in exclude],
-            limit,
-        )
+        if types and not exclude:
+            if any(c in t for t in types for c in "*?"):
+                # Globs become the types in the log they match, each read through its index.
+                pattern = glob_pattern(types)
+                found = await self._fetch(_CHANGE_TYPES)
+                types = tuple(t for (t,) in found if pattern.fullmatch(t))
+                if not types:
+                    return []
+            rows = await self._fetch(_TYPED_CHANGE_PAGE, after, list(dict.fromkeys(types)), limit)
+        else:
+            rows = await self._fetch(
+                _CHANGE_PAGE,
+                after,
+                [like_pattern(t) for t in types],
+                [like_pattern(t) for t in exclude],
+                limit,
+            )
         return [
             StoredChange(
                 row[0], row[1], row[2], row[3], stored_body(row[0], row[4], tuple(row)[5:])
