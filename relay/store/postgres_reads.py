@@ -52,13 +52,16 @@ SELECT type FROM t WHERE type IS NOT NULL
 _TYPED_CHANGE_PAGE = """
 SELECT c.id, c.type, c.session_id, c.turn_id, c.body,
     e.type, e.occurred_at, e.session_id, e.turn_id, e.event_id, e.source, e.payload
-FROM unnest($2::text[]) AS wanted(type)
-CROSS JOIN LATERAL (
-    SELECT * FROM changes WHERE type = wanted.type AND id > $1 ORDER BY id LIMIT $3
+FROM (
+    SELECT c.* FROM unnest($2::text[]) AS wanted(type)
+    CROSS JOIN LATERAL (
+        SELECT * FROM changes WHERE type = wanted.type AND id > $1 ORDER BY id LIMIT $3
+    ) c
+    ORDER BY c.id
+    LIMIT $3
 ) c
 LEFT JOIN events e ON octet_length(c.body) = 0 AND e.seq = c.event_seq
 ORDER BY c.id
-LIMIT $3
 """
 _CHANGE_PAGE = """
 SELECT c.id, c.type, c.session_id, c.turn_id, c.body,

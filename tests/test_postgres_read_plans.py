@@ -1,0 +1,91 @@
+"""A PostgreSQL store's typed change pages and session pages are read through indexes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from relay.config import AlertSettings, StoreSettings
+from relay.store import SessionQuery
+from relay.store.postgres import PostgresStore
+from relay.store.postgres_reads import _CHANGE_TYPES, _SESSION_PAGE, _TYPED_CHANGE_PAGE
+
+ROWS = 20_000
+
+
+@pytest.fixture
+async def filled(pg_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A migrated store whose tables hold enough rows for the planner to prefer indexes."""
+    store = PostgresStore(StoreSettings(url=pg_url), {}, AlertSettings())
+    await store.open()
+    await store.close()
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute(
+            "INSERT INTO events (seq, source, event_id, type, session_id, occurred_at,"
+            " received_at, payload) SELECT g, 'src', 'ev' || g, 'turn.started',"
+            " 'chat_' || (g % 2000), '', '', '\\x'::bytea FROM generate_series(1, $1) g",
+            ROWS,
+        )
+        await conn.execute(
+            "INSERT INTO changes (id, type, session_id, event_seq, body)"
+            " SELECT g, 'type.' || (g % 7), 'chat_' || (g % 2000), g, 'x'::bytea"
+            " FROM generate_series(1, $1) g",
+            ROWS,
+        )
+        await conn.execute(
+            "INSERT INTO sessions (session_id, version, readiness, turn_status, activity_seq,"
+            " snapshot) SELECT 'chat_' || (g % 2000), 1, 'ready', 'idle', max(g), 'x'::bytea"
+            " FROM generate_series(1, $1) g GROUP BY g % 2000",
+            ROWS,
+        )
+        await conn.execute("ANALYZE")
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def plan(conn: asyncpg.Connection, sql: str, *args: object) -> str:
+    rows = await conn.fetch("EXPLAIN " + sql, *args)
+    return "\n".join(row[0] for row in rows)
+
+
+def no_seq_scan(text: str) -> None:
+    for table in ("changes", "sessions", "events"):
+        assert f"Seq Scan on {table}" not in text, text
+
+
+async def test_a_typed_change_page_reads_each_type_through_its_index(
+    filled: asyncpg.Connection,
+) -> None:
+    """A page of changes of a type that never occurs uses changes_by_type, not a scan."""
+    text = await plan(filled, _TYPED_CHANGE_PAGE, 0, ["never.happens", "type.3"], 50)
+    assert "changes_by_type" in text, text
+    no_seq_scan(text)
+
+
+async def test_the_types_in_the_log_are_found_by_a_loose_index_scan(
+    filled: asyncpg.Connection,
+) -> None:
+    """The distinct types come from seeks in changes_by_type, and are all found."""
+    text = await plan(filled, _CHANGE_TYPES)
+    assert "changes_by_type" in text, text
+    no_seq_scan(text)
+    found = [row[0] for row in await filled.fetch(_CHANGE_TYPES)]
+    assert found == [f"type.{n}" for n in range(7)]
+
+
+@pytest.mark.parametrize(("as_of", "after"), [(ROWS, None), (ROWS - 500, (ROWS - 900, "chat_0"))])
+async def test_a_sessions_page_reads_the_activity_index(
+    filled: asyncpg.Connection, as_of: int, after: tuple[int, str] | None
+) -> None:
+    """A sessions page, first or later, as of now or earlier, uses sessions_by_activity."""
+    query = SessionQuery(as_of_seq=as_of, after=after)
+    after_act, after_id = after or (-1, "")
+    top = as_of if after is None else min(as_of, after_act)
+    args = (as_of, top, None, None, after_act, after_id, query.limit)
+    text = await plan(filled, _SESSION_PAGE, *args)
+    assert "sessions_by_activity" in text, text
+    no_seq_scan(text)
