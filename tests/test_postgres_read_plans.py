@@ -7,10 +7,12 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
+from relay.changes import glob_pattern
 from relay.config import AlertSettings, StoreSettings
 from relay.store import SessionQuery
 from relay.store.postgres import PostgresStore
 from relay.store.postgres_reads import _CHANGE_TYPES, _SESSION_PAGE, _TYPED_CHANGE_PAGE
+from tests.test_store_contract import lifecycle, rec
 
 ROWS = 20_000
 
@@ -89,3 +91,27 @@ async def test_a_sessions_page_reads_the_activity_index(
     text = await plan(filled, _SESSION_PAGE, *args)
     assert "sessions_by_activity" in text, text
     no_seq_scan(text)
+
+
+async def test_typed_pages_equal_the_filtered_log(pg_url: str) -> None:
+    """Exact names, globs and raw types read by type give the log's changes of those types."""
+    store = PostgresStore(StoreSettings(url=pg_url), {}, AlertSettings())
+    await store.open()
+    try:
+        for raw in lifecycle("chat_a", 3) + lifecycle("chat_b", 2):
+            await store.ingest(rec(raw))
+        log = await store.list_changes(0, 1000, exclude=())
+        raw_type = next(c.type for c in log if c.type.startswith("raw."))
+        cases = {("turn.completed", raw_type): 2, ("raw.*", "session.*"): 2, ("no.*",): 0}
+        for types, kinds in cases.items():
+            pattern = glob_pattern(types)
+            wanted = [c for c in log if pattern.fullmatch(c.type)]
+            assert len({c.type for c in wanted}) >= kinds, types
+            for limit in (3, 1000):
+                page = await store.list_changes(0, limit, types)
+                assert page == wanted[:limit], types
+            if wanted:
+                rest = await store.list_changes(wanted[0].id, 1000, types)
+                assert rest == wanted[1:], types
+    finally:
+        await store.close()
