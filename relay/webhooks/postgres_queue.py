@@ -21,17 +21,17 @@ from typing import Any
 import asyncpg
 import orjson
 
-from relay.changes import RAW_EVENT_COLUMNS, stored_body
+from relay.changes import RAW_EVENT_COLUMNS
 from relay.timefmt import format_unix
 from relay.webhooks.formats import (
     Format,
-    actions_from_json,
     actions_json,
     decide_actions,
     incident_effect,
 )
 from relay.webhooks.model import AttemptResult, ChangeFilter, ClaimedDelivery, DeliveryStatus
 from relay.webhooks.store import ClaimRequest
+from relay.webhooks.store_rows import claimed_delivery
 
 # No older delivery of the same subscription and session is active (a test event, which
 # has no session, always may go).
@@ -247,23 +247,7 @@ async def _lease(
         owner,
     )
     bodies = {row[0]: row for row in await conn.fetch(_CLAIMED_BODIES, ids)}
-    claimed = []
-    for delivery_id in ids:
-        _, change_id, change_type, body, cycle, actions, *event = bodies[delivery_id]
-        if change_id is not None:
-            body = stored_body(change_id, body, tuple(event))
-        claimed.append(
-            ClaimedDelivery(
-                delivery_id,
-                request.subscription_id,
-                change_id,
-                change_type,
-                body,
-                cycle,
-                actions_from_json(actions),
-            )
-        )
-    return claimed
+    return [claimed_delivery(request.subscription_id, bodies[i]) for i in ids]
 
 
 async def record(conn: asyncpg.Connection, results: Sequence[AttemptResult], owner: str) -> None:

@@ -16,13 +16,12 @@ from typing import Any, TypeVar
 
 import orjson
 
-from relay.changes import RAW_EVENT_COLUMNS, stored_body
+from relay.changes import RAW_EVENT_COLUMNS
 from relay.config import StoreSettings
 from relay.store.sqlite import sqlite_path
 from relay.timefmt import format_time, format_unix, parse_time
 from relay.webhooks.formats import (
     Format,
-    actions_from_json,
     actions_json,
     decide_actions,
     incident_effect,
@@ -42,6 +41,7 @@ from relay.webhooks.model import (
 from relay.webhooks.store import ClaimRequest, DeliveryNotRetryable, SecretChanged
 from relay.webhooks.store_rows import (
     UPDATABLE,
+    claimed_delivery,
     headers_json,
     previous_secrets_from_json,
     previous_secrets_json,
@@ -603,20 +603,7 @@ def _claim(
         claimed: list[ClaimedDelivery] = []
         for request in requests:
             rows = due(request, now, request.limit)
-            for delivery_id, change_id, change_type, body, cycle, actions, *event in rows:
-                if change_id is not None:
-                    body = stored_body(change_id, body, tuple(event))
-                claimed.append(
-                    ClaimedDelivery(
-                        delivery_id,
-                        request.subscription_id,
-                        change_id,
-                        change_type,
-                        body,
-                        cycle,
-                        actions_from_json(actions),
-                    )
-                )
+            claimed += (claimed_delivery(request.subscription_id, row) for row in rows)
             if rows:
                 conn.executemany(
                     "UPDATE deliveries SET status = 'delivering', next_attempt_at = ? WHERE id = ?",

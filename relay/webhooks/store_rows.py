@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import orjson
 
-from relay.webhooks.model import PreviousSecret
+from relay.changes import stored_body
+from relay.webhooks.formats import actions_from_json
+from relay.webhooks.model import ClaimedDelivery, PreviousSecret
 
 # The subscription columns `update_subscription` may set.
 UPDATABLE = frozenset(
@@ -45,3 +48,20 @@ def previous_secrets_json(previous: Sequence[PreviousSecret]) -> str:
 def headers_json(headers: Sequence[tuple[str, str]]) -> str:
     """The column text of a subscription's static headers: [[name, value], ...]."""
     return orjson.dumps([[name, value] for name, value in headers]).decode()
+
+
+def claimed_delivery(subscription_id: str, row: Sequence[Any]) -> ClaimedDelivery:
+    """A claimed delivery from its row: (id, change id, type, body, cycle attempts, alert
+    actions, then the raw event's columns a raw change's body is rebuilt from)."""
+    delivery_id, change_id, change_type, body, cycle, actions, *event = row
+    if change_id is not None:
+        body = stored_body(change_id, body, tuple(event))
+    return ClaimedDelivery(
+        delivery_id,
+        subscription_id,
+        change_id,
+        change_type,
+        body,
+        cycle,
+        actions_from_json(actions),
+    )
