@@ -349,6 +349,12 @@ async def test_resume_from_a_pruned_change_gets_stream_reset(start_relay: RelayF
     relay = await start_relay(
         retention={"seconds": 0.5, "interval_seconds": 0.05, "batch_rows": 100}
     )
+    await resume_from_a_pruned_id_resets(relay)
+
+
+async def resume_from_a_pruned_id_resets(relay: Relay) -> None:
+    """Ingest until the first session's changes are pruned, then resume a stream from the
+    first of them: stream.reset with the oldest kept id, then a change from there on."""
     await ingest_session(relay, 0)
     first = await relay.client.get("/v1/changes", params={"after": 0}, headers=relay.auth)
     first_ids = [item["id"] for item in (await first.json())["items"]]

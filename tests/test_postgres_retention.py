@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import aiohttp
 import asyncpg
 import orjson
 import pytest
@@ -21,8 +20,7 @@ from relay.store.postgres_retention import RETENTION_LOCK, prune_batch
 from relay.timefmt import format_unix
 from tests.conftest import RelayFactory
 from tests.receivers import FAST_DELIVERY, eventually, receiver, subscribe, until
-from tests.test_hardening_store import ingest_session
-from tests.test_sse import frames
+from tests.test_hardening_store import ingest_session, resume_from_a_pruned_id_resets
 from tests.test_store_contract import body, lifecycle, rec
 
 OLD_EVENTS = "SELECT count(*) FROM events WHERE received_at < $1"
@@ -139,37 +137,7 @@ async def test_sse_resume_from_a_pruned_change_gets_stream_reset(
         store={"url": pg_url},
         retention={"seconds": 0.5, "interval_seconds": 0.05, "batch_rows": 100},
     )
-    await ingest_session(relay, 0)
-    first = await relay.client.get("/v1/changes", params={"after": 0}, headers=relay.auth)
-    first_ids = [item["id"] for item in (await first.json())["items"]]
-    later = [1]
-
-    async def pruned() -> bool:
-        later[0] += 1
-        await ingest_session(relay, later[0])
-        resp = await relay.client.get(
-            "/v1/changes", params={"after": 0, "limit": 1}, headers=relay.auth
-        )
-        return bool((await resp.json())["items"][0]["id"] > max(first_ids))
-
-    await until(pruned)
-    resp = await relay.client.get(
-        "/v1/stream",
-        headers={**relay.auth, "Last-Event-ID": str(first_ids[0])},
-        timeout=aiohttp.ClientTimeout(total=10),
-    )
-    got: list[dict[str, str]] = []
-    async for frame in frames(resp):
-        if "data" in frame:
-            got.append(frame)
-            if len(got) == 2:
-                break
-    resp.close()
-    reset, change = got
-    assert reset["event"] == "stream.reset"
-    oldest = orjson.loads(reset["data"])["oldest_id"]
-    assert oldest > max(first_ids)
-    assert int(change["id"]) >= oldest
+    await resume_from_a_pruned_id_resets(relay)
 
 
 async def test_a_batch_prunes_nothing_while_another_instance_holds_the_lock(
