@@ -60,7 +60,8 @@ def demo_lifecycle(
     """A realistic Case.dev-style lifecycle for several chat sessions, in occurrence order.
 
     Of every three sessions the second has a turn rejected with a conflict and the third
-    a turn that fails; the rest of their turns complete (with usage), or fail at random.
+    a turn that fails; the rest of their turns complete (with usage), or fail at random,
+    except each session's first turn, which always completes.
     The newest event happened at `end` (default now), so none is dated in the future.
     """
     rng = random.Random(seed)
@@ -103,7 +104,7 @@ def _session_events(
                 t + timedelta(milliseconds=400),
             )
         t += timedelta(seconds=rng.uniform(2, 6))
-        if (failure and number == turns) or rng.random() < 0.1:
+        if (failure and number == turns) or (number > 1 and rng.random() < 0.1):
             error = {"code": "TOOL_TIMEOUT", "message": "vault search timed out"}
             yield "agent.chat.turn.failed", {"turnId": turn, "error": error}, t
         else:

@@ -31,3 +31,16 @@ def test_demo_events_are_in_occurrence_order_with_unique_ids() -> None:
     times = [event["occurred_at"] for event in events]
     assert times == sorted(times)
     assert len({event["id"] for event in events}) == len(events)
+
+
+def test_every_demo_session_has_a_completed_turn_whatever_the_seed() -> None:
+    """Random failures never take every turn of a session: its first turn always completes."""
+    for seed in range(300):
+        completed = {
+            event["data"]["chatId"]
+            for event in demo_lifecycle(3, seed=seed)
+            if event["type"] == "agent.chat.turn.completed"
+        }
+        chats = {event["data"]["chatId"] for event in demo_lifecycle(3, seed=seed)}
+        assert len(completed) == 3, seed
+        assert len(chats) == 3
