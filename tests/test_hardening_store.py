@@ -312,36 +312,51 @@ def count(db: Path, sql: str, *params: object) -> int:
         return int(conn.execute(sql, params).fetchone()[0])
 
 
+# Events of sessions that have had no event for a while: a live session keeps them all.
+QUIET_SESSIONS_EVENTS = """
+SELECT count(*) FROM events e
+WHERE (SELECT max(received_at) FROM events l WHERE l.session_id = e.session_id) < ?
+"""
+
+
 async def test_rows_stay_bounded_under_steady_ingest(
     start_relay: RelayFactory, tmp_path: Path
 ) -> None:
-    """With a one-second retention, nothing older than two seconds stays while ingest goes on."""
+    """With a one-second retention, no session quiet for 2.5 seconds keeps an event while
+    ingest goes on, so the store holds no more than the last 2.5 seconds' sessions."""
     relay = await start_relay(
         retention={"seconds": 1.0, "interval_seconds": 0.1, "batch_rows": 200}
     )
     db = tmp_path / "relay.db"
+    kept = 2.5
     started = time.monotonic()
     session = 0
-    samples: list[tuple[int, int, int, int]] = []
+    acknowledged: list[float] = []  # when each session's last event was answered
+    samples: list[tuple[int, int, int, int, int]] = []
     while time.monotonic() - started < 5.0:
         await ingest_session(relay, session)
+        acknowledged.append(time.monotonic())
         session += 1
         if time.monotonic() - started > 3.0:  # by now every second of ingest was pruned once
-            old = format_unix(time.time() - 2.0)
+            sampled = time.monotonic()
+            old = format_unix(time.time() - kept)
+            recent = sum(1 for at in acknowledged if at > sampled - kept - 0.5)
             samples.append(
                 (
-                    count(db, "SELECT count(*) FROM events WHERE received_at < ?", old),
+                    count(db, QUIET_SESSIONS_EVENTS, old),
                     count(db, "SELECT count(*) FROM events"),
                     count(db, "SELECT count(*) FROM changes"),
                     count(db, "SELECT count(*) FROM sessions"),
+                    recent * len(session_events(0)),
                 )
             )
     assert samples, "ingest was too slow to sample"
-    assert max(events for _, events, _, _ in samples) < session * 3 / 2
-    assert all(old == 0 for old, _, _, _ in samples), samples
-    for _, events, changes, sessions in samples:
+    assert all(old == 0 for old, *_ in samples), samples
+    for _, events, changes, sessions, recent_events in samples:
+        assert events <= recent_events, samples
         assert changes <= 3 * events + 3
         assert sessions <= events
+    assert samples[-1][1] < session * len(session_events(0))
 
 
 async def test_resume_from_a_pruned_change_gets_stream_reset(start_relay: RelayFactory) -> None:
