@@ -2,7 +2,11 @@
 
 The tap offers each chunk's frames as they pass and goes on; a task of the stream's own
 takes what has queued up (while it stores one batch, the next gathers), a batch at a
-time, through the provider into the store. If the store cannot write or the queue is
+time, through the provider into the store. Frames that only carry text (as the
+provider tells from their bytes) only move their turn's last activity: they wait up to
+`text_delay` for the frames after them, so that a stream's tokens are stored a batch at
+a time rather than one transaction each; any other frame, a full batch or the end of
+the stream has what is held stored at once. If the store cannot write or the queue is
 full, frames are dropped, counted and logged (at most twice a minute), and the caller's
 stream flows on.
 """
@@ -27,7 +31,8 @@ from relay.store import Store
 
 log = structlog.get_logger("relay.tap")
 
-_Item = tuple[Sequence[RawFrame | Event], float]  # frames offered together, and when
+# Frames offered together, when (the clock's time), and when they are due (the loop's).
+_Item = tuple[Sequence[RawFrame | Event], float, float]
 
 
 @dataclass(slots=True)
@@ -38,6 +43,7 @@ class FeedContext:
     clock: Callable[[], float]
     queue_frames: int
     batch_frames: int
+    text_delay: float = 0.0  # seconds text frames may wait for the frames after them
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -48,7 +54,9 @@ class TapFeed:
         self._held: deque[_Item] = deque()
         self._held_frames = 0
         self._closed = False
+        self._flush = False  # a frame that is not text is held: store what is held now
         self._wake = asyncio.Event()  # frames are held
+        self._loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._run(), name="relay-tap-feed")
         ctx.tasks.add(self._task)
         self._task.add_done_callback(ctx.tasks.discard)
@@ -61,9 +69,13 @@ class TapFeed:
             self._dropped(len(frames) - max(room, 0), "the tap's queue is full")
             frames = frames[: max(room, 0)]
         if frames:
-            self._held.append((frames, self._ctx.clock()))
+            ctx, first = self._ctx, not self._held
+            self._held.append((frames, ctx.clock(), self._loop.time() + ctx.text_delay))
             self._held_frames += len(frames)
-            self._wake.set()
+            if not self._flush and not self._mapper.only_text(frames):
+                self._flush = True
+            if first or self._flush or self._held_frames >= ctx.batch_frames:
+                self._wake.set()
 
     def close(self) -> None:
         """No more frames: what is queued is still stored, in the background."""
@@ -71,11 +83,20 @@ class TapFeed:
         self._wake.set()
 
     async def _run(self) -> None:
+        batch = self._ctx.batch_frames
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._held:
-                await self._store(self._take(self._ctx.batch_frames))
+                wait = self._held[0][2] - self._loop.time()
+                if wait > 0 and not (self._flush or self._closed or self._held_frames >= batch):
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(wait):
+                            await self._wake.wait()
+                    self._wake.clear()
+                    continue
+                await self._store(self._take(batch))
+            self._flush = False
             if self._closed:
                 return
 
@@ -83,11 +104,11 @@ class TapFeed:
         """Up to `limit` frames from the front of the queue, with when they came."""
         batch: list[_Item] = []
         while self._held and limit > 0:
-            frames, at = self._held.popleft()
+            frames, at, due = self._held.popleft()
             if len(frames) > limit:
-                self._held.appendleft((frames[limit:], at))
+                self._held.appendleft((frames[limit:], at, due))
                 frames = frames[:limit]
-            batch.append((frames, at))
+            batch.append((frames, at, due))
             limit -= len(frames)
             self._held_frames -= len(frames)
         return batch
@@ -95,18 +116,17 @@ class TapFeed:
     async def _store(self, batch: list[_Item]) -> None:
         mapper = self._mapper
         received_at = datetime.fromtimestamp(batch[0][1], UTC)
-        frames, events = [], []
-        for items, _ in batch:
+        raws: list[RawFrame] = []
+        events: list[Event] = []
+        for items, _, _ in batch:
             for item in items:
                 if isinstance(item, RawFrame):
-                    frame = mapper.frame(item.data, item.name, item.id)
-                    if frame is not None:
-                        frames.append(frame)
+                    raws.append(item)
                 else:
                     events.append(item)
-        count = sum(len(items) for items, _ in batch)
+        count = sum(len(items) for items, _, _ in batch)
         try:
-            events.extend(mapper.events(frames, received_at))
+            events.extend(mapper.events(mapper.read(raws), received_at))
             await store_events(self._ctx.store, events, received_at)
         except Exception as exc:
             self._dropped(count, str(exc))

@@ -7,21 +7,28 @@ it: those that gave an event of their own (turn starts and ends, tools), not tho
 only carried text. Frames keep their index in the whole stream, so ids minted from it
 (`{stream id}:{frame index}`) are those a forward of the whole stream gives; events
 already handed over are not handed over again.
+
+Most frames of a chat stream only carry text (tokens, deltas), and the text frames of
+a batch only give their turn's last activity, the last one's. Where the provider can
+tell such frames from their bytes (`TextHints`), a run of them is read from its last
+frame alone: the others are not parsed at all.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import orjson
 
+from relay.connectors.sse import RawFrame
 from relay.events import Event, EventType
 from relay.normalize import InvalidEvent
 from relay.pipeline import MAX_NESTING, nested_deeper_than
 from relay.providers import Context, Frame, Provider
+from relay.providers.base import TextHints
 from relay.providers.canonical import encode
 from relay.store import IngestRecord, Store
 
@@ -41,6 +48,37 @@ class FrameMapper:
     _next_index: int = 0
     _kept: list[Frame] = field(default_factory=list)
     _handed: set[str] = field(default_factory=set)
+    _text_only: Callable[[str | None, bytes], bool] | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        provider = self.provider
+        self._text_only = provider.text_only if isinstance(provider, TextHints) else None
+
+    def only_text(self, items: Sequence[RawFrame | Event]) -> bool:
+        """Whether the provider tells that each of `items` is a frame that only carries
+        text."""
+        text_only = self._text_only
+        return text_only is not None and all(
+            isinstance(item, RawFrame) and text_only(item.name, item.data) for item in items
+        )
+
+    def read(self, raws: Sequence[RawFrame]) -> list[Frame]:
+        """The next frames of the stream, but those of a run of text frames before its
+        last one (skipped, not counted) and those `frame` leaves out."""
+        text_only = self._text_only
+        if text_only is None or len(raws) < 2:
+            return [f for f in (self.frame(r.data, r.name, r.id) for r in raws) if f is not None]
+        text = [text_only(r.name, r.data) for r in raws]
+        text.append(False)
+        frames = []
+        for i, raw in enumerate(raws):
+            if text[i] and text[i + 1]:
+                self._next_index += 1
+                continue
+            frame = self.frame(raw.data, raw.name, raw.id)
+            if frame is not None:
+                frames.append(frame)
+        return frames
 
     def frame(self, data: bytes, name: str | None, frame_id: str | None) -> Frame | None:
         """The next frame of the stream, or None (counted) if its data is not a JSON
