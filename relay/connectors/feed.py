@@ -31,8 +31,16 @@ from relay.store import Store
 
 log = structlog.get_logger("relay.tap")
 
-# Frames offered together, when (the clock's time), and when they are due (the loop's).
-_Item = tuple[Sequence[RawFrame | Event], float, float]
+
+@dataclass(slots=True)
+class _Held:
+    """Frames offered together (or events), whether each only carries text, when they
+    came (the clock's time) and when they are due to be stored (the loop's time)."""
+
+    frames: Sequence[RawFrame | Event]
+    text: Sequence[bool]
+    at: float
+    due: float
 
 
 @dataclass(slots=True)
@@ -51,7 +59,7 @@ class TapFeed:
     def __init__(self, ctx: FeedContext, mapper: FrameMapper) -> None:
         self._ctx = ctx
         self._mapper = mapper
-        self._held: deque[_Item] = deque()
+        self._held: deque[_Held] = deque()
         self._held_frames = 0
         self._closed = False
         self._flush = False  # a frame that is not text is held: store what is held now
@@ -70,9 +78,10 @@ class TapFeed:
             frames = frames[: max(room, 0)]
         if frames:
             ctx, first = self._ctx, not self._held
-            self._held.append((frames, ctx.clock(), self._loop.time() + ctx.text_delay))
+            text = self._mapper.text_flags(frames)
+            self._held.append(_Held(frames, text, ctx.clock(), self._loop.time() + ctx.text_delay))
             self._held_frames += len(frames)
-            if not self._flush and not self._mapper.only_text(frames):
+            if not self._flush and not all(text):
                 self._flush = True
             if first or self._flush or self._held_frames >= ctx.batch_frames:
                 self._wake.set()
@@ -88,7 +97,7 @@ class TapFeed:
             await self._wake.wait()
             self._wake.clear()
             while self._held:
-                wait = self._held[0][2] - self._loop.time()
+                wait = self._held[0].due - self._loop.time()
                 if wait > 0 and not (self._flush or self._closed or self._held_frames >= batch):
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(wait):
@@ -100,33 +109,37 @@ class TapFeed:
             if self._closed:
                 return
 
-    def _take(self, limit: int) -> list[_Item]:
+    def _take(self, limit: int) -> list[_Held]:
         """Up to `limit` frames from the front of the queue, with when they came."""
-        batch: list[_Item] = []
+        batch: list[_Held] = []
         while self._held and limit > 0:
-            frames, at, due = self._held.popleft()
-            if len(frames) > limit:
-                self._held.appendleft((frames[limit:], at, due))
-                frames = frames[:limit]
-            batch.append((frames, at, due))
-            limit -= len(frames)
-            self._held_frames -= len(frames)
+            held = self._held.popleft()
+            if len(held.frames) > limit:
+                rest = _Held(held.frames[limit:], held.text[limit:], held.at, held.due)
+                self._held.appendleft(rest)
+                held = _Held(held.frames[:limit], held.text[:limit], held.at, held.due)
+            batch.append(held)
+            limit -= len(held.frames)
+            self._held_frames -= len(held.frames)
         return batch
 
-    async def _store(self, batch: list[_Item]) -> None:
+    async def _store(self, batch: list[_Held]) -> None:
         mapper = self._mapper
-        received_at = datetime.fromtimestamp(batch[0][1], UTC)
+        received_at = datetime.fromtimestamp(batch[0].at, UTC)
         raws: list[RawFrame] = []
+        text: list[bool] = []
         events: list[Event] = []
-        for items, _, _ in batch:
-            for item in items:
+        for held in batch:
+            for item in held.frames:
                 if isinstance(item, RawFrame):
                     raws.append(item)
                 else:
                     events.append(item)
-        count = sum(len(items) for items, _, _ in batch)
+            if held.frames and isinstance(held.frames[0], RawFrame):
+                text.extend(held.text)
+        count = sum(len(held.frames) for held in batch)
         try:
-            events.extend(mapper.events(mapper.read(raws), received_at))
+            events.extend(mapper.events(mapper.read(raws, text), received_at))
             await store_events(self._ctx.store, events, received_at)
         except Exception as exc:
             self._dropped(count, str(exc))

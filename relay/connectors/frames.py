@@ -54,25 +54,24 @@ class FrameMapper:
         provider = self.provider
         self._text_only = provider.text_only if isinstance(provider, TextHints) else None
 
-    def only_text(self, items: Sequence[RawFrame | Event]) -> bool:
-        """Whether the provider tells that each of `items` is a frame that only carries
-        text."""
+    def text_flags(self, items: Sequence[RawFrame | Event]) -> list[bool]:
+        """For each of `items`, whether the provider tells it is a frame that only
+        carries text (never an event, nor anything without a provider's hints)."""
         text_only = self._text_only
-        return text_only is not None and all(
-            isinstance(item, RawFrame) and text_only(item.name, item.data) for item in items
-        )
+        if text_only is None:
+            return [False] * len(items)
+        return [isinstance(item, RawFrame) and text_only(item.name, item.data) for item in items]
 
-    def read(self, raws: Sequence[RawFrame]) -> list[Frame]:
+    def read(self, raws: Sequence[RawFrame], text: Sequence[bool] | None = None) -> list[Frame]:
         """The next frames of the stream, but those of a run of text frames before its
-        last one (skipped, not counted) and those `frame` leaves out."""
-        text_only = self._text_only
-        if text_only is None or len(raws) < 2:
-            return [f for f in (self.frame(r.data, r.name, r.id) for r in raws) if f is not None]
-        text = [text_only(r.name, r.data) for r in raws]
-        text.append(False)
+        last one (skipped, not counted) and those `frame` leaves out; `text` is
+        `text_flags(raws)` if known."""
+        if text is None:
+            text = self.text_flags(raws)
         frames = []
+        last = len(raws) - 1
         for i, raw in enumerate(raws):
-            if text[i] and text[i + 1]:
+            if i < last and text[i] and text[i + 1]:
                 self._next_index += 1
                 continue
             frame = self.frame(raw.data, raw.name, raw.id)
