@@ -28,7 +28,6 @@ from relay.events import Event, EventType
 from relay.normalize import InvalidEvent
 from relay.pipeline import MAX_NESTING, nested_deeper_than
 from relay.providers import Context, Frame, Provider
-from relay.providers.base import TextHints
 from relay.providers.canonical import encode
 from relay.store import IngestRecord, Store
 
@@ -51,8 +50,9 @@ class FrameMapper:
     _text_only: Callable[[str | None, bytes], bool] | None = field(init=False)
 
     def __post_init__(self) -> None:
-        provider = self.provider
-        self._text_only = provider.text_only if isinstance(provider, TextHints) else None
+        # `TextHints`, read without a runtime protocol check (slow; one per stream).
+        hint = getattr(self.provider, "text_only", None)
+        self._text_only = hint if callable(hint) else None
 
     def text_flags(self, items: Sequence[RawFrame | Event]) -> list[bool]:
         """For each of `items`, whether the provider tells it is a frame that only

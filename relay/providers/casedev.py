@@ -39,7 +39,7 @@ class CaseDev:
         """Frames but the turn's and usage's, with no part that may be a tool: text."""
         if b'"tool"' in data or b"\\u" in data:
             return False
-        kind = raw_kind(name, data)
+        kind = name or raw_kind(name, data)
         return kind is not None and kind not in _OWN_EVENTS
 
 

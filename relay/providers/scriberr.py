@@ -33,7 +33,7 @@ class Scriberr:
 
     def text_only(self, name: str | None, data: bytes) -> bool:
         """Frames but the run's own: text (chat.message.created, chat.delta.*)."""
-        kind = raw_kind(name, data)
+        kind = name or raw_kind(name, data)
         return kind is not None and kind not in _OWN_EVENTS
 
 
