@@ -8,8 +8,11 @@ a `relay serve` whose source taps that upstream (after one tapped stream that st
 store's writer, and once the relay is idle). Prints frames/s each way, the ratio
 tap / direct (target at least 0.8) and the latency per frame (written to read) at p50
 and p99 each way, with what the tap adds (target p99 at most 5 ms), and the CPU time
-the relay and its store's writer used for the tapped streams, storing included (steadier
-than the rates on a busy machine).
+per frame each process used each way: the upstream and the readers (this process)
+directly; the upstream, the relay, its store's writer (storing included) and the readers
+through the tap. Where the processes saturate the machine together, the throughput
+ratio is about direct CPU / tap CPU per frame; these figures are also steadier than the
+rates on a busy machine.
 `make bench-tap` runs 200 streams of 500 frames; `--smoke` runs 4 of 50. `--rate`
 paces each stream (frames per second): unpaced, every process is saturated and the
 latencies are mostly time spent queued.
@@ -132,15 +135,24 @@ def main() -> None:
         try:
             wait_for_port(up_port)
             wait_healthy(f"http://127.0.0.1:{port}")
+            up_before, reader_before = cpu_seconds(upstream.pid)[0], time.process_time()
             direct = asyncio.run(read_streams(f"http://127.0.0.1:{up_port}", args.streams))
+            direct_cpu = Cpu(
+                cpu_seconds(upstream.pid)[0] - up_before, time.process_time() - reader_before
+            )
             tap_base = f"http://127.0.0.1:{port}/v1/tap/bench"
             asyncio.run(read_streams(tap_base, 1))  # the store's writer starts on first use
             wait_idle(relay.pid)
             cpu_before = cpu_seconds(relay.pid)
+            up_before, reader_before = cpu_seconds(upstream.pid)[0], time.process_time()
             tapped = asyncio.run(read_streams(tap_base, args.streams))
+            reader_cpu = time.process_time() - reader_before
             wait_idle(relay.pid)  # what the relay stores after the streams end counts too
             cpu_after = cpu_seconds(relay.pid)
             relay_cpu, writer_cpu = (a - b for a, b in zip(cpu_after, cpu_before, strict=True))
+            tap_cpu = Cpu(
+                cpu_seconds(upstream.pid)[0] - up_before, reader_cpu, relay_cpu, writer_cpu
+            )
         finally:
             for proc in (relay, upstream):
                 proc.terminate()
@@ -158,6 +170,12 @@ def main() -> None:
             f" its store writer {writer_cpu:.2f} s"
             f" ({(relay_cpu + writer_cpu) / max(tapped.frames, 1) * 1e6:.1f} us per frame)"
         )
+        for name, cpu, run in (("direct", direct_cpu, direct), ("tap", tap_cpu, tapped)):
+            print(f"cpu per frame {name:<7} {cpu.per_frame(run.frames)}")
+        print(
+            f"cpu ratio direct/tap {direct_cpu.total / max(tap_cpu.total, 1e-9):.2f}"
+            " (about the throughput ratio where the processes saturate the machine)"
+        )
     print(f"ratio tap/direct {tapped.fps / direct.fps:.2f} (target >= 0.8)")
     print(
         f"added per frame: p50 {tapped.pct(0.5) - direct.pct(0.5):.2f} ms"
@@ -165,6 +183,28 @@ def main() -> None:
     )
     if direct.frames != expected or tapped.frames != expected:
         sys.exit(f"frames lost: expected {expected} each way")
+
+
+@dataclass
+class Cpu:
+    """CPU seconds each process used for one way of reading the streams."""
+
+    upstream: float
+    readers: float
+    relay: float = 0.0
+    writer: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.upstream + self.readers + self.relay + self.writer
+
+    def per_frame(self, frames: int) -> str:
+        parts = [("upstream", self.upstream), ("readers", self.readers)]
+        if self.relay:
+            parts += [("relay", self.relay), ("writer", self.writer)]
+        us = [(name, seconds / max(frames, 1) * 1e6) for name, seconds in parts]
+        total = sum(value for _, value in us)
+        return " + ".join(f"{name} {value:.1f}" for name, value in us) + f" = {total:.1f} us"
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:

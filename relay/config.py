@@ -267,6 +267,7 @@ class HubSettings(_Section):
 class ConnectorSettings(_Section):
     tap_queue_frames: int = Field(4096, ge=1)  # frames a tapped stream may hold unstored
     tap_batch_frames: int = Field(256, ge=1)  # frames stored per transaction, at most
+    tap_text_delay_seconds: float = Field(0.5, ge=0, le=60)  # text frames wait for more, at most
     follow_lease_seconds: float = Field(15.0, gt=0)  # a follow's instance renews its claim
     follow_poll_seconds: float = Field(1.0, gt=0)  # how often follows are claimed
     upstream_connect_timeout_seconds: float = Field(10.0, gt=0)

@@ -2,7 +2,11 @@
 
 The tap offers each chunk's frames as they pass and goes on; a task of the stream's own
 takes what has queued up (while it stores one batch, the next gathers), a batch at a
-time, through the provider into the store. If the store cannot write or the queue is
+time, through the provider into the store. Frames that only carry text (as the
+provider tells from their bytes) only move their turn's last activity: they wait up to
+`text_delay` for the frames after them, so that a stream's tokens are stored a batch at
+a time rather than one transaction each; any other frame, a full batch or the end of
+the stream has what is held stored at once. If the store cannot write or the queue is
 full, frames are dropped, counted and logged (at most twice a minute), and the caller's
 stream flows on.
 """
@@ -27,7 +31,16 @@ from relay.store import Store
 
 log = structlog.get_logger("relay.tap")
 
-_Item = tuple[Sequence[RawFrame | Event], float]  # frames offered together, and when
+
+@dataclass(slots=True)
+class _Held:
+    """Frames offered together (or events), whether each only carries text, when they
+    came (the clock's time) and when they are due to be stored (the loop's time)."""
+
+    frames: Sequence[RawFrame | Event]
+    text: Sequence[bool]
+    at: float
+    due: float
 
 
 @dataclass(slots=True)
@@ -38,6 +51,7 @@ class FeedContext:
     clock: Callable[[], float]
     queue_frames: int
     batch_frames: int
+    text_delay: float = 0.0  # seconds text frames may wait for the frames after them
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -45,10 +59,12 @@ class TapFeed:
     def __init__(self, ctx: FeedContext, mapper: FrameMapper) -> None:
         self._ctx = ctx
         self._mapper = mapper
-        self._held: deque[_Item] = deque()
+        self._held: deque[_Held] = deque()
         self._held_frames = 0
         self._closed = False
+        self._flush = False  # a frame that is not text is held: store what is held now
         self._wake = asyncio.Event()  # frames are held
+        self._loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._run(), name="relay-tap-feed")
         ctx.tasks.add(self._task)
         self._task.add_done_callback(ctx.tasks.discard)
@@ -61,9 +77,14 @@ class TapFeed:
             self._dropped(len(frames) - max(room, 0), "the tap's queue is full")
             frames = frames[: max(room, 0)]
         if frames:
-            self._held.append((frames, self._ctx.clock()))
+            ctx, first = self._ctx, not self._held
+            text = self._mapper.text_flags(frames)
+            self._held.append(_Held(frames, text, ctx.clock(), self._loop.time() + ctx.text_delay))
             self._held_frames += len(frames)
-            self._wake.set()
+            if not self._flush and not all(text):
+                self._flush = True
+            if first or self._flush or self._held_frames >= ctx.batch_frames:
+                self._wake.set()
 
     def close(self) -> None:
         """No more frames: what is queued is still stored, in the background."""
@@ -71,42 +92,54 @@ class TapFeed:
         self._wake.set()
 
     async def _run(self) -> None:
+        batch = self._ctx.batch_frames
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._held:
-                await self._store(self._take(self._ctx.batch_frames))
+                wait = self._held[0].due - self._loop.time()
+                if wait > 0 and not (self._flush or self._closed or self._held_frames >= batch):
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(wait):
+                            await self._wake.wait()
+                    self._wake.clear()
+                    continue
+                await self._store(self._take(batch))
+            self._flush = False
             if self._closed:
                 return
 
-    def _take(self, limit: int) -> list[_Item]:
+    def _take(self, limit: int) -> list[_Held]:
         """Up to `limit` frames from the front of the queue, with when they came."""
-        batch: list[_Item] = []
+        batch: list[_Held] = []
         while self._held and limit > 0:
-            frames, at = self._held.popleft()
-            if len(frames) > limit:
-                self._held.appendleft((frames[limit:], at))
-                frames = frames[:limit]
-            batch.append((frames, at))
-            limit -= len(frames)
-            self._held_frames -= len(frames)
+            held = self._held.popleft()
+            if len(held.frames) > limit:
+                rest = _Held(held.frames[limit:], held.text[limit:], held.at, held.due)
+                self._held.appendleft(rest)
+                held = _Held(held.frames[:limit], held.text[:limit], held.at, held.due)
+            batch.append(held)
+            limit -= len(held.frames)
+            self._held_frames -= len(held.frames)
         return batch
 
-    async def _store(self, batch: list[_Item]) -> None:
+    async def _store(self, batch: list[_Held]) -> None:
         mapper = self._mapper
-        received_at = datetime.fromtimestamp(batch[0][1], UTC)
-        frames, events = [], []
-        for items, _ in batch:
-            for item in items:
+        received_at = datetime.fromtimestamp(batch[0].at, UTC)
+        raws: list[RawFrame] = []
+        text: list[bool] = []
+        events: list[Event] = []
+        for held in batch:
+            for item in held.frames:
                 if isinstance(item, RawFrame):
-                    frame = mapper.frame(item.data, item.name, item.id)
-                    if frame is not None:
-                        frames.append(frame)
+                    raws.append(item)
                 else:
                     events.append(item)
-        count = sum(len(items) for items, _ in batch)
+            if held.frames and isinstance(held.frames[0], RawFrame):
+                text.extend(held.text)
+        count = sum(len(held.frames) for held in batch)
         try:
-            events.extend(mapper.events(frames, received_at))
+            events.extend(mapper.events(mapper.read(raws, text), received_at))
             await store_events(self._ctx.store, events, received_at)
         except Exception as exc:
             self._dropped(count, str(exc))

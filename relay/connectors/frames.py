@@ -7,17 +7,23 @@ it: those that gave an event of their own (turn starts and ends, tools), not tho
 only carried text. Frames keep their index in the whole stream, so ids minted from it
 (`{stream id}:{frame index}`) are those a forward of the whole stream gives; events
 already handed over are not handed over again.
+
+Most frames of a chat stream only carry text (tokens, deltas), and the text frames of
+a batch only give their turn's last activity, the last one's. Where the provider can
+tell such frames from their bytes (`TextHints`), a run of them is read from its last
+frame alone: the others are not parsed at all.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import orjson
 
+from relay.connectors.sse import RawFrame
 from relay.events import Event, EventType
 from relay.normalize import InvalidEvent
 from relay.pipeline import MAX_NESTING, nested_deeper_than
@@ -41,6 +47,37 @@ class FrameMapper:
     _next_index: int = 0
     _kept: list[Frame] = field(default_factory=list)
     _handed: set[str] = field(default_factory=set)
+    _text_only: Callable[[str | None, bytes], bool] | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        # `TextHints`, read without a runtime protocol check (slow; one per stream).
+        hint = getattr(self.provider, "text_only", None)
+        self._text_only = hint if callable(hint) else None
+
+    def text_flags(self, items: Sequence[RawFrame | Event]) -> list[bool]:
+        """For each of `items`, whether the provider tells it is a frame that only
+        carries text (never an event, nor anything without a provider's hints)."""
+        text_only = self._text_only
+        if text_only is None:
+            return [False] * len(items)
+        return [isinstance(item, RawFrame) and text_only(item.name, item.data) for item in items]
+
+    def read(self, raws: Sequence[RawFrame], text: Sequence[bool] | None = None) -> list[Frame]:
+        """The next frames of the stream, but those of a run of text frames before its
+        last one (skipped, not counted) and those `frame` leaves out; `text` is
+        `text_flags(raws)` if known."""
+        if text is None:
+            text = self.text_flags(raws)
+        frames = []
+        last = len(raws) - 1
+        for i, raw in enumerate(raws):
+            if i < last and text[i] and text[i + 1]:
+                self._next_index += 1
+                continue
+            frame = self.frame(raw.data, raw.name, raw.id)
+            if frame is not None:
+                frames.append(frame)
+        return frames
 
     def frame(self, data: bytes, name: str | None, frame_id: str | None) -> Frame | None:
         """The next frame of the stream, or None (counted) if its data is not a JSON

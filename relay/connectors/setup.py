@@ -30,7 +30,13 @@ def setup_connectors(
     settings, store, stats = app[SETTINGS], app[STORE], app[METRICS].connectors
     options = settings.connectors
     feeds = FeedContext(
-        store, stats, RepeatedWarnings(), clock, options.tap_queue_frames, options.tap_batch_frames
+        store,
+        stats,
+        RepeatedWarnings(),
+        clock,
+        options.tap_queue_frames,
+        options.tap_batch_frames,
+        options.tap_text_delay_seconds,
     )
 
     def client() -> aiohttp.ClientSession:

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 _MAX_LINE = 1024 * 1024  # a line longer than this is dropped (the stream is not ours)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RawFrame:
-    """One dispatched event: its data lines joined, its `event` name and its id."""
+    """One dispatched event: its data lines joined, its `event` name and its id; treat it
+    as immutable (not `frozen`: one is built for every frame of a stream)."""
 
     data: bytes
     name: str | None
@@ -43,38 +44,32 @@ class SSEParser:
             if self._rest_bytes > _MAX_LINE:
                 self._rest, self._rest_bytes = [], 0
             return []
-        data = b"".join((*self._rest, chunk)) if self._rest else chunk
-        lines, rest, self._pending_cr = split_lines(data)
+        whole = b"".join((*self._rest, chunk)) if self._rest else chunk
+        lines, rest, self._pending_cr = split_lines(whole)
         kept = 0 < len(rest) <= _MAX_LINE
         self._rest, self._rest_bytes = ([rest], len(rest)) if kept else ([], 0)
         frames: list[RawFrame] = []
+        data, name, own_id = self._data, self._name, self._id
         for line in lines:
-            frame = self._line(line)
-            if frame is not None:
-                frames.append(frame)
+            if not line:  # dispatch
+                if data:
+                    frames.append(RawFrame(b"\n".join(data), name, own_id, self.last_id))
+                    data = []
+                name = own_id = None
+            elif line.startswith(b"data:"):
+                data.append(line[6:] if line.startswith(b"data: ") else line[5:])
+            elif not line.startswith(b":"):
+                key, _, value = line.partition(b":")
+                value = value.removeprefix(b" ")
+                if key == b"data":  # a line `data` without a colon
+                    data.append(value)
+                elif key == b"event":
+                    name = value.decode(errors="replace") or None
+                elif key == b"id" and b"\0" not in value:
+                    text = value.decode(errors="replace")
+                    own_id = self.last_id = text or None
+        self._data, self._name, self._id = data, name, own_id
         return frames
-
-    def _line(self, line: bytes) -> RawFrame | None:
-        if not line:
-            data, self._data = self._data, []
-            name, self._name = self._name, None
-            own_id, self._id = self._id, None
-            if not data:
-                return None
-            return RawFrame(b"\n".join(data), name, own_id, self.last_id)
-        if line.startswith(b":"):
-            return None
-        key, _, value = line.partition(b":")
-        value = value.removeprefix(b" ")
-        if key == b"data":
-            self._data.append(value)
-        elif key == b"event":
-            self._name = value.decode(errors="replace") or None
-        elif key == b"id" and b"\0" not in value:
-            text = value.decode(errors="replace")
-            self._id = text or None
-            self.last_id = text or None
-        return None
 
 
 def split_lines(data: bytes) -> tuple[list[bytes], bytes, bool]:

@@ -8,11 +8,12 @@ only carry text into one activity event per turn instead of one event per token.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from relay.events import Event, EventType, TurnError, Usage
 from relay.normalize import InvalidEvent, optional_id, read_time
@@ -44,6 +45,30 @@ class Provider(Protocol):
     name: str
 
     def events(self, frames: Sequence[Frame], ctx: Context) -> list[Event]: ...
+
+
+@runtime_checkable
+class TextHints(Protocol):
+    """A provider that tells from a frame's raw bytes, before any parsing, that the frame
+    only carries text (a token, a delta): it would give a text event (`Events.text`)
+    whose session and turn are those of the text frames next to it. False when unsure."""
+
+    def text_only(self, name: str | None, data: bytes) -> bool: ...
+
+
+_LONE_TYPE = re.compile(rb'\A\s*\{\s*"type"\s*:\s*"([A-Za-z0-9_.]+)"')
+
+
+def raw_kind(name: str | None, data: bytes) -> str | None:
+    """`frame_type` read from the raw frame: its SSE event name, else the `type` of a JSON
+    object that opens with it and names it once (a key repeated later would win), with
+    no escape that could spell it otherwise; None when unsure."""
+    if name:
+        return name
+    match = _LONE_TYPE.match(data)
+    if match is None or data.count(b'"type"') != 1 or b"\\u" in data:
+        return None
+    return match.group(1).decode()
 
 
 @contextmanager

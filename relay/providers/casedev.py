@@ -10,10 +10,19 @@ from typing import Any
 
 from relay.events import Event, EventType, TurnError, Usage
 from relay.normalize import optional_id, read_error, read_usage
-from relay.providers.base import Context, Events, Frame, at_frame, frame_type, session_of
+from relay.providers.base import (
+    Context,
+    Events,
+    Frame,
+    at_frame,
+    frame_type,
+    raw_kind,
+    session_of,
+)
 
 _SESSION = ("chatId", "sessionId", "session_id", "chat_id")
 _TOOL_ENDED = {"completed", "error", "failed", "cancelled"}
+_OWN_EVENTS = {"turn.started", "turn.completed", "turn.failed", "session.usage"}
 
 
 class CaseDev:
@@ -25,6 +34,13 @@ class CaseDev:
             with at_frame(frame):
                 _frame(out, frame, ctx)
         return out.result()
+
+    def text_only(self, name: str | None, data: bytes) -> bool:
+        """Frames but the turn's and usage's, with no part that may be a tool: text."""
+        if b'"tool"' in data or b"\\u" in data:
+            return False
+        kind = name or raw_kind(name, data)
+        return kind is not None and kind not in _OWN_EVENTS
 
 
 def _frame(out: Events, frame: Frame, ctx: Context) -> None:

@@ -14,7 +14,15 @@ from dataclasses import replace
 
 from relay.events import Event, EventType, TurnError
 from relay.normalize import InvalidEvent, optional_id
-from relay.providers.base import Context, Events, Frame, at_frame, frame_id, frame_type
+from relay.providers.base import (
+    Context,
+    Events,
+    Frame,
+    at_frame,
+    frame_id,
+    frame_type,
+    raw_kind,
+)
 
 
 class Casey:
@@ -56,6 +64,10 @@ class Casey:
                 else:  # token, widget, sources, the `done` after an error, others
                     out.text(frame, session, turn)
         return [e if e.session_id else _with_session(e, session) for e in out.result()]
+
+    def text_only(self, name: str | None, data: bytes) -> bool:
+        """Tokens (widgets, sources and a `done` after an error are text too, but rare)."""
+        return raw_kind(name, data) == "token"
 
 
 def _with_session(event: Event, session: str | None) -> Event:

@@ -13,7 +13,18 @@ from datetime import datetime
 
 from relay.events import Event, EventType, TurnError, Usage
 from relay.normalize import InvalidEvent, optional_id, read_usage
-from relay.providers.base import Context, Events, Frame, at_frame, before, frame_id, frame_type
+from relay.providers.base import (
+    Context,
+    Events,
+    Frame,
+    at_frame,
+    before,
+    frame_id,
+    frame_type,
+    raw_kind,
+)
+
+_TEXT = {"text", "thinking", "text_delta", "thinking_delta"}
 
 
 class LlamaCloud:
@@ -47,6 +58,10 @@ class LlamaCloud:
         if opened is not None:
             _start(out, opened, session, turn, None)
         return out.result()
+
+    def text_only(self, name: str | None, data: bytes) -> bool:
+        """Text and thinking, whole or in deltas, that name no session."""
+        return raw_kind(name, data) in _TEXT and b'"session_id"' not in data
 
 
 def _start(

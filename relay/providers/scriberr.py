@@ -8,7 +8,17 @@ from collections.abc import Sequence
 
 from relay.events import Event, EventType, TurnError
 from relay.normalize import optional_id, read_error, read_usage
-from relay.providers.base import Context, Events, Frame, at_frame, frame_type, session_of
+from relay.providers.base import (
+    Context,
+    Events,
+    Frame,
+    at_frame,
+    frame_type,
+    raw_kind,
+    session_of,
+)
+
+_OWN_EVENTS = {"chat.run.started", "chat.run.completed", "chat.run.failed"}
 
 
 class Scriberr:
@@ -20,6 +30,11 @@ class Scriberr:
             with at_frame(frame):
                 _frame(out, frame, ctx)
         return out.result()
+
+    def text_only(self, name: str | None, data: bytes) -> bool:
+        """Frames but the run's own: text (chat.message.created, chat.delta.*)."""
+        kind = name or raw_kind(name, data)
+        return kind is not None and kind not in _OWN_EVENTS
 
 
 def _frame(out: Events, frame: Frame, ctx: Context) -> None:
