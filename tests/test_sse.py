@@ -229,7 +229,7 @@ def test_streams_started_after_shutdown_began_end_at_once() -> None:
         assert subscription.closed
 
 
-async def until_no_streams(base_url: str, within: float = 10.0) -> None:
+async def until_no_streams(base_url: str, within: float = 30.0) -> None:
     """Wait until the relay's metrics count no open stream."""
     deadline = asyncio.get_running_loop().time() + within
     async with httpx.AsyncClient() as http:
