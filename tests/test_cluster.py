@@ -120,7 +120,7 @@ async def test_three_instances_act_as_one_relay(
             asyncio.create_task(follow(node.url, key, into, ready))
             for node, into, ready in zip(nodes, streams, readies, strict=True)
         ]
-        await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), 10)
+        await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), 30)
 
         sent = await send_spread([n.url for n in nodes], secret, bodies, CLIENTS)
         assert set(sent.statuses) <= {200, 202}, sorted(set(sent.statuses))
@@ -138,7 +138,7 @@ async def test_three_instances_act_as_one_relay(
             return all(len(s) >= len(expected) for s in streams)
 
         try:
-            await wait_until(streamed, 20, "every stream has every change")
+            await wait_until(streamed, 60, "every stream has every change")
         finally:
             for task in followers:
                 task.cancel()
