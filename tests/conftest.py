@@ -117,6 +117,11 @@ class Relay:
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.key}"}
 
+    async def ready(self) -> bool:
+        """Whether /readyz answers 200: the store commits, through its writer process
+        (started on first use, which takes seconds on a loaded machine)."""
+        return (await self.client.get("/readyz")).status == 200
+
     async def events(self) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = []
         after = 0

@@ -16,6 +16,7 @@ from relay.appkeys import STORE
 from relay.config import AlertSettings
 from relay.store import open_store
 from tests.conftest import Relay, RelayFactory, make_settings
+from tests.receivers import until
 from tests.test_read_api import get, ingest
 
 
@@ -96,6 +97,9 @@ async def test_alerts_fire_in_real_time_and_after_a_restart(tmp_path: Path) -> N
     await client.start_server()
     relay = Relay(client, "")
     try:
+        # Ready means the writer process (started on first use) commits: its start,
+        # seconds on a loaded machine, would otherwise come between the two events' times.
+        await until(relay.ready)
         await ingest(relay, now_event("1", "agent.chat.session.created", "chat_c"))
         await ingest(relay, now_event("2", "agent.chat.turn.started", "chat_c", "turn_1"))
         assert len(await poll_changes(relay, "turn.stalled")) == 1
