@@ -39,6 +39,7 @@ from tests.cluster_support import (
 from tests.conftest import SECRET, Relay, RelayFactory
 from tests.receivers import Receiver, receiver
 from tests.redis_server import free_port
+from tests.test_crash import alive
 
 EVENTS = 2000
 CLIENTS = 32
@@ -244,10 +245,6 @@ async def run_script(script: str, env: dict[str, str], *args: str) -> Any:
     )
 
 
-def running_pid(pid: int) -> bool:
-    return Path(f"/proc/{pid}").exists()
-
-
 async def test_the_cluster_script_starts_instances_that_share_secrets_and_key(
     tmp_path: Path, pg_url: str, redis_namespace: tuple[str, str]
 ) -> None:
@@ -285,7 +282,7 @@ async def test_the_cluster_script_starts_instances_that_share_secrets_and_key(
     assert stopped.stdout.count("stopped relay-") == 2
     pids = [int(w) for w in stopped.stdout.replace(")", " ").split() if w.isdigit()]
     assert pids
-    assert not any(map(running_pid, pids))
+    assert not any(map(alive, pids))
 
 
 async def test_instances_starting_together_make_one_admin_key(pg_url: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,15 +17,9 @@ import pytest
 
 from relay.sign import sign_standard
 from tests.conftest import SECRET, Load
+from tests.redis_server import free_port
 
 CLIENTS = 32
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def write_config(tmp_path: Path, port: int) -> Path:
@@ -106,7 +99,7 @@ def child_pids(pid: int) -> list[int]:
     ]
 
 
-def _exists(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Whether `pid` is a live process (a zombie, exited but not yet reaped, is not)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -119,7 +112,7 @@ async def ended(pids: list[int], seconds: float) -> bool:
     """Wait up to `seconds` for every process in `pids` to be gone."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if not any(_exists(pid) for pid in pids):
+        if not any(alive(pid) for pid in pids):
             return True
         await asyncio.sleep(0.05)
     return False
