@@ -376,7 +376,7 @@ async def test_raw_changes_replay_exactly_as_sent_live(relay: Relay, tmp_path: P
         assert b"\n" in body
         resp_spread = await relay.client.post("/v1/ingest/casedev", data=body, headers=signed(body))
         assert resp_spread.status == 202
-        for _ in range(100):
+        for _ in range(1500):  # at least 30 s
             if len(live) == 4:
                 break
             await asyncio.sleep(0.02)
