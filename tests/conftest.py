@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from hypothesis import HealthCheck, settings
 
 from relay.app import create_app
 from relay.auth import NewKey
@@ -22,6 +23,11 @@ from relay.config import Settings
 from tests.services import pg_url, redis_namespace
 
 __all__ = ["pg_url", "redis_namespace"]  # fixtures for the cluster tests
+
+# Property tests prove what they assert, not how fast a busy machine runs them: no
+# per-example deadline, and no health check failing on slow data generation.
+settings.register_profile("relay", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("relay")
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "casedev"
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -110,6 +116,11 @@ class Relay:
     @property
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.key}"}
+
+    async def ready(self) -> bool:
+        """Whether /readyz answers 200: the store commits, through its writer process
+        (started on first use, which takes seconds on a loaded machine)."""
+        return (await self.client.get("/readyz")).status == 200
 
     async def events(self) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = []

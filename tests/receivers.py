@@ -104,7 +104,7 @@ async def receiver() -> AsyncIterator[Receiver]:
         await runner.cleanup()
 
 
-async def eventually(check: Callable[[], bool], within: float = 10.0) -> None:
+async def eventually(check: Callable[[], bool], within: float = 30.0) -> None:
     """Wait until `check()` holds, polling; fail after `within` seconds."""
 
     async def holds() -> bool:
@@ -113,7 +113,7 @@ async def eventually(check: Callable[[], bool], within: float = 10.0) -> None:
     await until(holds, within)
 
 
-async def until(check: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
+async def until(check: Callable[[], Awaitable[bool]], within: float = 30.0) -> None:
     """Wait until `await check()` holds, polling; fail after `within` seconds."""
     deadline = time.monotonic() + within
     while not await check():

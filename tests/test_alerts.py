@@ -16,6 +16,7 @@ from relay.appkeys import STORE
 from relay.config import AlertSettings
 from relay.store import open_store
 from tests.conftest import Relay, RelayFactory, make_settings
+from tests.receivers import until
 from tests.test_read_api import get, ingest
 
 
@@ -97,6 +98,9 @@ async def test_alerts_fire_in_real_time_and_after_a_restart(tmp_path: Path) -> N
     await client.start_server()
     relay = Relay(client, "")
     try:
+        # Ready means the writer process (started on first use) commits: its start,
+        # seconds on a loaded machine, would otherwise come between the two events' times.
+        await until(relay.ready)
         created = time.monotonic()
         await ingest(relay, now_event("1", "agent.chat.session.created", "chat_c"))
         await ingest(relay, now_event("2", "agent.chat.turn.started", "chat_c", "turn_1"))
@@ -157,25 +161,49 @@ async def test_an_event_received_before_the_deadline_but_not_yet_written_ends_th
     no `turn.stalled` fires for it, before or after."""
     from relay.store.base import GroupCommit
 
+    start = time.time()
+    now = [start]  # the relay's clock: it moves only when this test moves it
+    checks = [0]  # alert checks finished
     real_write_batch = GroupCommit._write_batch
 
     async def slow_for_completions(self: GroupCommit, batch: Any) -> None:
         records = [record for group, _ in batch for record in group]
         if any(record.event.type == "agent.chat.turn.completed" for record in records):
-            await asyncio.sleep(0.8)  # the deadline passes while this batch waits
+            now[0] = start + 5  # the deadline passes while this batch waits...
+            seen = checks[0]
+            for _ in range(3000):  # ...through two alert checks, at most 30 s
+                if checks[0] >= seen + 2:
+                    break
+                await asyncio.sleep(0.01)
         await real_write_batch(self, batch)
 
     monkeypatch.setattr(GroupCommit, "_write_batch", slow_for_completions)
     relay = await start_relay(
+        clock=lambda: now[0],
         alerts={"turn_stall_seconds": 1.0, "check_interval_seconds": 0.05},
     )
-    await ingest(relay, now_event("1", "agent.chat.session.created", "chat_q"))
-    await ingest(relay, now_event("2", "agent.chat.turn.started", "chat_q", "turn_1"))
+    store = relay.client.app[STORE]
+    real_fire = store.fire_due_alerts
+
+    async def counted_fire(at: float) -> int:
+        fired = await real_fire(at)
+        checks[0] += 1
+        return fired
+
+    monkeypatch.setattr(store, "fire_due_alerts", counted_fire)
+
+    def at(event: dict[str, Any], seconds: float) -> dict[str, Any]:
+        occurred = datetime.fromtimestamp(start + seconds, UTC)
+        return {**event, "occurred_at": occurred.isoformat().replace("+00:00", "Z")}
+
+    await ingest(relay, at(now_event("1", "agent.chat.session.created", "chat_q"), 0))
+    await ingest(relay, at(now_event("2", "agent.chat.turn.started", "chat_q", "turn_1"), 0))
     # A witness: a turn started just after, never completed, whose stall is due just after.
-    await ingest(relay, now_event("4", "agent.chat.session.created", "chat_r"))
-    await ingest(relay, now_event("5", "agent.chat.turn.started", "chat_r", "turn_1"))
-    await asyncio.sleep(0.6)  # the completion is received before the deadline
-    await ingest(relay, now_event("3", "agent.chat.turn.completed", "chat_q", "turn_1"))
+    await ingest(relay, at(now_event("4", "agent.chat.session.created", "chat_r"), 0.1))
+    await ingest(relay, at(now_event("5", "agent.chat.turn.started", "chat_r", "turn_1"), 0.1))
+    now[0] = start + 0.6  # the completion is received before the deadline
+    completed = now_event("3", "agent.chat.turn.completed", "chat_q", "turn_1")
+    await ingest(relay, at(completed, 0.6))
     stalled = await poll_changes(relay, "turn.stalled", seconds=10)  # past chat_q's deadline
     assert [c["session_id"] for c in stalled] == ["chat_r"]
     logged = (await get(relay, "/v1/changes", type="turn.*"))["items"]

@@ -48,7 +48,7 @@ def follow_source(server: TestServer, **extra: Any) -> dict[str, Any]:
     }
 
 
-async def eventually(check: Callable[[], Awaitable[Any]], seconds: float = 15.0) -> Any:
+async def eventually(check: Callable[[], Awaitable[Any]], seconds: float = 30.0) -> Any:
     deadline = time.monotonic() + seconds
     while True:
         result = await check()

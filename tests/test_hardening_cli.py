@@ -21,6 +21,7 @@ import pytest
 from relay.sign import sign_standard
 from relay.verify import parse_standard_secret
 from tests.conftest import Relay
+from tests.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_CONFIG = ROOT / "config" / "relay.toml"
@@ -210,16 +211,6 @@ def test_a_secret_from_the_environment_is_used_and_nothing_generated(checkout: P
 
 
 # -- 15. one line per CLI failure ------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 @pytest.fixture

@@ -327,6 +327,10 @@ async def test_rows_stay_bounded_under_steady_ingest(
     relay = await start_relay(
         retention={"seconds": 1.0, "interval_seconds": 0.1, "batch_rows": 200}
     )
+    # Ready means the writer process (started on first use) commits: its start, seconds on
+    # a loaded machine, would otherwise hold up the first ingests, and a session whose
+    # events straddle it stays live (all its events kept) for as long.
+    await until(relay.ready)
     db = tmp_path / "relay.db"
     kept = 2.5
     started = time.monotonic()

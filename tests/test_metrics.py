@@ -54,7 +54,7 @@ async def test_sse_subscriber_gauge_counts_open_streams(relay: Relay) -> None:
     await stream.content.readuntil(b"\n\n")  # the stream is live
     assert (await scrape(relay))[("relay_sse_subscribers", ())] == 1
     stream.close()
-    for _ in range(100):
+    for _ in range(1500):  # at least 30 s
         if (await scrape(relay))[("relay_sse_subscribers", ())] == 0:
             break
         await asyncio.sleep(0.02)
@@ -70,7 +70,7 @@ async def test_delivery_metrics_move_with_deliveries(start_relay: RelayFactory) 
             body = orjson.dumps(event)
             await relay.client.post("/v1/ingest/casedev", data=body, headers=signed(body))
         await eventually(lambda: len(got.at("/hook")) == len(LIFECYCLE_CHANGES))
-        for _ in range(250):  # the queue depth is refreshed by the dispatcher's poll
+        for _ in range(1500):  # (>= 30 s) the queue depth is refreshed by the dispatcher's poll
             samples = await scrape(relay)
             delivered = samples.get(("relay_deliveries_total", (("outcome", "delivered"),)))
             depth = samples.get(("relay_delivery_queue_depth", ()))

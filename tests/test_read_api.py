@@ -210,7 +210,7 @@ async def test_long_poll_times_out_with_the_unchanged_state(relay: Relay) -> Non
     version = (await get(relay, f"/v1/sessions/{SESSION}"))["version"]
     started = time.monotonic()
     session = await get(relay, f"/v1/sessions/{SESSION}", wait="true", version=version, timeout=1)
-    assert 0.9 < time.monotonic() - started < 3
+    assert 0.9 < time.monotonic() - started < 10  # answered at its timeout, not the 30 s default
     assert session["version"] == version
 
 

@@ -229,7 +229,7 @@ def test_streams_started_after_shutdown_began_end_at_once() -> None:
         assert subscription.closed
 
 
-async def until_no_streams(base_url: str, within: float = 10.0) -> None:
+async def until_no_streams(base_url: str, within: float = 30.0) -> None:
     """Wait until the relay's metrics count no open stream."""
     deadline = asyncio.get_running_loop().time() + within
     async with httpx.AsyncClient() as http:
@@ -254,7 +254,7 @@ async def test_client_disconnect_is_not_a_server_error(tmp_path: Any) -> None:
         stderr=asyncio.subprocess.STDOUT,
     )
     try:
-        for _ in range(100):
+        for _ in range(600):  # a `relay serve` starting on a loaded machine: up to 60 s
             try:
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
                 break
@@ -317,7 +317,7 @@ async def test_gone_client_leaves_the_hub_without_handler_cancellation(tmp_path:
         await reader.readuntil(b"retry: ")
         assert app[HUB].subscribers == 1
         writer.close()
-        for _ in range(40):
+        for _ in range(600):  # up to 30 s
             if app[HUB].subscribers == 0:
                 break
             await asyncio.sleep(0.05)
@@ -376,7 +376,7 @@ async def test_raw_changes_replay_exactly_as_sent_live(relay: Relay, tmp_path: P
         assert b"\n" in body
         resp_spread = await relay.client.post("/v1/ingest/casedev", data=body, headers=signed(body))
         assert resp_spread.status == 202
-        for _ in range(100):
+        for _ in range(1500):  # at least 30 s
             if len(live) == 4:
                 break
             await asyncio.sleep(0.02)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,8 @@ async def test_browser_eventsource_receives_changes_and_resumes(
     relay = Relay(client, keys[0].secret)
 
     async def until(check: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-        for _ in range(200):
+        deadline = time.monotonic() + 60  # Chromium starts slowly on a loaded machine
+        while time.monotonic() < deadline:
             if reports and check(reports[-1]):
                 return reports[-1]
             reported.clear()

@@ -69,7 +69,7 @@ def compared(headers: Any) -> list[tuple[str, str]]:
     )
 
 
-async def eventually(check: Callable[[], Awaitable[Any]], seconds: float = 10.0) -> Any:
+async def eventually(check: Callable[[], Awaitable[Any]], seconds: float = 30.0) -> Any:
     """Poll `check` until it returns something truthy, for at most `seconds`."""
     deadline = time.monotonic() + seconds
     while True:
@@ -116,7 +116,7 @@ async def test_tapped_stream_is_byte_identical_and_gives_its_turn(
     assert compared(tapped.raw_headers) == compared(direct_headers)
 
     status, tools, field, value = TURNS[provider]
-    turn = await eventually(lambda: _with_status(relay, SESSIONS[provider], status), seconds=10)
+    turn = await eventually(lambda: _with_status(relay, SESSIONS[provider], status))
     assert turn is not None, f"no {status} turn for {provider}"
     assert turn["tool_calls"]["count"] == tools
     if field is not None:

@@ -95,7 +95,7 @@ async def test_sigkill_with_pending_deliveries_loses_none(tmp_path: Path, load: 
                 assert status == 201
                 got.secrets[path] = created["secret"]
             await send_all(relay.url, list(range(load.pending_events)), set(), asyncio.Event())
-            for _ in range(200):
+            for _ in range(600):  # at least 30 s
                 if await queue_depth(http, relay.url) >= load.min_pending:
                     break
                 await asyncio.sleep(0.05)

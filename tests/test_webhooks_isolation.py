@@ -91,7 +91,7 @@ async def test_session_ordering_holds_through_retries(start_relay: RelayFactory)
                 )
                 assert resp.status == 202
         expected = len(sessions) * len(LIFECYCLE_CHANGES)
-        await eventually(lambda: len(got.at("/ordered")) == expected, within=20)
+        await eventually(lambda: len(got.at("/ordered")) == expected, within=60)
         attempts: defaultdict[str, list[int]] = defaultdict(list)
         for receipt in got.at("/ordered", delivered=False):
             attempts[receipt.payload["data"]["session_id"]].append(receipt.change_id)
