@@ -6,7 +6,7 @@ import asyncio
 import random
 import sqlite3
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -197,6 +197,39 @@ async def test_paging(store: Store) -> None:
         change = change_page[-1].id
     assert ids == sorted(set(ids))
     assert len(ids) > 13
+
+
+async def test_filtered_session_pages(store: Store) -> None:
+    """Pages filtered by readiness and turn status hold exactly the matching sessions, in
+    the unfiltered order, without gaps or repeats."""
+    for i in range(9):
+        session = f"chat_{i}"
+        events = lifecycle(session, 2)[: [1, 3, 4, 5][i % 4]]
+        for raw in events:
+            await store.ingest(rec(raw))
+    as_of = await store.last_seq()
+    everything = await store.list_sessions(SessionQuery(as_of, limit=100))
+    states = {
+        row.session_id: (
+            orjson.loads(row.snapshot)["readiness"],
+            orjson.loads(row.snapshot)["turn_status"],
+        )
+        for row in everything
+    }
+    assert len(set(states.values())) == 3
+    for readiness in (None, "provisioning", "ready"):
+        for turn_status in (None, "idle", "running"):
+            seen: list[str] = []
+            after: tuple[int, str] | None = None
+            query = SessionQuery(as_of, None, 2, readiness, turn_status)
+            while page := await store.list_sessions(replace(query, after=after)):
+                seen += [row.session_id for row in page]
+                after = (page[-1].activity_seq, page[-1].session_id)
+            assert seen == [
+                sid
+                for sid, (r, t) in states.items()
+                if readiness in (None, r) and turn_status in (None, t)
+            ], (readiness, turn_status)
 
 
 async def test_api_keys(store: Store) -> None:
