@@ -74,8 +74,9 @@ async def test_subscriptions_made_before_alert_formats_are_standard_ones(pg_url:
 async def test_a_store_from_before_packed_snapshots_reads_the_same_after_upgrading(
     pg_url: str,
 ) -> None:
-    """Snapshots stored as JSON and a log indexed by session (before migration 7) read as
-    they did once the store is upgraded, and the next ingest packs what it writes."""
+    """Snapshots and payloads stored as JSON and a log indexed by session (before
+    migration 7) read as they did once the store is upgraded, and the next ingest packs
+    what it writes."""
     store = PostgresStore(StoreSettings(url=pg_url), {}, AlertSettings())
     await store.open()
     try:
@@ -96,6 +97,11 @@ async def test_a_store_from_before_packed_snapshots_reads_the_same_after_upgradi
                 await conn.execute(
                     f"UPDATE {table} SET snapshot = $1 WHERE {where}", json, *row[:-1]
                 )
+        for seq, payload in await conn.fetch("SELECT seq, payload FROM events"):
+            assert payload[:1] == b"\x03"
+            await conn.execute(
+                "UPDATE events SET payload = $1 WHERE seq = $2", unpack(payload), seq
+            )
         await conn.execute(
             "DROP INDEX sessions_by_status; DROP INDEX alert_changes_by_session;"
             " CREATE INDEX changes_by_session ON changes (session_id, id);"
@@ -131,4 +137,7 @@ async def _reads(store: PostgresStore) -> list[object]:
         await store.list_turns("chat_a", 0, 100),
         await store.list_session_changes("chat_a", 0, 1000),
         await store.list_session_changes("chat_b", 3, 1000, ("raw.*",)),
+        await store.list_changes(0, 1000, ("raw.*",)),
+        await store.list_events(0, 1000),
+        await store.list_session_events("chat_b", 0, 1000),
     ]

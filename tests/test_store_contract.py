@@ -109,6 +109,28 @@ async def test_ingest_and_duplicates(store: Store) -> None:
     assert await store.last_seq() == first[-1].seq
 
 
+async def test_events_and_raw_changes_keep_the_bytes_received(store: Store) -> None:
+    """An event's payload reads back byte for byte, in the event log, in the session's
+    events and in its raw change, however it was laid out."""
+    sent = [
+        body("e1", "agent.chat.session.created", "chat_a"),
+        b'{ "id": "e2",\n  "type": "agent.worker.ready", "data": {"chatId": "chat_a"},'
+        b' "occurred_at": "2026-11-22T12:00:01Z", "extra": "\\u00e9" }',
+        b'{"id":"e3","type":"agent.runtime.reused","data":{"chatId":"chat_a"},"x":"'
+        + b"z" * 3000
+        + b'"}',
+    ]
+    for raw in sent:
+        await store.ingest(rec(raw))
+    assert [e.payload for e in await store.list_events(0, 10)] == sent
+    assert [e.payload for e in await store.list_session_events("chat_a", 0, 10)] == sent
+    raw_changes = await store.list_changes(0, 100, ("raw.*",))
+    events = [orjson.loads(c.body)["event"] for c in raw_changes]
+    assert events == [orjson.loads(raw) for raw in sent]
+    one_line = [c.body for c in raw_changes if orjson.loads(c.body)["event"]["id"] == "e1"]
+    assert sent[0] in one_line[0]
+
+
 async def test_derived_state_equals_derive_session(store: Store) -> None:
     """Shuffled lifecycles with repeats give each session the state derive_session gives."""
     sessions = {f"chat_{i}": lifecycle(f"chat_{i}", 2 + i) for i in range(5)}

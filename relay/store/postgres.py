@@ -40,7 +40,7 @@ from relay.changes import Commit, StoredChange
 from relay.config import AlertSettings, RetentionSettings, StoreSettings
 from relay.logs import RepeatedWarnings
 from relay.normalize import decoder
-from relay.packed_bodies import CHANGE, pack, unpack
+from relay.packed_bodies import CHANGE, pack, pack_event, unpack
 from relay.state import affects_state
 from relay.store import (
     ApiKey,
@@ -275,7 +275,7 @@ class PostgresStore(PostgresFollows):
             *_columns(derived.facts, 4),
             *_columns(derived.alert_deletes, 3),
             *_columns(derived.alert_inserts, 4),
-            *_columns(derived.events, 9),
+            *_columns([(*row[:8], pack_event(row[8])) for row in derived.events], 9),
             *_columns(rows, 6),
             *_columns([(*row[:5], pack(row[5], CHANGE)) for row in derived.sessions], 6),
             list(derived.activity),

@@ -26,7 +26,7 @@ async def check_derived_state(conn: asyncpg.Connection, decode: EventDecoder) ->
         async for _, source, payload, received_at in conn.cursor(
             "SELECT seq, source, payload, received_at FROM events ORDER BY seq"
         ):
-            event = decode(source, payload, received_at)
+            event = decode(source, unpack(payload), received_at)
             if event.session_id is None:
                 continue
             new, _ = apply(records.get(event.session_id), event)

@@ -163,7 +163,7 @@ class PostgresReads:
             after,
             limit,
         )
-        return [StoredEvent(*row) for row in rows]
+        return [_event(row) for row in rows]
 
     async def last_seq(self) -> int:
         return await self._counter("event_seq")
@@ -216,7 +216,7 @@ class PostgresReads:
             after,
             limit,
         )
-        return [StoredEvent(*row) for row in rows]
+        return [_event(row) for row in rows]
 
     async def list_changes(
         self, after: int, limit: int, types: tuple[str, ...] = (), exclude: tuple[str, ...] = ()
@@ -274,6 +274,13 @@ class PostgresReads:
             key_hash,
         )
         return _api_key(rows[0]) if rows else None
+
+
+def _event(row: Any) -> StoredEvent:
+    seq, source, event_id, kind, session_id, turn_id, occurred_at, received_at, payload = row
+    return StoredEvent(
+        seq, source, event_id, kind, session_id, turn_id, occurred_at, received_at, unpack(payload)
+    )
 
 
 def _api_key(row: Any) -> ApiKey:
