@@ -88,14 +88,16 @@ LIMIT $4
 
 # A session's changes after an id: those of its events from the one that caused the
 # change at that id on (`events_by_session`, then `changes_by_event`; a change's id grows
-# with its event's seq, so they come in id order), and those no event caused (alerts,
+# with its event's seq, so they come in id order; each event's changes are read by its
+# seq alone, or the planner may read every change past the id instead), and those no
+# event caused (alerts,
 # through `alert_changes_by_session`). Neither read looks at other sessions' changes.
 _SESSION_CHANGE_PAGE = """
 SELECT * FROM (
     (SELECT c.id, c.type, c.session_id, c.turn_id, c.body,
         e.type, e.occurred_at, e.session_id, e.turn_id, e.event_id, e.source, e.payload
     FROM events e
-    JOIN changes c ON c.event_seq = e.seq
+    CROSS JOIN LATERAL (SELECT * FROM changes c WHERE c.event_seq = e.seq OFFSET 0) c
     WHERE e.session_id = $1 AND e.seq >= coalesce((
         SELECT event_seq FROM changes
         WHERE id <= $2 AND event_seq IS NOT NULL ORDER BY id DESC LIMIT 1
