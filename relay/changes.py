@@ -167,7 +167,10 @@ def stored_body(change_id: int, body: bytes, event: tuple[Any, ...]) -> bytes:
     bodies stored whole (JSON) are served as they are."""
     if body != REBUILT_FROM_EVENT or event[0] is None:
         return unpack(body) if body else body  # None: a delivery whose change is gone
-    return raw_change_body(change_id, *event)
+    event_type, occurred_at, session_id, turn_id, event_id, source, payload = event
+    return raw_change_body(
+        change_id, event_type, occurred_at, session_id, turn_id, event_id, source, unpack(payload)
+    )
 
 
 def one_line(payload: bytes) -> bytes:

@@ -8,6 +8,9 @@ same way. Each value is deflated on its own (so that any one is read alone) with
 preset dictionary, a value of the same shape, which makes the keys cost almost nothing:
 a stored change is about a ninth of its JSON. Reading inflates it back to the same bytes.
 
+On PostgreSQL, whose rows cost more than SQLite's, snapshots and events' payloads are
+packed as well (an event's with a dictionary of events: it is read back byte for byte).
+
 A packed value starts with a byte no JSON starts with, which names its dictionary; a
 value stored before values were packed (JSON) is read as it is. The dictionaries are
 part of the stored format: they never change; another one would come with a marker of
@@ -20,6 +23,7 @@ import zlib
 
 CHANGE = b"\x01"  # a change's body, or a session's or a turn's snapshot (SQLite)
 FACTS = b"\x02"  # a session's or a turn's facts
+EVENT = b"\x03"  # an event's payload as received (PostgreSQL), where packing shrinks it
 
 _CHANGE_DICTIONARY = (
     b'"status":"failed","error":{"message":"","code":""},"retry_after_seconds":null,'
@@ -62,7 +66,17 @@ _FACTS_DICTIONARY = (
     b'"usage":{"input_tokens":0,"output_tokens":0,"reasoning_tokens":0,"total_tokens":0,'
     b'"cost_micros":0},"provider":"agent"},"usage":"terminal","latest":"terminal"}'
 )
-_DICTIONARIES = {CHANGE: _CHANGE_DICTIONARY, FACTS: _FACTS_DICTIONARY}
+# Events as providers send them (Case.dev's shape last: the most common).
+_EVENT_DICTIONARY = (
+    b'"session_id":"","turn_id":"","timestamp":"","created_at":"","status":"","event":'
+    b'"agent.chat.session.created","agent.runtime.reused","agent.scope.activated",'
+    b'"agent.chat.turn.failed","error":{"message":"","code":""},"retryAfterSeconds":0,'
+    b'"agent.worker.ready","agent.chat.turn.started","sessionId":"",'
+    b'{"id":"evt_000000000","type":"agent.chat.turn.completed",'
+    b'"occurred_at":"2026-01-01T00:00:00.000000Z","data":{"chatId":"chat_0000000",'
+    b'"turnId":"turn_0","usage":{"inputTokens":0,"outputTokens":0,"costMicros":0}}}'
+)
+_DICTIONARIES = {CHANGE: _CHANGE_DICTIONARY, FACTS: _FACTS_DICTIONARY, EVENT: _EVENT_DICTIONARY}
 # Raw deflate (no header or checksum: the marker says what follows) in a 4 KiB window,
 # which holds the dictionary and most of a value, with little memory for its matches:
 # setting up a larger compressor costs more than compressing a value of this size.
@@ -76,6 +90,13 @@ def pack(value: bytes, kind: bytes) -> bytes:
         6, zlib.DEFLATED, _WINDOW_BITS, _MEMORY_LEVEL, zlib.Z_DEFAULT_STRATEGY, _DICTIONARIES[kind]
     )
     return kind + deflate.compress(value) + deflate.flush()
+
+
+def pack_event(payload: bytes) -> bytes:
+    """An event's payload as the store keeps it: packed if that is shorter, else as it is
+    (a payload is JSON, so it never starts with a marker)."""
+    packed = pack(payload, EVENT)
+    return packed if len(packed) < len(payload) else payload
 
 
 def unpack(stored: bytes) -> bytes:

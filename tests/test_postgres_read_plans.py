@@ -1,8 +1,10 @@
-"""A PostgreSQL store's typed change pages and session pages are read through indexes."""
+"""A PostgreSQL store's typed change pages, session pages and a session's changes are
+read through indexes."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from itertools import product
 
 import asyncpg
 import pytest
@@ -11,7 +13,13 @@ from relay.changes import glob_pattern
 from relay.config import AlertSettings, StoreSettings
 from relay.store import SessionQuery
 from relay.store.postgres import PostgresStore
-from relay.store.postgres_reads import _CHANGE_TYPES, _SESSION_PAGE, _TYPED_CHANGE_PAGE
+from relay.store.postgres_reads import (
+    _CHANGE_TYPES,
+    _SESSION_CHANGE_PAGE,
+    _SESSION_PAGE,
+    _TYPED_CHANGE_PAGE,
+    session_page_args,
+)
 from tests.test_store_contract import lifecycle, rec
 
 ROWS = 20_000
@@ -39,8 +47,16 @@ async def filled(pg_url: str) -> AsyncIterator[asyncpg.Connection]:
         )
         await conn.execute(
             "INSERT INTO sessions (session_id, version, readiness, turn_status, activity_seq,"
-            " snapshot) SELECT 'chat_' || (g % 2000), 1, 'ready', 'idle', max(g), 'x'::bytea"
+            " snapshot) SELECT 'chat_' || (g % 2000), 1,"
+            " CASE WHEN g % 2000 < 1900 THEN 'ready' ELSE 'provisioning' END,"
+            " CASE WHEN g % 2000 % 10 = 0 THEN 'running' ELSE 'idle' END, max(g), 'x'::bytea"
             " FROM generate_series(1, $1) g GROUP BY g % 2000",
+            ROWS,
+        )
+        await conn.execute(  # alerts: changes no event caused
+            "INSERT INTO changes (id, type, session_id, event_seq, body)"
+            " SELECT $1 + g, 'type.' || (g % 7), 'chat_' || (g % 2000), NULL, 'x'::bytea"
+            " FROM generate_series(1, 200) g",
             ROWS,
         )
         await conn.execute("ANALYZE")
@@ -52,6 +68,15 @@ async def filled(pg_url: str) -> AsyncIterator[asyncpg.Connection]:
 async def plan(conn: asyncpg.Connection, sql: str, *args: object) -> str:
     rows = await conn.fetch("EXPLAIN " + sql, *args)
     return "\n".join(row[0] for row in rows)
+
+
+def literal(value: object) -> str:
+    """`value` as SQL (EXECUTE takes no bound parameters)."""
+    if isinstance(value, list):
+        return f"ARRAY[{', '.join(map(literal, value))}]::text[]"
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    return str(value)
 
 
 def no_seq_scan(text: str) -> None:
@@ -79,17 +104,44 @@ async def test_the_types_in_the_log_are_found_by_a_loose_index_scan(
     assert found == [f"type.{n}" for n in range(7)]
 
 
-@pytest.mark.parametrize(("as_of", "after"), [(ROWS, None), (ROWS - 500, (ROWS - 900, "chat_0"))])
-async def test_a_sessions_page_reads_the_activity_index(
-    filled: asyncpg.Connection, as_of: int, after: tuple[int, str] | None
+FILTERS = [(None, None), ("ready", None), (None, "running"), ("provisioning", "idle")]
+CURSORS = [(ROWS, None), (ROWS - 500, (ROWS - 900, "chat_0"))]
+
+
+@pytest.mark.parametrize("generic", [False, True])
+async def test_a_sessions_page_reads_the_status_index(
+    filled: asyncpg.Connection, generic: bool
 ) -> None:
-    """A sessions page, first or later, as of now or earlier, uses sessions_by_activity."""
-    query = SessionQuery(as_of_seq=as_of, after=after)
-    after_act, after_id = after or (-1, "")
-    top = as_of if after is None else min(as_of, after_act)
-    args = (as_of, top, None, None, after_act, after_id, query.limit)
-    text = await plan(filled, _SESSION_PAGE, *args)
-    assert "sessions_by_activity" in text, text
+    """A sessions page, first or later, as of now or earlier, with or without filters,
+    and whether the plan knows the parameters or not, reads sessions_by_status in
+    activity order, never the whole table."""
+    if generic:
+        await filled.execute("SET plan_cache_mode = force_generic_plan")
+        await filled.execute(f"PREPARE page AS {_SESSION_PAGE}")
+    for (readiness, turn_status), (as_of, after) in product(FILTERS, CURSORS):
+        args = session_page_args(SessionQuery(as_of, after, 50, readiness, turn_status))
+        if generic:
+            text = await plan(filled, f"EXECUTE page ({', '.join(map(literal, args))})")
+            assert "$2" in text, text  # a generic plan: the parameters are not in it
+        else:
+            text = await plan(filled, _SESSION_PAGE, *args)
+        scan = text.split("Index Scan Backward using sessions_by_status", 1)
+        assert len(scan) == 2, text  # each pair's range, read in activity order
+        condition = scan[1].split("Index Cond: ", 1)[1].split("\n", 1)[0]
+        assert "readiness =" in condition, text
+        assert "turn_status =" in condition, text
+        no_seq_scan(text)
+
+
+async def test_a_sessions_changes_are_read_through_its_events_and_alerts(
+    filled: asyncpg.Connection,
+) -> None:
+    """A session's changes come from its events' changes and its alert changes, each read
+    through an index; nothing scans the log."""
+    text = await plan(filled, _SESSION_CHANGE_PAGE, "chat_7", 0, ["raw.%"], 500)
+    for index in ("events_by_session", "changes_by_event", "alert_changes_by_session"):
+        assert index in text, text
+    assert "Index Cond: (id >" not in text, text  # the log is not read from the id on
     no_seq_scan(text)
 
 

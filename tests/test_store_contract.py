@@ -6,7 +6,7 @@ import asyncio
 import random
 import sqlite3
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -109,6 +109,28 @@ async def test_ingest_and_duplicates(store: Store) -> None:
     assert await store.last_seq() == first[-1].seq
 
 
+async def test_events_and_raw_changes_keep_the_bytes_received(store: Store) -> None:
+    """An event's payload reads back byte for byte, in the event log, in the session's
+    events and in its raw change, however it was laid out."""
+    sent = [
+        body("e1", "agent.chat.session.created", "chat_a"),
+        b'{ "id": "e2",\n  "type": "agent.worker.ready", "data": {"chatId": "chat_a"},'
+        b' "occurred_at": "2026-11-22T12:00:01Z", "extra": "\\u00e9" }',
+        b'{"id":"e3","type":"agent.runtime.reused","data":{"chatId":"chat_a"},"x":"'
+        + b"z" * 3000
+        + b'"}',
+    ]
+    for raw in sent:
+        await store.ingest(rec(raw))
+    assert [e.payload for e in await store.list_events(0, 10)] == sent
+    assert [e.payload for e in await store.list_session_events("chat_a", 0, 10)] == sent
+    raw_changes = await store.list_changes(0, 100, ("raw.*",))
+    events = [orjson.loads(c.body)["event"] for c in raw_changes]
+    assert events == [orjson.loads(raw) for raw in sent]
+    one_line = [c.body for c in raw_changes if orjson.loads(c.body)["event"]["id"] == "e1"]
+    assert sent[0] in one_line[0]
+
+
 async def test_derived_state_equals_derive_session(store: Store) -> None:
     """Shuffled lifecycles with repeats give each session the state derive_session gives."""
     sessions = {f"chat_{i}": lifecycle(f"chat_{i}", 2 + i) for i in range(5)}
@@ -197,6 +219,39 @@ async def test_paging(store: Store) -> None:
         change = change_page[-1].id
     assert ids == sorted(set(ids))
     assert len(ids) > 13
+
+
+async def test_filtered_session_pages(store: Store) -> None:
+    """Pages filtered by readiness and turn status hold exactly the matching sessions, in
+    the unfiltered order, without gaps or repeats."""
+    for i in range(9):
+        session = f"chat_{i}"
+        events = lifecycle(session, 2)[: [1, 3, 4, 5][i % 4]]
+        for raw in events:
+            await store.ingest(rec(raw))
+    as_of = await store.last_seq()
+    everything = await store.list_sessions(SessionQuery(as_of, limit=100))
+    states = {
+        row.session_id: (
+            orjson.loads(row.snapshot)["readiness"],
+            orjson.loads(row.snapshot)["turn_status"],
+        )
+        for row in everything
+    }
+    assert len(set(states.values())) == 3
+    for readiness in (None, "provisioning", "ready"):
+        for turn_status in (None, "idle", "running"):
+            seen: list[str] = []
+            after: tuple[int, str] | None = None
+            query = SessionQuery(as_of, None, 2, readiness, turn_status)
+            while page := await store.list_sessions(replace(query, after=after)):
+                seen += [row.session_id for row in page]
+                after = (page[-1].activity_seq, page[-1].session_id)
+            assert seen == [
+                sid
+                for sid, (r, t) in states.items()
+                if readiness in (None, r) and turn_status in (None, t)
+            ], (readiness, turn_status)
 
 
 async def test_api_keys(store: Store) -> None:

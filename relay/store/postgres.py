@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -41,6 +40,7 @@ from relay.changes import Commit, StoredChange
 from relay.config import AlertSettings, RetentionSettings, StoreSettings
 from relay.logs import RepeatedWarnings
 from relay.normalize import decoder
+from relay.packed_bodies import CHANGE, pack, pack_event, unpack
 from relay.state import affects_state
 from relay.store import (
     ApiKey,
@@ -61,6 +61,7 @@ from relay.store.derive import (
     encode_fired,
     number_changes,
 )
+from relay.store.entry_cache import EntryCache
 from relay.store.postgres_entries import hold_turns, load_entries
 from relay.store.postgres_follows import PostgresFollows
 from relay.store.postgres_migrate import migrate_connection
@@ -70,12 +71,14 @@ from relay.timefmt import format_unix
 
 log = structlog.get_logger("relay.store")
 
-_CACHE_SESSIONS = 10_000
 _IN_FLIGHT = 1  # batches written at once (two were no faster: both derive on the loop)
 _RETRIES = 5  # a batch whose events another instance stored meanwhile is run again
 _PROBE_SECONDS = 1.0
 _ALERTS_PER_RUN = 500
 _FIRST_KEY_LOCK = 0x72656C62  # held while an instance adds the first API key
+# No JIT: every statement of the store is short, and compiling one costs far more (tens to
+# hundreds of ms, on every run of a statement whose estimate passes `jit_above_cost`).
+SERVER_SETTINGS = {"jit": "off"}
 
 
 class _StoredElsewhere(Exception):
@@ -100,7 +103,7 @@ class PostgresStore(PostgresFollows):
         self._in_flight = in_flight
         self._listeners: list[Callable[[Commit], None]] = []
         self._commits: GroupCommit | None = None
-        self._cache: OrderedDict[str, SessionEntry] = OrderedDict()
+        self._cache = EntryCache(settings.cache_bytes)
         self._writable_until = 0.0
         self._closing = False
         self._retention = retention
@@ -124,6 +127,7 @@ class PostgresStore(PostgresFollows):
                 max_size=self._pool_size,
                 timeout=self._settings.timeout_seconds,
                 command_timeout=self._settings.timeout_seconds,
+                server_settings=SERVER_SETTINGS,
             )
         except (OSError, asyncpg.PostgresError) as exc:
             raise StoreUnavailable(f"the store cannot be reached: {exc}") from exc
@@ -178,7 +182,7 @@ class PostgresStore(PostgresFollows):
         if pruned is None:
             return NOTHING
         for session_id in pruned.sessions:
-            self._cache.pop(session_id, None)
+            self._cache.pop(session_id)
         return pruned
 
     def _warn(self, event: str, error: str) -> None:
@@ -267,13 +271,13 @@ class PostgresStore(PostgresFollows):
             self._hold(changes[0].id, held)
         inserted = await conn.fetchval(
             _WRITE,
-            *_columns(derived.turns, 6),
+            *_columns([(*row[:4], pack(row[4], CHANGE), row[5]) for row in derived.turns], 6),
             *_columns(derived.facts, 4),
             *_columns(derived.alert_deletes, 3),
             *_columns(derived.alert_inserts, 4),
-            *_columns(derived.events, 9),
+            *_columns([(*row[:8], pack_event(row[8])) for row in derived.events], 9),
             *_columns(rows, 6),
-            *_columns(derived.sessions, 6),
+            *_columns([(*row[:5], pack(row[5], CHANGE)) for row in derived.sessions], 6),
             list(derived.activity),
             list(derived.activity.values()),
         )
@@ -319,10 +323,7 @@ class PostgresStore(PostgresFollows):
 
     def _remember(self, entries: dict[str, SessionEntry]) -> None:
         for session_id, entry in entries.items():
-            self._cache[session_id] = entry
-            self._cache.move_to_end(session_id)
-        while len(self._cache) > _CACHE_SESSIONS:
-            self._cache.popitem(last=False)
+            self._cache.put(session_id, entry)
 
     # -- alerts ----------------------------------------------------------------------------
 
@@ -347,7 +348,7 @@ class PostgresStore(PostgresFollows):
                 raise unavailable from exc
             raise
         for session_id in sessions:  # their facts rows' versions moved: read them again
-            self._cache.pop(session_id, None)
+            self._cache.pop(session_id)
         await commits.deliver(Commit(changes, {}))
         return len(changes)
 
@@ -517,7 +518,7 @@ async def _snapshots(conn: asyncpg.Connection, rows: Sequence[Any]) -> dict[tupl
     for session_id, snapshot in await conn.fetch(
         "SELECT session_id, snapshot FROM sessions WHERE session_id = ANY($1::text[])", sessions
     ):
-        found[(session_id, "")] = snapshot
+        found[(session_id, "")] = unpack(snapshot)
     turn_keys = [(row[0], row[1]) for row in rows if row[1]]
     if turn_keys:
         for session_id, turn_id, snapshot in await conn.fetch(
@@ -527,7 +528,7 @@ async def _snapshots(conn: asyncpg.Connection, rows: Sequence[Any]) -> dict[tupl
             [k[0] for k in turn_keys],
             [k[1] for k in turn_keys],
         ):
-            found[(session_id, turn_id)] = snapshot
+            found[(session_id, turn_id)] = unpack(snapshot)
     return found
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncpg
 import orjson
 
+from relay.packed_bodies import unpack
 from relay.state import SessionRecord, apply
 from relay.store import EventDecoder
 from relay.store.facts import decode_record
@@ -25,7 +26,7 @@ async def check_derived_state(conn: asyncpg.Connection, decode: EventDecoder) ->
         async for _, source, payload, received_at in conn.cursor(
             "SELECT seq, source, payload, received_at FROM events ORDER BY seq"
         ):
-            event = decode(source, payload, received_at)
+            event = decode(source, unpack(payload), received_at)
             if event.session_id is None:
                 continue
             new, _ = apply(records.get(event.session_id), event)
@@ -50,14 +51,16 @@ async def check_derived_state(conn: asyncpg.Connection, decode: EventDecoder) ->
         stored = sessions.pop(session_id, None)
         if stored is None and pruned and session_id not in facts_rows:
             continue  # retention took its state
-        if stored is None or _unversioned(orjson.loads(stored)) != _unversioned(
+        if stored is None or _unversioned(orjson.loads(unpack(stored))) != _unversioned(
             record.session.to_dict()
         ):
             problems.append(f"session {session_id}: stored state differs from a replay")
         session_turns = turns.pop(session_id, {})
         for turn_id, turn in record.turns.items():
             got = session_turns.get(turn_id)
-            if got is None or _unversioned(orjson.loads(got[0])) != _unversioned(turn.to_dict()):
+            if got is None or _unversioned(orjson.loads(unpack(got[0]))) != _unversioned(
+                turn.to_dict()
+            ):
                 problems.append(f"turn {session_id}/{turn_id}: stored state differs")
         facts = facts_rows.pop(session_id, None)
         pairs = [(turn_id, blob) for turn_id, (_, blob) in session_turns.items()]

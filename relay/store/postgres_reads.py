@@ -7,37 +7,48 @@ from typing import Any
 import asyncpg
 
 from relay.changes import StoredChange, glob_pattern, stored_body
+from relay.packed_bodies import unpack
+from relay.state import Readiness, SessionTurnStatus
 from relay.store import ApiKey, SessionQuery, SessionRow, StoredEvent, StoreUnavailable
 
 _EVENT_COLUMNS = (
     "seq, source, event_id, type, session_id, turn_id, occurred_at, received_at, payload"
 )
-# Sessions in order of their newest activity as of a seq. Those whose newest event is
-# at most `top` (the as-of seq, or the cursor's activity if lower) come from the
-# `sessions_by_activity` index read backwards; those whose newest event is past the as-of
-# seq (few: the most recent) are placed by their newest event up to it.
+# Sessions in order of their newest activity as of a seq, for the (readiness, turn
+# status) pairs the filters admit. Those whose newest event is at most `top` (the as-of
+# seq, or the cursor's activity if lower) come from `sessions_by_status`, each pair's
+# range read backwards from `top` and merged, so a page reads at most `limit` rows per
+# pair however many sessions there are and however rare the pair; those whose newest
+# event is past the as-of seq (few: the most recent) are placed by their newest event
+# up to it (the upper bound, the largest seq, tells a generic plan that they are few).
 _SESSION_PAGE = """
 SELECT session_id, version, snapshot, act FROM (
-    (SELECT session_id, version, snapshot, activity_seq AS act FROM sessions
-    WHERE activity_seq <= $2 AND NOT (activity_seq = $5 AND session_id >= $6)
-      AND ($3::text IS NULL OR readiness = $3) AND ($4::text IS NULL OR turn_status = $4)
-    ORDER BY activity_seq DESC, session_id DESC
-    LIMIT $7)
+    SELECT p.* FROM unnest($3::text[]) AS r (readiness)
+    CROSS JOIN unnest($4::text[]) AS t (turn_status)
+    CROSS JOIN LATERAL (
+        SELECT session_id, version, snapshot, activity_seq AS act FROM sessions
+        WHERE readiness = r.readiness AND turn_status = t.turn_status
+          AND activity_seq <= $2 AND NOT (activity_seq = $5 AND session_id >= $6)
+        ORDER BY activity_seq DESC, session_id DESC
+        LIMIT $7
+    ) p
     UNION ALL
     SELECT session_id, version, snapshot, act FROM (
         SELECT s.session_id, s.version, s.snapshot, (
             SELECT max(e.seq) FROM events e WHERE e.session_id = s.session_id AND e.seq <= $1
         ) AS act
         FROM sessions s
-        WHERE s.activity_seq > $1
-          AND ($3::text IS NULL OR s.readiness = $3)
-          AND ($4::text IS NULL OR s.turn_status = $4)
+        WHERE s.activity_seq > $1 AND s.activity_seq <= $8
+          AND s.readiness = ANY($3::text[]) AND s.turn_status = ANY($4::text[])
     ) moved
     WHERE act IS NOT NULL AND act <= $2 AND NOT (act = $5 AND session_id >= $6)
 ) page
 ORDER BY act DESC, session_id DESC
 LIMIT $7
 """
+MAX_SEQ = 2**63 - 1
+_READINESS = tuple(r.value for r in Readiness)
+_TURN_STATUS = tuple(t.value for t in SessionTurnStatus)
 # Every type in the change log, one index seek each (a loose scan of `changes_by_type`).
 _CHANGE_TYPES = """
 WITH RECURSIVE t(type) AS (
@@ -75,17 +86,55 @@ ORDER BY c.id
 LIMIT $4
 """
 
-# A session's changes, through the (session_id, id) index.
+# A session's changes after an id: those of its events from the one that caused the
+# change at that id on (`events_by_session`, then `changes_by_event`; a change's id grows
+# with its event's seq, so they come in id order; each event's changes are read by its
+# seq alone, or the planner may read every change past the id instead), and those no
+# event caused (alerts,
+# through `alert_changes_by_session`). Neither read looks at other sessions' changes.
 _SESSION_CHANGE_PAGE = """
-SELECT c.id, c.type, c.session_id, c.turn_id, c.body,
-    e.type, e.occurred_at, e.session_id, e.turn_id, e.event_id, e.source, e.payload
-FROM changes c
-LEFT JOIN events e ON octet_length(c.body) = 0 AND e.seq = c.event_seq
-WHERE c.session_id = $1 AND c.id > $2
-  AND NOT (c.type LIKE ANY ($3::text[]))
-ORDER BY c.id
+SELECT * FROM (
+    (SELECT c.id, c.type, c.session_id, c.turn_id, c.body,
+        e.type, e.occurred_at, e.session_id, e.turn_id, e.event_id, e.source, e.payload
+    FROM events e
+    CROSS JOIN LATERAL (SELECT * FROM changes c WHERE c.event_seq = e.seq OFFSET 0) c
+    WHERE e.session_id = $1 AND e.seq >= coalesce((
+        SELECT event_seq FROM changes
+        WHERE id <= $2 AND event_seq IS NOT NULL ORDER BY id DESC LIMIT 1
+    ), 0)
+      AND c.id > $2 AND NOT (c.type LIKE ANY ($3::text[]))
+    ORDER BY e.seq, c.id
+    LIMIT $4)
+    UNION ALL
+    (SELECT c.id, c.type, c.session_id, c.turn_id, c.body,
+        NULL, NULL, NULL, NULL, NULL, NULL, NULL::bytea
+    FROM changes c
+    WHERE c.session_id = $1 AND c.event_seq IS NULL AND c.id > $2
+      AND NOT (c.type LIKE ANY ($3::text[]))
+    ORDER BY c.id
+    LIMIT $4)
+) page
+ORDER BY 1
 LIMIT $4
 """
+
+
+def session_page_args(query: SessionQuery) -> tuple[Any, ...]:
+    """The parameters of `_SESSION_PAGE` for `query`: each filter as the values it admits."""
+    after_act, after_id = query.after or (-1, "")
+    top = query.as_of_seq if query.after is None else min(query.as_of_seq, after_act)
+    readiness = _READINESS if query.readiness is None else (query.readiness,)
+    turn_status = _TURN_STATUS if query.turn_status is None else (query.turn_status,)
+    return (
+        query.as_of_seq,
+        top,
+        list(readiness),
+        list(turn_status),
+        after_act,
+        after_id,
+        query.limit,
+        MAX_SEQ,
+    )
 
 
 def like_pattern(glob: str) -> str:
@@ -116,7 +165,7 @@ class PostgresReads:
             after,
             limit,
         )
-        return [StoredEvent(*row) for row in rows]
+        return [_event(row) for row in rows]
 
     async def last_seq(self) -> int:
         return await self._counter("event_seq")
@@ -135,22 +184,19 @@ class PostgresReads:
             " WHERE session_id = $1",
             session_id,
         )
-        return SessionRow(*rows[0]) if rows else None
+        if not rows:
+            return None
+        sid, version, snapshot, act = rows[0]
+        return SessionRow(sid, version, unpack(snapshot), act)
 
     async def list_sessions(self, query: SessionQuery) -> list[SessionRow]:
-        after_act, after_id = query.after or (-1, "")
-        top = query.as_of_seq if query.after is None else min(query.as_of_seq, after_act)
         rows = await self._fetch(
             _SESSION_PAGE,
-            query.as_of_seq,
-            top,
-            query.readiness,
-            query.turn_status,
-            after_act,
-            after_id,
-            query.limit,
+            *session_page_args(query),
         )
-        return [SessionRow(*row) for row in rows]
+        return [
+            SessionRow(sid, version, unpack(snapshot), act) for sid, version, snapshot, act in rows
+        ]
 
     async def list_turns(self, session_id: str, after: int, limit: int) -> list[tuple[int, bytes]]:
         rows = await self._fetch(
@@ -160,7 +206,7 @@ class PostgresReads:
             after,
             limit,
         )
-        return [(position, snapshot) for position, snapshot in rows]
+        return [(position, unpack(snapshot)) for position, snapshot in rows]
 
     async def list_session_events(
         self, session_id: str, after: int, limit: int
@@ -172,7 +218,7 @@ class PostgresReads:
             after,
             limit,
         )
-        return [StoredEvent(*row) for row in rows]
+        return [_event(row) for row in rows]
 
     async def list_changes(
         self, after: int, limit: int, types: tuple[str, ...] = (), exclude: tuple[str, ...] = ()
@@ -230,6 +276,13 @@ class PostgresReads:
             key_hash,
         )
         return _api_key(rows[0]) if rows else None
+
+
+def _event(row: Any) -> StoredEvent:
+    seq, source, event_id, kind, session_id, turn_id, occurred_at, received_at, payload = row
+    return StoredEvent(
+        seq, source, event_id, kind, session_id, turn_id, occurred_at, received_at, unpack(payload)
+    )
 
 
 def _api_key(row: Any) -> ApiKey:
