@@ -103,6 +103,7 @@ class RedisHub:
         self._last_change_id = last_change_id
         self._channel = f"{settings.prefix}:changes"
         self._origin = uuid.uuid4().hex
+        self._own = hub_wire.sent_by(self._origin)
         self._local = InProcessHub()
         self._sequencer = Sequencer(self._local.publish, read_changes, settings.gap_wait_seconds)
         self._inbox: asyncio.Queue[Commit | _CatchUp] = asyncio.Queue()
@@ -297,6 +298,8 @@ class RedisHub:
                     self.stats.pings += 1
 
     def _received(self, data: bytes) -> None:
+        if data.startswith(self._own):
+            return  # delivered here when it was published
         try:
             message = hub_wire.decode(data)
         except hub_wire.BadMessage as exc:

@@ -38,6 +38,11 @@ def encode(origin: str, commit: Commit, max_bytes: int) -> bytes:
     return orjson.dumps(header) + b"\n" + b"".join(c.body for c in commit.changes)
 
 
+def sent_by(origin: str) -> bytes:
+    """How every message that `origin` encodes begins (so that its own are known unread)."""
+    return orjson.dumps({"o": origin})[:-1] + b","
+
+
 def decode(data: bytes) -> Message:
     """The commit a message carries; BadMessage if it is not one."""
     head, newline, rest = data.partition(b"\n")

@@ -17,7 +17,7 @@ from relay.config import HubSettings, Settings
 from relay.hub import InProcessHub, open_hub
 from relay.hub_order import Sequencer
 from relay.hub_redis import MAX_MESSAGE_BYTES, RedisHub, Throttle, backoff
-from relay.hub_wire import BadMessage, decode, encode
+from relay.hub_wire import BadMessage, decode, encode, sent_by
 from tests.conftest import RelayFactory, fixture_events
 from tests.hub_support import ChangeLog, Received, change, everything, nothing, redis_hub, running
 from tests.receivers import eventually
@@ -40,6 +40,15 @@ def test_message_round_trips_bodies_byte_for_byte() -> None:
     assert message.commit == Commit(changes, {"s": 4})
     assert [c.body for c in message.commit.changes] == bodies
     assert message.through is None
+
+
+def test_a_hubs_own_messages_are_known_by_their_first_bytes() -> None:
+    """Every message a hub encodes, whole or ids only, begins with its `sent_by` bytes;
+    another hub's, even one whose id extends it, does not."""
+    commit = Commit([change(7), change(8)], {"s1": 2})
+    for limit in (10, 1000):
+        assert encode("me", commit, limit).startswith(sent_by("me"))
+        assert not encode("meet", commit, limit).startswith(sent_by("me"))
 
 
 def test_large_commit_goes_as_ids_only() -> None:
