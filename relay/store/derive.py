@@ -16,7 +16,7 @@ that writes its change.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -28,6 +28,7 @@ from relay.events import Event
 from relay.packed_bodies import CHANGE, pack
 from relay.state import (
     Deadline,
+    RunKey,
     SessionRecord,
     SessionState,
     TurnState,
@@ -37,7 +38,7 @@ from relay.state import (
     apply,
 )
 from relay.store import IngestRecord, IngestResult
-from relay.store.facts import encode_session, encode_turn
+from relay.store.facts import decode_record, encode_session, encode_turn
 from relay.timefmt import format_time
 
 AlertKey = tuple[str, str]  # (alert type, turn id or "") within a session
@@ -103,6 +104,29 @@ def encode_fired(fired: frozenset[AlertKey]) -> str:
 
 def decode_fired(text: str | None) -> frozenset[AlertKey]:
     return frozenset((kind, turn_id) for kind, turn_id in orjson.loads(text or "[]"))
+
+
+def stored_entry(
+    session_id: str,
+    stamp: int,
+    facts: bytes,
+    fired: str | None,
+    turns: Iterable[tuple[str, bytes]],
+    thresholds: Thresholds,
+    running: Mapping[str, RunKey] | None = None,
+    alerts: Iterable[AlertKey] = (),
+) -> SessionEntry:
+    """The entry of a session's stored facts row. Without `running`, `turns` are all its
+    turns and its alert rows are what its state calls for; with it (facts that sum their
+    turns), `turns` hold at least its last one, `running` places its running ones and
+    `alerts` are its stored alert rows: a partial entry."""
+    if running is None:
+        record = decode_record(session_id, facts, turns)
+        return entry_of(record, stamp, decode_fired(fired), thresholds)
+    record = decode_record(session_id, facts, turns, running)
+    return SessionEntry(
+        record, stamp, decode_fired(fired), Map(dict.fromkeys(alerts)), partial=True
+    )
 
 
 @dataclass(slots=True)

@@ -9,12 +9,11 @@ from dataclasses import replace
 from typing import Any
 
 import asyncpg
-from immutables import Map
 
 from relay.state import RunKey, affects_state
 from relay.store import IngestRecord
-from relay.store.derive import NO_SESSION, SessionEntry, Thresholds, decode_fired, entry_of
-from relay.store.facts import decode_record, decode_turns, last_turn_of, run_key
+from relay.store.derive import NO_SESSION, SessionEntry, Thresholds, stored_entry
+from relay.store.facts import decode_turns, last_turn_of, run_key
 
 TurnRows = dict[str, list[tuple[str, bytes]]]
 
@@ -61,20 +60,12 @@ async def load_entries(
     for session_id, version, facts, fired in rows:
         if facts is None:
             entries[session_id] = replace(NO_SESSION, stamp=version)
-        elif session_id in last:
-            record = decode_record(
-                session_id, facts, turns.get(session_id, []), running[session_id]
-            )
-            entries[session_id] = SessionEntry(
-                record,
-                version,
-                decode_fired(fired),
-                Map(dict.fromkeys(alerts.get(session_id, ()))),
-                partial=True,
-            )
         else:
-            record = decode_record(session_id, facts, turns.get(session_id, []))
-            entries[session_id] = entry_of(record, version, decode_fired(fired), thresholds)
+            entries[session_id] = stored_entry(
+                *(session_id, version, facts, fired, turns.get(session_id, []), thresholds),
+                running.get(session_id) if session_id in last else None,
+                alerts.get(session_id, ()),
+            )
     return entries, sum(len(found) for found in turns.values())
 
 

@@ -39,11 +39,11 @@ from relay.store.derive import (
     decode_fired,
     derive_batch,
     encode_fired,
-    entry_of,
     number_changes,
+    stored_entry,
 )
 from relay.store.entry_cache import EntryCache
-from relay.store.facts import decode_record, decode_turns, last_turn_of, run_key
+from relay.store.facts import decode_turns, last_turn_of, run_key
 from relay.store.retention import Pruned, prune_batch
 from relay.timefmt import format_unix, parse_time
 
@@ -336,18 +336,12 @@ class BatchWriter:
             if facts is None:
                 if sid not in legacy:
                     self.loaded[sid] = NO_SESSION
-            elif sid in last:
-                record = decode_record(sid, facts, turns.get(sid, []), running[sid])
-                self.loaded[sid] = SessionEntry(
-                    record,
-                    version,
-                    decode_fired(fired),
-                    Map(dict.fromkeys(alerts.get(sid, ()))),
-                    partial=True,
-                )
             else:
-                record = decode_record(sid, facts, turns.get(sid, []))
-                self.loaded[sid] = entry_of(record, version, decode_fired(fired), self.thresholds)
+                self.loaded[sid] = stored_entry(
+                    *(sid, version, facts, fired, turns.get(sid, []), self.thresholds),
+                    running.get(sid) if sid in last else None,
+                    alerts.get(sid, ()),
+                )
 
     def _select_turns(
         self, sessions: list[str], condition: str
