@@ -14,10 +14,10 @@ from relay.config import AlertSettings, StoreSettings
 from relay.store import SessionQuery
 from relay.store.postgres import PostgresStore
 from relay.store.postgres_reads import (
-    _CHANGE_TYPES,
     _SESSION_CHANGE_PAGE,
     _SESSION_PAGE,
     _TYPED_CHANGE_PAGE,
+    CHANGE_TYPES,
     session_page_args,
 )
 from tests.test_store_contract import lifecycle, rec
@@ -97,10 +97,10 @@ async def test_the_types_in_the_log_are_found_by_a_loose_index_scan(
     filled: asyncpg.Connection,
 ) -> None:
     """The distinct types come from seeks in changes_by_type, and are all found."""
-    text = await plan(filled, _CHANGE_TYPES)
+    text = await plan(filled, CHANGE_TYPES)
     assert "changes_by_type" in text, text
     no_seq_scan(text)
-    found = [row[0] for row in await filled.fetch(_CHANGE_TYPES)]
+    found = [row[0] for row in await filled.fetch(CHANGE_TYPES)]
     assert found == [f"type.{n}" for n in range(7)]
 
 

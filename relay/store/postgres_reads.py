@@ -10,6 +10,7 @@ from relay.changes import StoredChange, glob_pattern, stored_body
 from relay.packed_bodies import unpack
 from relay.state import Readiness, SessionTurnStatus
 from relay.store import ApiKey, SessionQuery, SessionRow, StoredEvent, StoreUnavailable
+from relay.store.sqlite_reads import CHANGE_TYPES  # the same SQL on both engines
 
 _EVENT_COLUMNS = (
     "seq, source, event_id, type, session_id, turn_id, occurred_at, received_at, payload"
@@ -49,15 +50,6 @@ LIMIT $7
 MAX_SEQ = 2**63 - 1
 _READINESS = tuple(r.value for r in Readiness)
 _TURN_STATUS = tuple(t.value for t in SessionTurnStatus)
-# Every type in the change log, one index seek each (a loose scan of `changes_by_type`).
-_CHANGE_TYPES = """
-WITH RECURSIVE t(type) AS (
-    SELECT (SELECT min(type) FROM changes)
-    UNION ALL
-    SELECT (SELECT min(type) FROM changes WHERE type > t.type) FROM t WHERE t.type IS NOT NULL
-)
-SELECT type FROM t WHERE type IS NOT NULL
-"""
 # The changes of the given types, each type read in id order through `changes_by_type`,
 # merged in id order.
 _TYPED_CHANGE_PAGE = """
@@ -227,7 +219,7 @@ class PostgresReads:
             if any(c in t for t in types for c in "*?"):
                 # Globs become the types in the log they match, each read through its index.
                 pattern = glob_pattern(types)
-                found = await self._fetch(_CHANGE_TYPES)
+                found = await self._fetch(CHANGE_TYPES)
                 types = tuple(t for (t,) in found if pattern.fullmatch(t))
                 if not types:
                     return []
