@@ -169,7 +169,12 @@ async def test_a_batch_prunes_nothing_while_another_instance_holds_the_lock(
 async def test_two_instances_prune_beside_ingest_without_deadlock(pg_url: str) -> None:
     """Two instances ingesting into shared sessions and both pruning meet no deadlock or
     failure, keep rows bounded and leave derived state that a replay agrees with."""
-    retention = {"seconds": 0.5, "interval_seconds": 0.02, "batch_rows": 20}
+    retention = {
+        "seconds": 0.5,
+        "interval_seconds": 0.02,
+        "batch_rows": 20,
+        "batch_pause_seconds": 0.01,
+    }
     with capture_logs() as logs:
         async with opened(pg_url, **retention) as one, opened(pg_url, **retention) as two:
 
@@ -187,13 +192,18 @@ async def test_two_instances_prune_beside_ingest_without_deadlock(pg_url: str) -
             await asyncio.gather(steady(one, "a"), steady(two, "b"))
             old = format_unix(time.time() - 1.5)
 
-            async def caught_up() -> bool:
-                return (
-                    await count(pg_url, OLD_EVENTS, old) == 0
-                    and await one.check_derived_state() == []
-                )
+            seen: list[object] = []
 
-            await until(caught_up)
+            async def caught_up() -> bool:
+                seen[:] = [await count(pg_url, OLD_EVENTS, old)]
+                if seen[0] == 0:
+                    seen.append(await one.check_derived_state())
+                return seen == [0, []]
+
+            try:
+                await until(caught_up, within=60)
+            except AssertionError:
+                raise AssertionError(f"old events left, replay differences: {seen}") from None
     assert [e for e in logs if e["log_level"] in ("warning", "error")] == []
     deadlocks = await count(
         pg_url, "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
