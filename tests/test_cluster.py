@@ -285,6 +285,30 @@ async def test_the_cluster_script_starts_instances_that_share_secrets_and_key(
     assert not any(map(alive, pids))
 
 
+def test_the_cluster_script_takes_a_zombie_for_a_stopped_instance(tmp_path: Path) -> None:
+    """An instance that has ended but is not reaped yet (a zombie) is not running: status
+    says so and stop neither signals it nor waits for it."""
+    ended = subprocess.Popen(["true"])  # never waited for while the script runs
+    stat = Path(f"/proc/{ended.pid}/stat")
+    deadline = time.monotonic() + 30
+    while stat.read_text().rpartition(") ")[2][:1] != "Z":
+        assert time.monotonic() < deadline, "the child did not end"
+        time.sleep(0.01)
+    run = tmp_path / "data" / "cluster"
+    run.mkdir(parents=True)
+    (run / "relay-18080.pid").write_text(str(ended.pid))
+    env = {**os.environ, "WORKDIR": str(tmp_path), "PYTHON": sys.executable}
+    script = str(Path(__file__).parent.parent / "scripts" / "cluster")
+    try:
+        status = subprocess.run([script, "status"], env=env, capture_output=True, text=True)
+        assert "http://127.0.0.1:18080 not running" in status.stdout, status.stdout
+        stopped = subprocess.run([script, "stop"], env=env, capture_output=True, text=True)
+        assert "stopped" not in stopped.stdout
+        assert not (run / "relay-18080.pid").exists()
+    finally:
+        ended.wait()
+
+
 async def test_instances_starting_together_make_one_admin_key(pg_url: str) -> None:
     """Of three relays that start together on a fresh database, one makes the bootstrap
     admin key (and shows it); the others find it made."""
