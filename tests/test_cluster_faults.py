@@ -22,7 +22,6 @@ from httpx_sse import aconnect_sse
 from relay.timefmt import format_time, utcnow
 from relay.webhooks.postgres_queue import LIVENESS_LOCK
 from tests.cluster_support import (
-    CuttableProxy,
     Node,
     Sent,
     cluster_config,
@@ -34,6 +33,7 @@ from tests.cluster_support import (
 from tests.conftest import SECRET
 from tests.receivers import Receipt, receiver
 from tests.redis_server import RedisServer
+from tests.tcp_proxy import TcpProxy
 
 FAST_DELIVERY = """
 [delivery]
@@ -295,7 +295,7 @@ async def test_postgresql_cut_off_answers_503_and_recovers(
     answers 503 STORE_UNAVAILABLE with Retry-After, /readyz says not ready, nothing
     uncommitted is acknowledged; once it is back the relay ingests and answers ready."""
     hub_url, prefix = redis_namespace
-    proxy = CuttableProxy("127.0.0.1", 5432)
+    proxy = TcpProxy("127.0.0.1", 5432)
     await proxy.start()
     head, _, database = pg_url.rpartition("/")
     via_proxy = f"{head.rsplit('@', 1)[0]}@127.0.0.1:{proxy.port}/{database}"

@@ -21,7 +21,8 @@ from relay.hub_wire import BadMessage, decode, encode, sent_by
 from tests.conftest import RelayFactory, fixture_events
 from tests.hub_support import ChangeLog, Received, change, everything, nothing, redis_hub, running
 from tests.receivers import eventually
-from tests.redis_server import FreezingProxy, RedisServer
+from tests.redis_server import RedisServer
+from tests.tcp_proxy import TcpProxy
 from tests.test_read_api import ingest
 
 QUIET = 3600.0  # a catch-up interval that never elapses: only Redis carries changes
@@ -376,11 +377,12 @@ async def test_silent_partition_is_noticed_and_caught_up(
     """When Redis goes silent without closing the connection, the hub notices, keeps its
     streams going from the log, and resubscribes once Redis answers again."""
     url, prefix = redis_namespace
-    proxy = FreezingProxy("127.0.0.1", int(url.rsplit(":", 1)[1].split("/")[0]))
+    proxy = TcpProxy("127.0.0.1", int(url.rsplit(":", 1)[1].split("/")[0]))
     await proxy.start()
+    proxied = f"redis://127.0.0.1:{proxy.port}/0"
     log = ChangeLog()
     cut_off = RedisHub(
-        HubSettings(url=proxy.url, prefix=prefix, catch_up_interval_seconds=0.2),
+        HubSettings(url=proxied, prefix=prefix, catch_up_interval_seconds=0.2),
         log.read_changes,
         log.last_change_id,
         ping_every=0.1,
@@ -398,7 +400,7 @@ async def test_silent_partition_is_noticed_and_caught_up(
                 await eventually(lambda: not cut_off.stats.connected)
                 sender.publish(log.append(2))
                 await eventually(lambda: len(got.ids) >= 3)  # from the log meanwhile
-                proxy.thaw()
+                proxy.restore()
                 await eventually(lambda: cut_off.stats.connected, within=60)
                 sender.publish(log.append(2))
                 await eventually(lambda: cut_off.stats.received >= 2)
