@@ -96,6 +96,25 @@ class Follow:
 
 # Follows in these states run (on the instance holding the lease); others have stopped.
 ACTIVE_FOLLOW_STATES = ("following", "backoff")
+# The follows table's columns, read in the order of Follow's fields, on every backend.
+FOLLOW_COLUMNS = (
+    "source, session_id, position, state, attempts, reconnects, last_error, created_at,"
+    " updated_at, owner, lease_until"
+)
+_FOLLOW_UPDATABLE = frozenset(
+    {"position", "state", "attempts", "reconnects", "last_error", "lease_until"}
+)
+# The events table's columns, as event reads take them.
+EVENT_COLUMNS = (
+    "seq, source, event_id, type, session_id, turn_id, occurred_at, received_at, payload"
+)
+
+
+def check_follow_changes(changes: Mapping[str, object]) -> None:
+    """Refuse a follow update naming a field that an update may not set."""
+    unknown = set(changes) - _FOLLOW_UPDATABLE
+    if unknown:
+        raise ValueError(f"not a follow field: {sorted(unknown)}")
 
 
 # Rebuilds an Event from a stored row: (source, raw payload, received_at RFC 3339).

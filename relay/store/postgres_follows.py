@@ -12,14 +12,15 @@ from typing import Any
 
 import asyncpg
 
-from relay.store import ACTIVE_FOLLOW_STATES, Follow, StoreUnavailable
+from relay.store import (
+    ACTIVE_FOLLOW_STATES,
+    FOLLOW_COLUMNS,
+    Follow,
+    StoreUnavailable,
+    check_follow_changes,
+)
 from relay.store.postgres_reads import PostgresReads
 
-_COLUMNS = (
-    "source, session_id, position, state, attempts, reconnects, last_error, created_at,"
-    " updated_at, owner, lease_until"
-)
-_UPDATABLE = frozenset({"position", "state", "attempts", "reconnects", "last_error", "lease_until"})
 _ACTIVE = list(ACTIVE_FOLLOW_STATES)
 
 
@@ -43,7 +44,7 @@ class PostgresFollows(PostgresReads):
             _ACTIVE,
         )
         found = await self._fetch(
-            f"SELECT {_COLUMNS} FROM follows WHERE source = $1 AND session_id = $2",
+            f"SELECT {FOLLOW_COLUMNS} FROM follows WHERE source = $1 AND session_id = $2",
             source,
             session_id,
         )
@@ -51,7 +52,8 @@ class PostgresFollows(PostgresReads):
 
     async def list_follows(self, source: str) -> list[Follow]:
         rows = await self._fetch(
-            f"SELECT {_COLUMNS} FROM follows WHERE source = $1 ORDER BY created_at, session_id",
+            f"SELECT {FOLLOW_COLUMNS} FROM follows WHERE source = $1"
+            " ORDER BY created_at, session_id",
             source,
         )
         return [Follow(*row) for row in rows]
@@ -73,7 +75,7 @@ class PostgresFollows(PostgresReads):
             limit,
         )
         held = await self._fetch(
-            f"SELECT {_COLUMNS} FROM follows WHERE owner = $1 AND state = ANY($2::text[])"
+            f"SELECT {FOLLOW_COLUMNS} FROM follows WHERE owner = $1 AND state = ANY($2::text[])"
             " AND lease_until >= $3 ORDER BY created_at, session_id",
             owner,
             _ACTIVE,
@@ -89,9 +91,7 @@ class PostgresFollows(PostgresReads):
         changes: Mapping[str, object],
         now: str,
     ) -> bool:
-        unknown = set(changes) - _UPDATABLE
-        if unknown:
-            raise ValueError(f"not a follow field: {sorted(unknown)}")
+        check_follow_changes(changes)
         names = list(changes)
         assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(names, start=1))
         n = len(names)

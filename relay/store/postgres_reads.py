@@ -9,12 +9,16 @@ import asyncpg
 from relay.changes import StoredChange, glob_pattern, stored_body
 from relay.packed_bodies import unpack
 from relay.state import Readiness, SessionTurnStatus
-from relay.store import ApiKey, SessionQuery, SessionRow, StoredEvent, StoreUnavailable
+from relay.store import (
+    EVENT_COLUMNS,
+    ApiKey,
+    SessionQuery,
+    SessionRow,
+    StoredEvent,
+    StoreUnavailable,
+)
 from relay.store.sqlite_reads import CHANGE_TYPES  # the same SQL on both engines
 
-_EVENT_COLUMNS = (
-    "seq, source, event_id, type, session_id, turn_id, occurred_at, received_at, payload"
-)
 # Sessions in order of their newest activity as of a seq, for the (readiness, turn
 # status) pairs the filters admit. Those whose newest event is at most `top` (the as-of
 # seq, or the cursor's activity if lower) come from `sessions_by_status`, each pair's
@@ -153,7 +157,7 @@ class PostgresReads:
 
     async def list_events(self, after: int, limit: int) -> list[StoredEvent]:
         rows = await self._fetch(
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > $1 ORDER BY seq LIMIT $2",
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > $1 ORDER BY seq LIMIT $2",
             after,
             limit,
         )
@@ -204,7 +208,7 @@ class PostgresReads:
         self, session_id: str, after: int, limit: int
     ) -> list[StoredEvent]:
         rows = await self._fetch(
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE session_id = $1 AND seq > $2"
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE session_id = $1 AND seq > $2"
             " ORDER BY seq LIMIT $3",
             session_id,
             after,

@@ -39,6 +39,8 @@ from relay.normalize import decoder
 from relay.packed_bodies import unpack
 from relay.store import (
     ACTIVE_FOLLOW_STATES,
+    EVENT_COLUMNS,
+    FOLLOW_COLUMNS,
     ApiKey,
     Follow,
     IngestRecord,
@@ -47,6 +49,7 @@ from relay.store import (
     SessionRow,
     StoredEvent,
     StoreUnavailable,
+    check_follow_changes,
 )
 from relay.store.base import GroupCommit
 from relay.store.reconnect import Reconnecting
@@ -64,9 +67,6 @@ from relay.timefmt import format_time, utcnow
 T = TypeVar("T")
 log = structlog.get_logger("relay.store")
 
-_EVENT_COLUMNS = (
-    "seq, source, event_id, type, session_id, turn_id, occurred_at, received_at, payload"
-)
 
 # A page of sessions as of event `as_of`, newest activity first: those whose activity is
 # at most `as_of` come straight from the activity index (an activity seq is one event's,
@@ -305,7 +305,7 @@ class SQLiteStore:
 
     async def list_events(self, after: int, limit: int) -> list[StoredEvent]:
         rows = await self._read(
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
             (after, limit),
         )
         return [StoredEvent(*row) for row in rows]
@@ -359,7 +359,7 @@ class SQLiteStore:
         self, session_id: str, after: int, limit: int
     ) -> list[StoredEvent]:
         rows = await self._read(
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE session_id = ? AND seq > ?"
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE session_id = ? AND seq > ?"
             " ORDER BY seq LIMIT ?",
             (session_id, after, limit),
         )
@@ -449,14 +449,14 @@ class SQLiteStore:
             (source, session_id, now, now, now),
         )
         rows = await self._read(
-            f"SELECT {_FOLLOW_COLUMNS} FROM follows WHERE source = ? AND session_id = ?",
+            f"SELECT {FOLLOW_COLUMNS} FROM follows WHERE source = ? AND session_id = ?",
             (source, session_id),
         )
         return Follow(*rows[0])
 
     async def list_follows(self, source: str) -> list[Follow]:
         rows = await self._read(
-            f"SELECT {_FOLLOW_COLUMNS} FROM follows WHERE source = ? ORDER BY created_at, rowid",
+            f"SELECT {FOLLOW_COLUMNS} FROM follows WHERE source = ? ORDER BY created_at, rowid",
             (source,),
         )
         return [Follow(*row) for row in rows]
@@ -475,9 +475,7 @@ class SQLiteStore:
         changes: Mapping[str, object],
         now: str,
     ) -> bool:
-        unknown = set(changes) - _FOLLOW_UPDATABLE
-        if unknown:
-            raise ValueError(f"not a follow field: {sorted(unknown)}")
+        check_follow_changes(changes)
         assignments = ", ".join(f"{name} = ?" for name in changes)
         changed = await self._write(
             f"UPDATE follows SET {assignments}, updated_at = ?"
@@ -565,15 +563,6 @@ def _use(link: Reconnecting, fn: Callable[..., T], *args: Any) -> T:
     return result
 
 
-_FOLLOW_COLUMNS = (
-    "source, session_id, position, state, attempts, reconnects, last_error, created_at,"
-    " updated_at, owner, lease_until"
-)
-_FOLLOW_UPDATABLE = frozenset(
-    {"position", "state", "attempts", "reconnects", "last_error", "lease_until"}
-)
-
-
 def _claim_follows(
     conn: sqlite3.Connection, owner: str, now: float, lease_until: float, limit: int
 ) -> list[Any]:
@@ -586,7 +575,7 @@ def _claim_follows(
             (owner, lease_until, owner, now, limit),
         )
         rows = conn.execute(
-            f"SELECT {_FOLLOW_COLUMNS} FROM follows WHERE owner = ?"
+            f"SELECT {FOLLOW_COLUMNS} FROM follows WHERE owner = ?"
             f" AND state IN {ACTIVE_FOLLOW_STATES} AND lease_until >= ?",
             (owner, lease_until),
         ).fetchall()
