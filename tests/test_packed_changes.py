@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ from hypothesis import strategies as st
 
 from relay.changes import RAW_PREFIX, StoredChange
 from relay.config import StoreSettings
-from relay.packed_bodies import CHANGE, FACTS, pack, unpack
+from relay.packed_bodies import _DICTIONARIES as DICTIONARIES
+from relay.packed_bodies import CHANGE, EVENT, FACTS, pack, unpack
 from relay.state import SessionRecord, apply
 from relay.store import Store, open_store
 from relay.timefmt import format_unix
@@ -113,6 +115,24 @@ def test_packing_round_trips(value: Any, repeat: int) -> None:
     for kind in (CHANGE, FACTS):
         assert unpack(pack(data, kind)) == data
     assert unpack(data) == data
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    value=st.recursive(
+        st.none() | st.text() | st.integers(-(2**63), 2**63 - 1), st.lists, max_leaves=30
+    ),
+    repeat=st.sampled_from([1, 50]),
+)
+def test_packing_gives_the_bytes_a_new_compressor_gives(value: Any, repeat: int) -> None:
+    """A value is packed to the bytes a compressor set up afresh with its dictionary gives:
+    the stored format does not depend on reusing a primed compressor."""
+    data = orjson.dumps({"v": [value] * repeat})
+    for kind in (CHANGE, FACTS, EVENT):
+        fresh = zlib.compressobj(
+            6, zlib.DEFLATED, -12, 4, zlib.Z_DEFAULT_STRATEGY, DICTIONARIES[kind]
+        )
+        assert pack(data, kind) == kind + fresh.compress(data) + fresh.flush()
 
 
 async def test_sqlite_snapshots_are_stored_packed_and_served_whole(tmp_path: Path) -> None:
