@@ -23,12 +23,7 @@ import orjson
 
 from relay.changes import RAW_EVENT_COLUMNS
 from relay.timefmt import format_unix
-from relay.webhooks.formats import (
-    Format,
-    actions_json,
-    decide_actions,
-    incident_effect,
-)
+from relay.webhooks.fan_out import DeliveryRow, fan_out, incidents_needed
 from relay.webhooks.model import AttemptResult, ChangeFilter, ClaimedDelivery, DeliveryStatus
 from relay.webhooks.store import ClaimRequest
 from relay.webhooks.store_rows import claimed_delivery
@@ -92,9 +87,6 @@ INSERT_DELIVERIES = (
 def change_filter(types: str, session_ids: str) -> ChangeFilter:
     """A subscription's filter from its JSON columns."""
     return ChangeFilter(tuple(orjson.loads(types)), tuple(orjson.loads(session_ids)))
-
-
-DeliveryRow = tuple[str, int, str, str | None, str | None]
 
 
 class Incidents:
@@ -171,21 +163,10 @@ async def enqueue(conn: asyncpg.Connection, limit: int, now: float) -> tuple[int
             )
         ]
         incidents = Incidents(conn)
-        rows: list[DeliveryRow] = []
-        counts: dict[str, int] = {}
-        for change_id, change_type, session_id, turn_id in changes:
-            for sid, accepts, start_after, fmt in subscriptions:
-                if change_id <= start_after or not accepts(change_type, session_id):
-                    continue
-                actions = None
-                if fmt == Format.PAGERDUTY:
-                    effect = incident_effect(change_type, session_id, turn_id)
-                    decided = decide_actions(effect, await incidents.open(sid), change_id)
-                    if not decided:
-                        continue  # neither triggers nor resolves: not sent
-                    actions = actions_json(decided)
-                rows.append((sid, change_id, change_type, session_id, actions))
-                counts[sid] = counts.get(sid, 0) + 1
+        needed = {
+            sid: await incidents.open(sid) for sid in incidents_needed(changes, subscriptions)
+        }
+        rows, counts = fan_out(changes, subscriptions, needed)
         await insert_deliveries(conn, rows, now)
         await incidents.write()
         await conn.execute(

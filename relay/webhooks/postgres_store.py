@@ -20,6 +20,7 @@ import structlog
 from relay.config import StoreSettings
 from relay.timefmt import format_time, parse_time
 from relay.webhooks import postgres_queue as queue
+from relay.webhooks.fan_out import DeliveryRow
 from relay.webhooks.formats import Format, actions_json, incident_effect, replay_actions
 from relay.webhooks.model import (
     Attempt,
@@ -409,7 +410,7 @@ class PostgresDeliveryStore:
             open_keys = None
             if row[2] == Format.PAGERDUTY:
                 open_keys = await queue.Incidents(conn).open(subscription_id)
-            rows: list[queue.DeliveryRow] = []
+            rows: list[DeliveryRow] = []
             for cid, ctype, session_id, turn_id in page:
                 if not accepts(ctype, session_id):
                     continue

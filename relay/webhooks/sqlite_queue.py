@@ -16,10 +16,10 @@ import orjson
 
 from relay.changes import RAW_EVENT_COLUMNS
 from relay.timefmt import format_unix
+from relay.webhooks.fan_out import fan_out, incidents_needed
 from relay.webhooks.formats import (
     Format,
     actions_json,
-    decide_actions,
     incident_effect,
     replay_actions,
 )
@@ -203,21 +203,12 @@ def enqueue(conn: sqlite3.Connection, limit: int, now: float) -> tuple[int, dict
             )
         ]
         incidents = _Incidents(conn)
-        rows = []
-        counts: dict[str, int] = {}
-        for change_id, change_type, session_id, turn_id in changes:
-            for sid, accepts, start_after, fmt in subscriptions:
-                if change_id <= start_after or not accepts(change_type, session_id):
-                    continue
-                actions = None
-                if fmt == Format.PAGERDUTY:
-                    effect = incident_effect(change_type, session_id, turn_id)
-                    decided = decide_actions(effect, incidents.open(sid), change_id)
-                    if not decided:
-                        continue  # neither triggers nor resolves: not sent
-                    actions = actions_json(decided)
-                rows.append((sid, change_id, change_type, session_id, now, now, now, actions))
-                counts[sid] = counts.get(sid, 0) + 1
+        needed = {sid: incidents.open(sid) for sid in incidents_needed(changes, subscriptions)}
+        found, counts = fan_out(changes, subscriptions, needed)
+        rows = [
+            (sid, cid, kind, session, now, now, now, actions)
+            for sid, cid, kind, session, actions in found
+        ]
         conn.executemany(_INSERT_DELIVERY, rows)
         incidents.write()
         conn.execute("UPDATE delivery_cursor SET last_change_id = ?", (changes[-1][0],))
