@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import asyncpg
 import orjson
@@ -26,7 +25,7 @@ from relay.timefmt import format_unix
 from relay.webhooks.fan_out import DeliveryRow, fan_out, incidents_needed
 from relay.webhooks.model import AttemptResult, ChangeFilter, ClaimedDelivery, DeliveryStatus
 from relay.webhooks.store import ClaimRequest
-from relay.webhooks.store_rows import claimed_delivery
+from relay.webhooks.store_rows import attempt_args, claimed_delivery, result_args
 
 # No older delivery of the same subscription and session is active (a test event, which
 # has no session, always may go).
@@ -241,8 +240,8 @@ async def record(conn: asyncpg.Connection, results: Sequence[AttemptResult], own
             "SELECT 1 FROM subscriptions WHERE id = ANY($1::text[]) ORDER BY id FOR NO KEY UPDATE",
             sorted(last),
         )
-        await conn.executemany(_RECORD_DELIVERY, [_delivery_args(r, owner) for r in results])
-        await conn.executemany(_RECORD_ATTEMPT, [_attempt_args(r) for r in results])
+        await conn.executemany(_RECORD_DELIVERY, [(*result_args(r), owner) for r in results])
+        await conn.executemany(_RECORD_ATTEMPT, [attempt_args(r) for r in results])
         for sid, result in sorted(last.items()):
             if result.status is DeliveryStatus.DELIVERED:
                 await conn.execute(
@@ -270,25 +269,6 @@ async def record(conn: asyncpg.Connection, results: Sequence[AttemptResult], own
                     result.subscription_id,
                     result.attempt.at,
                 )
-
-
-def _delivery_args(result: AttemptResult, owner: str) -> tuple[Any, ...]:
-    a = result.attempt
-    return (
-        result.status.value,
-        result.cycle_attempts,
-        result.next_attempt_at,
-        a.status_code,
-        a.error,
-        a.at,
-        a.delivery_id,
-        owner,
-    )
-
-
-def _attempt_args(result: AttemptResult) -> tuple[Any, ...]:
-    a = result.attempt
-    return (a.delivery_id, a.at, a.status_code, a.latency_ms, a.response, a.error)
 
 
 # The instances alive now: each holds the advisory lock (LIVENESS_LOCK, its key) on a

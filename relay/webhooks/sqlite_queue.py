@@ -31,7 +31,7 @@ from relay.webhooks.model import (
     DeliveryStatus,
 )
 from relay.webhooks.store import ClaimRequest, DeliveryNotRetryable
-from relay.webhooks.store_rows import claimed_delivery
+from relay.webhooks.store_rows import attempt_args, claimed_delivery, result_args
 
 T = TypeVar("T")
 
@@ -263,20 +263,8 @@ def record(conn: sqlite3.Connection, results: list[AttemptResult]) -> None:
         deliveries, attempts = [], []
         last: dict[str, AttemptResult] = {}
         for result in results:
-            a = result.attempt
-            deliveries.append(
-                (
-                    result.status.value,
-                    result.cycle_attempts,
-                    result.next_attempt_at,
-                    a.status_code,
-                    a.error,
-                    a.at,
-                    a.delivery_id,
-                )
-            )
-            row = (a.delivery_id, a.at, a.status_code, a.latency_ms, a.response, a.error)
-            attempts.append((*row, a.delivery_id))
+            deliveries.append(result_args(result))
+            attempts.append((*attempt_args(result), result.attempt.delivery_id))
             last[result.subscription_id] = result
         conn.executemany(_RECORD_DELIVERY, deliveries)
         conn.executemany(_RECORD_ATTEMPT, attempts)

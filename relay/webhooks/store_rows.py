@@ -9,7 +9,7 @@ import orjson
 
 from relay.changes import stored_body
 from relay.webhooks.formats import actions_from_json
-from relay.webhooks.model import ClaimedDelivery, PreviousSecret
+from relay.webhooks.model import AttemptResult, ClaimedDelivery, PreviousSecret
 
 # The subscription columns `update_subscription` may set.
 UPDATABLE = frozenset(
@@ -65,3 +65,24 @@ def claimed_delivery(subscription_id: str, row: Sequence[Any]) -> ClaimedDeliver
         cycle,
         actions_from_json(actions),
     )
+
+
+def result_args(result: AttemptResult) -> tuple[Any, ...]:
+    """What an attempt's result sets on its delivery: status, cycle attempts, next
+    attempt, last status code and error, the time, and the delivery's id last."""
+    a = result.attempt
+    return (
+        result.status.value,
+        result.cycle_attempts,
+        result.next_attempt_at,
+        a.status_code,
+        a.error,
+        a.at,
+        a.delivery_id,
+    )
+
+
+def attempt_args(result: AttemptResult) -> tuple[Any, ...]:
+    """An attempt's row: delivery id, time, status code, latency, response, error."""
+    a = result.attempt
+    return (a.delivery_id, a.at, a.status_code, a.latency_ms, a.response, a.error)
