@@ -102,11 +102,15 @@ async def test_bodies_stored_whole_are_still_served(backend: Backend, store: Sto
     assert change.body == whole
 
 
+# JSON values to pack: nested lists of nulls, strings and 64-bit integers.
+JSON_VALUES = st.recursive(
+    st.none() | st.text() | st.integers(-(2**63), 2**63 - 1), st.lists, max_leaves=30
+)
+
+
 @settings(max_examples=200, deadline=None)
 @given(
-    value=st.recursive(
-        st.none() | st.text() | st.integers(-(2**63), 2**63 - 1), st.lists, max_leaves=30
-    ),
+    value=JSON_VALUES,
     repeat=st.sampled_from([1, 2_000]),
 )
 def test_packing_round_trips(value: Any, repeat: int) -> None:
@@ -119,9 +123,7 @@ def test_packing_round_trips(value: Any, repeat: int) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(
-    value=st.recursive(
-        st.none() | st.text() | st.integers(-(2**63), 2**63 - 1), st.lists, max_leaves=30
-    ),
+    value=JSON_VALUES,
     repeat=st.sampled_from([1, 50]),
 )
 def test_packing_gives_the_bytes_a_new_compressor_gives(value: Any, repeat: int) -> None:

@@ -62,9 +62,14 @@ async def load_entries(
             entries[session_id] = replace(NO_SESSION, stamp=version)
         else:
             entries[session_id] = stored_entry(
-                *(session_id, version, facts, fired, turns.get(session_id, []), thresholds),
-                running.get(session_id) if session_id in last else None,
-                alerts.get(session_id, ()),
+                session_id,
+                version,
+                facts,
+                fired,
+                turns.get(session_id, []),
+                thresholds,
+                running=running.get(session_id) if session_id in last else None,
+                alerts=alerts.get(session_id, ()),
             )
     return entries, sum(len(found) for found in turns.values())
 

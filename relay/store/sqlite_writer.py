@@ -338,9 +338,14 @@ class BatchWriter:
                     self.loaded[sid] = NO_SESSION
             else:
                 self.loaded[sid] = stored_entry(
-                    *(sid, version, facts, fired, turns.get(sid, []), self.thresholds),
-                    running.get(sid) if sid in last else None,
-                    alerts.get(sid, ()),
+                    sid,
+                    version,
+                    facts,
+                    fired,
+                    turns.get(sid, []),
+                    self.thresholds,
+                    running=running.get(sid) if sid in last else None,
+                    alerts=alerts.get(sid, ()),
                 )
 
     def _select_turns(
