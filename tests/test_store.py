@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from relay.config import StoreSettings
+from relay.config import AlertSettings, StoreSettings
 from relay.events import Event
 from relay.store import ApiKey, IngestRecord, Store, StoreUnavailable, open_store
+from relay.store.writer_process import WriterProcess
 from tests.conftest import Load
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
@@ -185,3 +187,24 @@ async def test_the_wal_stays_bounded_under_sustained_ingest(tmp_path: Path, load
         await store.close()
     assert written > 16_000_000
     assert wal < 16_000_000, f"the WAL grew to {wal} bytes"
+
+
+async def test_a_writer_start_cancelled_midway_leaves_no_socket_open(tmp_path: Path) -> None:
+    """A call cancelled while it starts the writer process leaves neither end of the
+    socket pair open (an unclosed socket would fail the test as a ResourceWarning), and
+    the next call starts the writer afresh."""
+    writer = WriterProcess(tmp_path / "relay.db", StoreSettings(), AlertSettings(), {})
+    try:
+        for turns in range(1, 6):  # cancelled at successive points of the start
+            call = asyncio.create_task(writer.probe())
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            await writer.close()
+            gc.collect()
+        await writer.probe()
+        assert writer.pid is not None
+    finally:
+        await writer.close()

@@ -147,23 +147,27 @@ class WriterProcess:
 
     async def _start(self) -> None:
         ours, theirs = socket.socketpair()
-        with theirs:
-            # -P: the working directory is not put on the module path, so a `relay/`
-            # folder there cannot stand in for the installed package.
-            self._process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-P",
-                "-m",
-                "relay.store.writer_process",
-                str(theirs.fileno()),
-                stdin=asyncio.subprocess.PIPE,
-                pass_fds=(theirs.fileno(),),
-                start_new_session=True,
-            )
-        assert self._process.stdin is not None
-        self._process.stdin.write(self._config.encode())
-        self._process.stdin.close()
-        reader, self._writer = await asyncio.open_unix_connection(sock=ours)
+        try:  # until the connection owns our end, a failure or a cancel closes it here
+            with theirs:
+                # -P: the working directory is not put on the module path, so a `relay/`
+                # folder there cannot stand in for the installed package.
+                self._process = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-P",
+                    "-m",
+                    "relay.store.writer_process",
+                    str(theirs.fileno()),
+                    stdin=asyncio.subprocess.PIPE,
+                    pass_fds=(theirs.fileno(),),
+                    start_new_session=True,
+                )
+            assert self._process.stdin is not None
+            self._process.stdin.write(self._config.encode())
+            self._process.stdin.close()
+            reader, self._writer = await asyncio.open_unix_connection(sock=ours)
+        except BaseException:
+            ours.close()
+            raise
         self._answers = asyncio.create_task(self._read_answers(reader), name="relay-writer-answers")
         log.info("store.writer_process_started", pid=self._process.pid)
 
