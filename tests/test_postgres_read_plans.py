@@ -3,6 +3,7 @@ read through indexes."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from itertools import product
 
@@ -167,3 +168,33 @@ async def test_typed_pages_equal_the_filtered_log(pg_url: str) -> None:
                 assert rest == wanted[1:], types
     finally:
         await store.close()
+
+
+async def test_ingest_on_a_new_database_scans_no_table_as_it_grows(pg_url: str) -> None:
+    """Before autovacuum first analyzes a new database's tables, the plans an ingest
+    statement caches while its tables are small must not scan them as they grow: every
+    batch of a new deployment's first minutes would read the whole events table."""
+    store = PostgresStore(StoreSettings(url=pg_url), {}, AlertSettings())
+    await store.open()
+    try:
+        for n in range(40):  # one batch each: past the five runs before a generic plan
+            await store.ingest_many([rec(raw) for raw in lifecycle(f"chat_{n}", 3)])
+    finally:
+        await store.close()  # its connections end, and their statistics are written
+    conn = await asyncpg.connect(pg_url)
+    try:
+        counts: dict[str, tuple[int, int]] = {}
+        for _ in range(100):  # a backend writes its statistics as it exits
+            rows = await conn.fetch(
+                "SELECT relname, seq_tup_read, coalesce(idx_scan, 0) FROM pg_stat_user_tables"
+                " WHERE relname IN ('events', 'alerts', 'sessions', 'turns', 'session_facts')"
+            )
+            counts = {name: (seq, idx) for name, seq, idx in rows}
+            if counts.get("events", (0, 0))[1] >= 40:
+                break
+            await asyncio.sleep(0.1)
+        assert counts["events"][1] >= 40, counts  # each batch looked its events up
+        # (tables scanned while empty, as indexes were made, read no row)
+        assert {name: rows for name, (rows, _) in counts.items() if rows} == {}, counts
+    finally:
+        await conn.close()

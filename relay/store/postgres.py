@@ -71,14 +71,19 @@ from relay.timefmt import format_unix
 
 log = structlog.get_logger("relay.store")
 
-_IN_FLIGHT = 1  # batches written at once (two were no faster: both derive on the loop)
+_IN_FLIGHT = 2  # batches written at once: one derives while the other waits on PostgreSQL
 _RETRIES = 5  # a batch whose events another instance stored meanwhile is run again
 _PROBE_SECONDS = 1.0
 _ALERTS_PER_RUN = 500
 _FIRST_KEY_LOCK = 0x72656C62  # held while an instance adds the first API key
 # No JIT: every statement of the store is short, and compiling one costs far more (tens to
 # hundreds of ms, on every run of a statement whose estimate passes `jit_above_cost`).
-SERVER_SETTINGS = {"jit": "off"}
+# No sequential scan where an index serves: every statement of the store reads and writes
+# through indexes, but a new database's tables grow long before autovacuum first analyzes
+# them, and a plan cached while they were small (a scan: the cheapest then) would be kept
+# for every later run, reading the whole events table for each batch (in `make
+# bench-cluster`, PostgreSQL's CPU per event rose from 80 to 490 us in the first minute).
+SERVER_SETTINGS = {"jit": "off", "enable_seqscan": "off"}
 
 
 class _StoredElsewhere(Exception):

@@ -18,6 +18,7 @@ import orjson
 import structlog
 
 from relay.config import StoreSettings
+from relay.store.postgres import SERVER_SETTINGS
 from relay.timefmt import format_time, parse_time
 from relay.webhooks import postgres_queue as queue
 from relay.webhooks.fan_out import DeliveryRow
@@ -82,6 +83,7 @@ class PostgresDeliveryStore:
             max_size=self._pool_size,
             timeout=self._timeout,
             command_timeout=self._timeout,
+            server_settings=SERVER_SETTINGS,
         )
         self._keeper = asyncio.create_task(self._keep_alive(), name="relay-liveness-lock")
 
