@@ -16,7 +16,7 @@ from relay.config import AlertSettings, StoreSettings
 from relay.state import derive_session
 from relay.store import IngestRecord, Store, open_store
 from relay.store.derive import ChangeDraft
-from relay.store.postgres import _append_changes
+from relay.store.postgres_writer import _append_changes
 from tests.test_store_contract import body, lifecycle, rec
 
 WRITERS = 4

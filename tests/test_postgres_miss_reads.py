@@ -10,8 +10,16 @@ from relay.config import AlertSettings, StoreSettings
 from relay.events import EventType
 from relay.packed_bodies import unpack
 from relay.store.postgres import PostgresStore
+from relay.store.postgres_writer import PostgresBatchWriter
 from tests.test_miss_reads_running import ingest, long_session
 from tests.test_state_cost import turn_event
+
+
+def evict_all(store: PostgresStore) -> None:
+    """Empty the cache of a store whose writer runs on its loop."""
+    writer = store._writer
+    assert isinstance(writer, PostgresBatchWriter)
+    writer._cache.clear()
 
 
 async def session_snapshot(url: str) -> dict[str, object]:
@@ -28,13 +36,13 @@ async def session_snapshot(url: str) -> dict[str, object]:
 
 async def test_a_miss_reads_the_last_turn_and_those_of_its_events(pg_url: str) -> None:
     """A miss on 1,000 completed and 1,000 running turns reads one turn row per turn used."""
-    store = PostgresStore(StoreSettings(url=pg_url), {"src": "casedev"}, _alerts())
+    store = PostgresStore(StoreSettings(url=pg_url, writer="thread"), {"src": "casedev"}, _alerts())
     await store.open()
     try:
         events = long_session(running=1_000, completed=1_000)
         for start in range(0, len(events), 500):
             await store.ingest_many([ingest(e) for e in events[start : start + 500]])
-        store._cache.clear()
+        evict_all(store)
         before = store.turn_rows_read
         await store.ingest(ingest(turn_event(EventType.TURN_STARTED, 9_000, "new_one")))
         assert store.turn_rows_read - before == 1  # the last turn, a running one
@@ -46,14 +54,14 @@ async def test_a_miss_reads_the_last_turn_and_those_of_its_events(pg_url: str) -
             "conflicts": 0,
         }
         assert session["active_turn_id"] == "new_one"
-        store._cache.clear()
+        evict_all(store)
         before = store.turn_rows_read
         late = turn_event(EventType.TURN_FAILED, 7, "done_00007")  # ties with completed: fails
         await store.ingest(ingest(late))
         assert store.turn_rows_read - before == 2  # the last turn, then the late one's
         session = await session_snapshot(pg_url)
         assert session["counts"] == {"turns": 2_001, "completed": 999, "failed": 1, "conflicts": 0}
-        store._cache.clear()
+        evict_all(store)
         await store.ingest(ingest(turn_event(EventType.TURN_COMPLETED, 9_001, "new_one")))
         assert (await session_snapshot(pg_url))["active_turn_id"] == "stuck_00999"
     finally:
@@ -93,7 +101,7 @@ async def test_an_evicted_session_derives_what_a_cached_one_does(pg_url: str) ->
         turn_event(EventType.TURN_COMPLETED, 7_003, "stuck_00019"),
         turn_event(EventType.TURN_FAILED, 7_004, "late_one"),
     ]
-    warm = PostgresStore(StoreSettings(url=pg_url), {"src": "casedev"}, _alerts())
+    warm = PostgresStore(StoreSettings(url=pg_url, writer="thread"), {"src": "casedev"}, _alerts())
     await warm.open()
     try:
         for start in range(0, len(events), 3):
@@ -108,11 +116,11 @@ async def test_an_evicted_session_derives_what_a_cached_one_does(pg_url: str) ->
         await conn.execute("ALTER TABLE turns ALTER COLUMN position RESTART")
     finally:
         await conn.close()
-    cold = PostgresStore(StoreSettings(url=pg_url), {"src": "casedev"}, _alerts())
+    cold = PostgresStore(StoreSettings(url=pg_url, writer="thread"), {"src": "casedev"}, _alerts())
     await cold.open()
     try:
         for start in range(0, len(events), 3):
-            cold._cache.clear()
+            evict_all(cold)
             await cold.ingest_many([ingest(e) for e in events[start : start + 3]])
         assert await stored_state(pg_url) == expected
     finally:

@@ -4,6 +4,9 @@ at a time and their answers resume out of the order in which they took their ids
 from __future__ import annotations
 
 import asyncio
+from typing import Literal
+
+import pytest
 
 from relay.changes import Commit, StoredChange
 from relay.config import AlertSettings, StoreSettings
@@ -105,11 +108,14 @@ async def test_a_released_hold_lets_later_commits_through() -> None:
     assert published == [3, 4]
 
 
+@pytest.mark.parametrize("writer", ["process", "thread"])
 async def test_postgres_publishes_every_change_once_in_id_order_with_two_batches_in_flight(
-    pg_url: str,
+    pg_url: str, writer: Literal["process", "thread"]
 ) -> None:
-    """Concurrent ingests on one instance writing two batches at once publish ids 1..n in order."""
-    store = PostgresStore(StoreSettings(url=pg_url, batch_max=8), {}, AlertSettings(), in_flight=2)
+    """Concurrent ingests on one instance writing two batches at once (pipelined to the
+    writer process, or both on the loop) publish ids 1..n in order."""
+    settings = StoreSettings(url=pg_url, batch_max=8, writer=writer)
+    store = PostgresStore(settings, {}, AlertSettings(), in_flight=2)
     published: list[int] = []
     store.add_commit_listener(lambda commit: published.extend(c.id for c in commit.changes))
     await store.open()

@@ -13,7 +13,7 @@ import pytest
 from relay.config import AlertSettings, StoreSettings
 from relay.events import Event
 from relay.store import ApiKey, IngestRecord, Store, StoreUnavailable, open_store
-from relay.store.writer_process import WriterProcess
+from relay.store.writer_process import WriterProcess, sqlite_config
 from tests.conftest import Load
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
@@ -134,13 +134,22 @@ async def test_rows_written_by_another_connection_are_respected(tmp_path: Path) 
 
 
 async def test_a_writer_process_that_dies_is_replaced(tmp_path: Path) -> None:
-    """After the writer process is killed, the next ingests succeed in a new one."""
+    """After the writer process is killed, the next ingests succeed in a new one, which
+    ends with the store."""
+    await writer_process_replaced(f"sqlite:///{tmp_path}/replaced.db")
+
+
+async def test_a_postgres_writer_process_that_dies_is_replaced(pg_url: str) -> None:
+    await writer_process_replaced(pg_url)
+
+
+async def writer_process_replaced(url: str) -> None:
     import os
     import signal
 
     from tests.test_crash import child_pids, ended
 
-    store = open_store(StoreSettings(url=f"sqlite:///{tmp_path}/replaced.db"))
+    store = open_store(StoreSettings(url=url))
     await store.open()
     try:
         first = await store.ingest(record("before"))
@@ -156,9 +165,11 @@ async def test_a_writer_process_that_dies_is_replaced(tmp_path: Path) -> None:
                 continue
         assert (after.seq, after.duplicate) == (first.seq + 1, False)
         assert [e.id for e in await store.list_events(0, 10)] == ["before", "after"]
-        assert child_pids(os.getpid()) not in ([], [writer])
+        replaced = child_pids(os.getpid())
+        assert replaced not in ([], [writer])
     finally:
         await store.close()
+    assert await ended(replaced, 30)
 
 
 @pytest.mark.slow
@@ -193,7 +204,9 @@ async def test_a_writer_start_cancelled_midway_leaves_no_socket_open(tmp_path: P
     """A call cancelled while it starts the writer process leaves neither end of the
     socket pair open (an unclosed socket would fail the test as a ResourceWarning), and
     the next call starts the writer afresh."""
-    writer = WriterProcess(tmp_path / "relay.db", StoreSettings(), AlertSettings(), {})
+    writer = WriterProcess(
+        sqlite_config(tmp_path / "relay.db", StoreSettings(), AlertSettings(), {})
+    )
     try:
         for turns in range(1, 6):  # cancelled at successive points of the start
             call = asyncio.create_task(writer.probe())

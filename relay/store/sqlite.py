@@ -61,7 +61,7 @@ from relay.store.sqlite_reads import (
     session_changes_query,
 )
 from relay.store.sqlite_writer import BatchWriter
-from relay.store.writer_process import WriterProcess
+from relay.store.writer_process import WriterProcess, sqlite_config
 from relay.timefmt import format_time, utcnow
 
 T = TypeVar("T")
@@ -152,7 +152,7 @@ class SQLiteStore:
             await self.migrate()
         if self._settings.writer == "process":
             self._batch_writer = WriterProcess(
-                self._path, self._settings, self._alerts, self._providers
+                sqlite_config(self._path, self._settings, self._alerts, self._providers)
             )
         else:
             self._batch_writer = _ThreadChannel(

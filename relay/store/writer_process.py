@@ -14,6 +14,9 @@ it answers in order, and answers are matched to requests first in, first out.
 The writer process ignores SIGINT and SIGTERM and ends when its socket closes, so a
 stopping relay can still finish the batch in flight; if the relay dies, the socket
 closes and the writer ends after its current transaction.
+
+`WriterProcess` and the framing (a 4-byte length, then a pickle) serve both stores: the
+SQLite writer is `main` here, the PostgreSQL one `relay.store.postgres_writer.main`.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import sqlite3
 import struct
 import sys
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -38,15 +41,15 @@ import structlog
 
 from relay.changes import Commit, StoredChange
 from relay.config import AlertSettings, StoreSettings
-from relay.normalize import decoder, normaliser_lookup
+from relay.normalize import Normaliser, decoder, normaliser_lookup
 from relay.store import IngestRecord, IngestResult, StoreUnavailable
 from relay.store.reconnect import Reconnecting
 from relay.store.retention import Pruned
 from relay.tuning import tune_gc
 
 log = structlog.get_logger("relay.store")
-_HEADER = struct.Struct(">I")
-_Wire = tuple[str, bytes, datetime]  # (source, raw body, received_at)
+HEADER = struct.Struct(">I")  # a request's or an answer's length
+Wire = tuple[str, bytes, datetime]  # (source, raw body, received_at)
 
 
 class WriterFailed(Exception):
@@ -56,24 +59,10 @@ class WriterFailed(Exception):
 class WriterProcess:
     """The relay's handle on its writer process, started on first use."""
 
-    def __init__(
-        self,
-        path: Path,
-        store: StoreSettings,
-        alerts: AlertSettings,
-        providers: Mapping[str, str],
-    ) -> None:
-        self._config = json.dumps(
-            {
-                "path": str(path),
-                "synchronous": store.synchronous,
-                "busy_timeout_ms": store.busy_timeout_ms,
-                "cache_bytes": store.cache_bytes,
-                "turn_stall_seconds": alerts.turn_stall_seconds,
-                "ready_timeout_seconds": alerts.ready_timeout_seconds,
-                "providers": dict(providers),
-            }
-        )
+    def __init__(self, config: Mapping[str, Any], module: str = __name__) -> None:
+        """`module` runs as the writer process (`python -m`), `config` on its stdin."""
+        self._config = json.dumps(dict(config))
+        self._module = module
         self._process: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._lock = asyncio.Lock()  # held while the process starts or stops
@@ -87,7 +76,7 @@ class WriterProcess:
         return process.pid if process is not None and process.returncode is None else None
 
     async def write(self, records: list[IngestRecord]) -> tuple[list[IngestResult], Commit]:
-        wire: list[_Wire] = [(r.event.source, r.body, r.received_at) for r in records]
+        wire: list[Wire] = [(r.event.source, r.body, r.received_at) for r in records]
         seqs, changes, versions = await self._call(("write", wire))
         results = [IngestResult(seq, duplicate) for seq, duplicate in seqs]
         return results, _commit(changes, versions)
@@ -120,18 +109,20 @@ class WriterProcess:
         payload = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
         answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting.append(answer)
-        self._writer.write(_HEADER.pack(len(payload)) + payload)
+        self._writer.write(HEADER.pack(len(payload)) + payload)
         status, *values = await answer
         if status == "ok":
             return values[0] if len(values) == 1 else values
         kind, message = values
+        if kind == "unavailable":
+            raise StoreUnavailable(message)
         raise sqlite3.OperationalError(message) if kind == "sqlite" else WriterFailed(message)
 
     async def _read_answers(self, reader: asyncio.StreamReader) -> None:
         """Hand each answer to the oldest request waiting; fail them all if the process ends."""
         try:
             while True:
-                (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
+                (size,) = HEADER.unpack(await reader.readexactly(HEADER.size))
                 answer = pickle.loads(await reader.readexactly(size))
                 waiting = self._waiting.popleft()
                 if not waiting.done():
@@ -155,7 +146,7 @@ class WriterProcess:
                     sys.executable,
                     "-P",
                     "-m",
-                    "relay.store.writer_process",
+                    self._module,
                     str(theirs.fileno()),
                     stdin=asyncio.subprocess.PIPE,
                     pass_fds=(theirs.fileno(),),
@@ -189,6 +180,21 @@ class WriterProcess:
                 await process.wait()
 
 
+def sqlite_config(
+    path: Path, store: StoreSettings, alerts: AlertSettings, providers: Mapping[str, str]
+) -> dict[str, Any]:
+    """What the SQLite writer process (`main`) is started with."""
+    return {
+        "path": str(path),
+        "synchronous": store.synchronous,
+        "busy_timeout_ms": store.busy_timeout_ms,
+        "cache_bytes": store.cache_bytes,
+        "turn_stall_seconds": alerts.turn_stall_seconds,
+        "ready_timeout_seconds": alerts.ready_timeout_seconds,
+        "providers": dict(providers),
+    }
+
+
 def _commit(changes: list[tuple[Any, ...]], versions: dict[str, int]) -> Commit:
     return Commit([StoredChange(*change) for change in changes], versions)
 
@@ -214,23 +220,15 @@ def main(fd: int) -> None:
     normaliser = normaliser_lookup(providers)
     tune_gc()
 
-    def write(wire: list[_Wire]) -> tuple[Any, ...]:
-        records = [
-            IngestRecord(
-                normaliser(source)(source, orjson.loads(body), received),
-                body,
-                received,
-            )
-            for source, body, received in wire
-        ]
-        results, commit = writer.write(records)
-        return ("ok", [tuple(r) for r in results], *_plain(commit))
+    def write(wire: list[Wire]) -> tuple[Any, ...]:
+        results, commit = writer.write(wire_records(normaliser, wire))
+        return ("ok", [tuple(r) for r in results], *plain(commit))
 
     def run(op: str, argument: Any) -> tuple[Any, ...]:
         if op == "write":
             return write(argument)
         if op == "alerts":
-            return ("ok", *_plain(writer.fire_due_alerts(argument)))
+            return ("ok", *plain(writer.fire_due_alerts(argument)))
         if op == "prune":
             pruned = writer.prune(*argument)
             return ("ok", (pruned.rows, pruned.full, pruned.sessions))
@@ -253,10 +251,10 @@ def main(fd: int) -> None:
             return ("error", "other", f"{type(exc).__name__}: {exc}")
 
     with socket.socket(fileno=fd) as sock, sock.makefile("rwb") as stream:
-        while len(header := stream.read(_HEADER.size)) == _HEADER.size:
-            (size,) = _HEADER.unpack(header)
+        while len(header := stream.read(HEADER.size)) == HEADER.size:
+            (size,) = HEADER.unpack(header)
             reply = pickle.dumps(answer(pickle.loads(stream.read(size))), pickle.HIGHEST_PROTOCOL)
-            stream.write(_HEADER.pack(len(reply)) + reply)
+            stream.write(HEADER.pack(len(reply)) + reply)
             stream.flush()
     link.close()
 
@@ -276,7 +274,16 @@ def _connect(config: dict[str, Any]) -> sqlite3.Connection:
     return conn
 
 
-def _plain(commit: Commit) -> tuple[list[tuple[Any, ...]], dict[str, int]]:
+def wire_records(normaliser: Callable[[str], Normaliser], wire: list[Wire]) -> list[IngestRecord]:
+    """A batch as it came over the socket, normalised again."""
+    return [
+        IngestRecord(normaliser(source)(source, orjson.loads(body), received), body, received)
+        for source, body, received in wire
+    ]
+
+
+def plain(commit: Commit) -> tuple[list[tuple[Any, ...]], dict[str, int]]:
+    """A commit as the writer process answers it (plain tuples pickle fast)."""
     changes = [(c.id, c.type, c.session_id, c.turn_id, c.body) for c in commit.changes]
     return changes, dict(commit.sessions)
 

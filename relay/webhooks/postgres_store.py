@@ -18,7 +18,7 @@ import orjson
 import structlog
 
 from relay.config import StoreSettings
-from relay.store.postgres import SERVER_SETTINGS
+from relay.store.postgres_writer import SERVER_SETTINGS
 from relay.timefmt import format_time, parse_time
 from relay.webhooks import postgres_queue as queue
 from relay.webhooks.fan_out import DeliveryRow
