@@ -36,6 +36,7 @@ def setup_connectors(
         clock,
         options.tap_queue_frames,
         options.tap_batch_frames,
+        options.tap_queue_bytes,
         options.tap_text_delay_seconds,
     )
 

@@ -1,7 +1,13 @@
 """`/v1/tap/{source_id}/{path}`: a request passed to the source's upstream, and its answer
 passed back unchanged (status, headers but hop-by-hop ones, each chunk as it arrives)
 while its Server-Sent Events frames go, without waiting, through the source's provider
-into the store (see `feed`).
+into the store.
+
+Passing chunks on comes first: after writing a chunk the tap hands the stream's feed a
+copy (decompressed, if the answer is) and reads the next; the feed reads the frames and
+stores them later, when the process has nothing more urgent to do (see `feed` and
+`lane`). Reading frames between chunks would delay every chunk of every stream behind
+that work on a busy process.
 
 The upstream is the operator's configuration and is used as configured; what the caller
 controls (the path, the query, headers) cannot move the request off it (see `paths`).
@@ -25,7 +31,6 @@ from aiohttp import web
 from relay.connectors.feed import FeedContext, TapFeed
 from relay.connectors.frames import FrameMapper
 from relay.connectors.paths import UnsafePath, forward_headers, session_from_path, upstream_url
-from relay.connectors.sse import SSEParser
 from relay.errors import ApiError
 from relay.events import Event, EventType
 from relay.ingest import Source
@@ -111,9 +116,9 @@ async def _relay(
         feed = TapFeed(ctx.feeds, mapper)
         feed.offer([conflict(mapper, upstream.headers, ctx.feeds.clock())])
         stats.add("conflicts", "tap", source.id)
-    decode = _decoder(upstream.headers.get("Content-Encoding", ""))
-    parser = SSEParser() if upstream.content_type == SSE and decode is not None else None
-    if parser is not None and feed is None:
+    encoding = upstream.headers.get("Content-Encoding", "")
+    decode = _decoder(encoding) if upstream.content_type == SSE else None  # frames: SSE only
+    if decode is not None and feed is None:
         feed = TapFeed(ctx.feeds, mapper)
     try:
         await response.prepare(request)
@@ -123,11 +128,8 @@ async def _relay(
             except ConnectionResetError:  # the caller went away
                 return response
             stats.add("bytes", "tap", source.id, len(chunk))
-            if parser is not None and feed is not None and decode is not None:
-                frames = parser.feed(decode(chunk))
-                if frames:
-                    stats.add("frames", "tap", source.id, len(frames))
-                    feed.offer(frames)
+            if decode is not None and feed is not None:
+                feed.append(decode(chunk))
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, zlib.error) as exc:
         # A drop upstream is a drop here: the caller's body ends without its end.
         stats.add("upstream_errors", "tap", source.id)
