@@ -268,7 +268,7 @@ class ConnectorSettings(_Section):
     tap_queue_frames: int = Field(4096, ge=1)  # frames a tapped stream may hold unstored
     # Bytes a tapped stream may hold unread (frames are read when the process has time);
     # beyond, the tap reads them as they pass.
-    tap_queue_bytes: int = Field(4 * 1024 * 1024, ge=1)
+    tap_queue_bytes: int = Field(1024 * 1024, ge=1)
     tap_batch_frames: int = Field(256, ge=1)  # frames stored per transaction, at most
     tap_text_delay_seconds: float = Field(0.5, ge=0, le=60)  # text frames wait for more, at most
     follow_lease_seconds: float = Field(15.0, gt=0)  # a follow's instance renews its claim
