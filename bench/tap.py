@@ -13,6 +13,9 @@ directly; the upstream, the relay, its store's writer (storing included) and the
 through the tap. Where the processes saturate the machine together, the throughput
 ratio is about direct CPU / tap CPU per frame; these figures are also steadier than the
 rates on a busy machine.
+The same streams also pass through a bare pass-through (`serve_bare`: an aiohttp server
+that forwards each chunk with the same client and server calls as the tap, and reads
+nothing): what any proxy process in Python adds on this machine, the floor for the tap.
 `make bench-tap` runs 200 streams of 500 frames; `--smoke` runs 4 of 50. `--rate`
 paces each stream (frames per second): unpaced, every process is saturated and the
 latencies are mostly time spent queued.
@@ -26,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +63,30 @@ def turn_frames(stream: int, frames: int) -> list[tuple[bytes, dict[str, object]
     out.append((b"session.usage", {**ids, "usage": {"inputTokens": 10, "costMicros": 5}}))
     out.append((b"turn.completed", {**ids, "usage": {"inputTokens": 10, "costMicros": 5}}))
     return out
+
+
+def serve_bare(port: int, upstream: str) -> None:
+    """Pass each answer of `upstream` through, chunk by chunk, reading nothing."""
+
+    async def client(app: web.Application) -> AsyncIterator[None]:
+        app["http"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        yield
+        await app["http"].close()
+
+    async def respond(request: web.Request) -> web.StreamResponse:
+        url = f"{upstream}/agent/v1/chat/{request.match_info['stream']}/respond"
+        async with request.app["http"].post(url, data=await request.read()) as answer:
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            async for chunk in answer.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+    app = web.Application()
+    app.cleanup_ctx.append(client)
+    app.router.add_post("/agent/v1/chat/{stream}/respond", respond)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
 
 def serve_upstream(port: int, frames: int, rate: float) -> None:
@@ -107,16 +135,20 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0, help="frames/s per stream; 0: unpaced")
     parser.add_argument("--smoke", action="store_true", help="4 streams of 50 frames")
     parser.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-bare", type=int, nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_upstream:
         serve_upstream(args.serve_upstream, args.frames, args.rate)
+        return
+    if args.serve_bare:
+        serve_bare(args.serve_bare[0], f"http://127.0.0.1:{args.serve_bare[1]}")
         return
     if args.smoke:
         args.streams, args.frames = 4, 50
     from bench.ingest import free_port, wait_healthy
 
     with tempfile.TemporaryDirectory(prefix="relay-bench-tap-") as tmp:
-        up_port, port = free_port(), free_port()
+        up_port, port, bare_port = free_port(), free_port(), free_port()
         upstream_cmd = [
             *(sys.executable, "-m", "bench.tap"),
             *("--serve-upstream", str(up_port), "--frames", str(args.frames)),
@@ -132,14 +164,18 @@ def main() -> None:
         quiet = subprocess.DEVNULL
         upstream = subprocess.Popen(upstream_cmd, stdout=quiet, stderr=quiet)
         relay = subprocess.Popen(relay_cmd, stdout=quiet, stderr=quiet)
+        bare_cmd = [sys.executable, "-m", "bench.tap", "--serve-bare", str(bare_port), str(up_port)]
+        bare = subprocess.Popen(bare_cmd, stdout=quiet, stderr=quiet)
         try:
             wait_for_port(up_port)
+            wait_for_port(bare_port)
             wait_healthy(f"http://127.0.0.1:{port}")
             up_before, reader_before = cpu_seconds(upstream.pid)[0], time.process_time()
             direct = asyncio.run(read_streams(f"http://127.0.0.1:{up_port}", args.streams))
             direct_cpu = Cpu(
                 cpu_seconds(upstream.pid)[0] - up_before, time.process_time() - reader_before
             )
+            through_bare = asyncio.run(read_streams(f"http://127.0.0.1:{bare_port}", args.streams))
             tap_base = f"http://127.0.0.1:{port}/v1/tap/bench"
             asyncio.run(read_streams(tap_base, 1))  # the store's writer starts on first use
             wait_idle(relay.pid)
@@ -154,12 +190,12 @@ def main() -> None:
                 cpu_seconds(upstream.pid)[0] - up_before, reader_cpu, relay_cpu, writer_cpu
             )
         finally:
-            for proc in (relay, upstream):
+            for proc in (relay, bare, upstream):
                 proc.terminate()
                 proc.wait(timeout=30)
     expected = args.streams * args.frames
     print(f"{args.streams} streams x {args.frames} frames")
-    for name, run in (("direct", direct), ("tap", tapped)):
+    for name, run in (("direct", direct), ("bare", through_bare), ("tap", tapped)):
         print(
             f"{name:<7} {run.frames:>8} frames {run.fps:>10.0f} frames/s"
             f"  latency p50 {run.pct(0.5):.2f} ms  p99 {run.pct(0.99):.2f} ms"
@@ -180,6 +216,12 @@ def main() -> None:
     print(
         f"added per frame: p50 {tapped.pct(0.5) - direct.pct(0.5):.2f} ms"
         f"  p99 {tapped.pct(0.99) - direct.pct(0.99):.2f} ms (target p99 <= 5 ms)"
+    )
+    print(
+        f"added by a bare pass-through (the floor): p50"
+        f" {through_bare.pct(0.5) - direct.pct(0.5):.2f} ms"
+        f"  p99 {through_bare.pct(0.99) - direct.pct(0.99):.2f} ms;"
+        f" its ratio {through_bare.fps / direct.fps:.2f}"
     )
     if direct.frames != expected or tapped.frames != expected:
         sys.exit(f"frames lost: expected {expected} each way")
