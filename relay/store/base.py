@@ -10,6 +10,7 @@ store cannot write now (`unavailable`), and how committed changes are read back.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import deque
 from collections.abc import Awaitable, Callable
 
@@ -110,9 +111,9 @@ class GroupCommit:
         slots = asyncio.Semaphore(self._in_flight)
         in_flight = self._writing
 
-        def finished(task: asyncio.Task[None]) -> None:
+        def finished(task: asyncio.Task[None], written: Callable[[], None]) -> None:
             in_flight.pop(task, None)
-            slots.release()
+            written()
 
         while True:
             await self._wakeup.wait()
@@ -124,16 +125,21 @@ class GroupCommit:
                 while self._pending and size + len(self._pending[0][0]) <= self._batch_max:
                     size += len(self._pending[0][0])
                     batch.append(self._pending.popleft())
-                task = asyncio.create_task(self._write_batch(batch))
+                written = _once(slots.release)
+                task = asyncio.create_task(self._write_batch(batch, written))
                 in_flight[task] = batch
-                task.add_done_callback(finished)
+                task.add_done_callback(functools.partial(finished, written=written))
             if self._closing:
                 await asyncio.gather(*in_flight)
                 return
 
-    async def _write_batch(self, batch: list[Pending]) -> None:
+    async def _write_batch(
+        self, batch: list[Pending], written: Callable[[], None] = lambda: None
+    ) -> None:
         """Write a batch; answer each request only once its batch has committed.
 
+        Once the writer has answered, `written` lets the next batch go to it while this
+        one's requests are answered and its changes published (else once this ends).
         A batch that fails for another reason than the store's is written again one
         request at a time, so that one request the writer cannot handle fails alone.
         """
@@ -155,6 +161,7 @@ class GroupCommit:
             log.exception("store.event_failed", event_id=batch[0][0][0].event.id)
             _fail(batch, StoreUnavailable(f"the store could not take this event: {exc}"))
             return
+        written()
         task = asyncio.current_task()
         if task is not None and self._writing.get(task) is batch:
             del self._writing[task]  # written: no alert has to wait for it any more
@@ -229,6 +236,19 @@ class GroupCommit:
                 listener(commit)
             except Exception:
                 log.exception("store.listener_failed")
+
+
+def _once(action: Callable[[], None]) -> Callable[[], None]:
+    """`action`, run the first time the result is called and never again."""
+    done = False
+
+    def run() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            action()
+
+    return run
 
 
 def _fail(batch: list[Pending], error: Exception) -> None:
