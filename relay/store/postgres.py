@@ -136,8 +136,10 @@ class PostgresStore(PostgresFollows):
             if self._commits is not None:
                 self._commits.release(first)
 
+        pool = self._connected()
         return PostgresBatchWriter(
-            self._connected().acquire,
+            pool.acquire,
+            pool.acquire,
             self._decode,
             self._thresholds,
             settings.cache_bytes,

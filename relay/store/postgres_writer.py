@@ -40,7 +40,7 @@ import pickle
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -99,6 +99,7 @@ class PostgresBatchWriter:
     def __init__(
         self,
         acquire: Acquire,
+        lookup: Acquire,
         decode: Callable[..., Any],
         thresholds: Thresholds,
         cache_bytes: int,
@@ -106,6 +107,7 @@ class PostgresBatchWriter:
         release: Callable[[int], None] | None = None,
     ) -> None:
         self._acquire = acquire
+        self._lookup = lookup  # another connection: events are looked up meanwhile
         self._decode = decode
         self._thresholds = thresholds
         self._cache = EntryCache(cache_bytes)
@@ -122,10 +124,17 @@ class PostgresBatchWriter:
         for _ in range(_RETRIES):
             held: list[int] = []
             try:
-                async with self._acquire() as conn:
-                    existing = await _existing_seqs(conn, batch)  # a race ends in a rerun
-                    async with conn.transaction():
-                        derived, changes = await self._write_in(conn, batch, existing, held)
+                async with self._acquire() as conn, self._lookup() as other:
+                    # The batch's stored events are looked up on the other connection
+                    # while this one begins and locks the sessions (a race ends in a rerun).
+                    existing = asyncio.ensure_future(_existing_seqs(other, batch))
+                    try:
+                        async with conn.transaction():
+                            derived, changes = await self._write_in(conn, batch, existing, held)
+                    finally:
+                        await asyncio.wait([existing])  # done before its connection is let go
+                        if not existing.cancelled():
+                            existing.exception()  # seen: the transaction's error, if any, wins
             except (_StoredElsewhere, asyncpg.DeadlockDetectedError):
                 self._release(held)
                 continue
@@ -140,13 +149,14 @@ class PostgresBatchWriter:
         self,
         conn: asyncpg.Connection,
         batch: list[IngestRecord],
-        existing: dict[tuple[str, str], int],
+        looked_up: Awaitable[dict[tuple[str, str], int]],
         held: list[int],
     ) -> tuple[Derived, list[StoredChange]]:
         sessions = sorted(
             {r.event.session_id for r in batch if r.event.session_id and affects_state(r.event)}
         )
         entries = await self._lock_sessions(conn, sessions, batch)
+        existing = await looked_up
         derived = derive_batch(
             batch, existing, 0, lambda sid: entries.get(sid, NO_SESSION), self._thresholds
         )
@@ -467,9 +477,11 @@ async def _serve(fd: int, config: dict[str, Any]) -> None:
     from relay.store.writer_process import HEADER, plain, wire_records
 
     link = _Link(config["url"], config["timeout_seconds"])
+    lookups = _Link(config["url"], config["timeout_seconds"])
     providers: dict[str, str] = config["providers"]
     writer = PostgresBatchWriter(
         link.acquire,
+        lookups.acquire,
         decoder(providers),
         Thresholds(config["turn_stall_seconds"], config["ready_timeout_seconds"]),
         config["cache_bytes"],
@@ -509,10 +521,11 @@ async def _serve(fd: int, config: dict[str, Any]) -> None:
     finally:
         stream.close()
         await link.close()
+        await lookups.close()
 
 
 class _Link:
-    """The writer process's one connection, made again after it failed."""
+    """A connection of the writer process, made again after it failed."""
 
     def __init__(self, url: str, timeout: float) -> None:
         self._url = url
