@@ -77,7 +77,7 @@ _ALERTS_PER_RUN = 500
 # through indexes, but a new database's tables grow long before autovacuum first analyzes
 # them, and a plan cached while they were small (a scan: the cheapest then) would be kept
 # for every later run, reading the whole events table for each batch (in `make
-# bench-cluster`, PostgreSQL's CPU per event rose from 80 to 490 us in the first minute).
+# bench-cluster` the rate fell by a third within the first minute).
 SERVER_SETTINGS = {"jit": "off", "enable_seqscan": "off"}
 
 Acquire = Callable[[], AbstractAsyncContextManager[asyncpg.Connection]]
