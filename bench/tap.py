@@ -3,9 +3,12 @@
 
 A fake Case.dev upstream (a process of its own) answers each `/respond` with a turn of
 `--frames` frames, written as fast as the connection takes them, each stamped with the
-time it was written. `--streams` clients read them at once, first directly, then through
-a `relay serve` whose source taps that upstream (after one tapped stream that starts the
-store's writer, and once the relay is idle). Prints frames/s each way, the ratio
+time it was written. `--streams` clients read them at once, directly, through a bare
+pass-through, then through a `relay serve` whose source taps that upstream (after one
+tapped stream that starts the store's writer, and once the relay is idle), in
+`--rounds` alternating rounds (5: a run of well under a second is otherwise decided by
+a slow moment of the machine; the round of median rate counts). Prints frames/s each
+way, the ratio
 tap / direct (target at least 0.8) and the latency per frame (written to read) at p50
 and p99 each way, with what the tap adds (target p99 at most 5 ms), and the CPU time
 per frame each process used each way: the upstream and the readers (this process)
@@ -133,6 +136,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=200)
     parser.add_argument("--frames", type=int, default=500)
     parser.add_argument("--rate", type=float, default=0, help="frames/s per stream; 0: unpaced")
+    parser.add_argument("--rounds", type=int, default=5, help="of each way, alternating")
     parser.add_argument("--smoke", action="store_true", help="4 streams of 50 frames")
     parser.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-bare", type=int, nargs=2, help=argparse.SUPPRESS)
@@ -144,7 +148,7 @@ def main() -> None:
         serve_bare(args.serve_bare[0], f"http://127.0.0.1:{args.serve_bare[1]}")
         return
     if args.smoke:
-        args.streams, args.frames = 4, 50
+        args.streams, args.frames, args.rounds = 4, 50, 1
     from bench.ingest import free_port, wait_healthy
 
     with tempfile.TemporaryDirectory(prefix="relay-bench-tap-") as tmp:
@@ -170,49 +174,53 @@ def main() -> None:
             wait_for_port(up_port)
             wait_for_port(bare_port)
             wait_healthy(f"http://127.0.0.1:{port}")
-            up_before, reader_before = cpu_seconds(upstream.pid)[0], time.process_time()
-            direct = asyncio.run(read_streams(f"http://127.0.0.1:{up_port}", args.streams))
-            direct_cpu = Cpu(
-                cpu_seconds(upstream.pid)[0] - up_before, time.process_time() - reader_before
-            )
-            through_bare = asyncio.run(read_streams(f"http://127.0.0.1:{bare_port}", args.streams))
+            direct_base, bare_base = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{bare_port}"
             tap_base = f"http://127.0.0.1:{port}/v1/tap/bench"
             asyncio.run(read_streams(tap_base, 1))  # the store's writer starts on first use
             wait_idle(relay.pid)
-            cpu_before = cpu_seconds(relay.pid)
-            up_before, reader_before = cpu_seconds(upstream.pid)[0], time.process_time()
-            tapped = asyncio.run(read_streams(tap_base, args.streams))
-            reader_cpu = time.process_time() - reader_before
-            wait_idle(relay.pid)  # what the relay stores after the streams end counts too
-            cpu_after = cpu_seconds(relay.pid)
-            relay_cpu, writer_cpu = (a - b for a, b in zip(cpu_after, cpu_before, strict=True))
-            tap_cpu = Cpu(
-                cpu_seconds(upstream.pid)[0] - up_before, reader_cpu, relay_cpu, writer_cpu
-            )
+            ways: dict[str, list[Run]] = {"direct": [], "bare": [], "tap": []}
+            direct_cpu, tap_cpu = Cpu(0.0, 0.0), Cpu(0.0, 0.0)
+            for _ in range(args.rounds):  # alternating, so that a slow moment hits all ways
+                up_before, reader_before = cpu_seconds(upstream.pid)[0], time.process_time()
+                ways["direct"].append(asyncio.run(read_streams(direct_base, args.streams)))
+                direct_cpu += Cpu(
+                    cpu_seconds(upstream.pid)[0] - up_before, time.process_time() - reader_before
+                )
+                ways["bare"].append(asyncio.run(read_streams(bare_base, args.streams)))
+                cpu_before = cpu_seconds(relay.pid)
+                up_before, reader_before = cpu_seconds(upstream.pid)[0], time.process_time()
+                ways["tap"].append(asyncio.run(read_streams(tap_base, args.streams)))
+                reader_cpu = time.process_time() - reader_before
+                wait_idle(relay.pid)  # what the relay stores after the streams end counts too
+                cpu_after = cpu_seconds(relay.pid)
+                relay_cpu, writer_cpu = (a - b for a, b in zip(cpu_after, cpu_before, strict=True))
+                tap_cpu += Cpu(
+                    cpu_seconds(upstream.pid)[0] - up_before, reader_cpu, relay_cpu, writer_cpu
+                )
         finally:
             for proc in (relay, bare, upstream):
                 proc.terminate()
                 proc.wait(timeout=30)
     expected = args.streams * args.frames
-    print(f"{args.streams} streams x {args.frames} frames")
+    direct, through_bare, tapped = (median(ways[name]) for name in ("direct", "bare", "tap"))
+    print(f"{args.streams} streams x {args.frames} frames, {args.rounds} rounds (median shown)")
     for name, run in (("direct", direct), ("bare", through_bare), ("tap", tapped)):
         print(
             f"{name:<7} {run.frames:>8} frames {run.fps:>10.0f} frames/s"
             f"  latency p50 {run.pct(0.5):.2f} ms  p99 {run.pct(0.99):.2f} ms"
         )
-    if relay_cpu >= 0:
-        print(
-            f"relay cpu for the tapped streams {relay_cpu:.2f} s,"
-            f" its store writer {writer_cpu:.2f} s"
-            f" ({(relay_cpu + writer_cpu) / max(tapped.frames, 1) * 1e6:.1f} us per frame)"
-        )
-        for name, cpu, run in (("direct", direct_cpu, direct), ("tap", tap_cpu, tapped)):
-            print(f"cpu per frame {name:<7} {cpu.per_frame(run.frames)}")
+    frames = {name: sum(run.frames for run in runs) for name, runs in ways.items()}
+    if tap_cpu.relay >= 0:
+        for name, cpu in (("direct", direct_cpu), ("tap", tap_cpu)):
+            print(f"cpu per frame {name:<7} {cpu.per_frame(frames[name])}")
         print(
             f"cpu ratio direct/tap {direct_cpu.total / max(tap_cpu.total, 1e-9):.2f}"
             " (about the throughput ratio where the processes saturate the machine)"
         )
-    print(f"ratio tap/direct {tapped.fps / direct.fps:.2f} (target >= 0.8)")
+    rounds = ", ".join(
+        f"{t.fps / d.fps:.2f}" for d, t in zip(ways["direct"], ways["tap"], strict=True)
+    )
+    print(f"ratio tap/direct {tapped.fps / direct.fps:.2f} (target >= 0.8; each round: {rounds})")
     print(
         f"added per frame: p50 {tapped.pct(0.5) - direct.pct(0.5):.2f} ms"
         f"  p99 {tapped.pct(0.99) - direct.pct(0.99):.2f} ms (target p99 <= 5 ms)"
@@ -223,8 +231,13 @@ def main() -> None:
         f"  p99 {through_bare.pct(0.99) - direct.pct(0.99):.2f} ms;"
         f" its ratio {through_bare.fps / direct.fps:.2f}"
     )
-    if direct.frames != expected or tapped.frames != expected:
+    if any(run.frames != expected for runs in ways.values() for run in runs):
         sys.exit(f"frames lost: expected {expected} each way")
+
+
+def median(runs: list[Run]) -> Run:
+    """The run of median rate."""
+    return sorted(runs, key=lambda run: run.fps)[len(runs) // 2]
 
 
 @dataclass
@@ -239,6 +252,14 @@ class Cpu:
     @property
     def total(self) -> float:
         return self.upstream + self.readers + self.relay + self.writer
+
+    def __add__(self, other: Cpu) -> Cpu:
+        return Cpu(
+            self.upstream + other.upstream,
+            self.readers + other.readers,
+            self.relay + other.relay,
+            self.writer + other.writer,
+        )
 
     def per_frame(self, frames: int) -> str:
         parts = [("upstream", self.upstream), ("readers", self.readers)]

@@ -166,7 +166,7 @@ async def test_an_event_received_before_the_deadline_but_not_yet_written_ends_th
     checks = [0]  # alert checks finished
     real_write_batch = GroupCommit._write_batch
 
-    async def slow_for_completions(self: GroupCommit, batch: Any) -> None:
+    async def slow_for_completions(self: GroupCommit, batch: Any, *rest: Any) -> None:
         records = [record for group, _ in batch for record in group]
         if any(record.event.type == "agent.chat.turn.completed" for record in records):
             now[0] = start + 5  # the deadline passes while this batch waits...
@@ -175,7 +175,7 @@ async def test_an_event_received_before_the_deadline_but_not_yet_written_ends_th
                 if checks[0] >= seen + 2:
                     break
                 await asyncio.sleep(0.01)
-        await real_write_batch(self, batch)
+        await real_write_batch(self, batch, *rest)
 
     monkeypatch.setattr(GroupCommit, "_write_batch", slow_for_completions)
     relay = await start_relay(

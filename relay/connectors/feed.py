@@ -10,13 +10,15 @@ pass `queue_bytes`, the tap reads the oldest as it adds more, as it would withou
 memory stays bounded and no byte goes unread (skipping bytes would cut frames).
 
 The same task stores the frames read, a batch at a time, through the provider (while it
-stores one batch, the next bytes gather). Frames that only carry text (as the provider
-tells from their bytes) only move their turn's last activity: they wait up to
-`text_delay` from when their bytes came for the frames after them, so that a stream's
-tokens are stored a batch at a time rather than one transaction each; any other frame, a
-full batch or the end of the stream (once its bytes are all read) has what is held
-stored at once. If the store cannot write or the queue is full, frames are dropped,
-counted and logged (at most twice a minute), and the caller's stream flows on.
+stores one batch, the next bytes gather); mapping a batch to events waits for a slot of
+the lane too, so that under load neither reading nor storing delays the chunks. Frames
+that only carry text (as the provider tells from their bytes) only move their turn's
+last activity: they wait up to `text_delay` from when their bytes came for the frames
+after them, so that a stream's tokens are stored a batch at a time rather than one
+transaction each; any other frame, a full batch or the end of the stream (once its
+bytes are all read) has what is held stored at once. If the store cannot write or the
+queue is full, frames are dropped, counted and logged (at most twice a minute), and the
+caller's stream flows on.
 """
 
 from __future__ import annotations
@@ -125,6 +127,7 @@ class TapFeed:
             self._wake.clear()
             while self._unread or self._held:
                 if self._due():
+                    await self._ctx.lane.turn()  # mapping frames to events waits as well
                     await self._store(self._take(self._ctx.batch_frames))
                 elif self._unread:
                     await self._ctx.lane.turn()
