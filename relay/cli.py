@@ -8,7 +8,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from relay.cli_sources import send_provider_demo
 from relay.config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings
 from relay.store import Store, open_store
 from relay.timefmt import format_time, utcnow
+from relay.tuning import run_loop
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"relay: {exc}", file=sys.stderr)
         return 2
     try:
-        result: int = _run(args.run(settings, args))
+        result: int = run_loop(args.run(settings, args))
     except CliError as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return 1
@@ -189,15 +190,6 @@ def _settings(args: argparse.Namespace) -> Settings:
         }
     )
     return settings.model_copy(update={"server": server})
-
-
-def _run(coro: Coroutine[Any, Any, int]) -> int:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coro)
 
 
 # -- serve -----------------------------------------------------------------------------------

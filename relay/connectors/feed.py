@@ -76,7 +76,7 @@ class FeedContext:
     batch_frames: int
     queue_bytes: int  # bytes a stream may hold unread before the tap reads them itself
     text_delay: float = 0.0  # seconds text frames may wait for the frames after them
-    lane: Lane = field(default_factory=Lane)  # every feed's reading, a slice at a time
+    lane: Lane = field(default_factory=Lane)  # every feed's reading and mapping, in turns
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 

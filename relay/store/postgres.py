@@ -140,7 +140,6 @@ class PostgresStore(PostgresFollows):
         return PostgresBatchWriter(
             pool.acquire,
             pool.acquire,
-            self._decode,
             self._thresholds,
             settings.cache_bytes,
             hold,

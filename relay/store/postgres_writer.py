@@ -48,7 +48,7 @@ import asyncpg
 import orjson
 
 from relay.changes import Commit, StoredChange
-from relay.normalize import decoder, normaliser_lookup
+from relay.normalize import normaliser_lookup
 from relay.packed_bodies import CHANGE, pack, pack_event, unpack
 from relay.state import affects_state
 from relay.store import IngestRecord, IngestResult, StoreUnavailable
@@ -67,7 +67,7 @@ from relay.store.derive import (
 from relay.store.entry_cache import EntryCache
 from relay.store.postgres_entries import hold_turns, load_entries
 from relay.timefmt import format_unix
-from relay.tuning import tune_gc
+from relay.tuning import run_loop, tune_gc
 
 _RETRIES = 5  # a batch whose events another instance stored meanwhile is run again
 _ALERTS_PER_RUN = 500
@@ -100,7 +100,6 @@ class PostgresBatchWriter:
         self,
         acquire: Acquire,
         lookup: Acquire,
-        decode: Callable[..., Any],
         thresholds: Thresholds,
         cache_bytes: int,
         hold: Callable[[int], None] | None = None,
@@ -108,7 +107,6 @@ class PostgresBatchWriter:
     ) -> None:
         self._acquire = acquire
         self._lookup = lookup  # another connection: events are looked up meanwhile
-        self._decode = decode
         self._thresholds = thresholds
         self._cache = EntryCache(cache_bytes)
         self._hold_first = hold
@@ -463,13 +461,7 @@ def main(fd: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     config = json.loads(sys.stdin.read())
     tune_gc()
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(_serve(fd, config))
-        return
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_serve(fd, config))
+    run_loop(_serve(fd, config))
 
 
 async def _serve(fd: int, config: dict[str, Any]) -> None:
@@ -482,7 +474,6 @@ async def _serve(fd: int, config: dict[str, Any]) -> None:
     writer = PostgresBatchWriter(
         link.acquire,
         lookups.acquire,
-        decoder(providers),
         Thresholds(config["turn_stall_seconds"], config["ready_timeout_seconds"]),
         config["cache_bytes"],
     )
@@ -494,9 +485,6 @@ async def _serve(fd: int, config: dict[str, Any]) -> None:
             return ("ok", [tuple(r) for r in results], *plain(commit))
         if op == "alerts":
             return ("ok", *plain(await writer.fire_due_alerts(argument)))
-        if op == "forget":
-            writer.forget(argument)
-            return ("ok", None)
         return ("error", "other", f"unknown request {op!r}")
 
     async def answer(request: tuple[str, Any]) -> tuple[Any, ...]:
