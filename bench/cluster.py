@@ -3,8 +3,8 @@
 - ingest: events/s and p50/p99 latency for one relay on embedded SQLite, one relay on
   PostgreSQL (with the Redis hub) and two relays on one PostgreSQL database (the load
   split evenly over both), each given the same pre-signed, unique lifecycle events by
-  the same client (worker processes with aiohttp keep-alive connections), in alternating
-  rounds; the median round counts;
+  the same client (worker processes with aiohttp keep-alive connections); all three are
+  up at once and take turns, round by round; the median round of each counts;
 - SSE across instances: changes ingested on one instance at a steady 100/s, received on
   a stream of the other; latency from sending the ingest request to receipt, p50/p99;
 - deliveries/s with two instances: a backlog of changes queued for paused
@@ -29,7 +29,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AsyncExitStack, ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -329,27 +329,33 @@ async def run(args: argparse.Namespace, work: Path) -> None:
     write_requests(requests_file, total)
     sse: list[float] = []
     deliveries = (0, 0.0)
-    with ProcessPoolExecutor(args.workers) as pool:
-        for setup in setups:
-            async with _store(setup, work) as (store_url, hub_url):
-                with relays(work, store_url, hub_url, setup.instances) as urls:
-                    run_round(pool, urls, requests_file, 0, per_round, args, args.warmup)
-                    for n in range(args.rounds):
-                        start = per_round * (n + 1)
-                        result = run_round(
-                            pool, urls, requests_file, start, per_round, args, args.duration
-                        )
-                        setup.rounds.append(result)
-                        print(
-                            f"  {setup.name}, round {n + 1}: {result.rps:.0f} events/s"
-                            f" ({result.failed} failed)",
-                            flush=True,
-                        )
-                    if setup.instances == 2:
-                        sse = await sse_latency(urls[0], urls[1], 100, args.sse_seconds)
-                        deliveries = await delivery_rate(
-                            urls, args.delivery_sessions, args.subscriptions
-                        )
+    async with AsyncExitStack() as stores:
+        with ProcessPoolExecutor(args.workers) as pool, ExitStack() as relays_up:
+            # Every setup is up at once and their rounds alternate, so a slow moment of
+            # the machine falls on all of them alike instead of on one.
+            urls_of = []
+            for setup in setups:
+                store_url, hub_url = await stores.enter_async_context(_store(setup, work))
+                urls_of.append(
+                    relays_up.enter_context(relays(work, store_url, hub_url, setup.instances))
+                )
+            for urls in urls_of:
+                run_round(pool, urls, requests_file, 0, per_round, args, args.warmup)
+            for n in range(args.rounds):
+                for setup, urls in zip(setups, urls_of, strict=True):
+                    start = per_round * (n + 1)
+                    result = run_round(
+                        pool, urls, requests_file, start, per_round, args, args.duration
+                    )
+                    setup.rounds.append(result)
+                    print(
+                        f"  {setup.name}, round {n + 1}: {result.rps:.0f} events/s"
+                        f" ({result.failed} failed)",
+                        flush=True,
+                    )
+            two = urls_of[-1]
+            sse = await sse_latency(two[0], two[1], 100, args.sse_seconds)
+            deliveries = await delivery_rate(two, args.delivery_sessions, args.subscriptions)
     report(setups, sse, deliveries)
 
 
