@@ -3,6 +3,12 @@ the turns of the events that come, not all of its turns."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
 import asyncpg
 import orjson
 
@@ -10,7 +16,7 @@ from relay.config import AlertSettings, StoreSettings
 from relay.events import EventType
 from relay.packed_bodies import unpack
 from relay.store.postgres import PostgresStore
-from relay.store.postgres_writer import PostgresBatchWriter
+from relay.store.postgres_writer import SERVER_SETTINGS, PostgresBatchWriter
 from tests.test_miss_reads_running import ingest, long_session
 from tests.test_state_cost import turn_event
 
@@ -109,13 +115,7 @@ async def test_an_evicted_session_derives_what_a_cached_one_does(pg_url: str) ->
         expected = await stored_state(pg_url)
     finally:
         await warm.close()
-    conn = await asyncpg.connect(pg_url)
-    try:
-        await conn.execute("TRUNCATE events, changes, sessions, turns, session_facts, alerts")
-        await conn.execute("UPDATE counters SET value = 0")
-        await conn.execute("ALTER TABLE turns ALTER COLUMN position RESTART")
-    finally:
-        await conn.close()
+    await _empty(pg_url)
     cold = PostgresStore(StoreSettings(url=pg_url, writer="thread"), {"src": "casedev"}, _alerts())
     await cold.open()
     try:
@@ -125,3 +125,92 @@ async def test_an_evicted_session_derives_what_a_cached_one_does(pg_url: str) ->
         assert await stored_state(pg_url) == expected
     finally:
         await cold.close()
+
+
+class _PausedWrite:
+    """A connection whose batch write (its one `fetchval`) waits until `go` is set; it
+    sets `reached` first. Everything else goes to the connection."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+        self.reached = asyncio.Event()
+        self.go = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    async def fetchval(self, *args: Any) -> Any:
+        self.reached.set()
+        await self.go.wait()
+        return await self._conn.fetchval(*args)
+
+
+async def test_a_session_changed_while_its_lock_waits_is_read_again(pg_url: str) -> None:
+    """Writer A has a session cached; writer B (another instance) changes it and, while
+    B still holds it, A's batch for it starts and waits for the lock. A's statement read
+    the session's turns and alert rows before B committed, so A reads them again on their
+    own, and it and its cache then store what one writer taking the batches in turn
+    stores."""
+    ready, started, completed = (
+        EventType.WORKER_READY,
+        EventType.TURN_STARTED,
+        EventType.TURN_COMPLETED,
+    )
+    batches = [
+        [turn_event(ready, 0, ""), turn_event(started, 1, "t1")],
+        [turn_event(completed, 2, "t1")],  # the last turn stays t1: read with the lock
+        [turn_event(started, 3, "t2")],
+        [turn_event(completed, 4, "t2")],  # from A's cache: t1 must not be running in it
+    ]
+    settings = StoreSettings(url=pg_url, writer="thread")
+    one = PostgresStore(settings, {"src": "casedev"}, _alerts())
+    await one.open()
+    try:
+        for batch in batches:
+            await one.ingest_many([ingest(e) for e in batch])
+        expected = await stored_state(pg_url)
+    finally:
+        await one.close()
+    await _empty(pg_url)
+
+    store = PostgresStore(settings, {"src": "casedev"}, _alerts())
+    await store.open()
+    other = _PausedWrite(await asyncpg.connect(pg_url, server_settings=SERVER_SETTINGS))
+    watch = await asyncpg.connect(pg_url)
+
+    @contextlib.asynccontextmanager
+    async def acquire() -> AsyncIterator[Any]:
+        yield other
+
+    try:
+        a = store._writer
+        assert isinstance(a, PostgresBatchWriter)
+        b = PostgresBatchWriter(acquire, a._thresholds, 1 << 20)
+        await store.ingest_many([ingest(e) for e in batches[0]])  # A caches the session
+        b_writes = asyncio.create_task(b.write([ingest(e) for e in batches[1]]))
+        await asyncio.wait_for(other.reached.wait(), 10)  # B holds the session's row
+        a_writes = asyncio.create_task(store.ingest_many([ingest(e) for e in batches[2]]))
+        deadline = time.monotonic() + 10
+        while not await watch.fetchval("SELECT count(*) FROM pg_locks WHERE NOT granted"):
+            assert time.monotonic() < deadline, "A's batch never waited for the session"
+            await asyncio.sleep(0.01)
+        other.go.set()
+        await asyncio.wait_for(b_writes, 10)
+        await asyncio.wait_for(a_writes, 10)
+        assert a.sessions_read_again == 1
+        await store.ingest_many([ingest(e) for e in batches[3]])
+        assert await stored_state(pg_url) == expected
+    finally:
+        await watch.close()
+        await other.close()
+        await store.close()
+
+
+async def _empty(url: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("TRUNCATE events, changes, sessions, turns, session_facts, alerts")
+        await conn.execute("UPDATE counters SET value = 0")
+        await conn.execute("ALTER TABLE turns ALTER COLUMN position RESTART")
+    finally:
+        await conn.close()

@@ -139,7 +139,6 @@ class PostgresStore(PostgresFollows):
         pool = self._connected()
         return PostgresBatchWriter(
             pool.acquire,
-            pool.acquire,
             self._thresholds,
             settings.cache_bytes,
             hold,

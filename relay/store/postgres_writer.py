@@ -8,13 +8,14 @@ taking turns with it on one event loop: on 2 cores, where the relay's loop was t
 bottleneck of PostgreSQL ingest, this is what lets one instance keep up with SQLite.
 
 Each batch (`base.GroupCommit` gathers them) is derived and written in one transaction,
-in few round trips:
+in few round trips, the same whether or not another instance changed its sessions:
 
-0. (before the transaction) the seqs of the batch's events already stored are looked up;
-1. the facts rows of the batch's sessions are locked (`FOR UPDATE`, in session id
-   order, so that two instances never wait on each other in a cycle); a session's
-   cached entry is used only if its row's version is still the one cached, otherwise
-   its facts are read again (another instance changed them);
+1. one statement (`postgres_entries.lock_and_read`) locks the facts rows of the batch's
+   sessions (in session id order, so that two instances never wait on each other in a
+   cycle), looks up the batch's events already stored and reads what the entries of the
+   sessions another instance changed take (their facts, last and running turns, alert
+   rows, and the turns of the batch's events); a session's cached entry is used only if
+   its row's version is still the one cached;
 2. the batch is derived (`derive.derive_batch`) with seqs counted from 0;
 3. late, the event seqs and change ids are taken from the `counters` rows (one
    `UPDATE ... RETURNING`), which stay locked until the commit; one statement writes
@@ -40,8 +41,9 @@ import pickle
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import replace
 from typing import Any
 
 import asyncpg
@@ -65,7 +67,7 @@ from relay.store.derive import (
     number_changes,
 )
 from relay.store.entry_cache import EntryCache
-from relay.store.postgres_entries import hold_turns, load_entries
+from relay.store.postgres_entries import lock_and_read
 from relay.timefmt import format_unix
 from relay.tuning import run_loop, tune_gc
 
@@ -99,19 +101,18 @@ class PostgresBatchWriter:
     def __init__(
         self,
         acquire: Acquire,
-        lookup: Acquire,
         thresholds: Thresholds,
         cache_bytes: int,
         hold: Callable[[int], None] | None = None,
         release: Callable[[int], None] | None = None,
     ) -> None:
         self._acquire = acquire
-        self._lookup = lookup  # another connection: events are looked up meanwhile
         self._thresholds = thresholds
         self._cache = EntryCache(cache_bytes)
         self._hold_first = hold
         self._release_first = release
         self.turn_rows_read = 0  # turn rows decoded into entries (a measure of a miss)
+        self.sessions_read_again = 0  # changed while their lock waited: read on their own
 
     def forget(self, sessions: Sequence[str]) -> None:
         """Drop these sessions' cached entries (pruned: their rows are gone)."""
@@ -122,17 +123,8 @@ class PostgresBatchWriter:
         for _ in range(_RETRIES):
             held: list[int] = []
             try:
-                async with self._acquire() as conn, self._lookup() as other:
-                    # The batch's stored events are looked up on the other connection
-                    # while this one begins and locks the sessions (a race ends in a rerun).
-                    existing = asyncio.ensure_future(_existing_seqs(other, batch))
-                    try:
-                        async with conn.transaction():
-                            derived, changes = await self._write_in(conn, batch, existing, held)
-                    finally:
-                        await asyncio.wait([existing])  # done before its connection is let go
-                        if not existing.cancelled():
-                            existing.exception()  # seen: the transaction's error, if any, wins
+                async with self._acquire() as conn, conn.transaction():
+                    derived, changes = await self._write_in(conn, batch, held)
             except (_StoredElsewhere, asyncpg.DeadlockDetectedError):
                 self._release(held)
                 continue
@@ -144,24 +136,29 @@ class PostgresBatchWriter:
         raise StoreUnavailable("the batch's events kept being stored elsewhere meanwhile")
 
     async def _write_in(
-        self,
-        conn: asyncpg.Connection,
-        batch: list[IngestRecord],
-        looked_up: Awaitable[dict[tuple[str, str], int]],
-        held: list[int],
+        self, conn: asyncpg.Connection, batch: list[IngestRecord], held: list[int]
     ) -> tuple[Derived, list[StoredChange]]:
         sessions = sorted(
             {r.event.session_id for r in batch if r.event.session_id and affects_state(r.event)}
         )
-        entries = await self._lock_sessions(conn, sessions, batch)
-        existing = await looked_up
+        locked = await lock_and_read(conn, sessions, batch, self._cache.get, self._thresholds)
+        self.turn_rows_read += locked.turn_rows_read
+        self.sessions_read_again += locked.read_again
+        entries = locked.entries
         derived = derive_batch(
-            batch, existing, 0, lambda sid: entries.get(sid, NO_SESSION), self._thresholds
+            batch, locked.existing, 0, lambda sid: entries.get(sid, NO_SESSION), self._thresholds
         )
         if not (derived.events or derived.changes or derived.sessions or derived.activity):
             return derived, []
-        # From here on, the counter rows stay locked until the commit: one statement
-        # takes the ids, one writes the batch.
+        # Packed before the ids are taken: the rows that do not hold one.
+        derived = replace(
+            derived,
+            turns=[(*row[:4], pack(row[4], CHANGE), row[5]) for row in derived.turns],
+            events=[(*row[:8], pack_event(row[8])) for row in derived.events],
+            sessions=[(*row[:5], pack(row[5], CHANGE)) for row in derived.sessions],
+        )
+        # From here on, the counter rows stay locked until the commit (and the other
+        # instances' batches wait for them): one statement takes the ids, one writes.
         last = await _take(conn, len(derived.events), len(derived.changes))
         derived = derived.shifted(last.get("event_seq", 0) - len(derived.events))
         before = last.get("change_id", 0) - len(derived.changes)
@@ -170,13 +167,13 @@ class PostgresBatchWriter:
             self._hold(changes[0].id, held)
         inserted = await conn.fetchval(
             _WRITE,
-            *_columns([(*row[:4], pack(row[4], CHANGE), row[5]) for row in derived.turns], 6),
+            *_columns(derived.turns, 6),
             *_columns(derived.facts, 4),
             *_columns(derived.alert_deletes, 3),
             *_columns(derived.alert_inserts, 4),
-            *_columns([(*row[:8], pack_event(row[8])) for row in derived.events], 9),
+            *_columns(derived.events, 9),
             *_columns(rows, 6),
-            *_columns([(*row[:5], pack(row[5], CHANGE)) for row in derived.sessions], 6),
+            *_columns(derived.sessions, 6),
             list(derived.activity),
             list(derived.activity.values()),
         )
@@ -193,32 +190,6 @@ class PostgresBatchWriter:
         if self._release_first is not None:
             for first in held:
                 self._release_first(first)
-
-    async def _lock_sessions(
-        self, conn: asyncpg.Connection, sessions: list[str], batch: list[IngestRecord]
-    ) -> dict[str, SessionEntry]:
-        """Lock the sessions' facts rows; their entries, from the cache where it is
-        current, else read with their last and running turns (`postgres_entries`), holding
-        the turns of the batch's events."""
-        if not sessions:
-            return {}
-        rows = await conn.fetch(_LOCK_SESSIONS, sessions)
-        entries: dict[str, SessionEntry] = {}
-        stale = []
-        for session_id, version, _, _ in rows:
-            cached = self._cache.get(session_id)
-            if cached is not None and cached.stamp == version:
-                entries[session_id] = cached
-            else:
-                stale.append(session_id)
-        if stale:
-            wanted = set(stale)
-            fresh = [row for row in rows if row[0] in wanted]
-            loaded, read = await load_entries(conn, fresh, self._thresholds)
-            entries.update(loaded)
-            self.turn_rows_read += read
-        self.turn_rows_read += await hold_turns(conn, batch, entries)
-        return entries
 
     def _remember(self, entries: dict[str, SessionEntry]) -> None:
         for session_id, entry in entries.items():
@@ -242,18 +213,6 @@ class PostgresBatchWriter:
         return Commit(changes, {})
 
 
-# Insert the sessions' facts rows that do not exist yet and lock those that do, in
-# session id order (two transactions then never wait on each other in a cycle). A new
-# row's version starts at the database clock in microseconds: past any version that a
-# row of the same session pruned earlier reached (each one writes at most once per
-# microsecond), so no instance takes its cached entry of that row for the new one.
-_LOCK_SESSIONS = (
-    "INSERT INTO session_facts (session_id, version)"
-    " SELECT session_id, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint"
-    " FROM unnest($1::text[]) AS s (session_id) ORDER BY session_id"
-    " ON CONFLICT (session_id) DO UPDATE SET version = session_facts.version"
-    " RETURNING session_id, version, facts, fired"
-)
 # Take counter values (name, amount), locking the rows in name order; return the new
 # values. The rows stay locked until the commit.
 _TAKE = (
@@ -318,19 +277,6 @@ async def _take(conn: asyncpg.Connection, events: int, changes: int) -> dict[str
         return {}
     rows = await conn.fetch(_TAKE, list(wanted), list(wanted.values()))
     return {row[0]: row[1] for row in rows}
-
-
-async def _existing_seqs(
-    conn: asyncpg.Connection, batch: list[IngestRecord]
-) -> dict[tuple[str, str], int]:
-    rows = await conn.fetch(
-        "SELECT e.source, e.event_id, e.seq FROM events e"
-        " JOIN unnest($1::text[], $2::text[]) AS k (source, event_id)"
-        " ON e.source = k.source AND e.event_id = k.event_id",
-        [r.event.source for r in batch],
-        [r.event.id for r in batch],
-    )
-    return {(source, event_id): seq for source, event_id, seq in rows}
 
 
 async def _append_changes(
@@ -469,11 +415,9 @@ async def _serve(fd: int, config: dict[str, Any]) -> None:
     from relay.store.writer_process import HEADER, plain, wire_records
 
     link = _Link(config["url"], config["timeout_seconds"])
-    lookups = _Link(config["url"], config["timeout_seconds"])
     providers: dict[str, str] = config["providers"]
     writer = PostgresBatchWriter(
         link.acquire,
-        lookups.acquire,
         Thresholds(config["turn_stall_seconds"], config["ready_timeout_seconds"]),
         config["cache_bytes"],
     )
@@ -509,7 +453,6 @@ async def _serve(fd: int, config: dict[str, Any]) -> None:
     finally:
         stream.close()
         await link.close()
-        await lookups.close()
 
 
 class _Link:
