@@ -29,7 +29,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import AsyncExitStack, ExitStack, asynccontextmanager, contextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -329,16 +329,14 @@ async def run(args: argparse.Namespace, work: Path) -> None:
     write_requests(requests_file, total)
     sse: list[float] = []
     deliveries = (0, 0.0)
-    async with AsyncExitStack() as stores:
-        with ProcessPoolExecutor(args.workers) as pool, ExitStack() as relays_up:
-            # Every setup is up at once and their rounds alternate, so a slow moment of
-            # the machine falls on all of them alike instead of on one.
-            urls_of = []
-            for setup in setups:
-                store_url, hub_url = await stores.enter_async_context(_store(setup, work))
-                urls_of.append(
-                    relays_up.enter_context(relays(work, store_url, hub_url, setup.instances))
-                )
+    # Every setup is up at once and their rounds alternate, so a slow moment of the
+    # machine falls on all of them alike instead of on one.
+    up = [AsyncExitStack() for _ in setups]  # each setup's store and relays
+    try:
+        with ProcessPoolExecutor(args.workers) as pool:
+            urls_of = [
+                await _start(setup, work, stack) for setup, stack in zip(setups, up, strict=True)
+            ]
             for urls in urls_of:
                 run_round(pool, urls, requests_file, 0, per_round, args, args.warmup)
             for n in range(args.rounds):
@@ -353,10 +351,21 @@ async def run(args: argparse.Namespace, work: Path) -> None:
                         f" ({result.failed} failed)",
                         flush=True,
                     )
-            two = urls_of[-1]
-            sse = await sse_latency(two[0], two[1], 100, args.sse_seconds)
-            deliveries = await delivery_rate(two, args.delivery_sessions, args.subscriptions)
+        for stack in up[:-1]:  # only the two instances stay up for SSE and deliveries
+            await stack.aclose()
+        two = urls_of[-1]
+        sse = await sse_latency(two[0], two[1], 100, args.sse_seconds)
+        deliveries = await delivery_rate(two, args.delivery_sessions, args.subscriptions)
+    finally:
+        for stack in reversed(up):
+            await stack.aclose()
     report(setups, sse, deliveries)
+
+
+async def _start(setup: Setup, work: Path, stack: AsyncExitStack) -> list[str]:
+    """The setup's store and relays, kept up until `stack` closes; the relays' URLs."""
+    store_url, hub_url = await stack.enter_async_context(_store(setup, work))
+    return stack.enter_context(relays(work, store_url, hub_url, setup.instances))
 
 
 @asynccontextmanager
