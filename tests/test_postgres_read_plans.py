@@ -1,5 +1,5 @@
 """A PostgreSQL store's typed change pages, session pages and a session's changes are
-read through indexes."""
+read through indexes, and its writer's statements are planned once."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 from relay.changes import glob_pattern
 from relay.config import AlertSettings, StoreSettings
 from relay.store import SessionQuery
+from relay.store.derive import Thresholds
 from relay.store.postgres import PostgresStore
 from relay.store.postgres_reads import (
     _SESSION_CHANGE_PAGE,
@@ -21,6 +22,7 @@ from relay.store.postgres_reads import (
     CHANGE_TYPES,
     session_page_args,
 )
+from relay.store.postgres_writer import PostgresBatchWriter, _Link
 from tests.test_store_contract import lifecycle, rec
 
 ROWS = 20_000
@@ -198,3 +200,26 @@ async def test_ingest_on_a_new_database_scans_no_table_as_it_grows(pg_url: str) 
         assert {name: rows for name, (rows, _) in counts.items() if rows} == {}, counts
     finally:
         await conn.close()
+
+
+async def test_the_writer_process_plans_its_statements_once(pg_url: str) -> None:
+    """On the writer process's connection every statement runs on its generic plan: none
+    is planned again for each batch (the one taking ids was, every time, before)."""
+    store = PostgresStore(StoreSettings(url=pg_url), {}, AlertSettings())
+    await store.open()
+    await store.close()
+    link = _Link(pg_url, 10)
+    writer = PostgresBatchWriter(link.acquire, Thresholds(600, 120), 1 << 20)
+    try:
+        for n in range(20):
+            await writer.write([rec(raw) for raw in lifecycle(f"chat_{n}", 3)])
+        async with link.acquire() as conn:
+            plans = await conn.fetch(
+                "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements"
+                " WHERE statement LIKE '%counters%' OR statement LIKE '%session_facts%'"
+            )
+        assert len(plans) >= 2  # the statements taking ids and locking sessions
+        assert {row["statement"][:60]: row["custom_plans"] for row in plans if row[2]} == {}
+        assert all(row["generic_plans"] > 0 for row in plans)
+    finally:
+        await link.close()

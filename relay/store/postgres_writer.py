@@ -81,6 +81,11 @@ _ALERTS_PER_RUN = 500
 # for every later run, reading the whole events table for each batch (in `make
 # bench-cluster` the rate fell by a third within the first minute).
 SERVER_SETTINGS = {"jit": "off", "enable_seqscan": "off"}
+# The writer process's statements (few, of fixed shapes, taking arrays) are planned once:
+# left to choose, PostgreSQL planned the statement that takes ids afresh on every run
+# (100 custom plans in 100 batches), in the step where other instances wait for it, and
+# on a new database's small tables every statement of the writer.
+WRITER_SETTINGS = {**SERVER_SETTINGS, "plan_cache_mode": "force_generic_plan"}
 
 Acquire = Callable[[], AbstractAsyncContextManager[asyncpg.Connection]]
 
@@ -470,7 +475,7 @@ class _Link:
                 self._url,
                 timeout=self._timeout,
                 command_timeout=self._timeout,
-                server_settings=SERVER_SETTINGS,
+                server_settings=WRITER_SETTINGS,
             )
         try:
             yield self._conn
