@@ -87,12 +87,7 @@ async def hold_turns(
     if not pairs:
         return 0
     found = await turn_rows(conn, pairs)
-    for sid, rows in found.items():
-        entry = entries[sid]
-        assert entry.record is not None
-        record = entry.record.with_stored_turns(decode_turns(sid, rows))
-        entries[sid] = replace(entry, record=record)
-    return sum(len(rows) for rows in found.values())
+    return sum(_hold(entries, sid, rows) for sid, rows in found.items())
 
 
 async def turn_rows(conn: asyncpg.Connection, pairs: list[tuple[str, str]]) -> TurnRows:
@@ -242,14 +237,11 @@ async def lock_and_read(
             read += len(last)
     for sid, found in turns[_WANTED].items():
         entry = entries.get(sid)
-        if entry is None or not entry.partial or entry.record is None:
-            continue  # read again below, or holds every turn
-        held = entry.record.facts.turns
-        lacking = [(turn_id, facts) for _, turn_id, facts in sorted(found) if turn_id not in held]
+        if entry is None:
+            continue  # read again below
+        lacking = [(turn, facts) for _, turn, facts in sorted(found) if _lacks(entry, turn)]
         if lacking:
-            record = entry.record.with_stored_turns(decode_turns(sid, lacking))
-            entries[sid] = replace(entry, record=record)
-            read += len(lacking)
+            read += _hold(entries, sid, lacking)
     if again:
         loaded, count = await load_entries(conn, again, thresholds)
         read += count + await hold_turns(conn, batch, loaded)
@@ -286,6 +278,14 @@ def _batch_turns(batch: list[IngestRecord]) -> dict[str, set[str]]:
         if sid is not None and turn_id is not None and affects_state(r.event):
             wanted.setdefault(sid, set()).add(turn_id)
     return wanted
+
+
+def _hold(entries: dict[str, SessionEntry], sid: str, rows: list[tuple[str, bytes]]) -> int:
+    """Add these stored turns (id, facts) to the session's entry; how many there were."""
+    entry = entries[sid]
+    assert entry.record is not None
+    entries[sid] = replace(entry, record=entry.record.with_stored_turns(decode_turns(sid, rows)))
+    return len(rows)
 
 
 def _lacks(entry: SessionEntry, turn_id: str) -> bool:
